@@ -1,0 +1,42 @@
+"""Turning item ids and a person's history into what the agent perceives.
+
+Public facts (title, genres, train popularity, mean rating) and personal evidence (this person's
+most similar past items and the ratings they gave them) are kept apart: ``facts`` is what any
+simulator shows; ``with_evidence`` adds what lets a small model go beyond popularity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from agents.text import Evidence, ItemView
+from memory.evidence import ItemSimilarity
+from simulator.data import Item
+
+
+@dataclass
+class Perceiver:
+    items: Mapping[int, Item]
+    similarity: ItemSimilarity
+    k_evidence: int = 3
+
+    def facts(self, item_id: int) -> ItemView:
+        it = self.items[item_id]
+        mean = self.similarity.mean_rating(item_id)
+        return ItemView(id=item_id, title=it.title, year=it.year, genres=it.genres,
+                        popularity=self.similarity.popularity(item_id),
+                        mean_rating=None if mean is None else round(mean, 1))
+
+    def evidence(self, item_id: int, history: Mapping[int, float]) -> list[Evidence]:
+        return [Evidence(title=self.items[j].title, rating=int(round(r)),
+                         similarity=round(sim, 3))
+                for j, sim, r in self.similarity.similar_in_history(item_id, history,
+                                                                    self.k_evidence)]
+
+    def with_evidence(self, views: Sequence[ItemView],
+                      history: Mapping[int, float]) -> list[ItemView]:
+        return [v.model_copy(update={"evidence": self.evidence(v.id, history)}) for v in views]
+
+    def page(self, item_ids: Sequence[int], history: Mapping[int, float]) -> list[ItemView]:
+        return self.with_evidence([self.facts(i) for i in item_ids], history)

@@ -1,0 +1,50 @@
+"""Every prompt the agent and the trainers use, assembled from ``agents.text`` blocks.
+
+A prompt is a list of newline-terminated segments: ``[persona block, page block, tail]``. The
+first two are the cacheable prefix (persona across pages, page across candidate actions); the
+tail plus one candidate line is what gets scored or trained on.
+"""
+
+from __future__ import annotations
+
+INSTRUCTION = ("You are this person, browsing a movie recommender page by page. For each movie "
+               "on the page decide to watch or skip it, rate what you watch from 1 to 5, then "
+               "go to the next page or exit.\n")
+CHOICES = "Your choices:\n"
+NEXT_STATE = "What happens next:\n"
+THINK = "Why:\n"
+
+
+def persona_block(persona_text: str) -> str:
+    return persona_text.rstrip("\n") + "\n" + INSTRUCTION
+
+
+def policy_tail(predictions: str = "", reflection: str | None = None) -> str:
+    """What comes between the page and the first choice line."""
+    why = f"{THINK}{reflection.rstrip()}\n" if reflection else ""
+    return predictions + why + CHOICES
+
+
+def world_model_tail(wm_action: str) -> str:
+    return CHOICES + wm_action + NEXT_STATE
+
+
+def reflection_tail(predictions: str = "") -> str:
+    """Where a reflection is generated or trained: after the page, before the choices."""
+    return predictions + THINK
+
+
+INTERVIEW = ("{persona}\nYou just finished browsing a movie recommender.\n{session}\n"
+             "How satisfied are you with the recommendations, from 1 to 10, and why? "
+             "Answer in one sentence.\n")
+SATISFACTION_TAIL = "Satisfaction (1-10): "
+
+JUDGE = ("You judge whether a recommender session was produced by a real person. Rubric: 5 = "
+         "indistinguishable from a real person (choices fit the persona, plausible number of "
+         "watches, sensible ratings and exit), 1 = clearly artificial.\nPersona:\n{persona}\n"
+         "Session:\n{session}\nScore (1-5): ")
+
+TEACHER = ("{persona}\n{page}A real person chose:\n{human}\nAlternatives and what a world model "
+           "predicts for each:\n{alternatives}\nIn three short sentences explain why the person's "
+           "choice is better in this context, fits the persona, and leads to a better future "
+           "than the alternatives.\n")

@@ -1,0 +1,164 @@
+"""The one place where states, actions and next states become text (and back).
+
+Both the running agent and the training package import these renderers, so a model is always
+scored on exactly the format it was trained on. Items are named by their slot on the page
+(``[1]``..``[k]``). Every choice is one whole line (``[2] watch``, ``[2] rated 4``,
+``then: next``): candidate lines are scored after a context that ends in a newline, and a
+newline never merges with the next token, so scoring and training tokenise identically.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from pydantic import BaseModel, Field
+
+WATCH, SKIP = "watch", "skip"
+RATINGS = ("1", "2", "3", "4", "5")
+THEN = ("next", "exit")
+
+
+class Evidence(BaseModel):
+    """A past item of this person that resembles a page item, with the rating they gave it."""
+
+    title: str
+    rating: int
+    similarity: float
+
+
+class ItemView(BaseModel):
+    """What the agent perceives of one item: public facts plus its own history."""
+
+    id: int
+    title: str
+    year: int | None = None
+    genres: tuple[str, ...] = ()
+    popularity: int = Field(0, description="ratings in the train split")
+    mean_rating: float | None = None
+    evidence: list[Evidence] = Field(default_factory=list)
+
+    def label(self) -> str:
+        return f"{self.title} ({self.year})" if self.year else self.title
+
+
+class PageView(BaseModel):
+    page: int
+    max_pages: int
+    items: list[ItemView]
+    session: list[tuple[str, int]] = Field(default_factory=list,
+                                           description="(title, rating) watched this session")
+    memories: list[str] = Field(default_factory=list)
+
+
+def render_item(slot: int, it: ItemView) -> str:
+    stats = f"{it.popularity} ratings" + (f", avg {it.mean_rating:.1f}" if it.mean_rating else "")
+    line = f"[{slot}] {it.label()} | {', '.join(it.genres) or 'unknown genre'} | {stats}"
+    if it.evidence:
+        seen = "; ".join(f"{e.title} {e.rating}/5" for e in it.evidence)
+        line += f"\n    like what you rated: {seen}"
+    else:
+        line += "\n    like what you rated: nothing you watched"
+    return line
+
+
+def render_page(view: PageView) -> str:
+    """The per-page part of a prompt; the persona prefix is rendered by ``agents.persona``."""
+    parts = [f"Page {view.page} of at most {view.max_pages}."]
+    if view.session:
+        parts.append("Watched this session: "
+                     + "; ".join(f"{t} {r}/5" for t, r in view.session) + ".")
+    if view.memories:
+        parts.append("You remember: " + " | ".join(view.memories))
+    parts.append("On this page:")
+    parts += [render_item(s, it) for s, it in enumerate(view.items, 1)]
+    return "\n".join(parts) + "\n"
+
+
+def render_predictions(predictions: Mapping[int, float]) -> str:
+    """The world model's expected rating per slot, placed before the choices."""
+    if not predictions:
+        return ""
+    return "You expect to rate: " + ", ".join(
+        f"[{s}] {r:.1f}" for s, r in sorted(predictions.items())) + "\n"
+
+
+def slot_line(slot: int, choice: str) -> str:
+    return f"[{slot}] {choice}\n"
+
+
+def rating_line(slot: int, rating: int | str) -> str:
+    return f"[{slot}] rated {rating}\n"
+
+
+def ratings_lines(ratings: Mapping[int, int]) -> str:
+    return "".join(rating_line(s, r) for s, r in sorted(ratings.items()))
+
+
+def then_line(then: str) -> str:
+    return f"then: {then}\n"
+
+
+def render_choices(n_slots: int, watched_slots: Sequence[int]) -> str:
+    return "".join(slot_line(s, WATCH if s in watched_slots else SKIP)
+                   for s in range(1, n_slots + 1))
+
+
+def render_action(n_slots: int, ratings: Mapping[int, int], then: str) -> str:
+    """The policy's full action: slot choices, the ratings of watched slots, next/exit."""
+    return render_choices(n_slots, list(ratings)) + ratings_lines(ratings) + then_line(then)
+
+
+def render_wm_action(n_slots: int, watched_slots: Sequence[int], then: str) -> str:
+    """The world model's input action: what is watched and whether to go on, without ratings."""
+    return render_choices(n_slots, watched_slots) + then_line(then)
+
+
+def render_next_state(ratings: Mapping[int, int], next_items: Sequence[ItemView] | None) -> str:
+    """What follows an action: the ratings it leads to and the next page (or the end)."""
+    if next_items is None:
+        page = "next page: none, the session ends\n"
+    else:
+        page = "next page: " + "; ".join(
+            f"{it.label()} [{', '.join(it.genres)}]" for it in next_items) + "\n"
+    return ratings_lines(ratings) + page
+
+
+class NextState(BaseModel):
+    ratings: dict[int, int] = Field(default_factory=dict)
+    ends: bool = False
+    titles: list[str] = Field(default_factory=list)
+    genres: list[str] = Field(default_factory=list)
+
+    def fields(self) -> set[tuple]:
+        """Fields scored by next-state F1: ratings given, next-page titles and genres."""
+        out: set[tuple] = {("rating", s, r) for s, r in self.ratings.items()}
+        out |= {("end", self.ends)}
+        out |= {("title", t) for t in self.titles}
+        out |= {("genre", g) for g in self.genres}
+        return out
+
+
+_RATING = re.compile(r"^\[(\d+)\] rated ([1-5])\s*$")
+_PAGE_ITEM = re.compile(r"\s*(.+?)\s*\[([^\]]*)\]\s*$")
+
+
+def parse_next_state(text: str) -> NextState:
+    """Read back a (possibly generated) next-state text; unreadable parts are simply empty."""
+    ns = NextState()
+    for line in text.splitlines():
+        m = _RATING.match(line)
+        if m:
+            ns.ratings[int(m.group(1))] = int(m.group(2))
+        elif line.startswith("next page:"):
+            body = line[len("next page:"):].strip()
+            if body.startswith("none"):
+                ns.ends = True
+                continue
+            for chunk in body.split(";"):
+                m = _PAGE_ITEM.match(chunk)
+                if m:
+                    ns.titles.append(m.group(1))
+                    ns.genres += [g.strip() for g in m.group(2).split(",") if g.strip()]
+    ns.genres = sorted(set(ns.genres))
+    return ns

@@ -1,0 +1,193 @@
+"""The `alignuser` command line; each subcommand maps its flags onto a pydantic config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from alignuser.config import DataConfig, SimulateConfig
+
+console = Console()
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="ml-100k", help=DataConfig.model_fields["dataset"]
+                   .description)
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from simulator.readers import datasets_cache, fetch
+
+    if args.action == "fetch":
+        path = fetch(args.name, datasets_cache())
+        console.print(f"saved {path}")
+        return 0
+    from alignuser.config import load_world
+    from simulator.info import dataset_info, format_info
+    from simulator.trajectories import trajectory_stats
+
+    world = load_world(DataConfig(dataset=args.name))
+    info = dataset_info(world.ds, world.split)
+    for table in format_info(info):
+        console.print(table)
+    if args.trajectories:
+        stats = trajectory_stats(world.trajectories("train", progress=True))
+        stats_test = trajectory_stats(world.trajectories("test", progress=True))
+        console.print({"train": stats, "test": stats_test,
+                       "agent4rec_reference": {"watch_ratio": 0.32, "pages_per_session": 4.0}})
+    return 0
+
+
+def cmd_recommenders(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from alignuser.config import load_world
+    from simulator.offline import offline_metrics
+
+    world = load_world(DataConfig(dataset=args.dataset))
+    names = args.recommenders.split(",")
+    recs = {n: world.recommender(n, seed=args.seed) for n in names}
+    for part in ("valid", "test"):
+        frame = offline_metrics(recs, world.split.train, world.split.part(part), k=args.k)
+        table = Table(title=f"offline metrics on the {part} split (k={args.k})")
+        table.add_column("recommender")
+        for col in frame.columns:
+            table.add_column(str(col), justify="right")
+        for name, row in frame.iterrows():
+            table.add_row(str(name), *[f"{v:.4f}" for v in row])
+        console.print(table)
+    return 0
+
+
+def simulate_config(args: argparse.Namespace) -> SimulateConfig:
+    fields = {"data": DataConfig(dataset=args.dataset),
+              "recommenders": args.recommenders.split(","), "agents": args.agents,
+              "pages": args.pages, "policy": args.policy, "seed": args.seed,
+              "memory": "none" if args.no_memory else "chroma",
+              "world_model": "off" if args.no_world_model else "on", "model": args.model,
+              "temperature": args.temperature, "reactive": not args.static,
+              "reason": args.reason}
+    if args.checkpoint:
+        fields["checkpoint"] = args.checkpoint
+    return SimulateConfig(**fields)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from alignuser.simulate import simulate
+
+    simulate(simulate_config(args), args.output, console)
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from graph.graph import build_graph
+    from graph.trace import describe, history, list_threads, open_checkpointer, render, replay_from
+
+    run = Path(args.run)
+    threads = list_threads(run)
+    thread = args.agent or threads[0]
+    if thread not in threads:
+        raise ValueError(f"no agent {thread!r} in {run}; agents: {', '.join(threads[:10])} ...")
+    manifest = json.loads((run / "manifest.json").read_text())
+    cfg = SimulateConfig.model_validate(manifest["config"])
+    with open_checkpointer(run) as saver:
+        app = build_graph(cfg.memory, cfg.world_model, checkpointer=saver)
+        snaps = history(app, thread)
+        if args.from_step is not None:
+            from alignuser.config import load_world
+            from alignuser.simulate import build_runtimes, load_scorer
+            from memory.store import make_memory
+
+            if args.policy:
+                cfg = cfg.model_copy(update={"policy": args.policy})
+            world = load_world(cfg.data)
+            scorer, _ = load_scorer(cfg)
+            memory = make_memory(cfg.memory, run / "memory" if cfg.memory == "chroma" else None)
+            rec = thread.split(":")[0]
+            rt = build_runtimes(cfg.model_copy(update={"recommenders": [rec]}), world,
+                                manifest["users"], scorer, memory)[rec]
+            final = replay_from(app, thread, args.from_step, rt)
+            console.print(f"re-ran {thread} from step {args.from_step} with policy {cfg.policy}:")
+            console.print(json.dumps([{k: p[k] for k in ("page", "watched", "then")}
+                                      for p in final["pages"]], indent=1))
+            return 0
+    steps = [describe(s, i) for i, s in enumerate(snaps)]
+    if args.step is not None:
+        steps = [s for s in steps if s["step"] == args.step]
+        if not steps:
+            raise IndexError(f"{thread} has steps 0..{len(snaps) - 1}")
+    console.print(f"[bold]{thread}[/bold]: {len(snaps)} checkpoints", highlight=False)
+    for s in steps:
+        console.print(render(s), highlight=False, markup=False)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alignuser", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("data", help="dataset information or download")
+    d.add_argument("action", choices=["info", "fetch"])
+    d.add_argument("name", nargs="?", default="ml-100k", help="dataset name or path")
+    d.add_argument("--trajectories", action="store_true",
+                   help="also build human trajectories and print their statistics")
+    d.set_defaults(func=cmd_data)
+
+    r = sub.add_parser("recommenders", help="offline metrics of the built-in recommenders")
+    r.add_argument("action", choices=["eval"])
+    _data_args(r)
+    r.add_argument("--recommenders", default="random,pop,itemknn,userknn,als,bpr")
+    r.add_argument("--k", type=int, default=10)
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=cmd_recommenders)
+
+    s = sub.add_parser("simulate", help="run a population of agents on recommenders")
+    f = SimulateConfig.model_fields
+    _data_args(s)
+    s.add_argument("--recommenders", default=",".join(f["recommenders"].default),
+                   help=f["recommenders"].description)
+    s.add_argument("--agents", type=int, default=f["agents"].default, help=f["agents"].description)
+    s.add_argument("--pages", type=int, default=f["pages"].default, help=f["pages"].description)
+    s.add_argument("--policy", default=f["policy"].default,
+                   choices=["aligned", "zero_shot", "random", "popularity", "human_replay"])
+    s.add_argument("--no-memory", action="store_true", help="recall node off (ablation)")
+    s.add_argument("--no-world-model", action="store_true", help="predict node off (ablation)")
+    s.add_argument("--model", default="default", help=f["model"].description)
+    s.add_argument("--checkpoint", default=None, help=f["checkpoint"].description)
+    s.add_argument("--temperature", type=float, default=1.0, help=f["temperature"].description)
+    s.add_argument("--static", action="store_true", help="recommenders ignore the session")
+    s.add_argument("--reason", action="store_true", help=f["reason"].description)
+    s.add_argument("--seed", type=int, default=0, help=f["seed"].description)
+    s.add_argument("--output", default=None, help="run directory (default runs/<id>/)")
+    s.set_defaults(func=cmd_simulate)
+
+    t = sub.add_parser("trace", help="step through an agent's recorded graph run")
+    t.add_argument("run", help="a simulation run directory")
+    t.add_argument("agent", nargs="?", help="thread id '<recommender>:<user>' (default: first)")
+    t.add_argument("--step", type=int, help="show only this super-step")
+    t.add_argument("--from-step", type=int, help="re-run the agent from this checkpoint")
+    t.add_argument("--policy", help="with --from-step: the policy to re-run with")
+    t.set_defaults(func=cmd_trace)
+
+    from alignuser import commands
+
+    commands.add_train(sub)
+    commands.add_evaluate(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, IndexError, KeyError) as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Pydantic configs for the commands, and the wiring that builds their parts from them.
+
+The CLI flags map one to one onto these fields; each field's description is its help text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from agents.perception import Perceiver
+from agents.persona import build_personas, render_persona
+from agents.policy import FixedPolicy, LLMPolicy, Policy
+from memory.evidence import ItemSimilarity
+from simulator.data import Dataset
+from simulator.policies import RandomPolicy, ScoreThreshold
+from simulator.readers import load_dataset
+from simulator.recommenders import Recommender, make_recommender
+from simulator.split import Split, SplitConfig, make_split
+from simulator.trajectories import Trajectory, TrajectoryConfig, build_trajectories
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "alignuser-ml100k"
+PolicyName = Literal["aligned", "zero_shot", "random", "popularity", "human_replay"]
+LLM_POLICIES = ("aligned", "zero_shot")
+
+
+class DataConfig(BaseModel):
+    dataset: str = Field("ml-100k", description="ml-100k (bundled), ml-1m / ml-latest-small "
+                         "(after `alignuser data fetch`), a RecBole atomic folder or a .zip")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="how held-out data is cut")
+
+
+class SimulateConfig(BaseModel):
+    data: DataConfig = Field(default_factory=DataConfig, description="dataset and split")
+    recommenders: list[str] = Field(["pop", "itemknn", "bpr"],
+                                    description="recommenders the population browses")
+    agents: int = Field(20, description="simulated users per recommender (sampled test users)")
+    pages: int = Field(5, description="most pages per session")
+    page_size: int = Field(4, description="items per page")
+    policy: PolicyName = Field("aligned", description="decide-node policy")
+    memory: Literal["chroma", "none"] = Field("chroma", description="recall node variant")
+    world_model: Literal["on", "off"] = Field("on", description="predict node variant")
+    model: str = Field("default", description="base causal LM: 'default' or a local HF folder")
+    checkpoint: str | None = Field(
+        str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.exists() else None,
+        description="PEFT adapter for the aligned policy (default: the shipped checkpoint)")
+    temperature: float = Field(1.0, description="sampling temperature of the policy")
+    reactive: bool = Field(True, description="recommenders react to this session's watches")
+    reason: bool = Field(False, description="generate a free-text interview reason (slower)")
+    seed: int = Field(0, description="seeds user sampling and every sampled decision")
+
+
+@dataclass
+class World:
+    """The data side of a run, built once: dataset, split, evidence, personas, recommenders."""
+
+    ds: Dataset
+    split: Split
+    _recs: dict[tuple[str, bool, int], Recommender] = field(default_factory=dict)
+
+    @cached_property
+    def similarity(self) -> ItemSimilarity:
+        return ItemSimilarity.fit(self.split.train)
+
+    @cached_property
+    def perceiver(self) -> Perceiver:
+        return Perceiver(self.ds.items, self.similarity)
+
+    @cached_property
+    def personas(self) -> dict[int, str]:
+        built = build_personas(self.ds, self.split.train)
+        return {u: render_persona(p, self.ds.items) for u, p in built.items()}
+
+    @cached_property
+    def histories(self) -> dict[int, dict[int, float]]:
+        return _by_user(self.split.train)
+
+    def rated_through(self, part: str) -> dict[int, set[int]]:
+        """Items each user rated up to and including ``part`` (masked from filler slots)."""
+        parts = {"train": ["train"], "valid": ["train", "valid"],
+                 "test": ["train", "valid", "test"]}[part]
+        out: dict[int, set[int]] = {}
+        for p in parts:
+            for u, items in self.split.part(p).groupby("user")["item"]:
+                out.setdefault(int(u), set()).update(int(i) for i in items)
+        return out
+
+    def recommender(self, name: str, reactive: bool = True, seed: int = 0) -> Recommender:
+        key = (name, reactive, seed)
+        if key not in self._recs:
+            self._recs[key] = make_recommender(name, reactive=reactive, seed=seed).fit(
+                self.split.train)
+        return self._recs[key]
+
+    def trajectories(self, part: str, recommender: str = "itemknn",
+                     cfg: TrajectoryConfig | None = None, users: list[int] | None = None,
+                     progress: bool = True) -> list[Trajectory]:
+        log = self.split.part(part)
+        if users is not None:
+            log = log[log["user"].isin(users)]
+        rec = self.recommender(recommender)
+        return build_trajectories(log, rec.rank, self.rated_through(part),
+                                  cfg or TrajectoryConfig(), recommender, part, progress)
+
+    def sample_users(self, n: int, seed: int, part: str = "test") -> list[int]:
+        users = np.sort(self.split.part(part)["user"].unique())
+        rng = np.random.default_rng(seed)
+        return sorted(int(u) for u in rng.choice(users, size=min(n, len(users)), replace=False))
+
+
+def _by_user(frame) -> dict[int, dict[int, float]]:
+    out: dict[int, dict[int, float]] = {}
+    for u, i, r in zip(frame["user"], frame["item"], frame["rating"], strict=True):
+        out.setdefault(int(u), {})[int(i)] = float(r)
+    return out
+
+
+def load_world(data: DataConfig | None = None) -> World:
+    data = data or DataConfig()
+    ds = load_dataset(data.dataset)
+    return World(ds=ds, split=make_split(ds.ratings, data.split))
+
+
+def make_policy(name: str, world: World, scorer=None, seed: int = 0,
+                temperature: float = 1.0, human=None) -> Policy:
+    """A decide-node policy by name; LLM policies need a scorer over the right weights."""
+    if name in LLM_POLICIES:
+        if scorer is None:
+            raise ValueError(f"policy {name} needs a language model")
+        return LLMPolicy(scorer, name=name, temperature=temperature)
+    if name == "random":
+        return FixedPolicy(RandomPolicy(seed=seed), "random")
+    if name == "popularity":
+        counts = world.split.train["item"].value_counts()
+        means = world.split.train.groupby("item")["rating"].mean().to_dict()
+        threshold = float(np.quantile(counts.to_numpy(), 0.9))
+        return FixedPolicy(ScoreThreshold(lambda i: float(counts.get(i, 0)), threshold, means),
+                           "popularity")
+    if name == "human_replay":
+        if human is None:
+            raise ValueError("policy human_replay needs logged trajectories")
+        from simulator.policies import HumanReplay
+
+        return FixedPolicy(HumanReplay(human), "human_replay")
+    raise ValueError(f"unknown policy {name!r}; known: aligned, zero_shot, random, popularity, "
+                     "human_replay")

@@ -1,0 +1,104 @@
+"""`alignuser simulate`: a population of agents browses each recommender; one run directory."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from alignuser.config import LLM_POLICIES, SimulateConfig, World, load_world, make_policy
+from graph.graph import build_graph
+from graph.runner import run_population, session_metrics
+from graph.runtime import Runtime
+from graph.trace import open_checkpointer
+from memory.store import make_memory
+from simulator.env import recommender_pages
+from simulator.runs import new_run_dir, update_manifest, write_manifest
+from simulator.trajectories import first_visits, human_actions, logged_pages
+
+
+def load_scorer(cfg: SimulateConfig) -> tuple[Any, str | None]:
+    """The LLM scorer the run needs (None when no node needs a language model)."""
+    if cfg.policy not in LLM_POLICIES:
+        return None, None
+    from agents.llm import Scorer, load_lm
+
+    adapter = cfg.checkpoint if cfg.policy == "aligned" else None
+    if cfg.policy == "aligned" and adapter is None:
+        raise FileNotFoundError("policy aligned needs --checkpoint (no default checkpoint found); "
+                                "train one with `alignuser train` or use --policy zero_shot")
+    lm = load_lm(cfg.model, adapter=adapter)
+    return Scorer(lm), lm.name
+
+
+def build_runtimes(cfg: SimulateConfig, world: World, users: list[int], scorer: Any,
+                   memory: Any) -> dict[str, Runtime]:
+    runtimes = {}
+    for rec_name in cfg.recommenders:
+        rec = world.recommender(rec_name, reactive=cfg.reactive, seed=cfg.seed)
+        human: dict = {}
+        pages = recommender_pages(rec.rank)
+        logged = None
+        if cfg.policy == "human_replay":
+            logged = first_visits(world.trajectories("test", rec_name, users=users,
+                                                     progress=False))
+            pages, human = logged_pages(logged), human_actions(logged)
+        policy = make_policy(cfg.policy, world, scorer, cfg.seed, cfg.temperature, logged)
+        reason_model = None
+        if cfg.reason and scorer is not None:
+            from agents.chat import LocalTextModel
+
+            reason_model = LocalTextModel(scorer.lm)
+        runtimes[rec_name] = Runtime(
+            perceiver=world.perceiver, histories=world.histories, personas=world.personas,
+            pages=pages, policy=policy, scorer=scorer, memory=memory, human=human,
+            reason_model=reason_model, page_size=cfg.page_size, max_pages=cfg.pages,
+            seed=cfg.seed)
+    return runtimes
+
+
+def simulate(cfg: SimulateConfig, output: str | Path | None = None,
+             console: Console | None = None) -> Path:
+    console = console or Console()
+    t0 = time.perf_counter()
+    if cfg.policy not in LLM_POLICIES and cfg.world_model == "on":
+        cfg = cfg.model_copy(update={"world_model": "off"})
+        console.print("[dim]world_model=off: the world model needs an LLM policy[/dim]")
+    world = load_world(cfg.data)
+    users = world.sample_users(cfg.agents, cfg.seed)
+    run_dir = new_run_dir(output, "simulate")
+    write_manifest(run_dir, "simulate", cfg.model_dump(mode="json"), dataset=world.ds.name,
+                   split={p: world.split.fingerprint(p) for p in ("train", "valid", "test")},
+                   users=users)
+    scorer, model_name = load_scorer(cfg)
+    memory = make_memory(cfg.memory, run_dir / "memory" if cfg.memory == "chroma" else None)
+    runtimes = build_runtimes(cfg, world, users, scorer, memory)
+    with open_checkpointer(run_dir) as saver:
+        app = build_graph(cfg.memory, cfg.world_model, checkpointer=saver)
+        sessions = run_population(app, runtimes, users)
+    with (run_dir / "sessions.jsonl").open("w") as fh:
+        for s in sessions:
+            fh.write(json.dumps(s) + "\n")
+    metrics = {"per_recommender": session_metrics(sessions), "wall_seconds":
+               round(time.perf_counter() - t0, 1), "model": model_name}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    update_manifest(run_dir, wall_seconds=metrics["wall_seconds"], model=model_name)
+    console.print(metrics_table(metrics["per_recommender"], f"{cfg.policy} agents"))
+    console.print(f"run directory: {run_dir}  ({metrics['wall_seconds']} s)")
+    return run_dir
+
+
+def metrics_table(per_rec: dict[str, dict[str, float]], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("recommender", "sessions", "watch ratio", "likes/page", "exit page",
+                "mean rating", "satisfaction"):
+        table.add_column(col, justify="right")
+    for rec, m in per_rec.items():
+        table.add_row(rec, str(m["sessions"]), f"{m['watch_ratio']:.3f}",
+                      f"{m['likes_per_page']:.2f}", f"{m['exit_page']:.2f}",
+                      f"{m['mean_rating']:.2f}", f"{m['satisfaction']:.1f}")
+    return table

@@ -1,0 +1,150 @@
+"""Graph nodes: small functions ``(state, config) -> partial update`` that call into the packages.
+
+Nodes hold no logic of their own beyond plumbing; routers are pure functions of the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from langchain_core.runnables import RunnableConfig
+
+from agents import prompts
+from agents.policy import DecisionInput
+from agents.text import ItemView, PageView, render_page
+from agents.world_model import expected_ratings
+from graph.runtime import Runtime, runtime_of
+from graph.state import AgentState
+from simulator.env import Observation, PageAction, PageEnv
+
+
+def _env(rt: Runtime) -> PageEnv:
+    return PageEnv(rt.pages, rt.page_size, rt.max_pages)
+
+
+def _history(rt: Runtime, state: AgentState) -> dict[int, float]:
+    """Train history plus what was watched in this run's session: the agent's own evidence."""
+    return {**rt.histories.get(state["user"], {}), **dict(state.get("session", []))}
+
+
+def start(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+    rt = runtime_of(config)
+    obs = _env(rt).reset(state["user"])
+    return {"page": 1, "items": obs.items, "seen": list(obs.items), "session": [],
+            "persona_text": rt.personas[state["user"]], "done": False, "pages": []}
+
+
+def perceive(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+    rt = runtime_of(config)
+    return {"views": [rt.perceiver.facts(i).model_dump(mode="json") for i in state["items"]]}
+
+
+def recall(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+    rt = runtime_of(config)
+    views = rt.perceiver.with_evidence([ItemView(**v) for v in state["views"]],
+                                       _history(rt, state))
+    query = "; ".join(v.label() for v in views)
+    memories = [m.text for m in rt.memory.recall(state["agent_id"], query, state["page"],
+                                                 rt.memory_k)]
+    return {"views": [v.model_dump(mode="json") for v in views], "memories": memories}
+
+
+def recall_off(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+    """Ablation: public facts only, no personal evidence and no episodic memory."""
+    return {"memories": []}
+
+
+def predict(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+    rt = runtime_of(config)
+    text = page_text(state, rt)
+    if rt.scorer is None:
+        raise ValueError("world_model=on needs an LLM scorer; use world_model=off")
+    prefix = prompts.persona_block(state["persona_text"]) + text
+    return {"page_text": text,
+            "predictions": expected_ratings(rt.scorer, prefix, len(state["items"]))}
+
+
+def predict_off(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+    return {"page_text": page_text(state, runtime_of(config)), "predictions": {}}
+
+
+def page_text(state: AgentState, rt: Runtime) -> str:
+    titles = {v["id"]: v["title"] for v in state["views"]}
+    session = [(titles.get(i) or rt.perceiver.items[i].title, r)
+               for i, r in state.get("session", [])]
+    view = PageView(page=state["page"], max_pages=rt.max_pages,
+                    items=[ItemView(**v) for v in state["views"]],
+                    memories=state.get("memories", []), session=session)
+    return render_page(view)
+
+
+def decide(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+    rt = runtime_of(config)
+    inp = DecisionInput(user=state["user"], page=state["page"], items=state["items"],
+                        persona_text=state["persona_text"], page_text=state["page_text"],
+                        predictions={int(k): v for k, v in state.get("predictions", {}).items()},
+                        seed=rt.seed)
+    decision = rt.policy.decide(inp)
+    human = rt.human.get((state["user"], state["page"]))
+    return {"decision": decision.model_dump(mode="json"),
+            "human_action": None if human is None else human.model_dump(mode="json")}
+
+
+def act(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+    rt = runtime_of(config)
+    env = _env(rt)
+    env.restore(Observation(user=state["user"], page=state["page"], items=state["items"],
+                            session=state.get("session", []), max_pages=rt.max_pages),
+                state.get("seen", []))
+    action = PageAction.model_validate(state["decision"]["action"])
+    obs, done, info = env.step(action)
+    record = {"page": state["page"], "items": state["items"],
+              "watched": {str(k): v for k, v in action.watched.items()}, "then": action.then,
+              "watch_scores": state["decision"].get("watch_scores", {}),
+              "human": state.get("human_action")}
+    update: dict[str, Any] = {"pages": [record], "done": done, "session": obs.session}
+    if done:
+        update["end"] = info.get("end", "exit")
+    else:
+        update |= {"page": obs.page, "items": obs.items,
+                   "seen": list(state.get("seen", [])) + list(obs.items)}
+    return update
+
+
+def remember(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+    rt = runtime_of(config)
+    last = state["pages"][-1]
+    titles = {v["id"]: v["title"] for v in state["views"]}
+    watched = [f"watched {titles[int(i)]} and rated it {r}/5" for i, r in last["watched"].items()]
+    skipped = [titles[i] for i in last["items"] if str(i) not in last["watched"]]
+    note = (f"Page {last['page']}: " + ("; ".join(watched) or "watched nothing")
+            + (f"; skipped {', '.join(skipped)}" if skipped else "") + f"; then {last['then']}.")
+    rt.memory.add(state["agent_id"], note, last["page"])
+    return {}
+
+
+def route_after_remember(state: AgentState) -> str:
+    return "interview" if state.get("done") else "perceive"
+
+
+def interview(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+    """Post-session satisfaction 1–10, scored as an enumerated answer; a free-text reason only
+    when a text model is configured (the one place free text is allowed)."""
+    rt = runtime_of(config)
+    watched = [r for p in state["pages"] for r in p["watched"].values()]
+    session = (f"You saw {len(state['pages'])} page(s) and watched {len(watched)} movie(s)"
+               + (f", rated {', '.join(map(str, watched))}." if watched else "."))
+    prompt = prompts.INTERVIEW.format(persona=state["persona_text"], session=session)
+    if rt.scorer is None:
+        likes = sum(r >= 4 for r in watched)
+        return {"satisfaction": int(np.clip(1 + round(9 * likes / max(len(state["pages"]), 1)
+                                                      / 2), 1, 10)),
+                "interview": "no language model: satisfaction from likes per page"}
+    options = [(prompts.SATISFACTION_TAIL, str(k)) for k in range(1, 11)]
+    logps = np.asarray(rt.scorer.score(prompt, options))
+    probs = np.exp(logps - logps.max())
+    probs /= probs.sum()
+    score = int(round(float(probs @ np.arange(1, 11))))
+    reason = rt.reason_model.complete(prompt, 40) if rt.reason_model else ""
+    return {"satisfaction": score, "interview": reason.strip()}

@@ -1,0 +1,65 @@
+"""Running populations of agent graphs and summarising their sessions.
+
+Each (recommender, user) pair is one LangGraph thread, so every session can be traced and
+replayed from the checkpointer. Candidate scoring is batched inside each decision (see
+``agents.llm.Scorer``); agents run one after another on a machine this size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from graph.runtime import Runtime
+
+
+def thread_id(recommender: str, user: int) -> str:
+    return f"{recommender}:{user}"
+
+
+def run_config(rt: Runtime, thread: str) -> dict[str, Any]:
+    return {"configurable": {"thread_id": thread, "runtime": rt}, "recursion_limit": 200}
+
+
+def run_agent(app: Any, rt: Runtime, recommender: str, user: int) -> dict[str, Any]:
+    thread = thread_id(recommender, user)
+    state = app.invoke({"agent_id": thread, "user": user, "recommender": recommender},
+                       run_config(rt, thread))
+    return {"thread": thread, "user": user, "recommender": recommender,
+            "pages": state["pages"], "end": state.get("end"),
+            "satisfaction": state.get("satisfaction"), "interview": state.get("interview", "")}
+
+
+def run_population(app: Any, runtimes: Mapping[str, Runtime], users: Iterable[int],
+                   progress: bool = True) -> list[dict[str, Any]]:
+    users = list(users)
+    jobs = [(rec, u) for rec in runtimes for u in users]
+    out = []
+    for rec, user in tqdm(jobs, desc="agents", unit="session", disable=not progress):
+        out.append(run_agent(app, runtimes[rec], rec, user))
+    return out
+
+
+def session_metrics(sessions: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per recommender: watch ratio, likes (rating >= 4) per page, mean exit page, satisfaction."""
+    by_rec: dict[str, list[Mapping[str, Any]]] = {}
+    for s in sessions:
+        by_rec.setdefault(s["recommender"], []).append(s)
+    table = {}
+    for rec, rows in by_rec.items():
+        shown = sum(len(p["items"]) for s in rows for p in s["pages"])
+        ratings = [r for s in rows for p in s["pages"] for r in p["watched"].values()]
+        pages = sum(len(s["pages"]) for s in rows)
+        sats = [s["satisfaction"] for s in rows if s.get("satisfaction") is not None]
+        table[rec] = {
+            "sessions": len(rows),
+            "watch_ratio": len(ratings) / shown if shown else 0.0,
+            "likes_per_page": sum(r >= 4 for r in ratings) / pages if pages else 0.0,
+            "exit_page": float(np.mean([len(s["pages"]) for s in rows])),
+            "mean_rating": float(np.mean(ratings)) if ratings else float("nan"),
+            "satisfaction": float(np.mean(sats)) if sats else float("nan"),
+        }
+    return table

@@ -1,0 +1,39 @@
+"""What the nodes call into: built once per run and passed in the run config, never global."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from agents.perception import Perceiver
+from agents.policy import Policy, Scorer
+from memory.store import EpisodicMemory, NoMemory
+from simulator.env import PageAction, PageSource
+
+if TYPE_CHECKING:
+    from agents.chat import TextModel
+
+
+@dataclass
+class Runtime:
+    perceiver: Perceiver
+    histories: Mapping[int, Mapping[int, float]]
+    personas: Mapping[int, str]
+    pages: PageSource
+    policy: Policy
+    scorer: Scorer | None = None
+    memory: EpisodicMemory = field(default_factory=NoMemory)
+    reason_model: TextModel | None = None
+    human: Mapping[tuple[int, int], PageAction] = field(default_factory=dict)
+    page_size: int = 4
+    max_pages: int = 5
+    seed: int = 0
+    memory_k: int = 3
+
+
+def runtime_of(config: Mapping) -> Runtime:
+    try:
+        return config["configurable"]["runtime"]
+    except KeyError as exc:
+        raise KeyError("the run config lacks configurable.runtime (see graph.runner)") from exc

@@ -1,0 +1,55 @@
+"""Offline top-k accuracy of recommenders, the yardstick a simulator's verdicts are checked against.
+
+Metrics come from LensKit (``RunAnalysis`` with Recall, Precision and NDCG) so the numbers match
+what the field reports. Every held-out item counts as relevant whatever its rating, and items in
+``train`` are never recommended. When scoring the test split of models fit on train, pass
+train+valid as ``train`` so valid items are excluded instead of counted as misses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+from lenskit.data import ItemList, ItemListCollection
+from lenskit.metrics import NDCG, Precision, Recall, RunAnalysis
+
+from simulator.recommenders import Recommender
+
+
+def recommendation_lists(rec: Recommender, train: pd.DataFrame, users: Iterable[int],
+                         k: int) -> ItemListCollection:
+    """One ranked list per user, never containing that user's ``train`` items."""
+    seen = {int(u): set(g.tolist()) for u, g in train.groupby("user")["item"]}
+    out = ItemListCollection.empty(["user"])
+    for u in users:
+        ids = rec.rank(int(u), k, exclude=seen.get(int(u), ()))
+        out.add(ItemList(item_ids=np.asarray(ids, dtype=np.int64), ordered=True), user=int(u))
+    return out
+
+
+def offline_metrics(recs: Mapping[str, Recommender], train: pd.DataFrame, test: pd.DataFrame,
+                    k: int = 10, users: Iterable[int] | None = None) -> pd.DataFrame:
+    """Mean Recall@k, Precision@k and NDCG@k per recommender (rows), over users with test items.
+
+    ``users`` narrows the evaluated users (those without test items are skipped, since recall
+    and NDCG are undefined for them).
+    """
+    truth_frame = test[["user", "item"]].drop_duplicates().rename(columns={"item": "item_id"})
+    truth = ItemListCollection.from_df(truth_frame, "user")
+    wanted = sorted(int(u) for u in truth_frame["user"].unique())
+    if users is not None:
+        chosen = {int(u) for u in users}
+        wanted = [u for u in wanted if u in chosen]
+    rows = []
+    for name, rec in recs.items():
+        analysis = RunAnalysis(Recall(k), Precision(k), NDCG(k))
+        result = analysis.measure(recommendation_lists(rec, train, wanted, k), truth)
+        means = result.list_summary()["mean"]
+        rows.append({"recommender": name,
+                     f"Recall@{k}": float(means[f"Recall@{k}"]),
+                     f"Precision@{k}": float(means[f"Precision@{k}"]),
+                     f"NDCG@{k}": float(means[f"NDCG@{k}"]),
+                     "users": len(wanted)})
+    return pd.DataFrame(rows).set_index("recommender")

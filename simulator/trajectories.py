@@ -1,0 +1,190 @@
+"""Human page-by-page trajectories built from a rating log.
+
+MovieLens records when ratings were entered, not what a person was shown, so we rebuild the pages:
+each logged session (split on a timestamp gap) is cut into visits of at most ``max_pages`` pages;
+each page holds 0–2 of the human's next items at seeded positions, and its other slots come from
+the session-reactive recommender exactly as the environment would fill them (every item the user
+rated in the log part being built is masked, so a skipped item is one this person never chose).
+The human watches exactly their logged items with their logged ratings and exits after a visit's
+last page.
+
+Schema (one JSON object per line): ``{user, part, session, visit, recommender, steps: [{page,
+items, watched: {item: rating}, then}]}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+from tqdm import tqdm
+
+from simulator.env import PageAction, PageEnv, PageSource, recommender_pages
+
+
+class TrajectoryConfig(BaseModel):
+    gap_minutes: float = Field(30, description="a gap longer than this starts a new session")
+    page_size: int = Field(4, description="items per page (Agent4Rec's 4)")
+    max_pages: int = Field(5, description="pages per visit before the human must leave")
+    watch_probs: tuple[float, ...] = Field(
+        (0.2, 0.45, 0.35),
+        description="probability that a page holds 0, 1, 2, ... of the human's items; "
+                    "mean 1.15 items per 4-item page (Agent4Rec measured a 0.32 watch ratio)")
+    max_visits_per_user: int | None = Field(
+        None, description="keep at most this many visits per user (the earliest); None = all")
+    seed: int = Field(0, description="seeds page positions and items per page")
+
+
+class Step(BaseModel):
+    page: int
+    items: list[int]
+    watched: dict[int, int]
+    then: Literal["next", "exit"]
+
+
+class Trajectory(BaseModel):
+    user: int
+    part: str = "train"
+    session: int
+    visit: int
+    recommender: str
+    steps: list[Step]
+
+
+def sessions(ratings: pd.DataFrame, gap_minutes: float) -> Iterator[tuple[int, int, pd.DataFrame]]:
+    """Yield (user, session index, rows) from a log in chronological order (ties by item id)."""
+    gap = gap_minutes * 60
+    for user, rows in ratings.groupby("user", sort=True):
+        ts = rows["timestamp"].to_numpy()
+        cuts = np.flatnonzero(np.diff(ts) > gap) + 1
+        for idx, chunk in enumerate(np.split(np.arange(len(rows)), cuts)):
+            yield int(user), idx, rows.iloc[chunk]
+
+
+def plan_visits(n_items: int, cfg: TrajectoryConfig, rng: np.random.Generator) -> list[list[int]]:
+    """How many of the human's items go on each page, visit by visit."""
+    probs = np.asarray(cfg.watch_probs, dtype=float)
+    probs = probs / probs.sum()
+    visits, left = [], n_items
+    while left > 0:
+        pages: list[int] = []
+        while left > 0 and len(pages) < cfg.max_pages:
+            n = min(int(rng.choice(len(probs), p=probs)), left, cfg.page_size)
+            pages.append(n)
+            left -= n
+        visits.append(pages)
+    return visits
+
+
+def _human_pages(base: PageSource, plan: list[list[tuple[int, int]]],
+                 rng: np.random.Generator) -> PageSource:
+    def source(user, page, k, seen, session):
+        human = [i for i, _ in plan[page - 1]]
+        filler = base(user, page, k - len(human), set(seen) | set(human), session)
+        items = human + list(filler)
+        return [items[j] for j in rng.permutation(len(items))]
+
+    return source
+
+
+def play_visit(env: PageEnv, user: int, plan: list[list[tuple[int, int]]]) -> list[Step]:
+    """Run the human's logged choices through the environment, recording each page."""
+    obs, steps = env.reset(user), []
+    for p, chunk in enumerate(plan, 1):
+        action = PageAction(watched=dict(chunk), then="exit" if p == len(plan) else "next")
+        steps.append(Step(page=p, items=obs.items, watched=action.watched, then=action.then))
+        obs, done, _ = env.step(action)
+        if done:
+            break
+    return steps
+
+
+def build_trajectories(ratings: pd.DataFrame, rank: Callable[..., list[int]],
+                       masked: dict[int, set[int]], cfg: TrajectoryConfig,
+                       recommender: str = "itemknn", part: str = "train",
+                       progress: bool = True) -> list[Trajectory]:
+    """Trajectories for every session of ``ratings`` (one split part) on one recommender."""
+    base = recommender_pages(rank, lambda u: masked.get(u, ()))
+    out: list[Trajectory] = []
+    visits_of: dict[int, int] = {}
+    groups = list(sessions(ratings, cfg.gap_minutes))
+    for user, s_idx, rows in tqdm(groups, desc=f"trajectories ({part})", disable=not progress,
+                                  unit="session"):
+        cap = cfg.max_visits_per_user
+        if cap is not None and visits_of.get(user, 0) >= cap:
+            continue
+        rng = np.random.default_rng([cfg.seed, user, s_idx])
+        pairs = [(int(i), int(round(r))) for i, r in zip(rows["item"], rows["rating"], strict=True)]
+        pos = 0
+        for v_idx, counts in enumerate(plan_visits(len(pairs), cfg, rng)):
+            if cap is not None and visits_of.get(user, 0) >= cap:
+                break
+            plan = []
+            for n in counts:
+                plan.append(pairs[pos:pos + n])
+                pos += n
+            env = PageEnv(_human_pages(base, plan, rng), cfg.page_size, cfg.max_pages)
+            steps = play_visit(env, user, plan)
+            out.append(Trajectory(user=user, part=part, session=s_idx, visit=v_idx,
+                                  recommender=recommender, steps=steps))
+            visits_of[user] = visits_of.get(user, 0) + 1
+    return out
+
+
+def trajectory_stats(trajs: Iterable[Trajectory]) -> dict[str, float]:
+    """Watch ratio, pages per visit and the ratings histogram, to judge the construction."""
+    trajs = list(trajs)
+    pages = [len(t.steps) for t in trajs]
+    shown = sum(len(s.items) for t in trajs for s in t.steps)
+    watched = [r for t in trajs for s in t.steps for r in s.watched.values()]
+    hist = {str(k): int(sum(1 for r in watched if r == k)) for k in range(1, 6)}
+    return {"visits": len(trajs), "pages": int(sum(pages)),
+            "watch_ratio": len(watched) / shown if shown else 0.0,
+            "watches_per_page": len(watched) / max(sum(pages), 1),
+            "pages_per_visit": float(np.mean(pages)) if pages else 0.0,
+            "empty_page_share": sum(1 for t in trajs for s in t.steps if not s.watched)
+            / max(sum(pages), 1),
+            "ratings_hist": hist}
+
+
+def write_jsonl(trajs: Iterable[BaseModel], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for t in trajs:
+            fh.write(t.model_dump_json() + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[Trajectory]:
+    with Path(path).open() as fh:
+        return [Trajectory.model_validate(json.loads(line)) for line in fh if line.strip()]
+
+
+def logged_pages(trajs: Mapping[int, Trajectory]) -> PageSource:
+    """Serve each user's logged pages, so a policy can act where the human acted."""
+
+    def source(user, page, k, seen, session):
+        traj = trajs.get(user)
+        if traj is None or page > len(traj.steps):
+            return []
+        return list(traj.steps[page - 1].items)
+
+    return source
+
+
+def first_visits(trajs: Iterable[Trajectory]) -> dict[int, Trajectory]:
+    """Each user's earliest visit (by session, then visit index)."""
+    out: dict[int, Trajectory] = {}
+    for t in sorted(trajs, key=lambda t: (t.user, t.session, t.visit)):
+        out.setdefault(t.user, t)
+    return out
+
+
+def human_actions(trajs: Mapping[int, Trajectory]) -> dict[tuple[int, int], PageAction]:
+    return {(u, s.page): PageAction(watched=s.watched, then=s.then)
+            for u, t in trajs.items() for s in t.steps}

@@ -1,0 +1,44 @@
+"""Shared fixtures: bundled MovieLens-100K (loaded once per session) and a tiny hand-made set."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from simulator.data import Dataset, Item, User, validate
+from simulator.readers import load_dataset
+from simulator.split import Split, make_split
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
+
+
+@pytest.fixture(scope="session")
+def ml100k() -> Dataset:
+    return load_dataset("ml-100k")
+
+
+@pytest.fixture(scope="session")
+def split100k(ml100k: Dataset) -> Split:
+    return make_split(ml100k.ratings)
+
+
+TINY_GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]
+
+
+@pytest.fixture
+def tiny_dataset() -> Dataset:
+    """6 users x 12 items; user u rates 6 items at timestamps 1000*u + 10*k (k = 0..5).
+
+    Item i (1..12) is titled "Movie i", year 1990 + i, with genres TINY_GENRES[(i-1) % 6] and
+    TINY_GENRES[i % 6]. User u rates items u..u+5 (wrapping past 12) with rating 1 + (u + k) % 5.
+    """
+    users = {u: User(id=u, age=20 + 5 * u, gender="F" if u % 2 else "M",
+                     occupation=["student", "engineer", "artist"][u % 3]) for u in range(1, 7)}
+    items = {i: Item(id=i, title=f"Movie {i}", year=1990 + i,
+                     genres=(TINY_GENRES[(i - 1) % 6], TINY_GENRES[i % 6])) for i in range(1, 13)}
+    rows = [(u, (u - 1 + k) % 12 + 1, float(1 + (u + k) % 5), 1000 * u + 10 * k)
+            for u in range(1, 7) for k in range(6)]
+    ratings = pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
+    return validate("tiny", users, items, ratings)
