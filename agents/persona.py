@@ -9,14 +9,14 @@ depends on the persona alone and never on the page being shown.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
-from simulator.data import Dataset, Item
+from simulator.data import Dataset, Item, sort_log
 
 Tier = Literal["low", "medium", "high"]
 TIERS: tuple[Tier, Tier, Tier] = ("low", "medium", "high")
@@ -78,7 +78,8 @@ def _genre_rows(items: Mapping[int, Item]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["item", "genre"]).astype({"item": "int64"})
 
 
-def trait_values(items: Mapping[int, Item], train: pd.DataFrame) -> pd.DataFrame:
+def trait_values(items: Mapping[int, Item], train: pd.DataFrame,
+                 item_means: pd.Series | None = None) -> pd.DataFrame:
     """Raw trait values per user with train ratings: n_ratings, n_genres_80, rating_deviation.
 
     Genre mass counts each rated item once per genre; n_genres_80 is the smallest number of the
@@ -92,7 +93,8 @@ def trait_values(items: Mapping[int, Item], train: pd.DataFrame) -> pd.DataFrame
     before = counts.groupby("user")["c"].cumsum() - counts["c"]
     # Integer test (5*before < 4*total) avoids float error exactly at the 80% boundary.
     needed = (5 * before < 4 * total).groupby(counts["user"]).sum().rename("n_genres_80")
-    item_mean = train.groupby("item")["rating"].transform("mean")
+    item_mean = (train.groupby("item")["rating"].transform("mean") if item_means is None
+                 else train["item"].map(item_means))
     dev = ((train["rating"] - item_mean) ** 2).groupby(train["user"]).mean()
     out = pd.concat([n, needed, dev.rename("rating_deviation")], axis=1)
     out["n_genres_80"] = out["n_genres_80"].fillna(0).astype("int64")
@@ -138,7 +140,8 @@ def _genre_tastes(items: Mapping[int, Item], train: pd.DataFrame,
         shown.add((int(r.user), r.genre))
     low = stats[(stats["size"] >= 2)
                 & (stats["mean"] < stats["user"].map(user_mean))]
-    low = low[[(int(u), g) not in shown for u, g in zip(low["user"], low["genre"], strict=True)]]
+    fresh = [(int(u), g) not in shown for u, g in zip(low["user"], low["genre"], strict=True)]
+    low = low[np.asarray(fresh, dtype=bool)]
     low = low.sort_values(["user", "mean", "size", "genre"], ascending=[True, True, False, True],
                           kind="mergesort").groupby("user").head(N_DISLIKED_GENRES)
     disliked_out: dict[int, tuple[GenreStat, ...]] = {}
@@ -149,29 +152,45 @@ def _genre_tastes(items: Mapping[int, Item], train: pd.DataFrame,
     return liked_out, disliked_out
 
 
-def build_personas(ds: Dataset, train: pd.DataFrame) -> dict[int, Persona]:
+def population_scale(ds: Dataset, train: pd.DataFrame
+                     ) -> tuple[dict[str, tuple[float, float]], pd.Series]:
+    """Trait cuts and item mean ratings of a whole train split, to tier partial histories."""
+    item_means = train.groupby("item")["rating"].mean()
+    return trait_cuts(trait_values(ds.items, train, item_means)), item_means
+
+
+def build_personas(ds: Dataset, train: pd.DataFrame,
+                   scale: tuple[dict[str, tuple[float, float]], pd.Series] | None = None,
+                   users: Iterable[int] | None = None) -> dict[int, Persona]:
     """One persona per user of ``ds`` (and of ``train``), from ``train`` ratings only.
 
+    ``scale`` (default: from ``train``, see ``population_scale``) fixes the trait percentiles and
+    item mean ratings, so a persona built from part of a history (what a person had rated before
+    a session) is tiered on the same scale as the full ones. ``users`` limits the output.
     A user with no train ratings gets demographics, low activity and diversity, and a neutral
     conformity, since there is no history to judge them by.
     """
-    train = train[["user", "item", "rating", "timestamp"]]
-    values = trait_values(ds.items, train)
-    cuts = trait_cuts(values)
-    user_stats = train.groupby("user")["rating"].agg(["mean"])
+    if train.empty and scale is None:
+        raise ValueError("cannot build personas from an empty train frame")
+    train = sort_log(train)  # canonical row order: same floats whatever order rows came in
+    cuts, item_means = scale or population_scale(ds, train)
+    values = trait_values(ds.items, train, item_means)
+    user_mean = train.groupby("user")["rating"].mean()
     user_std = train.groupby("user")["rating"].std(ddof=0)
-    liked, disliked = _genre_tastes(ds.items, train, user_stats["mean"])
+    liked, disliked = _genre_tastes(ds.items, train, user_mean)
     favourites = _ordered_titles(train, train["rating"] >= 5, N_FAVOURITES)
     worst = _ordered_titles(train, train["rating"] <= DISLIKED_MAX, N_DISLIKED_TITLES)
     flip = {"low": "high", "medium": "medium", "high": "low"}
 
     out: dict[int, Persona] = {}
-    for uid in sorted(set(ds.users) | {int(u) for u in values.index}):
+    wanted = sorted(set(ds.users) | {int(u) for u in values.index}) if users is None \
+        else sorted(int(u) for u in users)
+    for uid in wanted:
         user = ds.users.get(uid)
         if uid in values.index:
             row = values.loc[uid]
             n, k, dev = int(row["n_ratings"]), int(row["n_genres_80"]), row["rating_deviation"]
-            mean, std = float(user_stats.at[uid, "mean"]), float(user_std.at[uid])
+            mean, std = float(user_mean.at[uid]), float(user_std.at[uid])
         else:
             n, k, dev, mean, std = 0, 0, float("nan"), None, None
         has_dev = bool(np.isfinite(dev))

@@ -51,8 +51,12 @@ def cmd_recommenders(args: argparse.Namespace) -> int:
     world = load_world(DataConfig(dataset=args.dataset))
     names = args.recommenders.split(",")
     recs = {n: world.recommender(n, seed=args.seed) for n in names}
+    import pandas as pd
+
+    seen = {"valid": world.split.train,
+            "test": pd.concat([world.split.train, world.split.valid], ignore_index=True)}
     for part in ("valid", "test"):
-        frame = offline_metrics(recs, world.split.train, world.split.part(part), k=args.k)
+        frame = offline_metrics(recs, seen[part], world.split.part(part), k=args.k)
         table = Table(title=f"offline metrics on the {part} split (k={args.k})")
         table.add_column("recommender")
         for col in frame.columns:

@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from agents.perception import Perceiver
-from agents.persona import build_personas, render_persona
+from agents.persona import Persona, build_personas, population_scale, render_persona
 from agents.policy import FixedPolicy, LLMPolicy, Policy
 from memory.evidence import ItemSimilarity
 from simulator.data import Dataset
@@ -72,9 +72,32 @@ class World:
         return Perceiver(self.ds.items, self.similarity)
 
     @cached_property
+    def profiles(self) -> dict[int, Persona]:
+        return build_personas(self.ds, self.split.train)
+
+    @cached_property
     def personas(self) -> dict[int, str]:
-        built = build_personas(self.ds, self.split.train)
-        return {u: render_persona(p, self.ds.items) for u, p in built.items()}
+        """The rendered persona text of every user: the cached prefix of their prompts."""
+        return {u: render_persona(p, self.ds.items) for u, p in self.profiles.items()}
+
+    @cached_property
+    def scale(self):
+        return population_scale(self.ds, self.split.train)
+
+    def persona_at(self, user: int, before: int | None = None) -> str:
+        """Persona text from train ratings entered before ``before`` (None: the whole split).
+
+        Training examples use the history before their session, so the persona never names an
+        item the person is about to watch (a shortcut that held-out users never offer)."""
+        if before is None:
+            return self.personas[user]
+        train = self.split.train
+        rows = train[(train["user"] == user) & (train["timestamp"] < before)]
+        return render_persona(build_personas(self.ds, rows, self.scale, [user])[user],
+                              self.ds.items)
+
+    def liked_genres(self) -> dict[int, list[str]]:
+        return {u: [g.genre for g in p.liked_genres] for u, p in self.profiles.items()}
 
     @cached_property
     def histories(self) -> dict[int, dict[int, float]]:

@@ -27,9 +27,7 @@ PERSONA = (
     "in the evening, you read the plot summary before choosing, and you are drawn to classics "
     "with strong dialogue, moral ambiguity and good acting. When a page shows nothing that suits "
     "your taste you either ask for the next page or leave the site for the day. You rate what you "
-    "watch honestly, and you remember what you saw earlier in this session, so you do not pick "
-    "the same kind of film twice in a row. Today you have about two hours of free time and you "
-    "feel like something thoughtful rather than loud. Think about your taste before you act."
+    "watch honestly."
 )
 TITLES = [
     "Toy Story (1995)", "Heat (1995)", "Sabrina (1954)", "Vertigo (1958)", "Rear Window (1954)",
@@ -39,7 +37,7 @@ TITLES = [
 
 
 def page(k: int) -> str:
-    items = [TITLES[(k * 3 + i) % len(TITLES)] for i in range(5)]
+    items = [TITLES[(k * 3 + i) % len(TITLES)] for i in range(4)]
     lines = "\n".join(f"{i + 1}. {title}" for i, title in enumerate(items))
     return f"Page {k + 1} of your recommendations:\n{lines}\nWhat do you do next?"
 
@@ -51,9 +49,10 @@ def prefix(lm: LM, k: int) -> str:
 
 def candidates(k: int, n: int) -> list[tuple[str, str]]:
     """Whole-action targets and rating targets behind a context, of mixed lengths."""
-    items = [TITLES[(k * 3 + i) % len(TITLES)] for i in range(5)]
+    items = [TITLES[(k * 3 + i) % len(TITLES)] for i in range(4)]
     pool: list[tuple[str, str]] = [("", "I leave the site."), ("", "I go to the next page.")]
     pool += [("", f"I watch {title}.") for title in items]
+    pool += [("", f"I add {title} to my watchlist.") for title in items]
     pool += [(f"I watch {title} and rate it", f" {stars} stars.") for title in items
              for stars in range(1, 6)]
     return pool[:n]
@@ -83,8 +82,8 @@ def bench(lm: LM, n: int, pages: int) -> dict[str, float]:
     scorer.stats.reset()
     warm_rate, warm = timed(lambda k: scorer.score(prefix(lm, k), candidates(k, n)),
                             range(1, 1 + pages))
-    diff = max(abs(a - b) for a, b in zip(naive, warm[: len(naive)]))
-    diff = max(diff, max(abs(a - b) for a, b in zip(naive, cold_scores)))
+    diff = max(abs(a - b) for a, b in zip(naive, warm[: len(naive)], strict=True))
+    diff = max(diff, max(abs(a - b) for a, b in zip(naive, cold_scores, strict=True)))
     return {
         "naive": naive_rate,
         "cold": cold_rate,

@@ -50,6 +50,8 @@ class ItemSimilarity:
         if train.empty:
             raise ValueError("cannot fit item similarity on an empty ratings frame")
         self = cls(n_neighbours)
+        # Canonical row order, so means are the same floats however the frame was ordered.
+        train = train.sort_values(["user", "item"], kind="mergesort")
         pairs = train[["user", "item"]].drop_duplicates()
         ids = np.sort(pairs["item"].unique()).astype(np.int64)
         self._ids = ids

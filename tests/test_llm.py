@@ -1,0 +1,212 @@
+"""The scoring backend: cached+batched scores must equal the naive reference, because every
+agent decision and every training target rests on these numbers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.chat import LangChainTextModel, LocalTextModel, TextModel
+from agents.llm import (
+    LM,
+    Scorer,
+    best_dtype,
+    encode,
+    load_lm,
+    resolve_dtype,
+    tiny_lm,
+)
+
+PREFIX = "You are user 7, a 30-year-old engineer who likes sci-fi.\nPage 1:\n1. Alien (1979)\n"
+OPTIONS = [
+    ("", " watch"),
+    ("", "I leave the site."),
+    ("I watch Alien (1979) and rate it", " 4 stars."),
+    ("\n", "skip"),
+]
+
+
+@pytest.fixture(scope="module")
+def lm() -> LM:
+    return tiny_lm()
+
+
+def test_score_matches_naive_with_mixed_lengths(lm: LM) -> None:
+    scorer = Scorer(lm)
+    cached = scorer.score(PREFIX, OPTIONS)
+    assert scorer.stats.forwards == 2  # the prefix, then one batch for all options
+    naive = scorer.score_naive(PREFIX, OPTIONS)
+    assert cached == pytest.approx(naive, abs=1e-4)
+    assert all(math.isfinite(x) and x < 0 for x in cached)
+    assert len({round(x, 3) for x in cached}) == len(OPTIONS)
+
+
+def test_small_max_batch_gives_same_scores(lm: LM) -> None:
+    scorer = Scorer(lm, max_batch=3)
+    assert scorer.score(PREFIX, OPTIONS) == pytest.approx(Scorer(lm).score(PREFIX, OPTIONS),
+                                                          abs=1e-5)
+    assert scorer.stats.forwards == 3
+
+
+def test_repeated_prefix_hits_lru(lm: LM) -> None:
+    scorer = Scorer(lm, cache_size=2)
+    first = scorer.score(PREFIX, OPTIONS)
+    assert scorer.score(PREFIX, OPTIONS) == pytest.approx(first, abs=1e-6)
+    stats = scorer.stats
+    assert (stats.prefix_hits, stats.prefix_misses, stats.forwards) == (1, 1, 3)
+    scorer.score("Another user entirely.", OPTIONS[:1])
+    scorer.score("A third user.", OPTIONS[:1])  # evicts PREFIX (least recently used)
+    scorer.stats.reset()
+    scorer.score(PREFIX, OPTIONS[:1])
+    assert scorer.stats.prefix_hits == 0
+
+
+def test_longer_and_sibling_prefixes_reuse_cached_tokens(lm: LM) -> None:
+    scorer = Scorer(lm)
+    scorer.score(PREFIX, OPTIONS)
+    shared = len(encode(lm.tokenizer, [PREFIX]))
+    for page in ["2. Heat (1995)\n", "2. Casino (1995)\nWhat next?"]:
+        scorer.stats.reset()
+        got = scorer.score(PREFIX + page, OPTIONS)
+        assert scorer.stats.prefix_extends == 1
+        assert scorer.stats.reused_tokens >= shared - 1
+        assert got == pytest.approx(scorer.score_naive(PREFIX + page, OPTIONS), abs=1e-4)
+
+
+def test_cached_entry_is_never_mutated(lm: LM) -> None:
+    scorer = Scorer(lm)
+    scorer.score(PREFIX, OPTIONS)
+    entry = scorer._cache[PREFIX]
+    before = [(k.clone(), v.clone()) for k, v in entry.kv]
+    scorer.score(PREFIX, OPTIONS)
+    scorer.score(PREFIX + "2. Heat (1995)\n", OPTIONS)
+    assert all(k.shape[0] == 1 for k, _ in entry.kv)
+    for (k0, v0), (k1, v1) in zip(before, entry.kv, strict=True):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+
+
+def test_empty_prefix_or_target_is_rejected(lm: LM) -> None:
+    scorer = Scorer(lm)
+    with pytest.raises(ValueError):
+        scorer.score("", OPTIONS)
+    with pytest.raises(ValueError):
+        scorer.score(PREFIX, [("ctx", "")])
+    with pytest.raises(ValueError):
+        scorer.score_naive(PREFIX, [("ctx", "")])
+    assert scorer.score(PREFIX, []) == []
+
+
+def test_encode_tokenises_segments_separately(lm: LM) -> None:
+    tok = lm.tokenizer
+    parts = ["Page 1:", " Heat (1995)", "", " 4 stars."]
+    expected = [i for p in parts for i in tok.encode(p, add_special_tokens=False)]
+    assert encode(tok, parts) == expected
+    assert encode(tok, ["hi"])[0] != tok.bos_token_id  # nothing is added
+    assert encode(tok, ["<|im_start|>user"])[0] == tok.convert_tokens_to_ids("<|im_start|>")
+    with pytest.raises(TypeError):
+        encode(tok, "a string")  # type: ignore[arg-type]
+
+
+def test_generate_is_greedy_and_stops(lm: LM) -> None:
+    scorer = Scorer(lm)
+    full = scorer.generate("Tell me about movies.", max_new_tokens=6)
+    assert isinstance(full, str)
+    assert scorer.stats.forwards <= 6
+    assert scorer.generate("Tell me about movies.", max_new_tokens=6) == full
+    assert len(full) >= 2
+    stop = full[len(full) // 2]
+    cut = scorer.generate("Tell me about movies.", max_new_tokens=6, stop=stop)
+    assert cut == full[: full.index(stop)] and stop not in cut
+
+
+def test_generate_stops_at_eos() -> None:
+    lm = tiny_lm()
+    scorer = Scorer(lm)
+    first = encode(lm.tokenizer, [scorer.generate("Hello", max_new_tokens=1)])
+    lm.model.generation_config.eos_token_id = first[0]
+    assert scorer.generate("Hello", max_new_tokens=5) == ""
+
+
+def test_dtype_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALIGNUSER_DTYPE", "fp32")
+    assert best_dtype() == torch.float32
+    monkeypatch.setenv("ALIGNUSER_DTYPE", "bf16")
+    assert best_dtype() == torch.bfloat16
+    assert resolve_dtype("float32") == torch.float32
+    with pytest.raises(ValueError):
+        resolve_dtype("int3")
+
+
+def test_load_lm_round_trip(lm: LM, tmp_path: Path) -> None:
+    folder = tmp_path / "tiny"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    loaded = load_lm(folder, dtype="fp32")
+    assert loaded.name == "tiny" and loaded.dtype == torch.float32
+    assert not loaded.model.training
+    assert Scorer(loaded).score(PREFIX, OPTIONS) == pytest.approx(
+        Scorer(lm).score(PREFIX, OPTIONS), abs=1e-5
+    )
+
+
+def test_peft_adapter_loads_and_changes_scores(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny = tiny_lm(seed=3)
+    tiny.model.save_pretrained(base_dir)
+    tiny.tokenizer.save_pretrained(base_dir)
+    base = load_lm(base_dir, dtype="fp32")
+    base_scores = Scorer(base).score(PREFIX, OPTIONS)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    trained = get_peft_model(load_lm(base_dir, dtype="fp32").model, lora)
+    trained.save_pretrained(adapter_dir)
+    expected = Scorer(LM(trained.eval(), base.tokenizer, "mem")).score_naive(PREFIX, OPTIONS)
+
+    for loaded in (load_lm(base_dir, adapter=adapter_dir, dtype="fp32"),
+                   load_lm(adapter_dir, dtype="fp32")):  # base read from adapter_config.json
+        assert loaded.name == "base+adapter"
+        scorer = Scorer(loaded)
+        scores = scorer.score(PREFIX, OPTIONS)
+        assert scores == pytest.approx(expected, abs=1e-4)
+        assert scores == pytest.approx(scorer.score_naive(PREFIX, OPTIONS), abs=1e-4)
+        assert max(abs(a - b) for a, b in zip(scores, base_scores, strict=True)) > 1e-2
+
+
+def test_langchain_text_model_with_fake_chat_model() -> None:
+    from langchain_core.language_models import FakeListChatModel
+
+    model = LangChainTextModel(FakeListChatModel(responses=["  I liked it. ", "second"]))
+    assert isinstance(model, TextModel)
+    assert model.complete("How was it?", 20) == "I liked it."
+    assert model.complete("And again?", 20) == "second"
+
+
+def test_local_text_model_uses_chat_template(lm: LM) -> None:
+    local = LocalTextModel(lm, system="You are terse.")
+    text = local.prompt_text("Hi")
+    assert text.startswith("<|im_start|>system\nYou are terse.<|im_end|>")
+    assert text.endswith("<|im_start|>assistant\n")
+    assert isinstance(local, TextModel)
+    assert isinstance(local.complete("Hi", max_new_tokens=3), str)
+    assert local.scorer.stats.forwards <= 3
+
+
+@pytest.mark.slow
+def test_real_model_scores_a_decision() -> None:
+    lm = load_lm()
+    scorer = Scorer(lm)
+    messages = [
+        {"role": "system", "content": "You are a 40-year-old teacher who loves crime dramas."},
+        {"role": "user", "content": "Would you watch Fargo (1996)? Answer yes or no."},
+    ]
+    prefix = lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    options = [("", "Yes"), ("", "No")]
+    cached = scorer.score(prefix, options)
+    naive = scorer.score_naive(prefix, options)
+    assert all(math.isfinite(x) and x < 0 for x in cached + naive)
+    tolerance = 0.3 if lm.dtype == torch.bfloat16 else 1e-3
+    assert cached == pytest.approx(naive, abs=tolerance)

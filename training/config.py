@@ -1,0 +1,50 @@
+"""TrainConfig: every training choice in one place, each with its reason as help text.
+
+The paper publishes no loss weights, K, LoRA settings or backbone; these defaults are sized for
+a 2-core CPU and a 135M model and are meant to be changed (see README, "Training").
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class TrainConfig(BaseModel):
+    stage: Literal["wm", "policy", "cr", "all"] = Field(
+        "all", description="wm = world model only (stage 1); policy = SFT on human actions only "
+        "(ablation); cr = counterfactual alignment on top of --init-adapter; all = wm then cr")
+    model: str = Field("default", description="base causal LM ('default' = SmolLM2-135M-Instruct)")
+    init_adapter: str | None = Field(None, description="adapter to continue from (stage cr)")
+    dataset: str = Field("ml-100k", description="dataset whose TRAIN split builds D_rollout")
+    recommender: str = Field("itemknn", description="recommender that fills the human pages")
+    wm_steps: int = Field(120, description="optimizer steps of stage 1 (world model)")
+    cr_steps: int = Field(160, description="optimizer steps of stage 2 (or of policy-only SFT)")
+    batch_size: int = Field(4, description="examples per step (4x~500 tokens ~ 6 s on 2 cores)")
+    max_len: int = Field(1024, description="tokens per example; prompts are cut from the left")
+    lr: float = Field(3e-4, description="AdamW learning rate for the LoRA weights")
+    warmup: int = Field(10, description="linear warm-up steps")
+    lora_r: int = Field(16, description="LoRA rank (r=16 on all projections: a ~20 MB adapter)")
+    lora_alpha: int = Field(32, description="LoRA scaling numerator")
+    lora_dropout: float = Field(0.05, description="LoRA dropout")
+    lambda_wm: float = Field(0.5, description="weight of the world-model loss in stage 2")
+    lambda_cr: float = Field(1.0, description="weight of the counterfactual-reflection loss; "
+                             "0 trains world model + policy without reflections (ablation)")
+    k: int = Field(3, description="counterfactual alternatives per human step")
+    teacher: Literal["grounded", "local"] = Field(
+        "grounded", description="reflection writer: grounded (offline, cites numbers) or local "
+        "(the base model writes free text; weak at 135M)")
+    wm_generate: bool = Field(False, description="also generate each alternative's next page "
+                              "with the world model (slow on CPU: ~3 s per alternative)")
+    wm_transitions: int = Field(2000, description="train transitions sampled for stage 1")
+    cr_transitions: int = Field(240, description="train transitions given counterfactuals")
+    valid_examples: int = Field(24, description="validation examples for early stopping")
+    eval_every: int = Field(40, description="steps between validation losses")
+    patience: int = Field(3, description="evaluations without improvement before stopping")
+    save_every: int = Field(20, description="steps between resumable checkpoints")
+    grad_checkpointing: bool = Field(False, description="trade ~30%% speed for ~45%% less RAM")
+    dtype: str = Field("auto", description="auto (bf16 when the CPU has it), bfloat16, float32")
+    seed: int = Field(0, description="seeds data order, sampling and LoRA init")

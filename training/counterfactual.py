@@ -1,0 +1,85 @@
+"""Stage 2 data: for each human step, K alternatives, their predicted outcomes, a reflection.
+
+Alternatives are sampled from the current policy (the stage-1 model scoring the action space),
+never equal to the human's action or to each other; when the policy keeps proposing the human
+action, single-line perturbations (flip one slot, flip next/exit) fill the remaining places.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from tqdm import tqdm
+
+from agents import prompts, text
+from agents.policy import DecisionInput, LLMPolicy, Scorer
+from agents.world_model import Generator, expected_ratings, predict_next_state
+from training.rollout import Example, Transition
+from training.teacher import Option, Teacher
+
+Key = tuple[tuple[int, ...], str]
+
+
+def _perturbations(human: Key, n_slots: int) -> list[Key]:
+    watched, then = human
+    out = [(watched, "exit" if then == "next" else "next")]
+    for s in range(1, n_slots + 1):
+        flipped = tuple(sorted(set(watched) ^ {s}))
+        out.append((flipped, then))
+    return out
+
+
+def sample_alternatives(policy: LLMPolicy, tr: Transition, k: int, seed: int,
+                        tries: int = 3) -> list[Key]:
+    """K distinct actions from the policy that differ from the human's (watched slots, then)."""
+    human: Key = (tuple(sorted(tr.ratings)), tr.then)
+    found: list[Key] = []
+    for attempt in range(tries * k):
+        if len(found) == k:
+            break
+        d = policy.decide(DecisionInput(user=tr.user, page=tr.page, items=list(tr.items),
+                                        persona_text=tr.persona, page_text=tr.page_text,
+                                        seed=seed * 1000 + attempt))
+        slots = tuple(sorted(tr.items.index(i) + 1 for i in d.action.watched))
+        key = (slots, d.action.then)
+        if key != human and key not in found:
+            found.append(key)
+    for key in _perturbations(human, len(tr.items)):
+        if len(found) == k:
+            break
+        if key not in found:
+            found.append(key)
+    return found
+
+
+def _option(key: Key, tr: Transition, expected: Mapping[int, float],
+            generator: Generator | None) -> Option:
+    """An action with the world model's predictions: expected ratings, optionally next page."""
+    ns = None
+    if generator is not None:
+        ns = predict_next_state(generator, tr.prefix, len(tr.items), key[0], key[1])
+    return Option(watched=key[0], then=key[1], expected={s: expected[s] for s in key[0]},
+                  next_state=ns)
+
+
+def build_counterfactual(trs: Sequence[Transition], scorer: Scorer, teacher: Teacher,
+                         liked: Mapping[int, Sequence[str]], k: int = 3, seed: int = 0,
+                         generator: Generator | None = None,
+                         progress: bool = True) -> Iterable[tuple[Example, Example, str]]:
+    """Yield (cr example, policy example with predictions, reflection) per transition."""
+    policy = LLMPolicy(scorer, name="current", temperature=1.0)
+    for tr in tqdm(trs, desc="counterfactuals", unit="step", disable=not progress):
+        expected = expected_ratings(scorer, tr.prefix, len(tr.items))
+        human = _option((tuple(sorted(tr.ratings)), tr.then), tr, expected, generator)
+        alts = [_option(key, tr, expected, generator)
+                for key in sample_alternatives(policy, tr, k, seed)]
+        reflection = teacher.reflect(tr.views, liked.get(tr.user, ()), human, alts, tr.persona)
+        preds = text.render_predictions(expected)
+        yield tr.cr_example(reflection, preds), tr.policy_example(preds), reflection
+
+
+def reflection_record(tr: Transition, reflection: str) -> dict:
+    """What a person inspecting the reflections wants to see beside each one."""
+    return {"user": tr.user, "page": tr.page, "human": {"watched": dict(tr.ratings),
+                                                         "then": tr.then},
+            "prompt_tail": prompts.THINK, "reflection": reflection}

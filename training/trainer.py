@@ -1,0 +1,200 @@
+"""A small LoRA trainer for L = L_policy + λ_wm·L_wm + λ_CR·L_CR, resumable after a kill.
+
+Each example's loss is the mean cross-entropy over its target tokens only; each kind's losses
+are averaged and weighted. Batches cycle through the kinds in a seeded order that depends only
+on (seed, step), so a resumed run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from agents.llm import encode
+from training.rollout import Example
+
+IGNORE = -100
+
+
+def tokenize(tokenizer, ex: Example, max_len: int) -> tuple[list[int], list[int]]:
+    """Input ids and labels (prompt masked); the prompt is cut from the left to fit."""
+    prompt = encode(tokenizer, list(ex.segments))
+    target = encode(tokenizer, [ex.target])
+    if tokenizer.eos_token_id is not None:
+        target = target + [tokenizer.eos_token_id]
+    target = target[:max_len - 1]
+    prompt = prompt[max(0, len(prompt) - (max_len - len(target))):]
+    return prompt + target, [IGNORE] * len(prompt) + target
+
+
+def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    n = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for r, (i, lab) in enumerate(rows):
+        ids[r, :len(i)] = torch.tensor(i)
+        labels[r, :len(lab)] = torch.tensor(lab)
+        mask[r, :len(i)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def example_losses(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Mean target-token cross-entropy per example (shape: batch)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                           labels.reshape(-1), ignore_index=IGNORE,
+                                           reduction="none").view(labels.shape)
+    counts = (labels != IGNORE).sum(1).clamp(min=1)
+    return ce.sum(1) / counts
+
+
+def weighted_loss(losses: torch.Tensor, kinds: Sequence[str],
+                  weights: Mapping[str, float]) -> torch.Tensor:
+    total = losses.new_zeros(())
+    for kind in dict.fromkeys(kinds):
+        sel = torch.tensor([k == kind for k in kinds])
+        total = total + weights.get(kind, 1.0) * losses[sel].mean()
+    return total
+
+
+@dataclass
+class Schedule:
+    """Which examples make batch ``step``: kinds in turn, each kind in a seeded permutation."""
+
+    pools: Mapping[str, Sequence[Example]]
+    batch_size: int
+    seed: int
+
+    def batch(self, step: int) -> list[Example]:
+        kinds = sorted(k for k, v in self.pools.items() if v)
+        out = []
+        for j in range(self.batch_size):
+            slot = step * self.batch_size + j
+            kind = kinds[slot % len(kinds)]
+            pool = self.pools[kind]
+            n = slot // len(kinds)
+            epoch, pos = divmod(n, len(pool))
+            perm = np.random.default_rng([self.seed, epoch, kinds.index(kind)]).permutation(
+                len(pool))
+            out.append(pool[int(perm[pos])])
+        return out
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _save(model, opt, ckpt: Path, step: int, history: list[dict]) -> None:
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()},
+               tmp / "trainer_state.pt")
+    (tmp / "progress.json").write_text(json.dumps({"step": step, "history": history}))
+    if ckpt.exists():
+        import shutil
+
+        shutil.rmtree(ckpt)
+    tmp.rename(ckpt)
+
+
+def _load(model, opt, ckpt: Path) -> tuple[int, list[dict]]:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    prog = json.loads((ckpt / "progress.json").read_text())
+    return prog["step"], prog["history"]
+
+
+def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
+               weights: Mapping[str, float], steps: int, out_dir: Path, *, batch_size: int = 4,
+               max_len: int = 768, lr: float = 3e-4, warmup: int = 10, seed: int = 0,
+               save_every: int = 20, resume: bool = False,
+               validate: Callable[[], float] | None = None, eval_every: int = 40,
+               patience: int = 3, stop_after: int | None = None,
+               progress: bool = True) -> dict:
+    """Train the trainable (LoRA) weights; checkpoints to ``out_dir/checkpoint``."""
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = Schedule(pools, batch_size, seed)
+    ckpt = out_dir / "checkpoint"
+    start, history = (_load(model, opt, ckpt) if resume and ckpt.exists() else (0, []))
+    best = min((h["valid"] for h in history if "valid" in h), default=float("inf"))
+    bad = 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", disable=not progress)
+    t0, tokens = time.perf_counter(), 0
+    for step in bar:
+        if stop_after is not None and step >= stop_after:
+            break
+        examples = sched.batch(step)
+        batch = collate([tokenize(tokenizer, ex, max_len) for ex in examples], pad)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, steps, lr, warmup)
+        losses = example_losses(model, batch)
+        loss = weighted_loss(losses, [ex.kind for ex in examples], weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        tokens += int(batch["attention_mask"].sum())
+        rec = {"step": step + 1, "loss": round(float(loss), 4)}
+        for kind in dict.fromkeys(ex.kind for ex in examples):
+            sel = [i for i, ex in enumerate(examples) if ex.kind == kind]
+            rec[f"loss_{kind}"] = round(float(losses[sel].mean()), 4)
+        if validate is not None and (step + 1) % eval_every == 0:
+            model.eval()
+            rec["valid"] = round(validate(), 4)
+            model.train()
+            if rec["valid"] < best:
+                best, bad = rec["valid"], 0
+                model.save_pretrained(out_dir / "best")
+            else:
+                bad += 1
+        history.append(rec)
+        tps = tokens / (time.perf_counter() - t0)
+        bar.set_postfix(loss=rec["loss"], tok_s=f"{tps:.0f}")
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            _save(model, opt, ckpt, step + 1, history)
+        if validate is not None and bad >= patience:
+            break
+    model.eval()
+    elapsed = time.perf_counter() - t0
+    return {"steps": history[-1]["step"] if history else 0, "history": history,
+            "best_valid": None if best == float("inf") else best,
+            "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
+            "seconds": round(elapsed, 1)}
+
+
+def validation_loss(model, tokenizer, examples: Sequence[Example], weights: Mapping[str, float],
+                    max_len: int, batch_size: int = 4) -> float:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total = []
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            batch = collate([tokenize(tokenizer, ex, max_len) for ex in chunk], pad)
+            losses = example_losses(model, batch)
+            total += [weights.get(ex.kind, 1.0) * float(v) for ex, v in zip(chunk, losses,
+                                                                            strict=True)]
+    return float(np.mean(total)) if total else float("nan")
