@@ -124,10 +124,9 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     if dtype == "auto":
         return best_dtype()
-    try:
-        return _DTYPES[dtype.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(_DTYPES)}") from None
+    if dtype.lower() not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype.lower()]
 
 
 @dataclass
@@ -237,16 +236,19 @@ class ScorerStats:
 
     calls: int = 0
     forwards: int = 0
-    tokens: int = 0
+    tokens: int = 0  # token positions pushed through forwards (batch x length)
     options: int = 0
-    prefix_hits: int = 0
-    prefix_extends: int = 0
+    prefix_hits: int = 0  # exact prefix found in the LRU
+    prefix_extends: int = 0  # a cached prefix's leading tokens were reused
     prefix_misses: int = 0
     reused_tokens: int = 0
 
     def reset(self) -> None:
         for f in fields(self):
             setattr(self, f.name, 0)
+
+
+KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 @dataclass(frozen=True)
@@ -256,17 +258,11 @@ class _Prefix:
     next_logprobs: torch.Tensor  # fp32 log-probs of the token after the prefix
 
 
-KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
-
-
 def _expanded_cache(config: Any, kv: KV, batch: int, length: int | None = None) -> Any:
-    """A fresh DynamicCache over batch-expanded views of the first ``length`` cached positions.
-
-    The forward's ``update`` concatenates each view with the new keys into a new tensor, so a
-    stored entry is never written to. Views are put into plain DynamicLayers directly because
-    the public ``ddp_cache_data`` constructor copies them once more (~0.2 s per 30-option
-    decision on 2 cores); other layer kinds take that public route.
-    """
+    """A fresh cache over batch-expanded views of the first ``length`` cached positions. The
+    forward's ``update`` concatenates into new tensors, so stored entries are never written.
+    Views go into plain DynamicLayers directly because the public ``ddp_cache_data`` route
+    copies them once more (~0.2 s per 30-option decision); other layer kinds take that route."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -290,9 +286,7 @@ class Scorer:
     """
 
     def __init__(self, lm: LM, cache_size: int = 16, max_batch: int = 64) -> None:
-        self.lm = lm
-        self.cache_size = cache_size
-        self.max_batch = max_batch
+        self.lm, self.cache_size, self.max_batch = lm, cache_size, max_batch
         self.stats = ScorerStats()
         self._cache: OrderedDict[str, _Prefix] = OrderedDict()
 

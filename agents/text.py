@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 WATCH, SKIP = "watch", "skip"
 RATINGS = ("1", "2", "3", "4", "5")
 THEN = ("next", "exit")
+SESSION_SHOWN = 4  # latest session watches shown on a page; older ones are counted
 
 
 class Evidence(BaseModel):
@@ -66,8 +67,10 @@ def render_page(view: PageView) -> str:
     """The per-page part of a prompt; the persona prefix is rendered by ``agents.persona``."""
     parts = [f"Page {view.page} of at most {view.max_pages}."]
     if view.session:
-        parts.append("Watched this session: "
-                     + "; ".join(f"{t} {r}/5" for t, r in view.session) + ".")
+        recent = view.session[-SESSION_SHOWN:]
+        more = len(view.session) - len(recent)
+        parts.append("Watched this session: " + (f"{more} more, then " if more else "")
+                     + "; ".join(f"{t} {r}/5" for t, r in recent) + ".")
     if view.memories:
         parts.append("You remember: " + " | ".join(view.memories))
     parts.append("On this page:")

@@ -26,11 +26,11 @@ def cmd_data(args: argparse.Namespace) -> int:
         path = fetch(args.name, datasets_cache())
         console.print(f"saved {path}")
         return 0
-    from alignuser.config import load_world
+    from alignuser.config import world_for
     from simulator.info import dataset_info, format_info
     from simulator.trajectories import trajectory_stats
 
-    world = load_world(DataConfig(dataset=args.name))
+    world = world_for(DataConfig(dataset=args.name))
     info = dataset_info(world.ds, world.split)
     for table in format_info(info):
         console.print(table)
@@ -45,10 +45,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_recommenders(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from alignuser.config import load_world
+    from alignuser.config import world_for
     from simulator.offline import offline_metrics
 
-    world = load_world(DataConfig(dataset=args.dataset))
+    world = world_for(DataConfig(dataset=args.dataset))
     names = args.recommenders.split(",")
     recs = {n: world.recommender(n, seed=args.seed) for n in names}
     import pandas as pd
@@ -102,13 +102,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
         app = build_graph(cfg.memory, cfg.world_model, checkpointer=saver)
         snaps = history(app, thread)
         if args.from_step is not None:
-            from alignuser.config import load_world
+            from alignuser.config import world_for
             from alignuser.simulate import build_runtimes, load_scorer
             from memory.store import make_memory
 
             if args.policy:
                 cfg = cfg.model_copy(update={"policy": args.policy})
-            world = load_world(cfg.data)
+            world = world_for(cfg.data)
             scorer, _ = load_scorer(cfg)
             memory = make_memory(cfg.memory, run / "memory" if cfg.memory == "chroma" else None)
             rec = thread.split(":")[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from alignuser.config import DataConfig, World, load_world
+from alignuser.config import DataConfig, World, world_for
 from training.config import TrainConfig
 from training.pipeline import TrainData
 
@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise FileExistsError(f"{out} is not empty; pass --resume to continue or another "
                               "--output")
-    world = load_world(DataConfig(dataset=cfg.dataset))
+    world = world_for(DataConfig(dataset=cfg.dataset))
     manifest = run_training(cfg, train_data(world, cfg), out, resume=args.resume)
     console.print(manifest["final_losses"])
     console.print(f"adapter written to {out}")

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from alignuser.config import LLM_POLICIES, SimulateConfig, World, load_world, make_policy
+from alignuser.config import LLM_POLICIES, SimulateConfig, World, make_policy, world_for
 from graph.graph import build_graph
 from graph.runner import run_population, session_metrics
 from graph.runtime import Runtime
@@ -68,7 +68,7 @@ def simulate(cfg: SimulateConfig, output: str | Path | None = None,
     if cfg.policy not in LLM_POLICIES and cfg.world_model == "on":
         cfg = cfg.model_copy(update={"world_model": "off"})
         console.print("[dim]world_model=off: the world model needs an LLM policy[/dim]")
-    world = load_world(cfg.data)
+    world = world_for(cfg.data)
     users = world.sample_users(cfg.agents, cfg.seed)
     run_dir = new_run_dir(output, "simulate")
     write_manifest(run_dir, "simulate", cfg.model_dump(mode="json"), dataset=world.ds.name,

@@ -7,8 +7,10 @@ Run from the repository root: ``python -m bench.bench_decisions [--options 6 30]
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from rich.console import Console
@@ -29,6 +31,7 @@ PERSONA = (
     "your taste you either ask for the next page or leave the site for the day. You rate what you "
     "watch honestly."
 )
+Options = list[tuple[str, str]]
 TITLES = [
     "Toy Story (1995)", "Heat (1995)", "Sabrina (1954)", "Vertigo (1958)", "Rear Window (1954)",
     "Star Wars (1977)", "Clueless (1995)", "Se7en (1995)", "Brazil (1985)", "Psycho (1960)",
@@ -47,10 +50,10 @@ def prefix(lm: LM, k: int) -> str:
     return lm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def candidates(k: int, n: int) -> list[tuple[str, str]]:
+def candidates(k: int, n: int) -> Options:
     """Whole-action targets and rating targets behind a context, of mixed lengths."""
     items = [TITLES[(k * 3 + i) % len(TITLES)] for i in range(4)]
-    pool: list[tuple[str, str]] = [("", "I leave the site."), ("", "I go to the next page.")]
+    pool: Options = [("", "I leave the site."), ("", "I go to the next page.")]
     pool += [("", f"I watch {title}.") for title in items]
     pool += [("", f"I add {title} to my watchlist.") for title in items]
     pool += [(f"I watch {title} and rate it", f" {stars} stars.") for title in items
@@ -58,38 +61,38 @@ def candidates(k: int, n: int) -> list[tuple[str, str]]:
     return pool[:n]
 
 
-def timed(run: Callable[[int], list[float]], pages: Sequence[int]) -> tuple[float, list[float]]:
-    scores: list[float] = []
+def timed(
+    fn: Callable[[str, Options], list[float]], text: str, options: Options
+) -> tuple[float, list[float]]:
     start = time.perf_counter()
-    for k in pages:
-        scores.extend(run(k))
-    return len(pages) / (time.perf_counter() - start), scores
+    scores = fn(text, options)
+    return time.perf_counter() - start, scores
 
 
-def bench(lm: LM, n: int, pages: int) -> dict[str, float]:
-    scorer = Scorer(lm)
-    naive_pages = range(1, 1 + max(1, 12 // n))
-    naive_rate, naive = timed(lambda k: scorer.score_naive(prefix(lm, k), candidates(k, n)),
-                              naive_pages)
-
-    def cold(k: int) -> list[float]:
-        scorer.clear()
-        return scorer.score(prefix(lm, k), candidates(k, n))
-
-    cold_rate, cold_scores = timed(cold, naive_pages)
-    scorer.clear()
-    scorer.score(prefix(lm, 0), candidates(0, n))  # the agent's first page caches its persona
-    scorer.stats.reset()
-    warm_rate, warm = timed(lambda k: scorer.score(prefix(lm, k), candidates(k, n)),
-                            range(1, 1 + pages))
-    diff = max(abs(a - b) for a, b in zip(naive, warm[: len(naive)], strict=True))
-    diff = max(diff, max(abs(a - b) for a, b in zip(naive, cold_scores, strict=True)))
-    return {
-        "naive": naive_rate,
-        "cold": cold_rate,
-        "warm": warm_rate,
-        "forwards": scorer.stats.forwards / pages,
-        "reused": scorer.stats.reused_tokens / pages,
+def bench(lm: LM, n: int, pages: int, naive_pages: int) -> dict[str, float]:
+    """Per page, the three methods run back to back so load from other processes hits them
+    alike; medians of per-decision seconds resist the remaining spikes."""
+    cold, warm = Scorer(lm), Scorer(lm)
+    warm.score(prefix(lm, 0), candidates(0, n))  # the agent's first page caches its persona
+    warm.stats.reset()
+    secs: dict[str, list[float]] = {"naive": [], "cold": [], "warm": []}
+    diff = 0.0
+    for k in range(1, 1 + pages):
+        text, options = prefix(lm, k), candidates(k, n)
+        cold.clear()
+        t_cold, s_cold = timed(cold.score, text, options)
+        t_warm, s_warm = timed(warm.score, text, options)
+        secs["cold"].append(t_cold)
+        secs["warm"].append(t_warm)
+        if k <= naive_pages:
+            t_naive, s_naive = timed(cold.score_naive, text, options)
+            secs["naive"].append(t_naive)
+            for other in (s_cold, s_warm):
+                diff = max(diff, *(abs(a - b) for a, b in zip(s_naive, other, strict=True)))
+    rates = {key: 1 / statistics.median(v) for key, v in secs.items()}
+    return rates | {
+        "forwards": warm.stats.forwards / pages,
+        "reused": warm.stats.reused_tokens / pages,
         "diff": diff,
     }
 
@@ -98,28 +101,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--options", type=int, nargs="+", default=[6, 30])
     parser.add_argument("--pages", type=int, default=5, help="timed cached decisions per row")
+    parser.add_argument("--naive-pages", type=int, default=2, help="timed naive decisions")
     parser.add_argument("--dtypes", nargs="+", default=None, help="default: fp32 (+bf16)")
     args = parser.parse_args()
     dtypes = args.dtypes or (["fp32", "bf16"] if bf16_supported() else ["fp32"])
-    console = Console()
-    table = Table(title=f"Decisions/s, SmolLM2-135M, {torch.get_num_threads()} threads")
+    console = Console(width=150)
+    console.print(f"load average before: {os.getloadavg()}")
+    table = Table()
     for col in ["dtype", "options", "prefix tok", "naive/s", "cached cold/s", "cached warm/s",
                 "speed-up warm", "fwd/decision", "reused tok", "max |diff|"]:
         table.add_column(col, justify="right")
     for dtype in dtypes:
         lm = load_lm(dtype=dtype)
+        table.title = f"Decisions/s, {lm.name}, {torch.get_num_threads()} torch threads"
         scorer = Scorer(lm)
         scorer.score(prefix(lm, 0), candidates(0, 2))  # first call pays one-off kernel setup
         tokens = len(encode(lm.tokenizer, [prefix(lm, 1)]))
         for n in args.options:
-            r = bench(lm, n, args.pages)
+            r = bench(lm, n, args.pages, args.naive_pages)
             table.add_row(
                 dtype, str(n), str(tokens), f"{r['naive']:.3f}", f"{r['cold']:.2f}",
                 f"{r['warm']:.2f}", f"{r['warm'] / r['naive']:.1f}x", f"{r['forwards']:.1f}",
                 f"{r['reused']:.0f}", f"{r['diff']:.2e}",
             )
-            console.print(f"done {dtype} n={n}")
     console.print(table)
+    console.print(f"load average after: {os.getloadavg()} (2 cores are shared; medians)")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,9 @@ def recall(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
     views = rt.perceiver.with_evidence([ItemView(**v) for v in state["views"]],
                                        _history(rt, state))
     query = "; ".join(v.label() for v in views)
-    memories = [m.text for m in rt.memory.recall(state["agent_id"], query, state["page"],
+    # Only pages already acted on: the note about this page is written after it (remember), so
+    # a replay from this page's checkpoint must not see it.
+    memories = [m.text for m in rt.memory.recall(state["agent_id"], query, state["page"] - 1,
                                                  rt.memory_k)]
     return {"views": [v.model_dump(mode="json") for v in views], "memories": memories}
 

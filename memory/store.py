@@ -9,8 +9,8 @@ default embedding function downloads a model and fails offline.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -112,9 +112,13 @@ class ChromaMemory:
             if clash:
                 raise ValueError(f"meta may not set reserved key(s) {sorted(clash)}")
             metadatas.append({**extra, "agent_id": str(agent_id), "step": int(step)})
-        self._col.add(ids=[f"{agent_id}:{uuid.uuid4().hex}" for _ in texts],
-                      embeddings=self._embed(texts), documents=list(texts),
-                      metadatas=metadatas)
+        # The id is the content: re-running a step (a replay from a checkpoint) rewrites the
+        # same memory instead of adding a duplicate that would crowd out others on recall.
+        rows = {f"{agent_id}:{step}:" + hashlib.sha256(text.encode()).hexdigest()[:24]:
+                (text, meta) for text, step, meta in zip(texts, steps, metadatas, strict=True)}
+        docs = [text for text, _ in rows.values()]
+        self._col.upsert(ids=list(rows), embeddings=self._embed(docs), documents=docs,
+                         metadatas=[meta for _, meta in rows.values()])
 
     def recall(self, agent_id: str, query: str, step: int, k: int = 3) -> list[Memory]:
         """Top-k of this agent's memories by decayed relevance; ties go to the newer memory."""

@@ -60,6 +60,7 @@ class Trajectory(BaseModel):
 def sessions(ratings: pd.DataFrame, gap_minutes: float) -> Iterator[tuple[int, int, pd.DataFrame]]:
     """Yield (user, session index, rows) from a log in chronological order (ties by item id)."""
     gap = gap_minutes * 60
+    ratings = ratings.sort_values(["user", "timestamp", "item"], kind="mergesort")
     for user, rows in ratings.groupby("user", sort=True):
         ts = rows["timestamp"].to_numpy()
         cuts = np.flatnonzero(np.diff(ts) > gap) + 1
@@ -99,8 +100,13 @@ def play_visit(env: PageEnv, user: int, plan: list[list[tuple[int, int]]]) -> li
     for p, chunk in enumerate(plan, 1):
         action = PageAction(watched=dict(chunk), then="exit" if p == len(plan) else "next")
         steps.append(Step(page=p, items=obs.items, watched=action.watched, then=action.then))
-        obs, done, _ = env.step(action)
+        obs, done, info = env.step(action)
         if done:
+            if p < len(plan):
+                raise RuntimeError(
+                    f"user {user}: page {p + 1} of a visit is empty ({info.get('end')}) with "
+                    f"{sum(map(len, plan[p:]))} logged rating(s) left to place; the catalogue is "
+                    "too small for this page_size/max_pages")
             break
     return steps
 

@@ -58,34 +58,33 @@ def _future(opt: Option) -> str:
 
 @dataclass
 class GroundedTeacher:
-    """Deterministic reflection citing persona statistics and world-model predictions."""
+    """Deterministic, compact reflection citing persona statistics and world-model predictions."""
 
     def reflect(self, views: Sequence[ItemView], liked_genres: Sequence[str],
                 human: Option, alternatives: Sequence[Option], persona: str = "") -> str:
         liked = set(liked_genres)
-        lines = [f"Chosen: {human.describe()}."]
+        parts = [f"Chosen: {human.describe()}."]
         for s in human.watched:
             v = views[s - 1]
             ev = _evidence_mean(v)
             fit = sorted(liked & set(v.genres))
-            lines.append(
-                f"[{s}] {v.title}: " + (f"similar titles rated {ev:.1f}" if ev is not None
-                                       else "nothing similar rated")
-                + (f"; liked genre {', '.join(fit)}" if fit else "; no liked genre")
-                + (f"; expected {human.expected[s]:.1f}" if s in human.expected else "") + ".")
+            parts.append(f"[{s}]: " + (f"similar rated {ev:.1f}" if ev is not None
+                                       else "nothing similar")
+                         + (f", liked {'/'.join(fit)}" if fit else "")
+                         + (f", expect {human.expected[s]:.1f}" if s in human.expected else "")
+                         + ".")
         for k, alt in enumerate(alternatives, 1):
-            exp = ", ".join(f"[{s}] {alt.expected[s]:.1f}" for s in alt.watched
-                            if s in alt.expected)
-            lines.append(f"Alternative {k}: {alt.describe()}"
-                         + (f" -> expected {exp}" if exp else "") + f"; {_future(alt)}.")
+            exp = " ".join(f"{alt.expected[s]:.1f}" for s in alt.watched if s in alt.expected)
+            parts.append(f"Alt {k}: {alt.describe()}" + (f", expect {exp}" if exp else "")
+                         + f"; {_future(alt)}.")
         h_val = _value(human, views)
         best_alt = max((_value(a, views) for a in alternatives), default=3.0)
-        lines.append(f"Better in context: chosen {h_val:.1f} vs best alternative {best_alt:.1f}.")
+        parts.append(f"Context: {h_val:.1f} vs {best_alt:.1f}.")
         h_genres = sorted({g for s in human.watched for g in views[s - 1].genres} & liked)
-        lines.append("Fits the persona: " + (f"liked genres {', '.join(h_genres)}."
-                                             if h_genres else "it avoids disliked picks."))
-        lines.append(f"Better future: {_future(human)}.")
-        return " ".join(lines)
+        parts.append("Persona: " + (f"likes {'/'.join(h_genres)}." if h_genres
+                                    else "no liked genre tempts."))
+        parts.append(f"Future: {_future(human)}.")
+        return " ".join(parts)
 
 
 @dataclass

@@ -36,22 +36,29 @@ def tokenize(tokenizer, ex: Example, max_len: int) -> tuple[list[int], list[int]
 
 
 def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded batch: every target sits at the end, so only the last positions need logits
+    (the 49k-word output layer over whole prompts was most of a step's cost)."""
     n = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), n), dtype=torch.long)
     for r, (i, lab) in enumerate(rows):
-        ids[r, :len(i)] = torch.tensor(i)
-        labels[r, :len(lab)] = torch.tensor(lab)
-        mask[r, :len(i)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        ids[r, n - len(i):] = torch.tensor(i)
+        labels[r, n - len(lab):] = torch.tensor(lab)
+        mask[r, n - len(i):] = 1
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    keep = int(max(sum(1 for x in lab if x != IGNORE) for _, lab in rows)) + 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "position_ids": position_ids, "keep": torch.tensor(min(keep, n))}
 
 
 def example_losses(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Mean target-token cross-entropy per example (shape: batch)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    keep = int(batch["keep"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"], logits_to_keep=keep).logits
     logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
+    labels = batch["labels"][:, -keep + 1:] if keep > 1 else batch["labels"][:, :0]
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
                                            labels.reshape(-1), ignore_index=IGNORE,
                                            reduction="none").view(labels.shape)
@@ -158,7 +165,7 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         tokens += int(batch["attention_mask"].sum())
-        rec = {"step": step + 1, "loss": round(float(loss), 4)}
+        rec = {"step": step + 1, "loss": round(float(loss.detach()), 4)}
         for kind in dict.fromkeys(ex.kind for ex in examples):
             sel = [i for i, ex in enumerate(examples) if ex.kind == kind]
             rec[f"loss_{kind}"] = round(float(losses[sel].mean()), 4)

@@ -1,0 +1,142 @@
+"""The data side of a run and the policy registry, built once and shared by every command.
+
+``World`` holds the dataset, its split, the evidence index, personas and fitted recommenders;
+simulation, training data and evaluation all read from one instance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from agents.perception import Perceiver
+from agents.persona import Persona, build_personas, population_scale, render_persona
+from agents.policy import FixedPolicy, LLMPolicy, Policy
+from memory.evidence import ItemSimilarity
+from simulator.data import Dataset
+from simulator.policies import HumanReplay, RandomPolicy, ScoreThreshold
+from simulator.readers import load_dataset
+from simulator.recommenders import Recommender, make_recommender
+from simulator.split import Split, SplitConfig, make_split
+from simulator.trajectories import Trajectory, TrajectoryConfig, build_trajectories
+
+LLM_POLICIES = ("aligned", "zero_shot")
+POLICIES = ("aligned", "zero_shot", "random", "popularity", "human_replay")
+
+
+@dataclass
+class World:
+    """The data side of a run, built once: dataset, split, evidence, personas, recommenders."""
+
+    ds: Dataset
+    split: Split
+    _recs: dict[tuple[str, bool, int], Recommender] = field(default_factory=dict)
+
+    @cached_property
+    def similarity(self) -> ItemSimilarity:
+        return ItemSimilarity.fit(self.split.train)
+
+    @cached_property
+    def perceiver(self) -> Perceiver:
+        return Perceiver(self.ds.items, self.similarity)
+
+    @cached_property
+    def profiles(self) -> dict[int, Persona]:
+        return build_personas(self.ds, self.split.train)
+
+    @cached_property
+    def personas(self) -> dict[int, str]:
+        """The rendered persona text of every user: the cached prefix of their prompts."""
+        return {u: render_persona(p, self.ds.items) for u, p in self.profiles.items()}
+
+    @cached_property
+    def scale(self):
+        return population_scale(self.ds, self.split.train)
+
+    def persona_at(self, user: int, before: int | None = None) -> str:
+        """Persona text from train ratings entered before ``before`` (None: the whole split).
+
+        Training examples use the history before their session, so the persona never names an
+        item the person is about to watch (a shortcut that held-out users never offer)."""
+        if before is None:
+            return self.personas[user]
+        train = self.split.train
+        rows = train[(train["user"] == user) & (train["timestamp"] < before)]
+        return render_persona(build_personas(self.ds, rows, self.scale, [user])[user],
+                              self.ds.items)
+
+    def liked_genres(self) -> dict[int, list[str]]:
+        return {u: [g.genre for g in p.liked_genres] for u, p in self.profiles.items()}
+
+    @cached_property
+    def histories(self) -> dict[int, dict[int, float]]:
+        return _by_user(self.split.train)
+
+    def rated_through(self, part: str) -> dict[int, set[int]]:
+        """Items each user rated up to and including ``part`` (masked from filler slots)."""
+        parts = {"train": ["train"], "valid": ["train", "valid"],
+                 "test": ["train", "valid", "test"]}[part]
+        out: dict[int, set[int]] = {}
+        for p in parts:
+            for u, items in self.split.part(p).groupby("user")["item"]:
+                out.setdefault(int(u), set()).update(int(i) for i in items)
+        return out
+
+    def recommender(self, name: str, reactive: bool = True, seed: int = 0) -> Recommender:
+        key = (name, reactive, seed)
+        if key not in self._recs:
+            self._recs[key] = make_recommender(name, reactive=reactive, seed=seed).fit(
+                self.split.train)
+        return self._recs[key]
+
+    def trajectories(self, part: str, recommender: str = "itemknn",
+                     cfg: TrajectoryConfig | None = None, users: list[int] | None = None,
+                     progress: bool = True) -> list[Trajectory]:
+        log = self.split.part(part)
+        if users is not None:
+            log = log[log["user"].isin(users)]
+        rec = self.recommender(recommender)
+        return build_trajectories(log, rec.rank, self.rated_through(part),
+                                  cfg or TrajectoryConfig(), recommender, part, progress)
+
+    def sample_users(self, n: int, seed: int, part: str = "test") -> list[int]:
+        users = np.sort(self.split.part(part)["user"].unique())
+        rng = np.random.default_rng(seed)
+        return sorted(int(u) for u in rng.choice(users, size=min(n, len(users)), replace=False))
+
+
+def _by_user(frame) -> dict[int, dict[int, float]]:
+    out: dict[int, dict[int, float]] = {}
+    for u, i, r in zip(frame["user"], frame["item"], frame["rating"], strict=True):
+        out.setdefault(int(u), {})[int(i)] = float(r)
+    return out
+
+
+def load_world(dataset: str = "ml-100k", split: SplitConfig | None = None) -> World:
+    ds = load_dataset(dataset)
+    return World(ds=ds, split=make_split(ds.ratings, split or SplitConfig()))
+
+
+def make_policy(name: str, world: World, scorer=None, seed: int = 0,
+                temperature: float = 1.0, human=None) -> Policy:
+    """A decide-node policy by name; LLM policies need a scorer over the right weights."""
+    if name in LLM_POLICIES:
+        if scorer is None:
+            raise ValueError(f"policy {name} needs a language model")
+        return LLMPolicy(scorer, name=name, temperature=temperature)
+    if name == "random":
+        return FixedPolicy(RandomPolicy(seed=seed), "random")
+    if name == "popularity":
+        counts = world.split.train["item"].value_counts()
+        means = world.split.train.groupby("item")["rating"].mean().to_dict()
+        threshold = float(np.quantile(counts.to_numpy(), 0.9))
+        return FixedPolicy(ScoreThreshold(lambda i: float(counts.get(i, 0)), threshold, means),
+                           "popularity")
+    if name == "human_replay":
+        if human is None:
+            raise ValueError("policy human_replay needs logged trajectories")
+        return FixedPolicy(HumanReplay(human), "human_replay")
+    raise ValueError(f"unknown policy {name!r}; known: aligned, zero_shot, random, popularity, "
+                     "human_replay")

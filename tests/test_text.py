@@ -1,0 +1,184 @@
+"""The state/action text format: renderers, the next-state parser, and the tokenisation contract
+that lets the policy score line by line exactly what training saw as one target."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agents import prompts, text
+from agents.llm import default_tokenizer, encode
+from agents.persona import build_personas, render_persona
+from agents.text import Evidence, ItemView, PageView
+from simulator.data import Dataset
+
+VIEWS = [
+    ItemView(id=1, title="Toy Story", year=1995, genres=("Animation", "Children's", "Comedy"),
+             popularity=452, mean_rating=3.9,
+             evidence=[Evidence(title="Aladdin", rating=4, similarity=0.41)]),
+    ItemView(id=50, title="Star Wars", year=1977, genres=("Action", "Sci-Fi"), popularity=583,
+             mean_rating=4.4),
+    ItemView(id=7, title="Twelve Monkeys", year=1995, genres=("Drama", "Sci-Fi"),
+             popularity=392, mean_rating=3.8),
+    ItemView(id=1300, title="'Til There Was You", genres=(), popularity=0),
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    return default_tokenizer()
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+def test_render_action_layout() -> None:
+    assert text.render_action(4, {3: 5, 1: 2}, "exit") == (
+        "[1] watch\n[2] skip\n[3] watch\n[4] skip\n[1] rated 2\n[3] rated 5\nthen: exit\n")
+    assert text.render_action(2, {}, "next") == "[1] skip\n[2] skip\nthen: next\n"
+    assert text.render_wm_action(3, [2], "next") == "[1] skip\n[2] watch\n[3] skip\nthen: next\n"
+
+
+def test_render_item_and_page() -> None:
+    assert text.render_item(1, VIEWS[0]) == (
+        "[1] Toy Story (1995) | Animation, Children's, Comedy | 452 ratings, avg 3.9\n"
+        "    like what you rated: Aladdin 4/5")
+    assert text.render_item(4, VIEWS[3]) == (
+        "[4] 'Til There Was You | unknown genre | 0 ratings\n"
+        "    like what you rated: nothing you watched")
+    page = text.render_page(PageView(page=2, max_pages=5, items=VIEWS[:2],
+                                     session=[("Fargo", 5)], memories=["Page 1: skipped all"]))
+    lines = page.splitlines()
+    assert lines[:4] == ["Page 2 of at most 5.", "Watched this session: Fargo 5/5.",
+                         "You remember: Page 1: skipped all", "On this page:"]
+    assert page.endswith("\n") and lines[4].startswith("[1] Toy Story")
+    assert text.render_predictions({2: 3.456, 1: 4.0}) == "You expect to rate: [1] 4.0, [2] 3.5\n"
+    assert text.render_predictions({}) == ""
+
+
+@pytest.mark.parametrize("ratings, next_items", [
+    ({1: 4, 3: 2}, VIEWS[1:3]),
+    ({}, VIEWS),
+    ({2: 5}, None),
+    ({}, None),
+    ({1: 1, 2: 2, 3: 3, 4: 5}, VIEWS[3:]),
+])
+def test_next_state_round_trip(ratings: dict[int, int], next_items: list[ItemView] | None
+                               ) -> None:
+    rendered = text.render_next_state(ratings, next_items)
+    ns = text.parse_next_state(rendered)
+    assert ns.ratings == ratings
+    assert ns.ends is (next_items is None)
+    assert ns.titles == ([] if next_items is None else [v.label() for v in next_items])
+    assert ns.genres == sorted({g for v in next_items or [] for g in v.genres})
+    fields = ns.fields()
+    assert ("end", next_items is None) in fields
+    assert {("rating", s, r) for s, r in ratings.items()} <= fields
+
+
+def test_next_state_text() -> None:
+    assert text.render_next_state({2: 4}, VIEWS[1:2]) == (
+        "[2] rated 4\nnext page: Star Wars (1977) [Action, Sci-Fi]\n")
+    assert text.render_next_state({}, None) == "next page: none, the session ends\n"
+
+
+def test_parse_next_state_tolerates_generated_noise() -> None:
+    ns = text.parse_next_state("[1] rated 9\n[2] rated 3  \nblah\n[x] rated 4\n"
+                               "next page: Heat (1995) [Action, Crime]; garbage; Fargo [Drama]\n")
+    assert ns.ratings == {2: 3}
+    assert ns.titles == ["Heat (1995)", "Fargo"]
+    assert ns.genres == ["Action", "Crime", "Drama"]
+    assert not ns.ends
+    assert text.parse_next_state("") == text.NextState()
+
+
+# --- choice lines -------------------------------------------------------------------------------
+
+def _choice_lines(n_slots: int = 4) -> list[str]:
+    lines = [text.slot_line(s, c) for s in range(1, n_slots + 1) for c in (text.WATCH, text.SKIP)]
+    lines += [text.rating_line(s, r) for s in range(1, n_slots + 1) for r in text.RATINGS]
+    lines += [text.rating_line(s, int(r)) for s in range(1, n_slots + 1) for r in text.RATINGS]
+    lines += [text.then_line(t) for t in text.THEN]
+    return lines
+
+
+def test_every_choice_line_is_one_newline_terminated_line() -> None:
+    lines = _choice_lines(10)
+    assert all(line.endswith("\n") and line.count("\n") == 1 for line in lines)
+    assert len(set(lines)) == 2 * 10 + 5 * 10 + 2  # int and str ratings render alike
+    assert text.rating_line(3, 4) == text.rating_line(3, "4") == "[3] rated 4\n"
+
+
+def test_rendered_targets_are_concatenations_of_choice_lines() -> None:
+    ratings = {2: 5, 4: 1}
+    expected = (text.slot_line(1, text.SKIP) + text.slot_line(2, text.WATCH)
+                + text.slot_line(3, text.SKIP) + text.slot_line(4, text.WATCH)
+                + text.rating_line(2, 5) + text.rating_line(4, 1) + text.then_line("next"))
+    assert text.render_action(4, ratings, "next") == expected
+
+
+# --- tokenisation contract ----------------------------------------------------------------------
+
+@pytest.fixture
+def persona(tiny_dataset: Dataset) -> str:
+    text_ = render_persona(build_personas(tiny_dataset, tiny_dataset.ratings)[1],
+                           tiny_dataset.items)
+    assert "Movie" in text_
+    return text_
+
+
+def _contexts(persona: str) -> list[str]:
+    """Every kind of newline-terminated text a candidate line is scored after."""
+    page = text.render_page(PageView(page=1, max_pages=5, items=VIEWS,
+                                     session=[("Heat", 4)], memories=["Page 1: watched Heat."]))
+    preds = text.render_predictions({1: 4.2, 2: 3.0, 3: 2.5, 4: 1.0})
+    tails = [prompts.policy_tail(), prompts.policy_tail(preds),
+             prompts.policy_tail(preds, "It fits my taste for sci-fi. "),
+             prompts.world_model_tail(text.render_wm_action(4, [1, 3], "next")),
+             prompts.reflection_tail(preds)]
+    partial = prompts.policy_tail(preds) + text.render_choices(4, [2]) + text.rating_line(2, 5)
+    return [prompts.persona_block(persona), page, prompts.persona_block(persona) + page,
+            *tails, partial, prompts.CHOICES, prompts.NEXT_STATE, prompts.THINK]
+
+
+def test_contexts_end_in_newline(persona: str) -> None:
+    assert all(c.endswith("\n") for c in _contexts(persona))
+
+
+def test_segment_boundary_after_newline_matches_joint_encoding(tok: Any, persona: str) -> None:
+    lines = _choice_lines(4)
+    for a in _contexts(persona):
+        for b in lines:
+            assert encode(tok, [a, b]) == encode(tok, [a + b]), (a[-30:], b)
+    # ...and chains of lines, as the policy accumulates its context.
+    ctx = prompts.policy_tail()
+    for b in lines:
+        assert encode(tok, [ctx, b]) == encode(tok, [ctx + b])
+        ctx += b
+
+
+def test_segment_boundary_is_not_free_without_the_newline(tok: Any) -> None:
+    """The contract depends on the newline: without it BPE may merge across the boundary."""
+    assert encode(tok, ["then:", " next\n"]) == encode(tok, ["then: next\n"])  # space kept apart
+    assert encode(tok, ["[1] rat", "ed 4\n"]) != encode(tok, ["[1] rated 4\n"])
+
+
+def test_line_by_line_scoring_sees_the_training_tokens(tok: Any, persona: str) -> None:
+    """The ids the policy scores (prefix, context so far, one candidate line) add up to the ids
+    the trainer builds from the prompt segments and the whole action target."""
+    page = text.render_page(PageView(page=3, max_pages=5, items=VIEWS))
+    preds = text.render_predictions({1: 4.2, 2: 3.0, 3: 2.5, 4: 1.0})
+    ratings, then = {1: 4, 4: 2}, "exit"
+    train_ids = encode(tok, [prompts.persona_block(persona), page, prompts.policy_tail(preds)]
+                       ) + encode(tok, [text.render_action(4, ratings, then)])
+
+    prefix = prompts.persona_block(persona) + page
+    ctx = prompts.policy_tail(preds)
+    lines = [text.slot_line(s, text.WATCH if s in ratings else text.SKIP) for s in range(1, 5)]
+    lines += [text.rating_line(s, r) for s, r in sorted(ratings.items())]
+    lines.append(text.then_line(then))
+    for line in lines:
+        scored = encode(tok, [prefix]) + encode(tok, [ctx]) + encode(tok, [line])
+        assert train_ids[:len(scored)] == scored
+        ctx += line
+    assert len(scored) == len(train_ids)

@@ -1,0 +1,296 @@
+"""The LoRA training package on a tiny random Llama: loss masking, learning, exact resume,
+held-out hygiene of the training data, reflections and counterfactual alternatives."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from agents import prompts, text
+from agents.llm import LM, Scorer, encode, tiny_lm
+from agents.policy import Decision, DecisionInput, LLMPolicy
+from agents.text import Evidence, ItemView, PageView
+from alignuser.commands import train_data
+from alignuser.config import World
+from simulator.data import Dataset
+from simulator.env import PageAction
+from simulator.split import Split, make_split
+from training.config import TrainConfig
+from training.counterfactual import sample_alternatives
+from training.pipeline import _peft
+from training.rollout import Example, Transition, fingerprint
+from training.teacher import GroundedTeacher, Option
+from training.trainer import (
+    IGNORE,
+    Schedule,
+    collate,
+    example_losses,
+    tokenize,
+    train_loop,
+    validation_loss,
+)
+
+VIEWS = (
+    ItemView(id=10, title="Heat", year=1995, genres=("Action", "Crime"), popularity=80,
+             mean_rating=3.9, evidence=[Evidence(title="Ronin", rating=4, similarity=0.5),
+                                        Evidence(title="Face/Off", rating=5, similarity=0.4)]),
+    ItemView(id=20, title="Babe", year=1995, genres=("Children's", "Comedy"), popularity=50),
+    ItemView(id=30, title="Fargo", year=1996, genres=("Crime", "Drama"), popularity=300,
+             mean_rating=4.2, evidence=[Evidence(title="Blood Simple", rating=2,
+                                                 similarity=0.3)]),
+    ItemView(id=40, title="Casper", year=1995, genres=("Children's",), popularity=20),
+)
+PERSONA = "You are a 34-year-old engineer. You like Crime and Action films.\n"
+TINY_CFG = TrainConfig(lora_r=4, lora_alpha=8, seed=0)
+
+
+def _example(kind: str, page: int, ratings: dict[int, int], then: str) -> Example:
+    page_text = text.render_page(PageView(page=page, max_pages=5, items=list(VIEWS)))
+    return Example(kind, (prompts.persona_block(PERSONA), page_text, prompts.policy_tail()),
+                   text.render_action(4, ratings, then))
+
+
+EXAMPLES = [_example("policy", 1, {1: 4, 3: 5}, "next"), _example("policy", 2, {}, "exit"),
+            _example("policy", 3, {2: 1}, "next"), _example("policy", 4, {1: 5, 4: 2}, "exit")]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    return tiny_lm().tokenizer
+
+
+def _peft_lm() -> tuple[Any, LM]:
+    lm = tiny_lm(seed=0)
+    return _peft(lm, TINY_CFG), lm
+
+
+# --- tokenisation and losses --------------------------------------------------------------------
+
+def test_tokenize_masks_exactly_the_prompt(tok: Any) -> None:
+    ex = EXAMPLES[0]
+    prompt, target = encode(tok, list(ex.segments)), encode(tok, [ex.target])
+    ids, labels = tokenize(tok, ex, max_len=2048)
+    assert ids == prompt + target + [tok.eos_token_id]
+    assert labels == [IGNORE] * len(prompt) + target + [tok.eos_token_id]
+    assert tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE],
+                      skip_special_tokens=True) == ex.target
+
+
+def test_tokenize_cuts_the_prompt_from_the_left(tok: Any) -> None:
+    ex = EXAMPLES[1]
+    full_ids, full_labels = tokenize(tok, ex, max_len=2048)
+    n_target = sum(lab != IGNORE for lab in full_labels)
+    ids, labels = tokenize(tok, ex, max_len=n_target + 5)
+    assert len(ids) == n_target + 5
+    assert ids == full_ids[-len(ids):] and labels == full_labels[-len(ids):]
+    assert labels[:5] == [IGNORE] * 5
+    # A target longer than the budget keeps its start and one prompt token.
+    ids, labels = tokenize(tok, ex, max_len=4)
+    assert len(ids) == 4 and labels[0] == IGNORE
+    assert labels[1:] == full_labels[len(full_labels) - n_target:][:3]
+
+
+def test_batched_losses_equal_one_at_a_time() -> None:
+    """Padding a batch must not change any example's loss."""
+    lm = tiny_lm(seed=1)
+    pad = lm.tokenizer.pad_token_id
+    rows = [tokenize(lm.tokenizer, ex, 512) for ex in EXAMPLES[:3]]
+    assert len({len(ids) for ids, _ in rows}) > 1  # lengths differ, so there is padding
+    with torch.no_grad():
+        batched = example_losses(lm.model, collate(rows, pad))
+        alone = torch.cat([example_losses(lm.model, collate([r], pad)) for r in rows])
+        # By hand: mean cross-entropy over the target tokens of one unpadded sequence.
+        ids, labels = map(torch.tensor, rows[0])
+        logits = lm.model(input_ids=ids[None]).logits[0, :-1]
+        manual = torch.nn.functional.cross_entropy(logits, labels[1:], ignore_index=IGNORE)
+    assert torch.allclose(batched, alone, atol=1e-4)
+    assert float(alone[0]) == pytest.approx(float(manual), abs=1e-4)
+
+
+def test_a_few_steps_lower_the_loss(tmp_path: Path) -> None:
+    model, lm = _peft_lm()
+    pools, weights = {"policy": EXAMPLES}, {"policy": 1.0}
+    before = validation_loss(model, lm.tokenizer, EXAMPLES, weights, 512)
+    out = train_loop(model, lm.tokenizer, pools, weights, steps=8, out_dir=tmp_path,
+                     batch_size=2, max_len=512, lr=1e-2, warmup=1, save_every=100,
+                     progress=False)
+    after = validation_loss(model, lm.tokenizer, EXAMPLES, weights, 512)
+    assert out["steps"] == 8 and len(out["history"]) == 8
+    assert after < before - 0.5, (before, after)
+    assert (tmp_path / "checkpoint" / "adapter_model.safetensors").is_file()  # final save
+
+
+def _lora_state(model: Any) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path: Path) -> None:
+    pools = {"policy": EXAMPLES[:3], "wm": EXAMPLES[3:]}
+    weights = {"policy": 1.0, "wm": 0.5}
+    kw: dict[str, Any] = dict(batch_size=2, max_len=512, lr=5e-3, warmup=2, seed=0,
+                              save_every=3, progress=False)
+
+    whole, lm = _peft_lm()
+    assert TINY_CFG.lora_dropout > 0  # dropout draws random numbers: the RNG must resume too
+    full = train_loop(whole, lm.tokenizer, pools, weights, 6, tmp_path / "a", **kw)
+
+    cut, lm = _peft_lm()
+    part = train_loop(cut, lm.tokenizer, pools, weights, 6, tmp_path / "b", stop_after=3, **kw)
+    assert part["steps"] == 3
+    progress = json.loads((tmp_path / "b" / "checkpoint" / "progress.json").read_text())
+    assert progress["step"] == 3
+    halfway = _lora_state(cut)
+
+    resumed, lm = _peft_lm()
+    rest = train_loop(resumed, lm.tokenizer, pools, weights, 6, tmp_path / "b", resume=True,
+                      **kw)
+    assert rest["history"] == full["history"]  # same batches, same losses, steps 1..6
+    a, b = _lora_state(whole), _lora_state(resumed)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    assert any(not torch.allclose(halfway[n], b[n]) for n in b)  # the resume did train
+
+
+# --- the schedule -------------------------------------------------------------------------------
+
+def _pool(kind: str, n: int) -> list[Example]:
+    return [Example(kind, (f"{kind} prompt {i}\n",), f"target {i}\n") for i in range(n)]
+
+
+def test_schedule_batch_is_a_pure_function_of_seed_and_step() -> None:
+    pools = {"policy": _pool("policy", 5), "wm": _pool("wm", 3), "cr": []}
+    a, b = Schedule(pools, 3, seed=7), Schedule(pools, 3, seed=7)
+    forward = [a.batch(s) for s in range(12)]
+    backward = [b.batch(s) for s in reversed(range(12))][::-1]
+    assert forward == backward
+    assert a.batch(4) == forward[4]  # asking again changes nothing
+    other = Schedule(pools, 3, seed=8)
+    assert any(other.batch(s) != forward[s] for s in range(12))
+    # Kinds alternate slot by slot (empty pools skipped) and each kind's epoch visits its whole
+    # pool once.
+    slots = [ex for batch in forward for ex in batch]
+    assert [ex.kind for ex in slots[:6]] == ["policy", "wm"] * 3
+    policy = [ex for ex in slots if ex.kind == "policy"]
+    assert sorted(e.segments for e in policy[:5]) == sorted(e.segments for e in pools["policy"])
+    assert sorted(e.segments for e in policy[5:10]) == sorted(e.segments
+                                                             for e in pools["policy"])
+
+
+# --- training data: no held-out leakage ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_world(ml100k_module: tuple[Dataset, Split]) -> World:
+    ds, split = ml100k_module
+    return World(ds=ds, split=split)
+
+
+@pytest.fixture(scope="module")
+def ml100k_module() -> tuple[Dataset, Split]:
+    """The first 40 users of ml-100k: big enough for every part, fast to build."""
+    from simulator.readers import load_dataset
+
+    full = load_dataset("ml-100k")
+    ratings = full.ratings[full.ratings["user"] <= 40]
+    ds = Dataset(name="ml-100k-40", users={u: full.users[u] for u in range(1, 41)},
+                 items=full.items, ratings=ratings)
+    return ds, make_split(ds.ratings)
+
+
+def _pairs(frame: pd.DataFrame) -> set[tuple[int, int]]:
+    return {(int(u), int(i)) for u, i in zip(frame["user"], frame["item"], strict=True)}
+
+
+def test_training_data_never_holds_held_out_ratings(small_world: World) -> None:
+    cfg = TrainConfig(valid_examples=5, seed=0)
+    data = train_data(small_world, cfg)
+    split = small_world.split
+    train_watched = {(t.user, i) for t in data.train for s in t.steps for i in s.watched}
+    assert train_watched == _pairs(split.train)  # all of train, and nothing else
+    assert not train_watched & (_pairs(split.valid) | _pairs(split.test))
+    valid_watched = {(t.user, i) for t in data.valid for s in t.steps for i in s.watched}
+    assert valid_watched and valid_watched <= _pairs(split.valid)
+    assert not valid_watched & _pairs(split.test)
+    assert len({t.user for t in data.valid}) <= cfg.valid_examples
+    assert {t.part for t in data.train} == {"train"} and {t.part for t in data.valid} == {"valid"}
+    hashes = data.split_hashes
+    assert set(hashes) == {"train", "valid", "test"} and len(set(hashes.values())) == 3
+    assert hashes == {p: split.fingerprint(p) for p in ("train", "valid", "test")}
+    assert fingerprint(data.train) != fingerprint(data.valid)
+    # Personas for training pages use ratings from before the session only.
+    first = min(data.train, key=lambda t: (t.start, t.user))
+    assert data.persona_at(first.user, first.start) != data.persona_at(first.user, None)
+
+
+# --- reflections and alternatives ---------------------------------------------------------------
+
+def test_grounded_reflection_names_every_option_with_its_numbers() -> None:
+    human = Option(watched=(1, 3), then="next", expected={1: 4.3, 3: 2.1})
+    alts = [Option(watched=(2,), then="exit", expected={2: 3.7}),
+            Option(watched=(), then="next"),
+            Option(watched=(1, 2, 3, 4), then="next",
+                   expected={1: 4.3, 2: 3.7, 3: 2.1, 4: 1.4})]
+    teacher = GroundedTeacher()
+    refl = teacher.reflect(list(VIEWS), ["Crime", "Action"], human, alts, PERSONA)
+    assert refl == teacher.reflect(list(VIEWS), ["Crime", "Action"], human, alts, PERSONA)
+    assert human.describe() == "watch [1], [3], then next"
+    assert alts[1].describe() == "watch nothing, then next"
+    positions = [refl.index(human.describe())]
+    for alt in alts:
+        assert alt.describe() in refl
+        positions.append(refl.index(alt.describe(), positions[-1] + 1))
+    assert positions == sorted(positions)  # the human first, then the alternatives in order
+    numbers = set(re.findall(r"\d\.\d", refl))
+    assert {"4.3", "2.1", "3.7", "1.4"} <= numbers  # world-model expectations
+    assert {"4.5", "2.0"} <= numbers  # this person's ratings of similar titles: (4+5)/2 and 2
+    assert "3.2" in numbers  # the chosen action's mean expectation, (4.3 + 2.1) / 2
+    assert "Crime" in refl  # a liked genre the chosen items carry
+    assert "\n" not in refl
+
+
+def _transition(ratings: dict[int, int], then: str) -> Transition:
+    return Transition(user=5, persona=PERSONA, views=VIEWS, session=(), page=1, max_pages=5,
+                      ratings=ratings, then=then, next_views=VIEWS[:2],
+                      items=tuple(v.id for v in VIEWS))
+
+
+@pytest.mark.parametrize("ratings, then, k", [({1: 4}, "next", 3), ({}, "exit", 3),
+                                              ({1: 5, 2: 3, 3: 4, 4: 1}, "next", 5)])
+def test_sample_alternatives_are_distinct_and_not_the_human(ratings: dict[int, int], then: str,
+                                                            k: int) -> None:
+    policy = LLMPolicy(Scorer(tiny_lm(seed=2)), name="current")
+    tr = _transition(ratings, then)
+    alts = sample_alternatives(policy, tr, k, seed=0)
+    human = (tuple(sorted(ratings)), then)
+    assert len(alts) == k and len(set(alts)) == k and human not in alts
+    for slots, nxt in alts:
+        assert list(slots) == sorted(set(slots)) and set(slots) <= {1, 2, 3, 4}
+        assert nxt in text.THEN
+    assert sample_alternatives(policy, tr, k, seed=0) == alts  # seeded
+
+
+class _Stubborn:
+    """A policy that always repeats the human: alternatives must come from perturbations."""
+
+    def __init__(self, action: PageAction) -> None:
+        self.action, self.calls = action, 0
+
+    def decide(self, inp: DecisionInput) -> Decision:
+        self.calls += 1
+        return Decision(action=self.action)
+
+
+def test_alternatives_fall_back_to_one_line_perturbations() -> None:
+    tr = _transition({2: 4}, "next")
+    stubborn = _Stubborn(PageAction(watched={20: 4}, then="next"))
+    alts = sample_alternatives(stubborn, tr, 4, seed=0, tries=2)  # type: ignore[arg-type]
+    assert stubborn.calls == 8
+    assert alts == [((2,), "exit"), ((1, 2), "next"), ((), "next"), ((2, 3), "next")]
