@@ -10,15 +10,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from alignuser.config import LLM_POLICIES, SimulateConfig, World, make_policy, world_for
+from alignuser.config import LLM_POLICIES, SimulateConfig, World, world_for
 from graph.graph import build_graph
 from graph.runner import run_population, session_metrics
 from graph.runtime import Runtime
 from graph.trace import open_checkpointer
+from graph.world import make_runtime
 from memory.store import make_memory
-from simulator.env import recommender_pages
 from simulator.runs import new_run_dir, update_manifest, write_manifest
-from simulator.trajectories import first_visits, human_actions, logged_pages
 
 
 def load_scorer(cfg: SimulateConfig) -> tuple[Any, str | None]:
@@ -37,28 +36,16 @@ def load_scorer(cfg: SimulateConfig) -> tuple[Any, str | None]:
 
 def build_runtimes(cfg: SimulateConfig, world: World, users: list[int], scorer: Any,
                    memory: Any) -> dict[str, Runtime]:
-    runtimes = {}
-    for rec_name in cfg.recommenders:
-        rec = world.recommender(rec_name, reactive=cfg.reactive, seed=cfg.seed)
-        human: dict = {}
-        pages = recommender_pages(rec.rank)
-        logged = None
-        if cfg.policy == "human_replay":
-            logged = first_visits(world.trajectories("test", rec_name, users=users,
-                                                     progress=False))
-            pages, human = logged_pages(logged), human_actions(logged)
-        policy = make_policy(cfg.policy, world, scorer, cfg.seed, cfg.temperature, logged)
-        reason_model = None
-        if cfg.reason and scorer is not None:
-            from agents.chat import LocalTextModel
+    reason_model = None
+    if cfg.reason and scorer is not None:
+        from agents.chat import LocalTextModel
 
-            reason_model = LocalTextModel(scorer.lm)
-        runtimes[rec_name] = Runtime(
-            perceiver=world.perceiver, histories=world.histories, personas=world.personas,
-            pages=pages, policy=policy, scorer=scorer, memory=memory, human=human,
-            reason_model=reason_model, page_size=cfg.page_size, max_pages=cfg.pages,
-            seed=cfg.seed)
-    return runtimes
+        reason_model = LocalTextModel(scorer.lm)
+    return {rec: make_runtime(world, rec, cfg.policy, scorer, memory, users=users,
+                              seed=cfg.seed, temperature=cfg.temperature, reactive=cfg.reactive,
+                              page_size=cfg.page_size, max_pages=cfg.pages,
+                              reason_model=reason_model)
+            for rec in cfg.recommenders}
 
 
 def simulate(cfg: SimulateConfig, output: str | Path | None = None,

@@ -1,7 +1,7 @@
 """Decisions per second of the real model: one forward per option vs a cached prefix with one
 batched forward, on the prompt shape an agent actually sends (persona + page + candidates).
 
-Run from the repository root: ``python -m bench.bench_decisions [--options 6 30]``.
+Run from the repository root: ``python bench/bench_decisions.py [--options 6 30]``.
 """
 
 from __future__ import annotations

@@ -14,13 +14,23 @@ import numpy as np
 from agents.perception import Perceiver
 from agents.persona import Persona, build_personas, population_scale, render_persona
 from agents.policy import FixedPolicy, LLMPolicy, Policy
+from graph.runtime import Runtime
 from memory.evidence import ItemSimilarity
+from memory.store import NoMemory
 from simulator.data import Dataset
+from simulator.env import recommender_pages
 from simulator.policies import HumanReplay, RandomPolicy, ScoreThreshold
 from simulator.readers import load_dataset
 from simulator.recommenders import Recommender, make_recommender
 from simulator.split import Split, SplitConfig, make_split
-from simulator.trajectories import Trajectory, TrajectoryConfig, build_trajectories
+from simulator.trajectories import (
+    Trajectory,
+    TrajectoryConfig,
+    build_trajectories,
+    first_visits,
+    human_actions,
+    logged_pages,
+)
 
 LLM_POLICIES = ("aligned", "zero_shot")
 POLICIES = ("aligned", "zero_shot", "random", "popularity", "human_replay")
@@ -140,3 +150,23 @@ def make_policy(name: str, world: World, scorer=None, seed: int = 0,
         return FixedPolicy(HumanReplay(human), "human_replay")
     raise ValueError(f"unknown policy {name!r}; known: aligned, zero_shot, random, popularity, "
                      "human_replay")
+
+
+def make_runtime(world: World, recommender: str, policy: str, scorer=None, memory=None, *,
+                 users: list[int] | None = None, seed: int = 0, temperature: float = 1.0,
+                 reactive: bool = True, page_size: int = 4, max_pages: int = 5,
+                 reason_model=None) -> Runtime:
+    """Everything one recommender's agents need. ``human_replay`` browses the logged pages of
+    each user's first held-out visit; other policies browse the live recommender."""
+    rec = world.recommender(recommender, reactive=reactive, seed=seed)
+    pages, human, logged = recommender_pages(rec.rank), {}, None
+    if policy == "human_replay":
+        logged = first_visits(world.trajectories("test", recommender, users=users,
+                                                 progress=False))
+        pages, human = logged_pages(logged), human_actions(logged)
+    return Runtime(perceiver=world.perceiver, histories=world.histories,
+                   personas=world.personas, pages=pages,
+                   policy=make_policy(policy, world, scorer, seed, temperature, logged),
+                   scorer=scorer, memory=memory or NoMemory(), human=human,
+                   reason_model=reason_model, page_size=page_size, max_pages=max_pages,
+                   seed=seed)

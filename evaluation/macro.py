@@ -1,0 +1,141 @@
+"""Session-level fidelity and recommender selection.
+
+Simulated sessions (agents browsing live recommenders) are compared with held-out human sessions
+(the same users' test-period visits rebuilt on the same recommender): distributions, a
+discriminator, and a judge. Recommenders are ranked by simulated outcomes and compared with
+their ranking by held-out human interactions, beside a classical offline metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from agents import prompts
+from agents.policy import Scorer
+from evaluation.metrics import discriminator_auc, distribution_distance, rank_agreement_boot
+from graph.graph import build_graph
+from graph.runner import run_population
+from graph.world import World, make_runtime
+from simulator.trajectories import Trajectory
+
+
+def human_sessions(trajs: Sequence[Trajectory]) -> list[dict[str, Any]]:
+    """Held-out human visits in the same shape as simulated sessions."""
+    return [{"user": t.user, "recommender": t.recommender, "end": "exit",
+             "pages": [{"page": s.page, "items": s.items, "then": s.then,
+                        "watched": {str(i): r for i, r in s.watched.items()}}
+                       for s in t.steps]} for t in trajs]
+
+
+def simulate(world: World, agent_policy: str, scorer: Scorer | None, users: Sequence[int],
+             recommenders: Sequence[str], world_model: bool, memory: bool, seed: int,
+             progress: bool = True) -> list[dict[str, Any]]:
+    """Agents browse each recommender (no checkpointer: evaluation needs outcomes only)."""
+    app = build_graph("chroma" if memory else "none", "on" if world_model else "off")
+    runtimes = {r: make_runtime(world, r, agent_policy, scorer, users=list(users), seed=seed)
+                for r in recommenders}
+    return run_population(app, runtimes, users, progress=progress)
+
+
+def distributions(sessions: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    pages = [len(s["pages"]) for s in sessions]
+    watches = [len(p["watched"]) for s in sessions for p in s["pages"]]
+    ratings = [r for s in sessions for p in s["pages"] for r in p["watched"].values()]
+    exits = [len(s["pages"]) for s in sessions if s["pages"] and s["pages"][-1]["then"] == "exit"]
+    return {"pages per session": np.asarray(pages, float),
+            "watches per page": np.asarray(watches, float),
+            "ratings": np.asarray(ratings, float), "exit page": np.asarray(exits, float)}
+
+
+def session_features(sessions: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    rows = []
+    for s in sessions:
+        ratings = [r for p in s["pages"] for r in p["watched"].values()]
+        n = max(len(s["pages"]), 1)
+        rows.append([len(s["pages"]), len(ratings) / n, np.mean(ratings) if ratings else 0.0,
+                     np.std(ratings) if ratings else 0.0, sum(r >= 4 for r in ratings) / n,
+                     float(bool(s["pages"]) and s["pages"][-1]["then"] == "exit")])
+    return np.asarray(rows, float)
+
+
+def compare_sessions(human: Sequence[Mapping], sim: Sequence[Mapping], seed: int) -> dict:
+    h, s = distributions(human), distributions(sim)
+    rows = [{"distribution": k, **distribution_distance(h[k], s[k])} for k in h
+            if len(h[k]) and len(s[k])]
+    disc = discriminator_auc(session_features(human), session_features(sim), seed=seed) \
+        if len(human) >= 4 and len(sim) >= 4 else {"auc": None, "note": "too few sessions"}
+    return {"rows": rows, "discriminator": disc, "human": h, "sim": s}
+
+
+def describe_session(s: Mapping[str, Any], titles: Mapping[int, str]) -> str:
+    lines = []
+    for p in s["pages"]:
+        watched = ", ".join(f"{titles[int(i)]} ({r}/5)" for i, r in p["watched"].items())
+        lines.append(f"page {p['page']}: shown {len(p['items'])}, watched "
+                     f"{watched or 'nothing'}; then {p['then']}")
+    return "\n".join(lines)
+
+
+def judge(scorer: Scorer, sessions: Sequence[Mapping], personas: Mapping[int, str],
+          titles: Mapping[int, str]) -> list[float]:
+    """Human-likeness 1–5 as the expected score over the five enumerated answers."""
+    out = []
+    for s in sessions:
+        prompt = prompts.JUDGE.format(persona=personas[s["user"]],
+                                      session=describe_session(s, titles))
+        logps = np.asarray(scorer.score(prompt, [("", str(k)) for k in range(1, 6)]))
+        p = np.exp(logps - logps.max())
+        out.append(float((p / p.sum()) @ np.arange(1, 6)))
+    return out
+
+
+def per_user_outcome(sessions: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Users × recommenders table of likes (rating >= 4) per page."""
+    rows = [{"user": s["user"], "recommender": s["recommender"],
+             "likes": sum(r >= 4 for p in s["pages"] for r in p["watched"].values())
+             / max(len(s["pages"]), 1)} for s in sessions]
+    return pd.DataFrame(rows).pivot_table(index="user", columns="recommender", values="likes")
+
+
+def per_user_hits(world: World, recommenders: Sequence[str], users: Sequence[int], part: str,
+                  k: int = 10, seed: int = 0) -> pd.DataFrame:
+    """Users × recommenders Recall@k of the user's ``part`` items (the human ground truth for
+    ``test``, a classical offline metric for ``valid``)."""
+    target = world.split.part(part)
+    later = {"valid": ["valid", "test"], "test": ["test"]}[part]
+    seen_before = set()
+    for p in ("valid", "test"):
+        if p not in later:
+            seen_before |= set(zip(world.split.part(p)["user"], world.split.part(p)["item"],
+                                  strict=True))
+    rows = []
+    for r in recommenders:
+        rec = world.recommender(r, reactive=False, seed=seed)
+        for u in users:
+            truth = set(target.loc[target["user"] == u, "item"].astype(int))
+            if not truth:
+                continue
+            exclude = {i for (uu, i) in seen_before if uu == u}
+            top = rec.rank(u, k, exclude=exclude)
+            rows.append({"user": u, "recommender": r,
+                         "recall": len(truth & set(top)) / min(k, len(truth))})
+    return pd.DataFrame(rows).pivot_table(index="user", columns="recommender", values="recall")
+
+
+def selection(world: World, sessions: Sequence[Mapping[str, Any]], recommenders: Sequence[str],
+              users: Sequence[int], n_boot: int, seed: int) -> dict:
+    """Kendall τ / Spearman ρ of the simulated ranking and of the valid-split offline ranking
+    against the test-period human ranking, with user-bootstrap CIs."""
+    truth = per_user_hits(world, recommenders, users, "test", seed=seed)
+    sim = per_user_outcome(sessions)
+    offline = per_user_hits(world, recommenders, users, "valid", seed=seed)
+    return {"simulated_vs_human": rank_agreement_boot(truth, sim, n_boot=n_boot, seed=seed),
+            "offline_valid_vs_human": rank_agreement_boot(truth, offline, n_boot=n_boot,
+                                                          seed=seed),
+            "truth_mean": truth.mean().round(4).to_dict(),
+            "simulated_mean": sim.mean().round(4).to_dict(),
+            "offline_mean": offline.mean().round(4).to_dict()}
