@@ -96,6 +96,7 @@ class LensKitRecommender:
         self._history_list: dict[int, ItemList] = {}
         self._base: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._seen: dict[int, np.ndarray] = {}
+        self._seen_count: dict[int, int] = {}
         self._sessions: OrderedDict[tuple[int, tuple[int, ...]],
                                     tuple[np.ndarray, np.ndarray]] = OrderedDict()
         with warnings.catch_warnings():
@@ -176,13 +177,18 @@ class LensKitRecommender:
             seen = np.zeros(len(self._ids), dtype=bool)
             seen[[self._pos[i] for i in self.history(user).tolist()]] = True
             self._seen[int(user)] = seen
-        blocked = seen.copy()
-        for i in (*session, *exclude):
-            p = self._pos.get(int(i))
-            if p is not None:
-                blocked[p] = True
-        picked = order[~blocked[order]][:k]
-        return self._ids[picked].tolist()
+        # Only the head of the order can be needed: at most every seen, session and excluded
+        # item ranks above the k-th pick (a full mask per page dominated trajectory building).
+        excluded = {int(i) for i in session} | {int(i) for i in exclude}
+        head = order[:k + len(excluded) + self._n_seen(user, seen)]
+        ids = self._ids[head[~seen[head]]].tolist()
+        return [i for i in ids if i not in excluded][:k]
+
+    def _n_seen(self, user: int, seen: np.ndarray) -> int:
+        n = self._seen_count.get(user)
+        if n is None:
+            n = self._seen_count[user] = int(seen.sum())
+        return n
 
     def scores(self, user: int, items: Sequence[int], session: Sequence[int] = ()) -> np.ndarray:
         """Scores for given items (higher is better); unscorable or unknown items get the lowest."""
