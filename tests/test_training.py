@@ -292,19 +292,22 @@ def test_sample_alternatives_are_distinct_and_not_the_human(ratings: dict[int, i
 
 
 class _Stubborn:
-    """A policy that always repeats the human: alternatives must come from perturbations."""
+    """A policy certain of the human's action: alternatives must come from perturbations."""
 
     def __init__(self, action: PageAction) -> None:
         self.action, self.calls = action, 0
 
     def decide(self, inp: DecisionInput) -> Decision:
         self.calls += 1
-        return Decision(action=self.action)
+        scores = {s: 50.0 if i in self.action.watched else -50.0
+                  for s, i in enumerate(inp.items, 1)}
+        return Decision(action=self.action, watch_scores=scores,
+                        then_probs=[1.0, 0.0] if self.action.then == "next" else [0.0, 1.0])
 
 
 def test_alternatives_fall_back_to_one_line_perturbations() -> None:
     tr = _transition({2: 4}, "next")
     stubborn = _Stubborn(PageAction(watched={20: 4}, then="next"))
     alts = sample_alternatives(stubborn, tr, 4, seed=0, tries=2)  # type: ignore[arg-type]
-    assert stubborn.calls == 8
+    assert stubborn.calls == 1, "one policy pass per human step"
     assert alts == [((2,), "exit"), ((1, 2), "next"), ((), "next"), ((2, 3), "next")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from agents import prompts, text
@@ -30,18 +31,26 @@ def _perturbations(human: Key, n_slots: int) -> list[Key]:
 
 
 def sample_alternatives(policy: LLMPolicy, tr: Transition, k: int, seed: int,
-                        tries: int = 3) -> list[Key]:
-    """K distinct actions from the policy that differ from the human's (watched slots, then)."""
+                        tries: int = 4) -> list[Key]:
+    """K distinct actions from the policy that differ from the human's (watched slots, then).
+
+    One pass of the (greedy) policy gives each slot's watch log-odds and P(next)/P(exit);
+    alternatives are drawn
+    from those per-line distributions (a product approximation of the policy's joint, costing one
+    decision instead of one per draw)."""
     human: Key = (tuple(sorted(tr.ratings)), tr.then)
+    d = policy.decide(DecisionInput(user=tr.user, page=tr.page, items=list(tr.items),
+                                    persona_text=tr.persona, page_text=tr.page_text, seed=seed))
+    p_watch = 1 / (1 + np.exp(-np.asarray([d.watch_scores.get(s, 0.0)
+                                           for s in range(1, len(tr.items) + 1)])))
+    p_next = d.then_probs[0] if d.then_probs else 0.5
+    rng = np.random.default_rng([seed, tr.user, tr.page])
     found: list[Key] = []
-    for attempt in range(tries * k):
+    for _ in range(tries * k):
         if len(found) == k:
             break
-        d = policy.decide(DecisionInput(user=tr.user, page=tr.page, items=list(tr.items),
-                                        persona_text=tr.persona, page_text=tr.page_text,
-                                        seed=seed * 1000 + attempt))
-        slots = tuple(sorted(tr.items.index(i) + 1 for i in d.action.watched))
-        key = (slots, d.action.then)
+        slots = tuple(int(s) + 1 for s in np.flatnonzero(rng.random(len(p_watch)) < p_watch))
+        key = (slots, "next" if rng.random() < p_next else "exit")
         if key != human and key not in found:
             found.append(key)
     for key in _perturbations(human, len(tr.items)):
@@ -67,7 +76,7 @@ def build_counterfactual(trs: Sequence[Transition], scorer: Scorer, teacher: Tea
                          generator: Generator | None = None,
                          progress: bool = True) -> Iterable[tuple[Example, Example, str]]:
     """Yield (cr example, policy example with predictions, reflection) per transition."""
-    policy = LLMPolicy(scorer, name="current", temperature=1.0)
+    policy = LLMPolicy(scorer, name="current", temperature=0.0)
     for tr in tqdm(trs, desc="counterfactuals", unit="step", disable=not progress):
         expected = expected_ratings(scorer, tr.prefix, len(tr.items))
         human = _option((tuple(sorted(tr.ratings)), tr.then), tr, expected, generator)
