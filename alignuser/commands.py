@@ -79,6 +79,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     for name in ("users", "next_state", "sim_users", "seed"):
         e.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help=EvalConfig.model_fields[name].description)
+    e.add_argument("--ms", default=None, help=EvalConfig.model_fields["ms"].description
+                   + " (comma-separated)")
     e.add_argument("--ab-results", default=None,
                    help=EvalConfig.model_fields["ab_results"].description)
     e.add_argument("--output", default=None, help="run directory (default runs/<id>/)")
@@ -136,6 +138,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
     overrides = {k: getattr(args, k) for k in ("users", "next_state", "sim_users", "seed",
                                                "ab_results") if getattr(args, k) is not None}
+    if args.ms:
+        overrides["ms"] = [int(m) for m in args.ms.split(",")]
     cfg = EvalConfig.quick(**overrides) if args.preset == "quick" else EvalConfig(**overrides)
     world = world_for(DataConfig(dataset=args.dataset))
     if world.split.test.empty:

@@ -2,9 +2,9 @@
 
 Every method answers the same lists and pages. LLM agents see what they would see when running
 (persona, page facts, their own evidence from the train split, world-model predictions when on)
-and decide greedily; their watch score is log P(watch) - log P(skip). Baselines score the same
-items. Each method's yes/no threshold is tuned once on validation 1:1 lists (accuracy), as in
-the calibration protocol, and AUC is reported beside it because it needs no threshold.
+and decide greedily; their watch score is log P(watch) - log P(skip) and they say yes when it is
+positive, as an agent browsing would. Baselines score the same items and get one threshold tuned
+on validation 1:1 lists (accuracy). AUC is reported beside F1 because it needs no threshold.
 """
 
 from __future__ import annotations
@@ -144,13 +144,21 @@ def _threshold(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def discrimination(methods: Mapping[str, ItemScorer], valid_lists, test_lists: Mapping[int, list],
+                   fixed: Mapping[str, float] | None = None,
                    ) -> tuple[list[dict], dict[str, dict[int, dict]]]:
-    """Rows per (method, m) and per-user results for paired comparisons."""
+    """Rows per (method, m) and per-user results for paired comparisons.
+
+    Scorers without a natural yes/no get the accuracy-maximising cut on validation lists; a
+    method in ``fixed`` keeps its own cut (an agent says watch when log-odds > 0)."""
     rows, per_user = [], {}
+    fixed = fixed or {}
     for name, score in methods.items():
-        v_scores = np.concatenate([score(u, items) for u, items, _ in valid_lists])
-        v_labels = np.concatenate([labels for _, _, labels in valid_lists])
-        cut = _threshold(v_scores, v_labels)
+        if name in fixed:
+            cut = fixed[name]
+        else:
+            v_scores = np.concatenate([score(u, items) for u, items, _ in valid_lists])
+            v_labels = np.concatenate([labels for _, _, labels in valid_lists])
+            cut = _threshold(v_scores, v_labels)
         per_user[name] = {}
         for m, lists in test_lists.items():
             user_rows = []

@@ -20,14 +20,15 @@ from training.rollout import transitions
 
 class EvalConfig(BaseModel):
     preset: Literal["quick", "full"] = Field("full", description="quick: a smoke run for tests")
-    users: int = Field(24, description="held-out users every LLM method is scored on")
-    ms: list[int] = Field([1, 2, 3, 9], description="1:m ratios of preference discrimination")
-    next_action_users: int = Field(24, description="users whose held-out pages are replayed")
-    next_state: int = Field(40, description="held-out transitions for world-model F1")
+    users: int = Field(8, description="held-out users every method is scored on")
+    ms: list[int] = Field([1, 9], description="1:m ratios of preference discrimination "
+                          "(1, 2, 3 and 9 are defined; each LLM list costs ~5 decisions)")
+    next_action_users: int = Field(8, description="users whose held-out pages are replayed")
+    next_state: int = Field(20, description="held-out transitions for world-model F1")
     recommenders: list[str] = Field(["pop", "itemknn", "userknn", "als", "bpr"],
                                     description="recommenders ranked by the simulation")
-    sim_users: int = Field(20, description="agents per recommender for sessions and selection")
-    judge_sessions: int = Field(12, description="human and simulated sessions the judge scores")
+    sim_users: int = Field(8, description="agents per recommender for sessions and selection")
+    judge_sessions: int = Field(8, description="human and simulated sessions the judge scores")
     n_boot: int = Field(1000, description="bootstrap resamples for confidence intervals")
     ab_results: str | None = Field(None, description="CSV experiment,variant,value to rank "
                                    "recommenders against instead of held-out interactions")
@@ -73,9 +74,11 @@ def evaluate(world: World, agents: Mapping[str, micro.AgentVariant], full_name: 
     test_lists = {m: micro.lists_for(world, "test", m, users, cfg.seed) for m in cfg.ms}
     methods = dict(micro.baseline_scorers(world, valid_lists, cfg.seed))
     methods |= {name: micro.agent_item_scores(a, world) for name, a in agents.items()}
-    rows, per_user = micro.discrimination(methods, valid_lists, test_lists)
+    rows, per_user = micro.discrimination(methods, valid_lists, test_lists,
+                                          fixed={name: 0.0 for name in agents})
     metrics["discrimination"] = {"rows": rows, "note": f"{len(users)} held-out users sampled; "
-                                 "thresholds tuned on validation 1:1 lists"}
+                                 "baseline thresholds tuned on validation 1:1 lists; agents "
+                                 "say watch when log P(watch) > log P(skip)"}
     plots["discrimination/f1"] = plot_method_bars(
         pd.DataFrame([r for r in rows if r["m"] == f"1:{cfg.ms[0]}"]).set_index("method"), "f1")
 
@@ -150,11 +153,13 @@ def evaluate(world: World, agents: Mapping[str, micro.AgentVariant], full_name: 
         plots["distributions"] = plot_distributions(cmp["human"], cmp["sim"])
         titles = {i: it.title for i, it in world.ds.items.items()}
         n = cfg.judge_sessions
+        base = agents.get("zero-shot")
+        judge = base.scorer if base else full.scorer
         metrics["judge"] = {
-            "human": float(np.mean(macro.judge(full.scorer, human[:n], world.personas, titles))),
-            "simulated": float(np.mean(macro.judge(full.scorer, sim_knn[:n], world.personas,
-                                                   titles))),
-            "judge": "local model (the agent's own weights)", "local": True,
+            "human": float(np.mean(macro.judge(judge, human[:n], world.personas, titles))),
+            "simulated": float(np.mean(macro.judge(judge, sim_knn[:n], world.personas, titles))),
+            "judge": "local SmolLM2-135M (untrained)" if base else "local model (agent weights)",
+            "local": True,
             "n_sessions": min(n, len(human), len(sim_knn))}
         sel = macro.selection(world, sessions, cfg.recommenders, sim_users, cfg.n_boot,
                               cfg.seed)
