@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pandas as pd
 import pytest
 
@@ -42,3 +44,18 @@ def tiny_dataset() -> Dataset:
             for u in range(1, 7) for k in range(6)]
     ratings = pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
     return validate("tiny", users, items, ratings)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and on a busy 2-core machine extra threads only
+    contend (a 40x slowdown was measured); restored afterwards for other modules."""
+    import torch
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ALIGNUSER_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+    patch.undo()

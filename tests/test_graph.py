@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from agents import prompts
 from agents.llm import Scorer, tiny_lm
@@ -30,17 +29,7 @@ from simulator.trajectories import first_visits
 REC = "pop"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a busy 2-core machine extra threads only
-    contend (a 40x slowdown was measured); restored afterwards for other modules."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("ALIGNUSER_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    patch.undo()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +50,7 @@ PERSONA = "You are a 34-year-old engineer. You like Crime and Action films.\n"
 TINY_CFG = TrainConfig(lora_r=4, lora_alpha=8, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads, and on a busy 2-core machine extra threads only
-    contend (a 40x slowdown was measured); restored afterwards for other modules."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("ALIGNUSER_THREADS", "1")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-    patch.undo()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _example(kind: str, page: int, ratings: dict[int, int], then: str) -> Example:
