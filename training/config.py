@@ -22,7 +22,7 @@ class TrainConfig(BaseModel):
     dataset: str = Field("ml-100k", description="dataset whose TRAIN split builds D_rollout")
     recommender: str = Field("itemknn", description="recommender that fills the human pages")
     wm_steps: int = Field(100, description="optimizer steps of stage 1 (world model)")
-    cr_steps: int = Field(140, description="optimizer steps of stage 2 (or of policy-only SFT)")
+    cr_steps: int = Field(60, description="optimizer steps of stage 2 (or of policy-only SFT)")
     batch_size: int = Field(4, description="examples per step (4x~500 tokens ~ 6 s on 2 cores)")
     max_len: int = Field(1024, description="tokens per example; prompts are cut from the left")
     lr: float = Field(3e-4, description="AdamW learning rate for the LoRA weights")
@@ -40,7 +40,7 @@ class TrainConfig(BaseModel):
     wm_generate: bool = Field(False, description="also generate each alternative's next page "
                               "with the world model (slow on CPU: ~3 s per alternative)")
     wm_transitions: int = Field(2000, description="train transitions sampled for stage 1")
-    cr_transitions: int = Field(200, description="train transitions given counterfactuals")
+    cr_transitions: int = Field(100, description="train transitions given counterfactuals")
     valid_examples: int = Field(24, description="validation examples for early stopping")
     eval_every: int = Field(40, description="steps between validation losses")
     patience: int = Field(3, description="evaluations without improvement before stopping")
