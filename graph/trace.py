@@ -43,12 +43,10 @@ SHOWN = ("page", "items", "page_text", "memories", "predictions", "decision", "h
 
 
 def describe(snapshot: Any, index: int) -> dict[str, Any]:
-    """What one super-step produced: its node, and the state fields a person debugs with."""
-    writes = (snapshot.metadata or {}).get("writes") or {}
+    """One checkpoint: the node that runs next, and the state fields a person debugs with."""
     values = snapshot.values or {}
     return {"step": index, "source": (snapshot.metadata or {}).get("source"),
-            "next": list(snapshot.next), "nodes_run": list(writes),
-            "state": {k: values[k] for k in SHOWN if k in values}}
+            "next": list(snapshot.next), "state": {k: values[k] for k in SHOWN if k in values}}
 
 
 def render(step: dict[str, Any]) -> str:

@@ -105,13 +105,14 @@ def _lr(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _save(model, opt, ckpt: Path, step: int, history: list[dict]) -> None:
+def _save(model, opt, ckpt: Path, step: int, history: list[dict], spent: dict) -> None:
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp)
     torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()},
                tmp / "trainer_state.pt")
-    (tmp / "progress.json").write_text(json.dumps({"step": step, "history": history}))
+    (tmp / "progress.json").write_text(json.dumps({"step": step, "history": history,
+                                                   "spent": spent}))
     if ckpt.exists():
         import shutil
 
@@ -119,7 +120,7 @@ def _save(model, opt, ckpt: Path, step: int, history: list[dict]) -> None:
     tmp.rename(ckpt)
 
 
-def _load(model, opt, ckpt: Path) -> tuple[int, list[dict]]:
+def _load(model, opt, ckpt: Path) -> tuple[int, list[dict], dict]:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -128,7 +129,7 @@ def _load(model, opt, ckpt: Path) -> tuple[int, list[dict]]:
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     prog = json.loads((ckpt / "progress.json").read_text())
-    return prog["step"], prog["history"]
+    return prog["step"], prog["history"], prog.get("spent", {"seconds": 0.0, "tokens": 0})
 
 
 def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
@@ -144,7 +145,8 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = Schedule(pools, batch_size, seed)
     ckpt = out_dir / "checkpoint"
-    start, history = (_load(model, opt, ckpt) if resume and ckpt.exists() else (0, []))
+    start, history, before = (_load(model, opt, ckpt) if resume and ckpt.exists()
+                              else (0, [], {"seconds": 0.0, "tokens": 0}))
     best = min((h["valid"] for h in history if "valid" in h), default=float("inf"))
     bad = 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -182,11 +184,15 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
         tps = tokens / (time.perf_counter() - t0)
         bar.set_postfix(loss=rec["loss"], tok_s=f"{tps:.0f}")
         if (step + 1) % save_every == 0 or step + 1 == steps:
-            _save(model, opt, ckpt, step + 1, history)
+            _save(model, opt, ckpt, step + 1, history,
+                  {"seconds": before["seconds"] + time.perf_counter() - t0,
+                   "tokens": before["tokens"] + tokens})
         if validate is not None and bad >= patience:
             break
     model.eval()
-    elapsed = time.perf_counter() - t0
+    # Time and tokens add up over interrupted runs, so a resumed stage reports its whole cost.
+    elapsed = before["seconds"] + time.perf_counter() - t0
+    tokens += before["tokens"]
     return {"steps": history[-1]["step"] if history else 0, "history": history,
             "best_valid": None if best == float("inf") else best,
             "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
