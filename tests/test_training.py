@@ -47,7 +47,7 @@ VIEWS = (
     ItemView(id=40, title="Casper", year=1995, genres=("Children's",), popularity=20),
 )
 PERSONA = "You are a 34-year-old engineer. You like Crime and Action films.\n"
-TINY_CFG = TrainConfig(lora_r=4, lora_alpha=8, seed=0)
+TINY_CFG = TrainConfig(lora_r=4, lora_alpha=8, lora_dropout=0.05, seed=0)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
