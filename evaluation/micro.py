@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
 
 from agents import prompts, text
 from agents.policy import DecisionInput, LLMPolicy, Scorer
@@ -162,7 +163,7 @@ def discrimination(methods: Mapping[str, ItemScorer], valid_lists, test_lists: M
         per_user[name] = {}
         for m, lists in test_lists.items():
             user_rows = []
-            for u, items, labels in lists:
+            for u, items, labels in tqdm(lists, desc=f"{name} 1:{m}", unit="list", leave=False):
                 s = score(u, items)
                 r = binary_scores(labels, (s >= cut).astype(int))
                 r["auc"] = float(roc_auc_score(labels, s)) if len(set(labels)) > 1 else 0.5
@@ -177,7 +178,7 @@ def next_action(agent: AgentVariant, trs: Sequence[Transition]) -> tuple[dict, l
     """Greedy agent action vs the human's on held-out pages (the human's session so far given).
     Also the agent's expected rating of each item the human watched (RMSE/MAE)."""
     pairs, exits_true, exits_pred, y_true, y_pred, scored = [], [], [], [], [], []
-    for tr in trs:
+    for tr in tqdm(trs, desc=f"{agent.name} pages", unit="page", leave=False):
         body = page_text(tr.views, tr.page, tr.session, agent.memory)
         d, preds = _decide(agent, tr.user, tr.persona, tr.items, tr.page, body)
         pred = {tr.items.index(i) + 1 for i in d.action.watched}

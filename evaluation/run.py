@@ -20,14 +20,14 @@ from training.rollout import transitions
 
 class EvalConfig(BaseModel):
     preset: Literal["quick", "full"] = Field("full", description="quick: a smoke run for tests")
-    users: int = Field(8, description="held-out users every method is scored on")
+    users: int = Field(6, description="held-out users every method is scored on")
     ms: list[int] = Field([1, 9], description="1:m ratios of preference discrimination "
                           "(1, 2, 3 and 9 are defined; each LLM list costs ~5 decisions)")
     next_action_users: int = Field(8, description="users whose held-out pages are replayed")
-    next_state: int = Field(20, description="held-out transitions for world-model F1")
+    next_state: int = Field(10, description="held-out transitions for world-model F1")
     recommenders: list[str] = Field(["pop", "itemknn", "userknn", "als", "bpr"],
                                     description="recommenders ranked by the simulation")
-    sim_users: int = Field(8, description="agents per recommender for sessions and selection")
+    sim_users: int = Field(5, description="agents per recommender for sessions and selection")
     judge_sessions: int = Field(8, description="human and simulated sessions the judge scores")
     n_boot: int = Field(1000, description="bootstrap resamples for confidence intervals")
     ab_results: str | None = Field(None, description="CSV experiment,variant,value to rank "
