@@ -12,7 +12,8 @@ from typing import Protocol, runtime_checkable
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import HumanMessage
 
-from agents.llm import LM, Scorer
+from agents.llm import LM
+from agents.scorer import Scorer
 
 
 @runtime_checkable

@@ -88,7 +88,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _agents(args: argparse.Namespace, methods: list[str]) -> tuple[dict, str | None, dict]:
-    from agents.llm import Scorer, load_lm
+    from agents.llm import load_lm
+    from agents.scorer import Scorer
     from alignuser.config import DEFAULT_CHECKPOINT
     from evaluation.micro import AgentVariant
 

@@ -24,7 +24,8 @@ def load_scorer(cfg: SimulateConfig) -> tuple[Any, str | None]:
     """The LLM scorer the run needs (None when no node needs a language model)."""
     if cfg.policy not in LLM_POLICIES:
         return None, None
-    from agents.llm import Scorer, load_lm
+    from agents.llm import load_lm
+    from agents.scorer import Scorer
 
     adapter = cfg.checkpoint if cfg.policy == "aligned" else None
     if cfg.policy == "aligned" and adapter is None:

@@ -16,7 +16,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from agents.llm import LM, Scorer, bf16_supported, encode, load_lm
+from agents.llm import LM, bf16_supported, encode, load_lm
+from agents.scorer import Scorer
 
 PERSONA = (
     "You are user 196, a 49-year-old male writer living in a small town. You have rated 39 "

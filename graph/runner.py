@@ -2,7 +2,7 @@
 
 Each (recommender, user) pair is one LangGraph thread, so every session can be traced and
 replayed from the checkpointer. Candidate scoring is batched inside each decision (see
-``agents.llm.Scorer``); agents run one after another on a machine this size.
+``agents.scorer.Scorer``); agents run one after another on a machine this size.
 """
 
 from __future__ import annotations

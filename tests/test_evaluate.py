@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.llm import Scorer, tiny_lm
+from agents.llm import tiny_lm
+from agents.scorer import Scorer
 from alignuser.cli import main
 from evaluation.micro import AgentVariant, _threshold, state_fields
 from evaluation.report import SECTIONS

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from agents import prompts
-from agents.llm import Scorer, tiny_lm
+from agents.llm import tiny_lm
 from agents.policy import FixedPolicy
+from agents.scorer import Scorer
 from alignuser.config import SimulateConfig, World, load_world, make_policy
 from alignuser.simulate import build_runtimes
 from graph.graph import build_graph

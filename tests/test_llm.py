@@ -10,15 +10,8 @@ import pytest
 import torch
 
 from agents.chat import LangChainTextModel, LocalTextModel, TextModel
-from agents.llm import (
-    LM,
-    Scorer,
-    best_dtype,
-    encode,
-    load_lm,
-    resolve_dtype,
-    tiny_lm,
-)
+from agents.llm import LM, best_dtype, encode, load_lm, resolve_dtype, tiny_lm
+from agents.scorer import Scorer
 
 PREFIX = "You are user 7, a 30-year-old engineer who likes sci-fi.\nPage 1:\n1. Alien (1979)\n"
 OPTIONS = [

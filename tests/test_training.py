@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from agents import prompts, text
-from agents.llm import LM, Scorer, encode, tiny_lm
+from agents.llm import LM, encode, tiny_lm
 from agents.policy import Decision, DecisionInput, LLMPolicy
+from agents.scorer import Scorer
 from agents.text import Evidence, ItemView, PageView
 from alignuser.commands import train_data
 from alignuser.config import World

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from agents.llm import LM, Scorer, load_lm
+from agents.llm import LM, load_lm
 from agents.perception import Perceiver
+from agents.scorer import Scorer
 from simulator.runs import git_commit
 from simulator.trajectories import Trajectory
 from training.config import LORA_TARGETS, TrainConfig
