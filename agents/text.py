@@ -90,8 +90,17 @@ def slot_line(slot: int, choice: str) -> str:
     return f"[{slot}] {choice}\n"
 
 
+def rating_stem(slot: int) -> str:
+    """The part of a rating line shared by all five ratings (it ends at a token boundary)."""
+    return f"[{slot}] rated"
+
+
+def rating_value(rating: int | str) -> str:
+    return f" {rating}\n"
+
+
 def rating_line(slot: int, rating: int | str) -> str:
-    return f"[{slot}] rated {rating}\n"
+    return rating_stem(slot) + rating_value(rating)
 
 
 def ratings_lines(ratings: Mapping[int, int]) -> str:

@@ -22,12 +22,17 @@ class Generator(Protocol):
 
 
 def expected_ratings(scorer: Scorer, prefix: str, n_slots: int) -> dict[int, float]:
-    """Per slot, the rating the model expects if only that slot is watched (one batched call)."""
-    options = []
+    """Per slot, the rating the model expects if only that slot is watched.
+
+    The action and the shared "[s] rated" stem extend the cached page prefix once per slot, and
+    only the five one-digit endings are scored: the stem's probability is the same for every
+    rating, so this equals scoring the five whole lines, at a quarter of the tokens."""
+    rows = []
     for slot in range(1, n_slots + 1):
         ctx = prompts.world_model_tail(text.render_wm_action(n_slots, [slot], "next"))
-        options += [(ctx, text.rating_line(slot, r)) for r in text.RATINGS]
-    logps = np.asarray(scorer.score(prefix, options), dtype=float).reshape(n_slots, 5)
+        rows.append(scorer.score(prefix + ctx + text.rating_stem(slot),
+                                 [("", text.rating_value(r)) for r in text.RATINGS]))
+    logps = np.asarray(rows, dtype=float)
     probs = np.exp(logps - logps.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     return {s + 1: round(float(probs[s] @ np.arange(1, 6)), 2) for s in range(n_slots)}
