@@ -24,6 +24,7 @@ class EvalConfig(BaseModel):
     ms: list[int] = Field([1, 9], description="1:m ratios of preference discrimination "
                           "(1, 2, 3 and 9 are defined; each LLM list costs ~5 decisions)")
     next_action_users: int = Field(8, description="users whose held-out pages are replayed")
+    next_action_pages: int = Field(20, description="most held-out pages replayed per method")
     next_state: int = Field(10, description="held-out transitions for world-model F1")
     recommenders: list[str] = Field(["pop", "itemknn", "userknn", "als", "bpr"],
                                     description="recommenders ranked by the simulation")
@@ -36,7 +37,7 @@ class EvalConfig(BaseModel):
 
     @classmethod
     def quick(cls, **kw: Any) -> EvalConfig:
-        base = dict(preset="quick", users=2, ms=[1, 9], next_action_users=1,
+        base = dict(preset="quick", users=2, ms=[1, 9], next_action_users=1, next_action_pages=4,
                     next_state=1, recommenders=["pop", "itemknn"], sim_users=2,
                     judge_sessions=2, n_boot=50)
         return cls(**{**base, **kw})
@@ -98,6 +99,7 @@ def evaluate(world: World, agents: Mapping[str, micro.AgentVariant], full_name: 
     log("next action and ratings on held-out pages")
     na_users = users[:cfg.next_action_users]
     trajs, trs = _trs(world, na_users)
+    trs = trs[:cfg.next_action_pages]
     from simulator.offline import rating_predictions
 
     pairs = pd.DataFrame([(tr.user, tr.items[s - 1]) for tr in trs for s in tr.ratings],
