@@ -64,7 +64,9 @@ class RecordingScorer:
         return self.inner.score(prefix, options)
 
     def world_model_calls(self) -> int:
-        return sum(any(prompts.NEXT_STATE in ctx for ctx, _ in opts) for _, opts in self.calls)
+        """Scorer calls that ask the world model (one per predicted slot)."""
+        return sum(prompts.NEXT_STATE in prefix or any(prompts.NEXT_STATE in ctx for ctx, _ in opts)
+                   for prefix, opts in self.calls)
 
 
 def _runtime(world: World, policy: Any, scorer: Any = None,
@@ -152,15 +154,15 @@ def test_llm_agent_actions_are_valid(traced: TracedRun, world: World, users: lis
 
 
 def test_world_model_on_predicts_every_page(traced: TracedRun, users: list[int]) -> None:
-    pages = 0
+    slots = 0
     for user in users:
         nodes, updates, _ = traced.runs[user]
         for u in _of(nodes, updates, "predict"):
             preds = u["predictions"]
             assert sorted(int(k) for k in preds) == [1, 2, 3, 4]
             assert all(1.0 <= v <= 5.0 for v in preds.values())
-            pages += 1
-    assert traced.scorer.world_model_calls() == pages
+            slots += len(preds)
+    assert slots and traced.scorer.world_model_calls() == slots
     policy_prefixes = [ctx for _, opts in traced.scorer.calls for ctx, _ in opts
                        if ctx.startswith("You expect to rate:")]
     assert policy_prefixes  # the policy saw the predictions
@@ -243,8 +245,9 @@ def test_world_model_off_makes_no_predictions(world: World, users: list[int],
     assert recording.calls and recording.world_model_calls() == 0
     assert not any("You expect to rate" in ctx for _, opts in recording.calls for ctx, _ in opts)
     # The same runtime with the world model on does call it.
-    nodes_on, _, _ = _stream(build_graph("none", "on"), rt, users[0])
-    assert recording.world_model_calls() == nodes_on.count("predict") > 0
+    nodes_on, updates_on, _ = _stream(build_graph("none", "on"), rt, users[0])
+    predicted = sum(len(u["predictions"]) for u in _of(nodes_on, updates_on, "predict"))
+    assert recording.world_model_calls() == predicted > 0
 
 
 def test_world_model_on_without_a_scorer_is_refused(world: World, users: list[int]) -> None:
