@@ -27,7 +27,7 @@ class SimulateConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig, description="dataset and split")
     recommenders: list[str] = Field(["pop", "itemknn", "bpr"],
                                     description="recommenders the population browses")
-    agents: int = Field(6, description="simulated users per recommender (sampled test users)")
+    agents: int = Field(4, description="simulated users per recommender (sampled test users)")
     pages: int = Field(5, description="most pages per session")
     page_size: int = Field(4, description="items per page")
     policy: PolicyName = Field("aligned", description="decide-node policy")
