@@ -78,6 +78,16 @@ def render_page(view: PageView) -> str:
     return "\n".join(parts) + "\n"
 
 
+def page_prompt(page: int, max_pages: int, views: Sequence[ItemView],
+                session: Sequence[tuple[str, int]] = (), memories: Sequence[str] = (),
+                evidence: bool = True) -> str:
+    """One page as every caller shows it; ``evidence=False`` is the no-memory ablation."""
+    if not evidence:
+        views = [v.model_copy(update={"evidence": []}) for v in views]
+    return render_page(PageView(page=page, max_pages=max_pages, items=list(views),
+                                session=list(session), memories=list(memories)))
+
+
 def render_predictions(predictions: Mapping[int, float]) -> str:
     """The world model's expected rating per slot, placed before the choices."""
     if not predictions:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from agents import prompts, text
 from agents.policy import DecisionInput, LLMPolicy, Scorer
-from agents.text import NextState, PageView
+from agents.text import NextState
 from agents.world_model import expected_ratings, predict_next_state
 from evaluation.metrics import (
     action_match_mean,
@@ -53,10 +53,7 @@ class AgentVariant:
 
 def page_text(views: Sequence[text.ItemView], page: int, session: Sequence[tuple[str, int]],
               memory: bool) -> str:
-    if not memory:
-        views = [v.model_copy(update={"evidence": []}) for v in views]
-    return text.render_page(PageView(page=page, max_pages=5, items=list(views),
-                                     session=list(session)))
+    return text.page_prompt(page, 5, views, session, evidence=memory)
 
 
 def _decide(agent: AgentVariant, user: int, persona: str, items: Sequence[int], page: int,

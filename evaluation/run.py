@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from itertools import product
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,8 +22,8 @@ from training.rollout import transitions
 class EvalConfig(BaseModel):
     preset: Literal["quick", "full"] = Field("full", description="quick: a smoke run for tests")
     users: int = Field(6, description="held-out users every method is scored on")
-    ms: list[int] = Field([1, 9], description="1:m ratios of preference discrimination "
-                          "(1, 2, 3 and 9 are defined; each LLM list costs ~5 decisions)")
+    ms: list[int] = Field([1, 2, 3, 9], description="1:m ratios of preference discrimination "
+                          "(1, 2, 3 and 9; every list is 20 items, 5 pages of LLM decisions)")
     next_action_users: int = Field(8, description="users whose held-out pages are replayed")
     next_action_pages: int = Field(20, description="most held-out pages replayed per method")
     next_state: int = Field(10, description="held-out transitions for world-model F1")
@@ -80,20 +81,20 @@ def evaluate(world: World, agents: Mapping[str, micro.AgentVariant], full_name: 
     metrics["discrimination"] = {"rows": rows, "note": f"{len(users)} held-out users sampled; "
                                  "baseline thresholds tuned on validation 1:1 lists; agents "
                                  "say watch when log P(watch) > log P(skip)"}
-    plots["discrimination/f1"] = plot_method_bars(
-        pd.DataFrame([r for r in rows if r["m"] == f"1:{cfg.ms[0]}"]).set_index("method"), "f1")
+    by_m = pd.DataFrame(rows).assign(m=lambda f: f["m"].str.split(":").str[1].astype(int))
+    for metric in ("f1", "auc"):
+        plots[f"discrimination/{metric}"] = plot_method_bars(by_m, metric)
 
+    write_report(metrics, out_dir, plots)  # partial reports: a late failure keeps these
     log("paired differences")
     paired = []
-    m0 = cfg.ms[0]
-    for name in agents:
-        for base in ("popularity", "bpr", "feature regression"):
-            common = sorted(set(per_user[name][m0]) & set(per_user[base][m0]))
-            for metric in ("f1", "auc"):
-                a = [per_user[name][m0][u][metric] for u in common]
-                b = [per_user[base][m0][u][metric] for u in common]
-                paired.append({"method": name, "versus": base, "metric": f"{metric} 1:{m0}",
-                               **paired_diff_ci(a, b, cfg.n_boot, cfg.seed)})
+    for m, name, base in product(cfg.ms, agents, ("popularity", "bpr", "feature regression")):
+        common = sorted(set(per_user[name][m]) & set(per_user[base][m]))
+        for metric in ("f1", "auc"):
+            a = [per_user[name][m][u][metric] for u in common]
+            b = [per_user[base][m][u][metric] for u in common]
+            paired.append({"method": name, "versus": base, "metric": f"{metric} 1:{m}",
+                           **paired_diff_ci(a, b, cfg.n_boot, cfg.seed)})
     metrics["paired"] = {"rows": paired}
 
     log("next action and ratings on held-out pages")
@@ -136,6 +137,7 @@ def evaluate(world: World, agents: Mapping[str, micro.AgentVariant], full_name: 
                               "note": f"regression of {full_name}'s watch scores on what it "
                                       "perceived"}
 
+    write_report(metrics, out_dir, plots)
     if full is not None and cfg.next_state:
         log("world model next-state F1")
         sample = trs[:cfg.next_state]

@@ -12,7 +12,7 @@ from langchain_core.runnables import RunnableConfig
 
 from agents import prompts
 from agents.policy import DecisionInput
-from agents.text import ItemView, PageView, render_page
+from agents.text import ItemView, page_prompt
 from agents.world_model import expected_ratings
 from graph.runtime import Runtime, runtime_of
 from graph.state import AgentState
@@ -75,10 +75,8 @@ def page_text(state: AgentState, rt: Runtime) -> str:
     titles = {v["id"]: v["title"] for v in state["views"]}
     session = [(titles.get(i) or rt.perceiver.items[i].title, r)
                for i, r in state.get("session", [])]
-    view = PageView(page=state["page"], max_pages=rt.max_pages,
-                    items=[ItemView(**v) for v in state["views"]],
-                    memories=state.get("memories", []), session=session)
-    return render_page(view)
+    return page_prompt(state["page"], rt.max_pages, [ItemView(**v) for v in state["views"]],
+                       session, state.get("memories", []))
 
 
 def decide(state: AgentState, config: RunnableConfig) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from agents import prompts, text
 from agents.perception import Perceiver
-from agents.text import ItemView, PageView
+from agents.text import ItemView
 from simulator.trajectories import Step, Trajectory
 
 
@@ -47,8 +47,7 @@ class Transition:
 
     @property
     def page_text(self) -> str:
-        return text.render_page(PageView(page=self.page, max_pages=self.max_pages,
-                                         items=list(self.views), session=list(self.session)))
+        return text.page_prompt(self.page, self.max_pages, self.views, self.session)
 
     @property
     def prefix(self) -> str:

@@ -170,7 +170,7 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
         rec = {"step": step + 1, "loss": round(float(loss.detach()), 4)}
         for kind in dict.fromkeys(ex.kind for ex in examples):
             sel = [i for i, ex in enumerate(examples) if ex.kind == kind]
-            rec[f"loss_{kind}"] = round(float(losses[sel].mean()), 4)
+            rec[f"loss_{kind}"] = round(float(losses[sel].detach().mean()), 4)
         if validate is not None and (step + 1) % eval_every == 0:
             model.eval()
             rec["valid"] = round(validate(), 4)
