@@ -124,6 +124,12 @@ class LensKitRecommender:
             il = self._history_list[user] = ItemList(item_ids=self.history(user))
         return il
 
+    def _session_query(self, user: int, session: np.ndarray) -> RecQuery:
+        """History plus this session, for scorers that read both (ItemKNN, ALS)."""
+        return RecQuery(user_id=user, history_items=self._history_items(user),
+                        session_items=ItemList(item_ids=session) if len(session) else None,
+                        query_source={"history", "session"})
+
     def _session_items(self, user: int, session: Sequence[int]) -> np.ndarray:
         """Distinct, in-catalogue session items not already in the history (the ones that count)."""
         if not session or not self.reactive or not self.uses_session:
@@ -239,10 +245,7 @@ class ItemKNNRecommender(LensKitRecommender):
         self._scorer.train(data, options)
 
     def _raw_scores(self, user: int, session: np.ndarray) -> np.ndarray:
-        query = RecQuery(user_id=user, history_items=self._history_items(user),
-                         session_items=ItemList(item_ids=session) if len(session) else None,
-                         query_source={"history", "session"})
-        return self._scorer(query, self._catalog).scores()
+        return self._scorer(self._session_query(user, session), self._catalog).scores()
 
 
 class UserKNNRecommender(LensKitRecommender):
@@ -267,10 +270,7 @@ class ALSRecommender(LensKitRecommender):
         self._scorer.train(data, options)
 
     def _raw_scores(self, user: int, session: np.ndarray) -> np.ndarray:
-        query = RecQuery(user_id=user, history_items=self._history_items(user),
-                         session_items=ItemList(item_ids=session) if len(session) else None,
-                         query_source={"history", "session"})
-        return self._scorer(query, self._catalog).scores()
+        return self._scorer(self._session_query(user, session), self._catalog).scores()
 
 
 class BPRRecommender(LensKitRecommender):
