@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -336,17 +337,21 @@ def plot_method_bars(table: pd.DataFrame, metric: str) -> Figure:
     groups = sorted(frame["m"].unique()) if "m" in frame else [None]
     methods = list(dict.fromkeys(frame["method"]))
     width = 0.8 / max(len(methods), 1)
-    fig = Figure(figsize=(max(4.0, 1.2 * len(groups) * len(methods) ** 0.5 + 2), 3.2),
+    fig = Figure(figsize=(max(4.0, 1.2 * len(groups) * len(methods) ** 0.5 + 2) + 2.5, 3.2),
                  layout="constrained")
     ax = fig.subplots()
+    colours = matplotlib.colormaps["tab20" if len(methods) > 10 else "tab10"].colors
     for j, method in enumerate(methods):
         sub = frame[frame["method"] == method]
         xs = np.array([groups.index(g) for g in sub["m"]]) if "m" in sub else np.zeros(len(sub))
         ax.bar(xs + (j - (len(methods) - 1) / 2) * width, sub[metric].to_numpy(dtype=float),
-               width, yerr=_err(sub, metric), capsize=3, label=str(method))
+               width, yerr=_err(sub, metric), capsize=3, label=str(method),
+               color=colours[j % len(colours)])
+    if metric == "auc":
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance (AUC 0.5)")
     ax.set_xticks(range(len(groups)), [f"1:{g}" if g is not None else "" for g in groups])
     ax.set_ylabel(metric)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig
 
 
