@@ -64,8 +64,10 @@ def session_features(sessions: Sequence[Mapping[str, Any]]) -> np.ndarray:
 
 def compare_sessions(human: Sequence[Mapping], sim: Sequence[Mapping], seed: int) -> dict:
     h, s = distributions(human), distributions(sim)
-    rows = [{"distribution": k, **distribution_distance(h[k], s[k])} for k in h
-            if len(h[k]) and len(s[k])]
+    rows = [{"distribution": k, **distribution_distance(h[k], s[k])} if len(h[k]) and len(s[k])
+            else {"distribution": k, "n_human": len(h[k]), "n_sim": len(s[k]),
+                  "note": "not compared: one side has no value (e.g. no session ended by exit)"}
+            for k in h]
     disc = discriminator_auc(session_features(human), session_features(sim), seed=seed) \
         if len(human) >= 4 and len(sim) >= 4 else {"auc": None, "note": "too few sessions"}
     return {"rows": rows, "discriminator": disc, "human": h, "sim": s}

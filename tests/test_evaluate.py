@@ -107,3 +107,19 @@ def test_empty_test_split_is_one_clear_error(tmp_path: Path,
     code = main(["evaluate", "--preset", "quick", "--dataset", str(d), "--methods", ""])
     assert code == 2
     assert "test split is empty" in capsys.readouterr().err
+
+
+def test_a_distribution_one_side_lacks_is_reported_not_dropped() -> None:
+    from evaluation.macro import compare_sessions
+
+    def session(n_pages: int, last: str) -> dict:
+        pages = [{"page": p, "items": [1, 2], "watched": {"1": 4},
+                  "then": last if p == n_pages else "next"} for p in range(1, n_pages + 1)]
+        return {"user": 1, "recommender": "pop", "pages": pages}
+
+    human = [session(n, "exit") for n in (1, 2, 3, 4)]
+    sim = [session(5, "next") for _ in range(4)]  # every agent ran to the page limit
+    rows = {r["distribution"]: r for r in compare_sessions(human, sim, seed=0)["rows"]}
+    assert set(rows) == {"pages per session", "watches per page", "ratings", "exit page"}
+    assert rows["exit page"]["n_sim"] == 0 and "not compared" in rows["exit page"]["note"]
+    assert rows["pages per session"]["w1"] == pytest.approx(2.5)
