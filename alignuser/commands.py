@@ -56,8 +56,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 METHODS = ("zero_shot", "sft", "wm_policy", "full", "full_no_memory", "full_no_wm")
 
 
@@ -126,6 +124,7 @@ def _agents(args: argparse.Namespace, methods: list[str]) -> tuple[dict, str | N
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import os
     import platform
     import shlex
     import sys
@@ -149,7 +148,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = new_run_dir(args.output, "evaluate")
     write_manifest(out, "evaluate", cfg.model_dump(mode="json"), methods=methods,
                    checkpoints=ckpts, dataset=world.ds.name)
-    setup = {"machine": f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} "
+    setup = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} "
                         "cores, CPU only", "command": shlex.join(["alignuser", *sys.argv[1:]]),
              "dataset": world.ds.name, "split": "per-user chronological 70/10/20",
              "seed": cfg.seed, "checkpoint": ckpts.get("full")}

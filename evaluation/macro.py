@@ -109,20 +109,18 @@ def per_user_hits(world: World, recommenders: Sequence[str], users: Sequence[int
     ``test``, a classical offline metric for ``valid``)."""
     target = world.split.part(part)
     later = {"valid": ["valid", "test"], "test": ["test"]}[part]
-    seen_before = set()
+    exclude: dict[int, set[int]] = {}
     for p in ("valid", "test"):
         if p not in later:
-            seen_before |= set(zip(world.split.part(p)["user"], world.split.part(p)["item"],
-                                  strict=True))
+            for u, items in world.split.part(p).groupby("user")["item"]:
+                exclude.setdefault(int(u), set()).update(items.astype(int))
+    truths = {u: set(target.loc[target["user"] == u, "item"].astype(int)) for u in users}
+    truths = {u: t for u, t in truths.items() if t}
     rows = []
     for r in recommenders:
         rec = world.recommender(r, reactive=False, seed=seed)
-        for u in users:
-            truth = set(target.loc[target["user"] == u, "item"].astype(int))
-            if not truth:
-                continue
-            exclude = {i for (uu, i) in seen_before if uu == u}
-            top = rec.rank(u, k, exclude=exclude)
+        for u, truth in truths.items():
+            top = rec.rank(u, k, exclude=exclude.get(int(u), set()))
             rows.append({"user": u, "recommender": r,
                          "recall": len(truth & set(top)) / min(k, len(truth))})
     return pd.DataFrame(rows).pivot_table(index="user", columns="recommender", values="recall")

@@ -35,9 +35,8 @@ def sample_alternatives(policy: LLMPolicy, tr: Transition, k: int, seed: int,
     """K distinct actions from the policy that differ from the human's (watched slots, then).
 
     One pass of the (greedy) policy gives each slot's watch log-odds and P(next)/P(exit);
-    alternatives are drawn
-    from those per-line distributions (a product approximation of the policy's joint, costing one
-    decision instead of one per draw)."""
+    alternatives are drawn from those per-line distributions (a product approximation of the
+    policy's joint, costing one decision instead of one per draw)."""
     human: Key = (tuple(sorted(tr.ratings)), tr.then)
     d = policy.decide(DecisionInput(user=tr.user, page=tr.page, items=list(tr.items),
                                     persona_text=tr.persona, page_text=tr.page_text, seed=seed))

@@ -105,6 +105,9 @@ def _lr(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+NOTHING_SPENT = {"seconds": 0.0, "tokens": 0}
+
+
 def _save(model, opt, ckpt: Path, step: int, history: list[dict], spent: dict) -> None:
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -129,7 +132,7 @@ def _load(model, opt, ckpt: Path) -> tuple[int, list[dict], dict]:
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     prog = json.loads((ckpt / "progress.json").read_text())
-    return prog["step"], prog["history"], prog.get("spent", {"seconds": 0.0, "tokens": 0})
+    return prog["step"], prog["history"], prog.get("spent", NOTHING_SPENT)
 
 
 def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
@@ -146,7 +149,7 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
     sched = Schedule(pools, batch_size, seed)
     ckpt = out_dir / "checkpoint"
     start, history, before = (_load(model, opt, ckpt) if resume and ckpt.exists()
-                              else (0, [], {"seconds": 0.0, "tokens": 0}))
+                              else (0, [], NOTHING_SPENT))
     best = min((h["valid"] for h in history if "valid" in h), default=float("inf"))
     bad = 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
