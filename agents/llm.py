@@ -153,8 +153,20 @@ def _adapter_base(adapter: Path) -> Path | None:
     return Path(base) if base and (Path(base) / "config.json").is_file() else None
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    return torch.device(device)
+
+
 def load_lm(
-    path: str | Path = "default", adapter: str | Path | None = None, dtype: str = "auto"
+    path: str | Path = "default", adapter: str | Path | None = None, dtype: str = "auto",
+    device: str = "auto",
 ) -> LM:
     """Load ``"default"`` (the converted SmolLM2), any local HF causal-LM folder, or a PEFT
     adapter folder (passed as ``adapter``, or as ``path`` itself) on top of its base."""
@@ -181,6 +193,7 @@ def load_lm(
 
             model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
             name = f"{name}+{adapter_dir.name}"
+    model.to(resolve_device(device))
     model.eval()
     return LM(model=model, tokenizer=tokenizer, name=name)
 
@@ -212,6 +225,25 @@ def tiny_lm(seed: int = 0, layers: int = 2, hidden: int = 64) -> LM:
         model = LlamaForCausalLM(config)
     model.eval()
     return LM(model=model, tokenizer=tokenizer, name=f"tiny-llama-{layers}x{hidden}-s{seed}")
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_arg_of(cls: type) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_arg(model: Any) -> str:
+    """The forward keyword of the KV cache: transformers renamed past_key_values to cache."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_arg_of(type(base))
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache of a forward's output under either transformers naming."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
 
 
 def encode(tokenizer: Any, segments: Sequence[str]) -> list[int]:

@@ -36,7 +36,15 @@ class Perceiver:
 
     def with_evidence(self, views: Sequence[ItemView],
                       history: Mapping[int, float]) -> list[ItemView]:
-        return [v.model_copy(update={"evidence": self.evidence(v.id, history)}) for v in views]
+        """Add the personal evidence: similar past titles and the collaborative match."""
+        match = self.similarity.match_percentiles(history)
+        out = []
+        for v in views:
+            n, mean = self.similarity.closest_watched(v.id, history)
+            out.append(v.model_copy(update={
+                "evidence": self.evidence(v.id, history), "match": match.get(v.id, 0),
+                "close_watched": n, "close_rating": None if mean is None else round(mean, 1)}))
+        return out
 
     def page(self, item_ids: Sequence[int], history: Mapping[int, float]) -> list[ItemView]:
         return self.with_evidence([self.facts(i) for i in item_ids], history)

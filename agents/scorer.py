@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from agents.llm import LM, encode
+from agents.llm import LM, cache_arg, encode, output_cache
 
 
 @dataclass
@@ -73,8 +73,14 @@ class Scorer:
     Not thread-safe. Call `clear()` after changing the weights (cached prefixes go stale).
     """
 
-    def __init__(self, lm: LM, cache_size: int = 16, max_batch: int = 64) -> None:
+    def __init__(self, lm: LM, cache_size: int = 16, max_batch: int = 64,
+                 batch_tokens: int | None = None) -> None:
         self.lm, self.cache_size, self.max_batch = lm, cache_size, max_batch
+        # Option tokens per batched forward in ``score_many``, and rows per forward (each row
+        # carries a copy of its prefix's KV): larger on a GPU.
+        gpu = lm.device.type == "cuda"
+        self.batch_tokens = batch_tokens or (65536 if gpu else 4096)
+        self.max_rows = 1024 if gpu else 64
         self.stats = ScorerStats()
         self._cache: OrderedDict[str, _Prefix] = OrderedDict()
 
@@ -109,12 +115,13 @@ class Scorer:
         if base is not None and start > 0:
             self.stats.prefix_extends += 1
             self.stats.reused_tokens += start
-            kwargs["cache"] = _expanded_cache(self.lm.model.config, base.kv, 1, start)
+            kwargs[cache_arg(self.lm.model)] = _expanded_cache(self.lm.model.config, base.kv,
+                                                               1, start)
             kwargs["position_ids"] = torch.arange(start, len(ids), device=self.lm.device)[None]
         else:
             self.stats.prefix_misses += 1
         out = self._forward(rest, **kwargs)
-        kv = tuple((k, v) for k, v, *_ in out.cache)
+        kv = tuple((k, v) for k, v, *_ in output_cache(out))
         entry = _Prefix(ids, kv, torch.log_softmax(out.logits[0, -1].float(), -1))
         self._cache[text] = entry
         while len(self._cache) > self.cache_size:
@@ -156,7 +163,7 @@ class Scorer:
             input_ids,
             attention_mask=mask.to(device),
             position_ids=torch.arange(p, p + width, device=device).expand(batch, -1),
-            cache=_expanded_cache(self.lm.model.config, entry.kv, batch),
+            **{cache_arg(self.lm.model): _expanded_cache(self.lm.model.config, entry.kv, batch)},
             use_cache=True,
             logits_to_keep=width - first,
         )
@@ -170,6 +177,128 @@ class Scorer:
             total = logprobs.gather(-1, target[len(target) - len(rows) :, None]).sum()
             if lo < 0:  # first target token is predicted by the prefix's last position
                 total = total + entry.next_logprobs[target[0]]
+            scores.append(float(total))
+        return scores
+
+    @torch.inference_mode()
+    def score_many(self, requests: Sequence[tuple[str, Sequence[tuple[str, str]]]]
+                   ) -> list[list[float]]:
+        """``score`` for many (prefix, options) requests at once: prefixes go through padded
+        batched forwards, then every option of every request through padded batched forwards
+        over its own prefix's cache. Same numbers as ``score`` up to padding round-off; this is
+        how a population or a set of lists is scored in lockstep."""
+        self.stats.calls += len(requests)
+        tok = self.lm.tokenizer
+        prefixes: dict[str, list[int]] = {}
+        for prefix, _ in requests:
+            if prefix not in prefixes:
+                prefixes[prefix] = encode(tok, [prefix])
+                if not prefixes[prefix]:
+                    raise ValueError("prefix must not be empty")
+        entries = self._prefixes_batched(prefixes)
+        rows = []  # (request index, prefix entry, ids, n_ctx)
+        for r, (prefix, options) in enumerate(requests):
+            self.stats.options += len(options)
+            for context, target in options:
+                c, t = encode(tok, [context]), encode(tok, [target])
+                if not t:
+                    raise ValueError(f"empty target in option {(context, target)!r}")
+                rows.append((r, entries[prefix], c + t, len(c)))
+        out: list[list[float]] = [[] for _ in requests]
+        order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][1].ids), -len(rows[i][2])))
+        scores: dict[int, float] = {}
+        start = 0
+        while start < len(order):
+            width = max(len(rows[order[start]][2]), 1)
+            n = max(1, min(self.max_rows, self.batch_tokens // width))
+            chunk = order[start:start + n]
+            for i, v in zip(chunk, self._options_batched([rows[i] for i in chunk]), strict=True):
+                scores[i] = v
+            start += n
+        for i, row in enumerate(rows):
+            out[row[0]].append(scores[i])
+        return out
+
+    def _prefixes_batched(self, prefixes: dict[str, list[int]]) -> dict[str, _Prefix]:
+        """Right-padded batched prefix forwards; each prefix's KV is kept unpadded."""
+        found = {t: self._cache[t] for t in prefixes if t in self._cache}
+        todo = sorted((t for t in prefixes if t not in found), key=lambda t: -len(prefixes[t]))
+        device = self.lm.device
+        decoder, head = self.lm.model.get_decoder(), self.lm.model.get_output_embeddings()
+        start = 0
+        while start < len(todo):
+            width = len(prefixes[todo[start]])
+            n = max(1, self.batch_tokens // width)
+            chunk = todo[start:start + n]
+            start += n
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for row, t in enumerate(chunk):
+                ids[row, :len(prefixes[t])] = torch.tensor(prefixes[t])
+                mask[row, :len(prefixes[t])] = 1
+            self.stats.forwards += 1
+            self.stats.tokens += ids.numel()
+            self.stats.prefix_misses += len(chunk)
+            out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
+                          use_cache=True)
+            last = torch.tensor([len(prefixes[t]) - 1 for t in chunk], device=device)
+            hidden = out.last_hidden_state[torch.arange(len(chunk), device=device), last]
+            logprobs = torch.log_softmax(head(hidden).float(), -1)
+            layers = [(k, v) for k, v, *_ in output_cache(out)]
+            for row, t in enumerate(chunk):
+                n_tok = len(prefixes[t])
+                kv = tuple((k[row:row + 1, :, :n_tok].clone(), v[row:row + 1, :, :n_tok].clone())
+                           for k, v in layers)
+                found[t] = _Prefix(tuple(prefixes[t]), kv, logprobs[row])
+        for t, entry in found.items():
+            self._cache[t] = entry
+            self._cache.move_to_end(t)
+        while len(self._cache) > max(self.cache_size, len(prefixes)):
+            self._cache.popitem(last=False)
+        return found
+
+    def _options_batched(self, rows: list[tuple[int, _Prefix, list[int], int]]) -> list[float]:
+        """Options of different prefixes in one forward: each row's prefix KV right-padded to
+        the longest, options after it, masks hiding the padding."""
+        from transformers import DynamicCache
+
+        device = self.lm.device
+        p = max(len(e.ids) for _, e, _, _ in rows)
+        width = max(len(ids) for _, _, ids, _ in rows)
+        batch = len(rows)
+        input_ids = torch.zeros(batch, width, dtype=torch.long)
+        mask = torch.zeros(batch, p + width, dtype=torch.long)
+        positions = torch.zeros(batch, width, dtype=torch.long)
+        for r, (_, e, ids, _) in enumerate(rows):
+            input_ids[r, :len(ids)] = torch.tensor(ids)
+            mask[r, :len(e.ids)] = 1
+            mask[r, p:p + len(ids)] = 1
+            positions[r] = torch.arange(len(e.ids), len(e.ids) + width)
+        layers = []
+        for li in range(len(rows[0][1].kv)):
+            ks, vs = [], []
+            for _, e, _, _ in rows:
+                k, v = e.kv[li]
+                pad = p - k.shape[2]
+                if pad:
+                    k = torch.nn.functional.pad(k, (0, 0, 0, pad))
+                    v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+                ks.append(k)
+                vs.append(v)
+            layers.append((torch.cat(ks), torch.cat(vs)))
+        cache = DynamicCache(ddp_cache_data=layers, config=self.lm.model.config)
+        self.stats.forwards += 1
+        self.stats.tokens += input_ids.numel()
+        logits = self.lm.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                               position_ids=positions.to(device),
+                               **{cache_arg(self.lm.model): cache}, use_cache=True).logits
+        scores = []
+        for r, (_, e, ids, n_ctx) in enumerate(rows):
+            target = torch.tensor(ids[n_ctx:], device=device)
+            lp = torch.log_softmax(logits[r, max(n_ctx - 1, 0):len(ids) - 1].float(), -1)
+            total = lp.gather(-1, target[len(target) - lp.shape[0]:, None]).sum()
+            if n_ctx == 0:
+                total = total + e.next_logprobs[target[0]]
             scores.append(float(total))
         return scores
 
@@ -192,6 +321,31 @@ class Scorer:
             tail_ids = torch.tensor(tail, device=self.lm.device, dtype=torch.long)[:, None]
             scores.append(float(logprobs.gather(-1, tail_ids).sum()))
         return scores
+
+    @torch.inference_mode()
+    def generate_many(self, prompts: Sequence[str], max_new_tokens: int = 64,
+                      batch: int = 64) -> list[str]:
+        """Greedy decoding of many prompts in left-padded batches (free-text parts, e.g. the
+        world model's next page); each output stops at EOS or the token budget."""
+        tok = self.lm.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        outs: list[str] = []
+        for i in range(0, len(prompts), batch):
+            enc = [encode(tok, [p]) for p in prompts[i:i + batch]]
+            width = max(len(e) for e in enc)
+            ids = torch.full((len(enc), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(enc), width), dtype=torch.long)
+            for r, e in enumerate(enc):
+                ids[r, width - len(e):] = torch.tensor(e)
+                mask[r, width - len(e):] = 1
+            self.stats.calls += len(enc)
+            self.stats.forwards += max_new_tokens
+            gen = self.lm.model.generate(input_ids=ids.to(self.lm.device),
+                                         attention_mask=mask.to(self.lm.device),
+                                         max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=pad)
+            outs += [tok.decode(g[width:], skip_special_tokens=True) for g in gen]
+        return outs
 
     @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: str | None = None) -> str:
@@ -218,6 +372,7 @@ class Scorer:
             if len(new) == max_new_tokens:
                 break
             position = torch.tensor([[len(ids) + len(new) - 1]], device=self.lm.device)
-            out = self._forward(torch.tensor([[token]]), cache=out.cache, position_ids=position,
-                                use_cache=True, logits_to_keep=1)
+            out = self._forward(torch.tensor([[token]]),
+                                **{cache_arg(self.lm.model): output_cache(out)},
+                                position_ids=position, use_cache=True, logits_to_keep=1)
         return tokenizer.decode(new, skip_special_tokens=True)

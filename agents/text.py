@@ -38,6 +38,14 @@ class ItemView(BaseModel):
     popularity: int = Field(0, description="ratings in the train split")
     mean_rating: float | None = None
     evidence: list[Evidence] = Field(default_factory=list)
+    match: int | None = Field(None, description="0-100: how strongly the item matches this "
+                              "person's history (item-kNN score percentile); None = not perceived")
+    close_watched: int = Field(0, description="of the item's 20 closest items, how many the "
+                               "person watched")
+    close_rating: float | None = Field(None, description="their mean rating of those")
+
+    def personal(self) -> bool:
+        return bool(self.evidence) or self.match is not None
 
     def label(self) -> str:
         return f"{self.title} ({self.year})" if self.year else self.title
@@ -55,10 +63,14 @@ class PageView(BaseModel):
 def render_item(slot: int, it: ItemView) -> str:
     stats = f"{it.popularity} ratings" + (f", avg {it.mean_rating:.1f}" if it.mean_rating else "")
     line = f"[{slot}] {it.label()} | {', '.join(it.genres) or 'unknown genre'} | {stats}"
+    if it.match is not None:
+        close = f"you watched {it.close_watched} of its 20 closest" + (
+            f", rated {it.close_rating:.1f}" if it.close_rating is not None else "")
+        line += f"\n    match {it.match}/100; {close}"
     if it.evidence:
         seen = "; ".join(f"{e.title} {e.rating}/5" for e in it.evidence)
         line += f"\n    like what you rated: {seen}"
-    else:
+    elif it.match is not None:
         line += "\n    like what you rated: nothing you watched"
     return line
 
@@ -83,7 +95,8 @@ def page_prompt(page: int, max_pages: int, views: Sequence[ItemView],
                 evidence: bool = True) -> str:
     """One page as every caller shows it; ``evidence=False`` is the no-memory ablation."""
     if not evidence:
-        views = [v.model_copy(update={"evidence": []}) for v in views]
+        views = [v.model_copy(update={"evidence": [], "match": None, "close_watched": 0,
+                                      "close_rating": None}) for v in views]
     return render_page(PageView(page=page, max_pages=max_pages, items=list(views),
                                 session=list(session), memories=list(memories)))
 
@@ -127,8 +140,11 @@ def render_choices(n_slots: int, watched_slots: Sequence[int]) -> str:
 
 
 def render_action(n_slots: int, ratings: Mapping[int, int], then: str) -> str:
-    """The policy's full action: slot choices, the ratings of watched slots, next/exit."""
-    return render_choices(n_slots, list(ratings)) + ratings_lines(ratings) + then_line(then)
+    """The policy's full action: slot choices, next/exit, then the ratings of watched slots.
+
+    next/exit comes before the ratings so that it and every rating can be scored in one batched
+    forward after the choices (``agents.decide``)."""
+    return render_choices(n_slots, list(ratings)) + then_line(then) + ratings_lines(ratings)
 
 
 def render_wm_action(n_slots: int, watched_slots: Sequence[int], then: str) -> str:

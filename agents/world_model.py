@@ -22,20 +22,34 @@ class Generator(Protocol):
 
 
 def expected_ratings(scorer: Scorer, prefix: str, n_slots: int) -> dict[int, float]:
-    """Per slot, the rating the model expects if only that slot is watched.
+    """Per slot, the rating the model expects if only that slot is watched."""
+    return expected_ratings_many(scorer, [(prefix, n_slots)])[0]
 
-    The action and the shared "[s] rated" stem extend the cached page prefix once per slot, and
-    only the five one-digit endings are scored: the stem's probability is the same for every
-    rating, so this equals scoring the five whole lines, at a quarter of the tokens."""
-    rows = []
-    for slot in range(1, n_slots + 1):
-        ctx = prompts.world_model_tail(text.render_wm_action(n_slots, [slot], "next"))
-        rows.append(scorer.score(prefix + ctx + text.rating_stem(slot),
-                                 [("", text.rating_value(r)) for r in text.RATINGS]))
-    logps = np.asarray(rows, dtype=float)
-    probs = np.exp(logps - logps.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    return {s + 1: round(float(probs[s] @ np.arange(1, 6)), 2) for s in range(n_slots)}
+
+def expected_ratings_many(scorer: Scorer, pages: Sequence[tuple[str, int]]
+                          ) -> list[dict[int, float]]:
+    """``expected_ratings`` for many (prefix, n_slots) pages in one batched call.
+
+    Each slot's action and the "[s] rated" stem are the context after the page prefix, and only
+    the five one-digit endings are the targets: the stem's probability is the same for every
+    rating, so this equals scoring the five whole lines, at a fraction of the tokens."""
+    reqs = []
+    for prefix, n_slots in pages:
+        opts = []
+        for slot in range(1, n_slots + 1):
+            ctx = (prompts.world_model_tail(text.render_wm_action(n_slots, [slot], "next"))
+                   + text.rating_stem(slot))
+            opts += [(ctx, text.rating_value(r)) for r in text.RATINGS]
+        reqs.append((prefix, opts))
+    many = getattr(scorer, "score_many", None)
+    rows = many(reqs) if many else [scorer.score(p, o) for p, o in reqs]
+    out = []
+    for (_, n_slots), row in zip(pages, rows, strict=True):
+        logps = np.asarray(row, dtype=float).reshape(n_slots, 5)
+        probs = np.exp(logps - logps.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        out.append({s + 1: round(float(probs[s] @ np.arange(1, 6)), 2) for s in range(n_slots)})
+    return out
 
 
 def predict_next_state(gen: Generator, prefix: str, n_slots: int, watched_slots: Sequence[int],

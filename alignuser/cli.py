@@ -1,15 +1,22 @@
-"""The `alignuser` command line; each subcommand maps its flags onto a pydantic config."""
+"""The `alignuser` command line; each subcommand maps its flags onto a pydantic config.
+
+Expected failures (bad flags, bad data, missing or unwritable files, a broken trace database)
+end as one `error: ...` line on stderr with exit status 2; `--debug` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
-from alignuser.config import DataConfig, SimulateConfig
+from alignuser.config import DataConfig, OfflineConfig, SimulateConfig
 
 console = Console()
 
@@ -35,8 +42,27 @@ def cmd_data(args: argparse.Namespace) -> int:
     for table in format_info(info):
         console.print(table)
     if args.trajectories:
+        from rich.table import Table
+
+        from evaluation.signal import inverted, signal_table
+
         stats = trajectory_stats(world.trajectories("train", progress=True))
         stats_test = trajectory_stats(world.trajectories("test", progress=True))
+        sig = signal_table(world, world.trajectory_config, users=args.signal_users)
+        table = Table(title=f"signal check: AUC of each perceived cue, watched vs skipped slots "
+                            f"on training pages ({sig.attrs['users']} users, "
+                            f"{sig.attrs['slots']} slots) beside held-out vs never-rated on "
+                            "validation 1:1 lists (same users)")
+        for col in ("feature", "train pages", "validation lists"):
+            table.add_column(col, justify="left" if col == "feature" else "right")
+        for _, r in sig.iterrows():
+            table.add_row(r["feature"], f"{r['train_pages']:.3f}", f"{r['valid_lists']:.3f}")
+        console.print(table)
+        bad = inverted(sig)
+        console.print("exposure mixture: " + ", ".join(
+            f"{k} {v:g}" for k, v in world.trajectory_config.exposure.items()) + "; "
+            + (f"INVERTED cues (training teaches the opposite): {', '.join(bad)}" if bad
+               else "no cue points the other way on training pages"))
         console.print({"train": stats, "test": stats_test,
                        "agent4rec_reference": {"watch_ratio": 0.32, "pages_per_session": 4.0}})
     return 0
@@ -48,16 +74,17 @@ def cmd_recommenders(args: argparse.Namespace) -> int:
     from alignuser.config import world_for
     from simulator.offline import offline_metrics
 
-    world = world_for(DataConfig(dataset=args.dataset))
-    names = args.recommenders.split(",")
-    recs = {n: world.recommender(n, seed=args.seed) for n in names}
+    cfg = OfflineConfig(data=DataConfig(dataset=args.dataset),
+                        recommenders=args.recommenders.split(","), k=args.k, seed=args.seed)
+    world = world_for(cfg.data)
+    recs = {n: world.recommender(n, seed=cfg.seed) for n in cfg.recommenders}
     import pandas as pd
 
     seen = {"valid": world.split.train,
             "test": pd.concat([world.split.train, world.split.valid], ignore_index=True)}
     for part in ("valid", "test"):
-        frame = offline_metrics(recs, seen[part], world.split.part(part), k=args.k)
-        table = Table(title=f"offline metrics on the {part} split (k={args.k})")
+        frame = offline_metrics(recs, seen[part], world.split.part(part), k=cfg.k)
+        table = Table(title=f"offline metrics on the {part} split (k={cfg.k})")
         table.add_column("recommender")
         for col in frame.columns:
             table.add_column(str(col), justify="right")
@@ -92,11 +119,19 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from graph.trace import describe, history, list_threads, open_checkpointer, render, replay_from
 
     run = Path(args.run)
-    threads = list_threads(run)
+    try:
+        threads = list_threads(run)
+    except sqlite3.DatabaseError as exc:  # sqlite names neither the file nor what is wrong
+        raise sqlite3.DatabaseError(f"{run}: cannot read its trace database ({exc})") from None
+    if not threads:
+        raise ValueError(f"{run}: the trace database records no agents")
     thread = args.agent or threads[0]
     if thread not in threads:
         raise ValueError(f"no agent {thread!r} in {run}; agents: {', '.join(threads[:10])} ...")
-    manifest = json.loads((run / "manifest.json").read_text())
+    try:
+        manifest = json.loads((run / "manifest.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{run / 'manifest.json'} is not valid JSON ({exc})") from None
     cfg = SimulateConfig.model_validate(manifest["config"])
     with open_checkpointer(run) as saver:
         app = build_graph(cfg.memory, cfg.world_model, checkpointer=saver)
@@ -132,13 +167,18 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alignuser", description=__doc__)
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("data", help="dataset information or download")
     d.add_argument("action", choices=["info", "fetch"])
     d.add_argument("name", nargs="?", default="ml-100k", help="dataset name or path")
     d.add_argument("--trajectories", action="store_true",
-                   help="also build human trajectories and print their statistics")
+                   help="also build human trajectories and print their statistics and the "
+                   "signal check (each perceived cue's AUC on training pages vs validation "
+                   "lists)")
+    d.add_argument("--signal-users", type=int, default=150,
+                   help="train users sampled for the signal check")
     d.set_defaults(func=cmd_data)
 
     r = sub.add_parser("recommenders", help="offline metrics of the built-in recommenders")
@@ -181,15 +221,73 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_train(sub)
     commands.add_evaluate(sub)
+    for command in sub.choices.values():  # `alignuser simulate --debug` works as well
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help=DEBUG_HELP)
     return p
+
+
+DEBUG_HELP = "on an error, show the full traceback instead of one line"
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures a user can fix from the message alone; anything else is a bug and keeps its
+    traceback. ValueError covers DataError and pydantic's ValidationError, OSError the file ones
+    (FileNotFoundError, FileExistsError, PermissionError, ...)."""
+    errors: list[type[BaseException]] = [ValueError, OSError, IndexError, KeyError,
+                                         sqlite3.DatabaseError]
+    try:
+        from langgraph.errors import GraphRecursionError
+    except ImportError:  # pragma: no cover - langgraph is a dependency
+        pass
+    else:
+        errors.append(GraphRecursionError)
+    return tuple(errors)
+
+
+def _flag(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as the flag that set it: ('data', 'dataset') -> --dataset."""
+    names = [str(part) for part in loc if isinstance(part, str)]
+    return "--" + names[-1].replace("_", "-") if names else ""
+
+
+def validation_line(exc: ValidationError) -> str:
+    """Every field error of a config on one line, named by its flag and the value given."""
+    parts = []
+    for err in exc.errors():
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        msg = msg[:1].lower() + msg[1:]
+        value = err.get("input")
+        given = f" {value}" if isinstance(value, int | float | str) else ""
+        head = f"{_flag(err['loc'])}{given}".strip()
+        parts.append(f"{head}: {msg}" if head else msg)
+    return "; ".join(parts)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for the terminal: the first line of the message (LangGraph adds a URL)."""
+    if isinstance(exc, ValidationError):
+        return validation_line(exc)
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    else:
+        text = str(exc).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    first = lines[0].strip() if lines else type(exc).__name__
+    if type(exc).__name__ == "GraphRecursionError":
+        first += " (a session ran more graph steps than --pages allows; please report it)"
+    return first
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, IndexError, KeyError) as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+    except expected_errors() as exc:
+        if getattr(args, "debug", False):
+            raise
+        Console(stderr=True).print(f"[red]error:[/red] {escape(error_line(exc))}",
+                                   highlight=False, soft_wrap=True)
         return 2
 
 

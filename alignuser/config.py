@@ -1,6 +1,8 @@
 """Pydantic configs for the commands, and the wiring that builds their parts from them.
 
 The CLI flags map one to one onto these fields; each field's description is its help text.
+The bounds live here (``ge=`` and validators), not in argparse, so a bad flag is refused before
+any data or model loads and the same rules hold for configs read back from run manifests.
 """
 
 from __future__ import annotations
@@ -8,12 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from graph.world import LLM_POLICIES, POLICIES, World, load_world, make_policy
+from simulator.recommenders import RECOMMENDERS
 from simulator.split import SplitConfig
+from simulator.trajectories import TrajectoryConfig
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "alignuser-ml100k"
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+DEFAULT_CHECKPOINT = CHECKPOINTS / "alignuser-ml100k"
+# The shipped adapters per set of weights: the full agent and its two training ablations.
+SHIPPED = {"full": DEFAULT_CHECKPOINT, "sft": CHECKPOINTS / "sft-ml100k",
+           "wm_policy": CHECKPOINTS / "wm-policy-ml100k"}
 PolicyName = Literal["aligned", "zero_shot", "random", "popularity", "human_replay"]
 
 
@@ -21,15 +29,33 @@ class DataConfig(BaseModel):
     dataset: str = Field("ml-100k", description="ml-100k (bundled), ml-1m / ml-latest-small "
                          "(after `alignuser data fetch`), a RecBole atomic folder or a .zip")
     split: SplitConfig = Field(default_factory=SplitConfig, description="how held-out data is cut")
+    trajectories: TrajectoryConfig = Field(
+        default_factory=TrajectoryConfig, description="how human page trajectories are rebuilt "
+        "(exposure mixture of the filler slots, items per page, seed)")
+
+
+def known_recommenders(names: list[str]) -> list[str]:
+    """Refuse an empty or unknown name up front: it would otherwise fail after data loads.
+
+    Names are matched like ``make_recommender`` does (case-insensitive), spaces trimmed."""
+    names = [n.strip().lower() for n in names]
+    unknown = [n for n in names if n not in RECOMMENDERS]
+    if not names:
+        raise ValueError(f"name at least one recommender; known: {', '.join(RECOMMENDERS)}")
+    if unknown:
+        raise ValueError(f"unknown recommender(s) {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(RECOMMENDERS)}")
+    return names
 
 
 class SimulateConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig, description="dataset and split")
     recommenders: list[str] = Field(["pop", "itemknn", "bpr"],
                                     description="recommenders the population browses")
-    agents: int = Field(4, description="simulated users per recommender (sampled test users)")
-    pages: int = Field(5, description="most pages per session")
-    page_size: int = Field(4, description="items per page")
+    agents: int = Field(4, ge=1, description="simulated users per recommender "
+                        "(sampled test users)")
+    pages: int = Field(5, ge=1, description="most pages per session")
+    page_size: int = Field(4, ge=1, description="items per page")
     policy: PolicyName = Field("aligned", description="decide-node policy")
     memory: Literal["chroma", "none"] = Field("chroma", description="recall node variant")
     world_model: Literal["on", "off"] = Field("on", description="predict node variant")
@@ -37,17 +63,30 @@ class SimulateConfig(BaseModel):
     checkpoint: str | None = Field(
         str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.exists() else None,
         description="PEFT adapter for the aligned policy (default: the shipped checkpoint)")
-    temperature: float = Field(1.0, description="sampling temperature of the policy")
+    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False,
+                               description="sampling temperature of the policy")
     reactive: bool = Field(True, description="recommenders react to this session's watches")
     reason: bool = Field(False, description="generate a free-text interview reason (slower)")
-    seed: int = Field(0, description="seeds user sampling and every sampled decision")
+    seed: int = Field(0, ge=0, description="seeds user sampling and every sampled decision")
+
+    _recommenders = field_validator("recommenders")(known_recommenders)
+
+
+class OfflineConfig(BaseModel):
+    """``alignuser recommenders eval``: offline ranking metrics on the valid and test splits."""
+
+    data: DataConfig = Field(default_factory=DataConfig, description="dataset and split")
+    recommenders: list[str] = Field(list(RECOMMENDERS), description="recommenders to score")
+    k: int = Field(10, ge=1, description="cut-off of the ranking metrics")
+    seed: int = Field(0, ge=0, description="seeds the random recommender and model training")
+
+    _recommenders = field_validator("recommenders")(known_recommenders)
 
 
 def world_for(data: DataConfig | None = None) -> World:
     data = data or DataConfig()
-    return load_world(data.dataset, data.split)
+    return load_world(data.dataset, data.split, data.trajectories)
 
 
-__all__ = ["DataConfig", "SimulateConfig", "World", "world_for", "load_world", "make_policy",
-           "LLM_POLICIES",
-           "POLICIES"]
+__all__ = ["DataConfig", "OfflineConfig", "SimulateConfig", "World", "world_for", "load_world",
+           "make_policy", "LLM_POLICIES", "POLICIES"]

@@ -17,7 +17,29 @@ from graph.runtime import Runtime
 from graph.trace import open_checkpointer
 from graph.world import make_runtime
 from memory.store import make_memory
-from simulator.runs import new_run_dir, update_manifest, write_manifest
+from simulator.runs import check_run_dir, new_run_dir, update_manifest, write_manifest
+
+
+def check_options(cfg: SimulateConfig, output: str | Path | None) -> None:
+    """What can be refused before data or a model loads: the adapter and the run directory.
+
+    The numeric bounds (``--agents >= 1`` ...) are already enforced by ``SimulateConfig``."""
+    if cfg.policy == "aligned":
+        if cfg.checkpoint is None:
+            raise FileNotFoundError("policy aligned needs --checkpoint (no default checkpoint "
+                                    "found); train one with `alignuser train` or use "
+                                    "--policy zero_shot")
+        if not Path(cfg.checkpoint).expanduser().exists():
+            raise FileNotFoundError(f"--checkpoint {cfg.checkpoint} does not exist")
+    check_run_dir(output)
+
+
+def check_agents(cfg: SimulateConfig, world: World) -> None:
+    """More agents than test users used to be cut silently to the user count; refuse instead."""
+    available = world.split.test["user"].nunique()
+    if cfg.agents > available:
+        raise ValueError(f"--agents {cfg.agents} is more than the {available} users with test "
+                         f"ratings in {world.ds.name}; pass --agents {available} or fewer")
 
 
 def load_scorer(cfg: SimulateConfig) -> tuple[Any, str | None]:
@@ -42,21 +64,27 @@ def build_runtimes(cfg: SimulateConfig, world: World, users: list[int], scorer: 
         from agents.chat import LocalTextModel
 
         reason_model = LocalTextModel(scorer.lm)
+    from agents.decide import Calibration
+
+    # The checkpoint's validation-fitted offsets: simulate, evaluate and trace decide alike.
+    calibration = Calibration.of_checkpoint(cfg.checkpoint) if cfg.policy == "aligned" else None
     return {rec: make_runtime(world, rec, cfg.policy, scorer, memory, users=users,
                               seed=cfg.seed, temperature=cfg.temperature, reactive=cfg.reactive,
                               page_size=cfg.page_size, max_pages=cfg.pages,
-                              reason_model=reason_model)
+                              reason_model=reason_model, calibration=calibration)
             for rec in cfg.recommenders}
 
 
 def simulate(cfg: SimulateConfig, output: str | Path | None = None,
              console: Console | None = None) -> Path:
     console = console or Console()
+    check_options(cfg, output)
     t0 = time.perf_counter()
     if cfg.policy not in LLM_POLICIES and cfg.world_model == "on":
         cfg = cfg.model_copy(update={"world_model": "off"})
         console.print("[dim]world_model=off: the world model needs an LLM policy[/dim]")
     world = world_for(cfg.data)
+    check_agents(cfg, world)
     users = world.sample_users(cfg.agents, cfg.seed)
     run_dir = new_run_dir(output, "simulate")
     write_manifest(run_dir, "simulate", cfg.model_dump(mode="json"), dataset=world.ds.name,

@@ -17,9 +17,7 @@ import pandas as pd
 from agents import prompts
 from agents.policy import Scorer
 from evaluation.metrics import discriminator_auc, distribution_distance, rank_agreement_boot
-from graph.graph import build_graph
-from graph.runner import run_population
-from graph.world import World, make_runtime
+from graph.world import World
 from simulator.trajectories import Trajectory
 
 
@@ -31,16 +29,6 @@ def human_sessions(trajs: Sequence[Trajectory]) -> list[dict[str, Any]]:
                        for s in t.steps]} for t in trajs]
 
 
-def simulate(world: World, agent_policy: str, scorer: Scorer | None, users: Sequence[int],
-             recommenders: Sequence[str], world_model: bool, memory: bool, seed: int,
-             progress: bool = True) -> list[dict[str, Any]]:
-    """Agents browse each recommender (no checkpointer: evaluation needs outcomes only)."""
-    app = build_graph("chroma" if memory else "none", "on" if world_model else "off")
-    runtimes = {r: make_runtime(world, r, agent_policy, scorer, users=list(users), seed=seed)
-                for r in recommenders}
-    return run_population(app, runtimes, users, progress=progress)
-
-
 def distributions(sessions: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
     pages = [len(s["pages"]) for s in sessions]
     watches = [len(p["watched"]) for s in sessions for p in s["pages"]]
@@ -49,6 +37,37 @@ def distributions(sessions: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray
     return {"pages per session": np.asarray(pages, float),
             "watches per page": np.asarray(watches, float),
             "ratings": np.asarray(ratings, float), "exit page": np.asarray(exits, float)}
+
+
+def rates(human: Sequence[Mapping[str, Any]], sim: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Watch ratio and share of sessions ending by exit, human beside simulated."""
+    def watch_ratio(ss):
+        shown = sum(4 for s in ss for _ in s["pages"])
+        return sum(len(p["watched"]) for s in ss for p in s["pages"]) / max(shown, 1)
+
+    def exit_share(ss):
+        return float(np.mean([bool(s["pages"]) and s["pages"][-1]["then"] == "exit"
+                              for s in ss])) if ss else float("nan")
+
+    return [{"distribution": "watch ratio", "human": round(watch_ratio(human), 4),
+             "sim": round(watch_ratio(sim), 4)},
+            {"distribution": "sessions ending by exit", "human": round(exit_share(human), 4),
+             "sim": round(exit_share(sim), 4)}]
+
+
+def by_recommender(sessions: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[dict]:
+    """Per recommender: watch ratio, likes per page, pages per session, exit share."""
+    rows = []
+    for rec, ss in sessions.items():
+        pages = [len(s["pages"]) for s in ss]
+        ratings = [r for s in ss for p in s["pages"] for r in p["watched"].values()]
+        rows.append({"recommender": rec, "sessions": len(ss),
+                     "watch_ratio": len(ratings) / max(4 * sum(pages), 1),
+                     "likes_per_page": sum(r >= 4 for r in ratings) / max(sum(pages), 1),
+                     "pages_per_session": float(np.mean(pages)) if pages else 0.0,
+                     "exit_share": float(np.mean([s["end"] == "exit" for s in ss]))
+                     if ss else 0.0})
+    return rows
 
 
 def session_features(sessions: Sequence[Mapping[str, Any]]) -> np.ndarray:

@@ -10,7 +10,6 @@ on validation 1:1 lists (accuracy). AUC is reported beside F1 because it needs n
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -18,10 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from agents import prompts, text
-from agents.policy import DecisionInput, LLMPolicy, Scorer
-from agents.text import NextState
-from agents.world_model import expected_ratings, predict_next_state
+from agents.text import NextState, parse_next_state
 from evaluation.metrics import (
     action_match_mean,
     binary_scores,
@@ -38,56 +34,10 @@ from training.rollout import Transition
 ItemScorer = Callable[[int, Sequence[int]], np.ndarray]
 
 
-@dataclass
-class AgentVariant:
-    """An LLM agent as evaluated: its weights (scorer) and which perception nodes are on."""
-
-    name: str
-    scorer: Scorer
-    memory: bool = True
-    world_model: bool = True
-
-    def policy(self) -> LLMPolicy:
-        return LLMPolicy(self.scorer, name=self.name, temperature=0.0)
-
-
-def page_text(views: Sequence[text.ItemView], page: int, session: Sequence[tuple[str, int]],
-              memory: bool) -> str:
-    return text.page_prompt(page, 5, views, session, evidence=memory)
-
-
-def _decide(agent: AgentVariant, user: int, persona: str, items: Sequence[int], page: int,
-            body: str):
-    preds = {}
-    if agent.world_model:
-        preds = expected_ratings(agent.scorer, prompts.persona_block(persona) + body, len(items))
-    return agent.policy().decide(DecisionInput(user=user, page=page, items=list(items),
-                                               persona_text=persona, page_text=body,
-                                               predictions=preds)), preds
-
-
-def agent_item_scores(agent: AgentVariant, world: World) -> ItemScorer:
-    """Show a list in pages of 4 as one session; return the watch score of every item."""
-    def score(user: int, items: Sequence[int]) -> np.ndarray:
-        history = world.histories.get(user, {})
-        persona = world.personas[user]
-        out, session = [], []
-        for p, start in enumerate(range(0, len(items), 4), 1):
-            page_items = list(items[start:start + 4])
-            views = world.perceiver.page(page_items, {**history, **dict(session)})
-            titles = [(world.ds.items[i].title, r) for i, r in session]
-            d, _ = _decide(agent, user, persona, page_items, p,
-                           page_text(views, p, titles, agent.memory))
-            out += [d.watch_scores[s] for s in range(1, len(page_items) + 1)]
-            session += list(d.action.watched.items())
-        return np.asarray(out)
-
-    return score
-
-
 def feature_frame(world: World, user: int, items: Sequence[int]) -> pd.DataFrame:
     history = world.histories.get(user, {})
-    return pd.DataFrame([world.similarity.features(i, history) for i in items],
+    match = world.similarity.match_percentiles(history)
+    return pd.DataFrame([world.similarity.features(i, history, match) for i in items],
                         columns=list(FEATURE_NAMES))
 
 
@@ -171,43 +121,61 @@ def discrimination(methods: Mapping[str, ItemScorer], valid_lists, test_lists: M
     return rows, per_user
 
 
-def next_action(agent: AgentVariant, trs: Sequence[Transition]) -> tuple[dict, list[dict]]:
-    """Greedy agent action vs the human's on held-out pages (the human's session so far given).
-    Also the agent's expected rating of each item the human watched (RMSE/MAE)."""
-    pairs, exits_true, exits_pred, y_true, y_pred, scored = [], [], [], [], [], []
-    for tr in tqdm(trs, desc=f"{agent.name} pages", unit="page", leave=False):
-        body = page_text(tr.views, tr.page, tr.session, agent.memory)
-        d, preds = _decide(agent, tr.user, tr.persona, tr.items, tr.page, body)
-        pred = {tr.items.index(i) + 1 for i in d.action.watched}
-        pairs.append((set(tr.ratings), pred))
-        exits_true.append(tr.then == "exit")
-        exits_pred.append(d.action.then == "exit")
-        for slot, r in tr.ratings.items():
-            y_true.append(r)
-            y_pred.append(_rating_given_watch(agent, tr, body, preds, slot))
-        scored += [{"score": d.watch_scores[s], "watched": int(s in tr.ratings), **feat}
-                   for s, feat in enumerate(_features(tr), 1)]
-    out = {**{f"action_{k}": v for k, v in action_match_mean(pairs).items()},
-           **{f"then_{k}": v for k, v in next_exit_scores(exits_true, exits_pred).items()},
-           **rmse_mae(y_true, y_pred)} if pairs else {}
-    return out, scored
+def page_metrics(world: World, trs: Sequence[Transition], outputs: Mapping[str, Mapping],
+                 full: str | None) -> dict:
+    """Next action and ratings on held-out pages (the human's session so far given) for every
+    method, beside popularity and the classical rating predictors; and what ``full``'s watch
+    scores depend on."""
+    from simulator.offline import rating_predictions
 
+    pairs = pd.DataFrame([(tr.user, tr.items[s - 1]) for tr in trs for s in tr.ratings],
+                         columns=["user", "item"])
+    mf = rating_predictions(world.split.train, pairs) if len(pairs) else {}
+    y = [r for tr in trs for r in tr.ratings.values()]
+    rating_rows = [{"method": k, **rmse_mae(y, v)} for k, v in mf.items()]
+    counts = world.split.train["item"].value_counts()
+    top = float(np.quantile(counts.to_numpy(), 0.9))
+    na_rows = [{"method": "popularity", **baseline_actions(
+        trs, lambda tr: {s for s, i in enumerate(tr.items, 1) if counts.get(i, 0) >= top},
+        lambda tr, s: float(np.clip(world.similarity.mean_rating(tr.items[s - 1]) or 3.5, 1, 5)))}]
+    out: dict = {}
+    for name, o in outputs.items():
+        pages, ratings = o["pages"], o["ratings"]
+        pred = [set(p["watched"]) for p in pages]
+        shown = sum(len(tr.items) for tr in trs)
+        res = {**{f"action_{k}": v for k, v in action_match_mean(
+            [(set(tr.ratings), w) for tr, w in zip(trs, pred, strict=True)]).items()},
+               **{f"then_{k}": v for k, v in next_exit_scores(
+                   [tr.then == "exit" for tr in trs],
+                   [p["then"] == "exit" for p in pages]).items()},
+               "watch_ratio": sum(map(len, pred)) / max(shown, 1),
+               "human_watch_ratio": sum(len(tr.ratings) for tr in trs) / max(shown, 1)}
+        na_rows.append({"method": name, **res})
+        y_pred = [r[int(s)] if int(s) in r else r[str(s)]
+                  for tr, r in zip(trs, ratings, strict=True) for s in tr.ratings]
+        rating_rows.append({"method": name, **rmse_mae(y, y_pred)})
+        if name == full:
+            scored = [{"score": p["watch_scores"][k] if k in p["watch_scores"]
+                       else p["watch_scores"][str(k)], "watched": int(k in tr.ratings), **f}
+                      for tr, p in zip(trs, pages, strict=True)
+                      for k, f in enumerate(_features(tr), 1)]
+            if scored:
+                from evaluation.run import explain
 
-def _rating_given_watch(agent: AgentVariant, tr: Transition, body: str,
-                        preds: Mapping[int, float], slot: int) -> float:
-    """Expected rating of ``slot`` once the human's watch/skip lines are given."""
-    ctx = (prompts.policy_tail(text.render_predictions(preds))
-           + text.render_choices(len(tr.items), list(tr.ratings)))
-    logps = np.asarray(agent.scorer.score(prompts.persona_block(tr.persona) + body,
-                                          [(ctx, text.rating_line(slot, r))
-                                           for r in text.RATINGS]))
-    p = np.exp(logps - logps.max())
-    return float((p / p.sum()) @ np.arange(1, 6))
+                out["explain"] = {"rows": explain(scored).to_dict("records"),
+                                  "note": f"regression of {full}'s watch scores on what it "
+                                          "perceived on held-out pages"}
+    out["next_action"] = {"rows": na_rows, "note": f"{len(trs)} held-out pages "
+                          "(exposure-mixture pages, human session given)"}
+    out["rating"] = {"rows": rating_rows, "note": "raw 1-5 held-out ratings of watched items"}
+    return out
 
 
 def _features(tr: Transition) -> list[dict]:
     """What the agent perceived per slot, for regressing its scores on it."""
     return [{"popularity": np.log1p(v.popularity), "mean_rating": v.mean_rating or 0.0,
+             "match": float(v.match or 0), "close_watched": float(v.close_watched),
+             "close_rating": float(v.close_rating or 0.0),
              "n_evidence": len(v.evidence),
              "evidence_rating": np.mean([e.rating for e in v.evidence]) if v.evidence else 0.0,
              "max_similarity": max((e.similarity for e in v.evidence), default=0.0)}
@@ -230,23 +198,45 @@ def truth_state(tr: Transition) -> NextState:
                      genres=sorted({g for v in tr.next_views for g in v.genres}))
 
 
-def state_fields(ns: NextState) -> set[tuple]:
+def state_fields(fields: set[tuple]) -> set[tuple]:
     """Next-state fields the action does not spell out: ratings, next-page titles and genres."""
-    return {f for f in ns.fields() if f[0] != "end"}
+    return {f for f in fields if f[0] != "end"}
 
 
-def next_state(gen, trs: Sequence[Transition], user_mean: Mapping[int, float]) -> dict:
+def _first_state(text: str) -> NextState:
+    kept = []
+    for line in text.splitlines():
+        kept.append(line)
+        if line.startswith("next page:"):
+            break
+    return parse_next_state("\n".join(kept))
+
+
+def next_state(generated: Sequence[str], trs: Sequence[Transition],
+               user_mean: Mapping[int, float]) -> dict:
     """World-model F1 on held-out transitions beside a trivial baseline (this page's genres,
-    the person's mean rating)."""
-    model_pairs, base_pairs = [], []
-    for tr in trs:
-        truth = state_fields(truth_state(tr))
-        pred = predict_next_state(gen, tr.prefix, len(tr.items), sorted(tr.ratings), tr.then)
-        model_pairs.append((truth, state_fields(pred)))
+    the person's mean rating), overall and per field (ratings, end, titles, genres)."""
+    kinds = ("rating", "end", "title", "genre")
+    model_pairs: dict[str, list] = {k: [] for k in ("all", *kinds)}
+    base_pairs: dict[str, list] = {k: [] for k in ("all", *kinds)}
+    for text_out, tr in zip(generated, trs, strict=True):
+        truth = truth_state(tr).fields()
+        pred = _first_state(text_out).fields()
         guess = NextState(ratings={s: int(round(user_mean.get(tr.user, 3.5)))
-                                   for s in tr.ratings},
+                                   for s in tr.ratings}, ends=tr.then == "exit",
                           genres=sorted({g for v in tr.views for g in v.genres})
-                          if tr.then == "next" else [])
-        base_pairs.append((truth, state_fields(guess)))
-    return {"world_model": next_state_f1_micro(model_pairs),
-            "baseline_this_page": next_state_f1_micro(base_pairs), "n": len(trs)}
+                          if tr.then == "next" else []).fields()
+        for k in kinds:
+            model_pairs[k].append(({f for f in truth if f[0] == k}, {f for f in pred
+                                                                    if f[0] == k}))
+            base_pairs[k].append(({f for f in truth if f[0] == k}, {f for f in guess
+                                                                   if f[0] == k}))
+        model_pairs["all"].append((state_fields(truth), state_fields(pred)))
+        base_pairs["all"].append((state_fields(truth), state_fields(guess)))
+    rows = [{"fields": k, "world_model": next_state_f1_micro(model_pairs[k])["f1"],
+             "baseline_this_page": next_state_f1_micro(base_pairs[k])["f1"]}
+            for k in ("all", *kinds)]
+    return {"rows": rows, "n": len(trs),
+            "note": "'all' = ratings, next-page titles and genres (the end flag is given by "
+                    "the action); the next page's titles depend on the recommender, which the "
+                    "state does not show, so titles are hard to predict by construction"}

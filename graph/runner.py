@@ -20,8 +20,22 @@ def thread_id(recommender: str, user: int) -> str:
     return f"{recommender}:{user}"
 
 
+STEPS_PER_PAGE = 6
+"""Super-steps one page costs: perceive, recall, predict, decide, act, remember."""
+
+
+def recursion_limit(max_pages: int) -> int:
+    """LangGraph's step budget for a session of ``max_pages`` pages.
+
+    A fixed 200 killed long sessions with GraphRecursionError (``--pages 33`` needs
+    6 * 33 + start + interview = 200 steps), so it grows with the pages; never below the old 200.
+    """
+    return max(200, STEPS_PER_PAGE * max_pages + 2 + 8)
+
+
 def run_config(rt: Runtime, thread: str) -> dict[str, Any]:
-    return {"configurable": {"thread_id": thread, "runtime": rt}, "recursion_limit": 200}
+    return {"configurable": {"thread_id": thread, "runtime": rt},
+            "recursion_limit": recursion_limit(rt.max_pages)}
 
 
 def run_agent(app: Any, rt: Runtime, recommender: str, user: int) -> dict[str, Any]:

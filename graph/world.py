@@ -24,6 +24,7 @@ from simulator.readers import load_dataset
 from simulator.recommenders import Recommender, make_recommender
 from simulator.split import Split, SplitConfig, make_split
 from simulator.trajectories import (
+    Exposure,
     Trajectory,
     TrajectoryConfig,
     build_trajectories,
@@ -42,6 +43,7 @@ class World:
 
     ds: Dataset
     split: Split
+    trajectory_config: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     _recs: dict[tuple[str, bool, int], Recommender] = field(default_factory=dict)
 
     @cached_property
@@ -101,15 +103,30 @@ class World:
                 self.split.train)
         return self._recs[key]
 
-    def trajectories(self, part: str, recommender: str = "itemknn",
+    def exposure(self, cfg: TrajectoryConfig) -> Exposure:
+        """The filler sources of ``cfg``'s mixture, fitted on train."""
+        counts = self.split.train["item"].value_counts()
+        catalogue = np.asarray(sorted(self.ds.items), dtype=np.int64)
+        return Exposure(ranks={n: self.recommender(n).rank for n in cfg.recommenders()},
+                        catalogue=catalogue,
+                        popularity=np.asarray([counts.get(i, 0) + 1.0 for i in catalogue]))
+
+    def trajectories(self, part: str, recommender: str = "exposure",
                      cfg: TrajectoryConfig | None = None, users: list[int] | None = None,
                      progress: bool = True) -> list[Trajectory]:
+        """Human page trajectories of one split part. Fillers come from the exposure mixture
+        (``recommender='exposure'``, the default) or from one named recommender; every item
+        the user rated in any part is masked, so a skipped item is never one they chose."""
+        cfg = cfg or self.trajectory_config
         log = self.split.part(part)
         if users is not None:
             log = log[log["user"].isin(users)]
-        rec = self.recommender(recommender)
-        return build_trajectories(log, rec.rank, self.rated_through(part),
-                                  cfg or TrajectoryConfig(), recommender, part, progress)
+        masked = self.rated_through("test")
+        if recommender == "exposure":
+            return build_trajectories(log, lambda *a, **k: [], masked, cfg, "exposure", part,
+                                      progress, exposure=self.exposure(cfg))
+        return build_trajectories(log, self.recommender(recommender).rank, masked, cfg,
+                                  recommender, part, progress)
 
     def sample_users(self, n: int, seed: int, part: str = "test") -> list[int]:
         users = np.sort(self.split.part(part)["user"].unique())
@@ -124,18 +141,20 @@ def _by_user(frame) -> dict[int, dict[int, float]]:
     return out
 
 
-def load_world(dataset: str = "ml-100k", split: SplitConfig | None = None) -> World:
+def load_world(dataset: str = "ml-100k", split: SplitConfig | None = None,
+               trajectories: TrajectoryConfig | None = None) -> World:
     ds = load_dataset(dataset)
-    return World(ds=ds, split=make_split(ds.ratings, split or SplitConfig()))
+    return World(ds=ds, split=make_split(ds.ratings, split or SplitConfig()),
+                 trajectory_config=trajectories or TrajectoryConfig())
 
 
 def make_policy(name: str, world: World, scorer=None, seed: int = 0,
-                temperature: float = 1.0, human=None) -> Policy:
+                temperature: float = 1.0, human=None, calibration=None) -> Policy:
     """A decide-node policy by name; LLM policies need a scorer over the right weights."""
     if name in LLM_POLICIES:
         if scorer is None:
             raise ValueError(f"policy {name} needs a language model")
-        return LLMPolicy(scorer, name=name, temperature=temperature)
+        return LLMPolicy(scorer, name=name, temperature=temperature, calibration=calibration)
     if name == "random":
         return FixedPolicy(RandomPolicy(seed=seed), "random")
     if name == "popularity":
@@ -155,7 +174,7 @@ def make_policy(name: str, world: World, scorer=None, seed: int = 0,
 def make_runtime(world: World, recommender: str, policy: str, scorer=None, memory=None, *,
                  users: list[int] | None = None, seed: int = 0, temperature: float = 1.0,
                  reactive: bool = True, page_size: int = 4, max_pages: int = 5,
-                 reason_model=None) -> Runtime:
+                 reason_model=None, calibration=None) -> Runtime:
     """Everything one recommender's agents need. ``human_replay`` browses the logged pages of
     each user's first held-out visit; other policies browse the live recommender."""
     rec = world.recommender(recommender, reactive=reactive, seed=seed)
@@ -166,7 +185,8 @@ def make_runtime(world: World, recommender: str, policy: str, scorer=None, memor
         pages, human = logged_pages(logged), human_actions(logged)
     return Runtime(perceiver=world.perceiver, histories=world.histories,
                    personas=world.personas, pages=pages,
-                   policy=make_policy(policy, world, scorer, seed, temperature, logged),
+                   policy=make_policy(policy, world, scorer, seed, temperature, logged,
+                                      calibration),
                    scorer=scorer, memory=memory or NoMemory(), human=human,
                    reason_model=reason_model, page_size=page_size, max_pages=max_pages,
                    seed=seed)

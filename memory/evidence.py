@@ -18,8 +18,10 @@ import pandas as pd
 from scipy import sparse
 
 FEATURE_NAMES: tuple[str, ...] = ("popularity", "mean_rating", "max_sim", "mean_sim_top3",
-                                  "sim_weighted_rating", "n_similar")
+                                  "sim_weighted_rating", "n_similar", "match",
+                                  "close_watched", "close_rating")
 TOP_SIMILAR = 3
+CLOSEST = 20  # an item's closest neighbours whose watching (and ratings) the agent perceives
 # Dense similarity rows computed per block are bounded to about this many floats (128 MB).
 _BLOCK_CELLS = 1 << 24
 
@@ -115,7 +117,37 @@ class ItemSimilarity:
         k = self._index.get(int(item))
         return None if k is None else float(self._mean[k])
 
-    def features(self, item: int, history: Mapping[int, float]) -> dict[str, float]:
+    def history_scores(self, history: Mapping[int, float]) -> np.ndarray:
+        """Item-kNN's score of every item for this person: summed similarity to their history.
+
+        One sparse product over the kept neighbours, so it costs O(history × N)."""
+        idx = [self._index[int(i)] for i in history if int(i) in self._index]
+        if not idx:
+            return np.zeros(len(self._ids))
+        return np.asarray(self._nbrs[idx].sum(axis=0)).ravel().astype(np.float64)
+
+    def match_percentiles(self, history: Mapping[int, float]) -> dict[int, int]:
+        """Person-relative match 0..100 of every item: the share of the catalogue whose
+        item-kNN score is below this item's. A raw similarity sum means little to a model
+        (it grows with history length); a percentile reads the same for every person."""
+        scores = self.history_scores(history)
+        if not len(scores):
+            return {}
+        order = np.sort(scores)
+        below = np.searchsorted(order, scores, side="left")
+        pct = np.floor(100 * below / len(scores)).astype(int)
+        return {int(i): int(p) for i, p in zip(self._ids, pct, strict=True)}
+
+    def closest_watched(self, item: int, history: Mapping[int, float],
+                        n: int = CLOSEST) -> tuple[int, float | None]:
+        """How many of ``item``'s ``n`` closest items this person watched, and their mean
+        rating of those (None when none): the collaborative evidence, in two small numbers."""
+        close = [j for j, _ in self.neighbours(item)[:n]]
+        rated = [float(history[j]) for j in close if j in history]
+        return len(rated), (float(np.mean(rated)) if rated else None)
+
+    def features(self, item: int, history: Mapping[int, float],
+                 match: Mapping[int, int] | None = None) -> dict[str, float]:
         """Numeric evidence for ``item`` given this person's train history {item: rating}.
 
         popularity is log1p(train count), so a few blockbusters do not swamp a linear model;
@@ -123,10 +155,14 @@ class ItemSimilarity:
         3 whatever was found (an absent neighbour counts as similarity 0), so it grows with
         evidence; sim_weighted_rating falls back to the person's own mean rating (or the global
         mean for an empty history) when nothing similar was watched; n_similar counts all history
-        items among the kept neighbours, not just the top 3.
+        items among the kept neighbours, not just the top 3. match, close_watched and
+        close_rating are the numbers the agent reads on its page (``match`` may be passed when
+        the percentiles of this history are already computed); close_rating falls back like
+        sim_weighted_rating.
         """
         matches = self._history_matches(item, history)
         top = matches[:TOP_SIMILAR]
+        n_close, close_rating = self.closest_watched(item, history)
         mean = self.mean_rating(item)
         if top and sum(s for _, s, _ in top) > 0:
             weighted = sum(s * r for _, s, r in top) / sum(s for _, s, _ in top)
@@ -141,6 +177,10 @@ class ItemSimilarity:
             "mean_sim_top3": sum(s for _, s, _ in top) / TOP_SIMILAR,
             "sim_weighted_rating": float(weighted),
             "n_similar": float(len(matches)),
+            "match": float((match if match is not None else self.match_percentiles(history))
+                           .get(int(item), 0)),
+            "close_watched": float(n_close),
+            "close_rating": float(weighted if close_rating is None else close_rating),
         }
 
 

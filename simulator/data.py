@@ -6,13 +6,16 @@ recommenders (LensKit) and the splits work on frames; users and items are small 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 RATING_MIN, RATING_MAX = 1, 5
 COLUMNS = ["user", "item", "rating", "timestamp"]
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -70,32 +73,84 @@ def sort_log(ratings: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["user", "timestamp", "item"], kind="mergesort").reset_index(drop=True)
 
 
+def _plain(value: float) -> int | float:
+    """-874965758, not -8.74966e+08 or -874965758.0, in messages."""
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _first(source: str, ratings: pd.DataFrame, mask: pd.Series) -> tuple[str, pd.Series]:
+    """Where the first flagged row is (``file line N`` when the reader kept line numbers as the
+    index, else ``name row N``) and that row; positional, so a repeated index label is fine."""
+    pos = int(np.argmax(mask.to_numpy()))
+    return f"{source} {ratings.index.name or 'row'} {ratings.index[pos]}", ratings.iloc[pos]
+
+
+def drop_duplicates(source: str, ratings: pd.DataFrame) -> pd.DataFrame:
+    """Keep each (user, item) pair's latest rating by timestamp (a tie: the later row).
+
+    A re-rating replaces the old one in MovieLens, and one rating per pair is what the splits and
+    the recommenders assume; one warning line names the file and how many rows were dropped.
+    """
+    dup = ratings.duplicated(["user", "item"], keep=False)
+    if not dup.any():
+        return ratings
+    order = ratings.assign(_pos=np.arange(len(ratings))).sort_values(
+        ["timestamp", "_pos"], kind="mergesort")
+    kept = order.drop_duplicates(["user", "item"], keep="last").sort_values("_pos")
+    dropped = len(ratings) - len(kept)
+    log.warning("%s: dropped %d duplicate (user, item) row(s), keeping each pair's latest "
+                "rating by timestamp", source, dropped)
+    return kept.drop(columns="_pos")
+
+
 def validate(name: str, users: dict[int, User], items: dict[int, Item],
-             ratings: pd.DataFrame) -> Dataset:
-    """Check the log against the catalogue; raise DataError with the first problem found."""
+             ratings: pd.DataFrame, source: str | None = None) -> Dataset:
+    """Check the log against the catalogue; raise DataError with the first problem found.
+
+    Rules, checked in this order (``source`` names the file in messages, default ``name``;
+    readers index ``ratings`` by line number so a message can point at the row to fix):
+
+    - every column present, no empty field, a non-empty log and catalogue;
+    - timestamps are unix seconds, so a negative one is rejected;
+    - ratings are whole stars RATING_MIN..RATING_MAX (the scale every dataset is mapped onto;
+      the ml-latest reader maps its half stars first): anything else is rejected, never clipped;
+    - duplicate (user, item) rows are not an error: the latest by timestamp is kept and one
+      warning names the file and the count (see ``drop_duplicates``);
+    - every item is in the catalogue, and every user in the user table when there is one.
+    """
+    source = source or name
     missing = [c for c in COLUMNS if c not in ratings.columns]
     if missing:
-        raise DataError(f"{name}: interactions lack column(s) {', '.join(missing)}")
+        raise DataError(f"{source}: interactions lack column(s) {', '.join(missing)}")
     if ratings.empty:
-        raise DataError(f"{name}: the interaction log is empty")
+        raise DataError(f"{source}: the interaction log is empty")
     if not items:
         raise DataError(f"{name}: the item catalogue is empty")
-    if ratings[COLUMNS].isna().any().any():
-        row = int(ratings[COLUMNS].isna().any(axis=1).idxmax())
-        raise DataError(f"{name}: interaction row {row} has an empty field")
-    bad = ratings[(ratings.rating < RATING_MIN) | (ratings.rating > RATING_MAX)]
-    if len(bad):
-        r = bad.iloc[0]
-        raise DataError(f"{name}: rating {r.rating} out of range {RATING_MIN}-{RATING_MAX} "
-                        f"(user {r.user}, item {r['item']}); {len(bad)} such row(s)")
+    empty = ratings[COLUMNS].isna().any(axis=1)
+    if empty.any():
+        where, _ = _first(source, ratings, empty)
+        raise DataError(f"{where}: empty field")
+    negative = ratings["timestamp"] < 0
+    if negative.any():
+        where, r = _first(source, ratings, negative)
+        raise DataError(f"{where}: timestamp {_plain(r.timestamp)} is negative (timestamps "
+                        f"are unix seconds, >= 0); {int(negative.sum())} such row(s)")
+    rating = ratings["rating"]
+    bad = (rating < RATING_MIN) | (rating > RATING_MAX) | (rating != rating.round())
+    if bad.any():
+        where, r = _first(source, ratings, bad)
+        raise DataError(f"{where}: rating {float(r.rating)} out of range (whole stars "
+                        f"{RATING_MIN}-{RATING_MAX}; user {int(r.user)}, item {int(r['item'])}); "
+                        f"{int(bad.sum())} such row(s)")
+    ratings = drop_duplicates(source, ratings)
     unknown = ~ratings["item"].isin(list(items))
     if unknown.any():
-        raise DataError(f"{name}: interactions name {int(ratings.loc[unknown, 'item'].nunique())} "
-                        f"unknown item(s), e.g. {int(ratings.loc[unknown, 'item'].iloc[0])}")
+        raise DataError(f"{source}: interactions name {int(ratings.loc[unknown, 'item'].nunique())}"
+                        f" unknown item(s), e.g. {int(ratings.loc[unknown, 'item'].iloc[0])}")
     if users:
         unknown_u = ~ratings["user"].isin(list(users))
         if unknown_u.any():
-            raise DataError(f"{name}: interactions name unknown user "
+            raise DataError(f"{source}: interactions name unknown user "
                             f"{int(ratings.loc[unknown_u, 'user'].iloc[0])}")
     else:
         users = {int(u): User(id=int(u)) for u in ratings["user"].unique()}

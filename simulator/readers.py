@@ -2,6 +2,9 @@
 
 Every failure becomes a one-line ``DataError`` naming the file and the problem, because these
 readers sit behind the CLI and a stack trace tells a user nothing about which file to fix.
+Ids, ratings and timestamps must be finite numbers; the rules on their values (whole stars 1-5,
+timestamps >= 0, duplicate pairs keep the latest rating) are ``simulator.data.validate``'s, and
+the ratings keep their line (or row) numbers as the index so its messages point at the row.
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def _read_atomic_file(path: Path, required: list[str]) -> pd.DataFrame:
 
 def _numeric(frame: pd.DataFrame, column: str, fname: str, integer: bool) -> pd.Series:
     values = pd.to_numeric(frame[column].str.strip(), errors="coerce")
-    bad = values.isna()
+    bad = ~np.isfinite(values)  # NaN (not a number) and "inf"
     if integer:
         bad |= values.notna() & (values != values.round())
     if bad.any():
@@ -134,7 +137,7 @@ def read_atomic(directory: str | Path, name: str | None = None) -> Dataset:
         "item": _numeric(inter, "item_id", fname, True),
         "rating": _numeric(inter, "rating", fname, False),
         "timestamp": _numeric(inter, "timestamp", fname, False).round().astype("int64"),
-    }).reset_index(drop=True)
+    })  # indexed by line number, for validate's messages
 
     item_df = _read_atomic_file(directory / f"{name}.item", ["item_id"])
     item_ids = _numeric(item_df, "item_id", f"{name}.item", True)
@@ -155,7 +158,7 @@ def read_atomic(directory: str | Path, name: str | None = None) -> Dataset:
             users[uid] = User(id=uid, age=_opt_int(row.get("age", "")),
                               gender=row.get("gender", "").strip() or None,
                               occupation=row.get("occupation", "").strip() or None)
-    return validate(name, users, items, ratings)
+    return validate(name, users, items, ratings, source=fname)
 
 
 # ---------------------------------------------------------------- GroupLens archives
@@ -190,17 +193,26 @@ def _frame(zf: zipfile.ZipFile, member: str, sep: str, names: list[str] | None,
 
 
 def _ratings(frame: pd.DataFrame, member: str, cols: list[str]) -> pd.DataFrame:
+    """Numeric columns indexed by 1-based data row (header excluded), for the error messages."""
     frame = frame.reset_index(drop=True)
+    frame.index = pd.Index(range(1, len(frame) + 1), name="row")
     out = {}
     for col, target in zip(cols, ["user", "item", "rating", "timestamp"], strict=True):
         values = frame[col]
         if not pd.api.types.is_numeric_dtype(values):  # only a bad row makes pandas keep text
             values = pd.to_numeric(values, errors="coerce")
-        if values.isna().any():
-            row = int(values.isna().idxmax())
-            raise DataError(f"{member} row {row + 1}: {col} {frame.at[row, col]!r} is not a number")
+        bad = ~np.isfinite(values.astype("float64"))
+        if target in ("user", "item"):
+            bad |= values.astype("float64") != values.astype("float64").round()
+        if bad.any():
+            row = bad.idxmax()
+            kind = "a number" if target in ("rating", "timestamp") else "an integer id"
+            raise DataError(f"{member} row {row}: {target} {str(frame.at[row, col])!r} "
+                            f"is not {kind}")
         out[target] = values
-    return pd.DataFrame(out)
+    ratings = pd.DataFrame(out)
+    ratings["timestamp"] = ratings["timestamp"].round().astype("int64")
+    return ratings
 
 
 def _read_ml100k(zf: zipfile.ZipFile, name: str) -> Dataset:
@@ -231,7 +243,7 @@ def _read_ml100k(zf: zipfile.ZipFile, name: str) -> Dataset:
         for row in _frame(zf, uuser, "|", ["id", "age", "gender", "occ", "zip"]).itertuples():
             users[int(row.id)] = User(id=int(row.id), age=_opt_int(row.age),
                                       gender=row.gender or None, occupation=row.occ or None)
-    return validate(name, users, items, ratings)
+    return validate(name, users, items, ratings, source=data)
 
 
 def _read_ml1m(zf: zipfile.ZipFile, name: str) -> Dataset:
@@ -258,7 +270,7 @@ def _read_ml1m(zf: zipfile.ZipFile, name: str) -> Dataset:
             users[int(row.id)] = User(
                 id=int(row.id), age=_opt_int(row.age), gender=row.gender or None,
                 occupation=ML1M_OCCUPATIONS[occ] if occ is not None and occ < 21 else None)
-    return validate(name, users, items, ratings)
+    return validate(name, users, items, ratings, source=data)
 
 
 def _read_latest(zf: zipfile.ZipFile, name: str) -> Dataset:
@@ -269,8 +281,15 @@ def _read_latest(zf: zipfile.ZipFile, name: str) -> Dataset:
     if missing := [c for c in cols if c not in raw.columns]:
         raise DataError(f"{data}: bad header, missing {', '.join(missing)}")
     ratings = _ratings(raw, data, cols)
-    # Half stars (0.5-5.0) round up to whole stars 1-5 so every dataset shares one 1-5 scale.
-    ratings["rating"] = np.ceil(ratings["rating"].astype("float64")).clip(lower=1.0)
+    # Half stars (0.5-5.0) round up to whole stars 1-5 so every dataset shares one 1-5 scale;
+    # anything off that scale (0, negative, 5.5, 3.7) is rejected rather than clipped into it.
+    stars = ratings["rating"].astype("float64")
+    off_scale = ~(stars * 2).isin(range(1, 11))
+    if off_scale.any():
+        row = off_scale.idxmax()
+        raise DataError(f"{data} row {row}: rating {stars[row]} is off the 0.5-5.0 half-star "
+                        f"scale; {int(off_scale.sum())} such row(s)")
+    ratings["rating"] = np.ceil(stars)
     mov = _frame(zf, movies, ",", None, header=True)
     if missing := [c for c in ("movieId", "title", "genres") if c not in mov.columns]:
         raise DataError(f"{movies}: bad header, missing {', '.join(missing)}")
@@ -282,7 +301,7 @@ def _read_latest(zf: zipfile.ZipFile, name: str) -> Dataset:
         title, year = _split_title(row.title)
         items[int(row.movieId)] = Item(id=int(row.movieId), title=title, year=year,
                                        genres=_genres(row.genres.split("|")))
-    return validate(name, {}, items, ratings)
+    return validate(name, {}, items, ratings, source=data)
 
 
 def read_movielens_zip(path: str | Path) -> Dataset:

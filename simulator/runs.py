@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import time
@@ -15,6 +16,26 @@ PACKAGES = ("torch", "transformers", "peft", "langgraph", "langchain-core", "chr
             "lenskit", "pydantic", "pandas", "numpy")
 
 
+def check_run_dir(output: str | Path | None, root: Path = Path("runs")) -> Path:
+    """Refuse an ``--output`` that cannot become a new run directory, creating nothing.
+
+    Called before data or models load, so a typo costs seconds, not a finished run: an existing
+    file, a non-empty folder, a file on the way, or a folder this user cannot write to."""
+    path = Path(output).expanduser() if output is not None else root
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--output {path} is an existing file, not a run directory")
+    if output is not None and path.is_dir() and any(path.iterdir()):
+        raise FileExistsError(f"run directory {path} is not empty; pass another --output")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"--output {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output {path}: no permission to write in {parent}")
+    return path
+
+
 def new_run_dir(output: str | Path | None, kind: str, root: Path = Path("runs")) -> Path:
     """``output`` if given, else ``runs/<kind>-<UTC time>``; refuses to reuse a non-empty one."""
     if output is None:
@@ -25,10 +46,12 @@ def new_run_dir(output: str | Path | None, kind: str, root: Path = Path("runs"))
             path = root / f"{kind}-{stamp}-{n}"
             n += 1
     else:
-        path = Path(output)
-    if path.exists() and any(path.iterdir()):
-        raise FileExistsError(f"run directory {path} is not empty; pass another --output")
-    path.mkdir(parents=True, exist_ok=True)
+        path = Path(output).expanduser()
+    check_run_dir(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. read-only file system, which os.access cannot foresee
+        raise OSError(f"cannot create run directory {path}: {exc.strerror or exc}") from None
     return path
 
 
@@ -69,8 +92,6 @@ def update_manifest(run_dir: Path, **fields: Any) -> None:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 

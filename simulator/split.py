@@ -31,10 +31,11 @@ class SplitConfig(BaseModel):
         0.2, ge=0.0, lt=1.0, description="Share of each user's latest ratings (user_chrono) or "
         "of the log's timeline (global_time default cut-off) used for testing.")
     valid_time: int | None = Field(
-        None, description="global_time only: unix seconds where validation starts; None = the "
-        "(1 - valid_frac - test_frac) quantile of timestamps (70th percentile by default).")
+        None, ge=0, description="global_time only: unix seconds where validation starts; "
+        "None = the (1 - valid_frac - test_frac) quantile of timestamps (70th percentile by "
+        "default).")
     test_time: int | None = Field(
-        None, description="global_time only: unix seconds where the test starts; None = the "
+        None, ge=0, description="global_time only: unix seconds where the test starts; None = the "
         "(1 - test_frac) quantile of timestamps (80th percentile by default).")
 
     @model_validator(mode="after")

@@ -2,11 +2,14 @@
 
 MovieLens records when ratings were entered, not what a person was shown, so we rebuild the pages:
 each logged session (split on a timestamp gap) is cut into visits of at most ``max_pages`` pages;
-each page holds 0–2 of the human's next items at seeded positions, and its other slots come from
-the session-reactive recommender exactly as the environment would fill them (every item the user
-rated in the log part being built is masked, so a skipped item is one this person never chose).
-The human watches exactly their logged items with their logged ratings and exits after a visit's
-last page.
+each page holds 0–2 of the human's next items at seeded positions, and its other slots are
+*exposure fillers* drawn, slot by slot, from a configurable mixture (``TrajectoryConfig.exposure``):
+never-rated items uniformly, never-rated items weighted by popularity, and the picks of several
+recommenders. Fillers from one recommender alone teach the inverse of preference: its picks are
+more popular and more like the person's history than what the person chose (``alignuser data
+info --trajectories`` prints the check). Every item the user rated in any part of the log is
+masked, so a skipped item is one this person never chose. The human watches exactly their logged
+items with their logged ratings and exits after a visit's last page.
 
 Schema (one JSON object per line): ``{user, part, session, visit, start, recommender, steps:
 [{page, items, watched: {item: rating}, then}]}``.
@@ -16,12 +19,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from tqdm import tqdm
 
 from simulator.env import PageAction, PageEnv, PageSource, recommender_pages
@@ -37,7 +41,68 @@ class TrajectoryConfig(BaseModel):
                     "mean 1.15 items per 4-item page (Agent4Rec measured a 0.32 watch ratio)")
     max_visits_per_user: int | None = Field(
         None, description="keep at most this many visits per user (the earliest); None = all")
-    seed: int = Field(0, description="seeds page positions and items per page")
+    seed: int = Field(0, description="seeds page positions, items per page and fillers")
+    exposure: dict[str, float] = Field(
+        {"uniform": 0.7, "popular": 0.1, "itemknn": 0.1, "bpr": 0.1},
+        description="where filler slots come from, as shares: 'uniform' (a never-rated item, "
+                    "uniformly), 'popular' (a never-rated item, weighted by train popularity) "
+                    "or a recommender name (its next pick for the session); chosen so that no "
+                    "perceived cue points the other way on training pages than on validation "
+                    "lists (see `alignuser data info --trajectories`)")
+
+    @field_validator("exposure")
+    @classmethod
+    def _shares(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v or any(x < 0 for x in v.values()) or sum(v.values()) <= 0:
+            raise ValueError("exposure shares must be >= 0 and sum to more than 0")
+        return v
+
+    def recommenders(self) -> list[str]:
+        """The recommenders the exposure mixture draws from."""
+        return sorted(k for k, w in self.exposure.items()
+                      if w > 0 and k not in ("uniform", "popular"))
+
+
+@dataclass
+class Exposure:
+    """The filler sources of a mixture: recommender rankings and the catalogue to sample."""
+
+    ranks: Mapping[str, Callable[..., list[int]]]
+    catalogue: np.ndarray  # item ids
+    popularity: np.ndarray  # sampling weights aligned with ``catalogue``
+
+
+def exposure_pages(exposure: Exposure, shares: Mapping[str, float],
+                   masked: Callable[[int], Iterable[int]], rng: np.random.Generator) -> PageSource:
+    """A page source whose slots come from the mixture; never a masked or seen item."""
+    names = sorted(k for k, w in shares.items() if w > 0)
+    probs = np.asarray([shares[k] for k in names], dtype=float)
+    probs /= probs.sum()
+    pop = exposure.popularity / exposure.popularity.sum()
+
+    def draw(weights: np.ndarray | None, banned: set[int]) -> int | None:
+        for _ in range(64):
+            item = int(rng.choice(exposure.catalogue, p=weights))
+            if item not in banned:
+                return item
+        left = [int(i) for i in exposure.catalogue if int(i) not in banned]
+        return int(rng.choice(left)) if left else None
+
+    def source(user, page, k, seen, session):
+        banned = set(seen) | set(masked(user))
+        picks: list[int] = []
+        for name in rng.choice(names, size=k, p=probs):
+            if name in ("uniform", "popular"):
+                item = draw(None if name == "uniform" else pop, banned)
+            else:
+                ranked = exposure.ranks[name](user, 1, exclude=banned, session=list(session))
+                item = int(ranked[0]) if ranked else draw(None, banned)
+            if item is not None:
+                picks.append(item)
+                banned.add(item)
+        return picks
+
+    return source
 
 
 class Step(BaseModel):
@@ -114,8 +179,10 @@ def play_visit(env: PageEnv, user: int, plan: list[list[tuple[int, int]]]) -> li
 def build_trajectories(ratings: pd.DataFrame, rank: Callable[..., list[int]],
                        masked: dict[int, set[int]], cfg: TrajectoryConfig,
                        recommender: str = "itemknn", part: str = "train",
-                       progress: bool = True) -> list[Trajectory]:
-    """Trajectories for every session of ``ratings`` (one split part) on one recommender."""
+                       progress: bool = True,
+                       exposure: Exposure | None = None) -> list[Trajectory]:
+    """Trajectories for every session of ``ratings`` (one split part). Fillers come from the
+    ``exposure`` mixture when given, else from ``rank`` alone (one recommender's pages)."""
     base = recommender_pages(rank, lambda u: masked.get(u, ()))
     out: list[Trajectory] = []
     visits_of: dict[int, int] = {}
@@ -135,7 +202,9 @@ def build_trajectories(ratings: pd.DataFrame, rank: Callable[..., list[int]],
             for n in counts:
                 plan.append(pairs[pos:pos + n])
                 pos += n
-            env = PageEnv(_human_pages(base, plan, rng), cfg.page_size, cfg.max_pages)
+            fill = base if exposure is None else exposure_pages(
+                exposure, cfg.exposure, lambda u: masked.get(u, ()), rng)
+            env = PageEnv(_human_pages(fill, plan, rng), cfg.page_size, cfg.max_pages)
             steps = play_visit(env, user, plan)
             out.append(Trajectory(user=user, part=part, session=s_idx, visit=v_idx,
                                   start=int(rows["timestamp"].iloc[0]),

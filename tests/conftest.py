@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import pytest
@@ -10,6 +11,9 @@ import pytest
 from simulator.data import Dataset, Item, User, validate
 from simulator.readers import load_dataset
 from simulator.split import Split, make_split
+
+if TYPE_CHECKING:
+    from graph.world import World
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -24,6 +28,19 @@ def ml100k() -> Dataset:
 @pytest.fixture(scope="session")
 def split100k(ml100k: Dataset) -> Split:
     return make_split(ml100k.ratings)
+
+
+@pytest.fixture(scope="session")
+def small_world(ml100k: Dataset) -> World:
+    """The first 40 users of ml-100k (all items): big enough for every split part, 1:m lists
+    (10 held-out ratings a user) and the exposure mixture's recommenders, fast to build. The
+    6-user ``tiny_dataset`` is too small for those (about one test rating a user)."""
+    from graph.world import World
+
+    ratings = ml100k.ratings[ml100k.ratings["user"] <= 40]
+    ds = Dataset(name="ml-100k-40", users={u: ml100k.users[u] for u in range(1, 41)},
+                 items=ml100k.items, ratings=ratings)
+    return World(ds=ds, split=make_split(ds.ratings))
 
 
 TINY_GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]

@@ -92,6 +92,15 @@ def test_read_atomic_good(tmp_path: Path) -> None:
     (["1\t10\t4"], GOOD_ITEM, INTER_HEAD, "line 2"),
     (["1\t10\t4\t100", "1\tabc\t5\t200"], GOOD_ITEM, INTER_HEAD, "line 3"),
     (["1\t10\t7\t100"], GOOD_ITEM, INTER_HEAD, "out of range"),
+    (["1\t10\t4\t100", "1\t11\t0\t200"], GOOD_ITEM, INTER_HEAD,
+     r"line 3: rating 0\.0 out of range"),
+    (["1\t10\t-2\t100"], GOOD_ITEM, INTER_HEAD, "line 2: rating -2.0 out of range"),
+    (["1\t10\t3.5\t100"], GOOD_ITEM, INTER_HEAD, r"rating 3\.5 out of range \(whole stars"),
+    (["1\t10\t4\t100", "1\t11\t5\t-5"], GOOD_ITEM, INTER_HEAD,
+     r"toy\.inter line 3: timestamp -5 is negative \(timestamps are unix seconds"),
+    (["1\t10\t4\tyesterday"], GOOD_ITEM, INTER_HEAD,
+     "toy.inter line 2: timestamp 'yesterday' is not a number"),
+    (["1\t10\t4\tinf"], GOOD_ITEM, INTER_HEAD, "line 2: timestamp 'inf' is not a number"),
     (["1\t99\t4\t100"], GOOD_ITEM, INTER_HEAD, "unknown item"),
     ([], GOOD_ITEM, INTER_HEAD, "empty"),
 ])
@@ -101,6 +110,22 @@ def test_read_atomic_errors(tmp_path: Path, inter: list[str] | None, item: list[
     with pytest.raises(DataError, match=expect) as err:
         read_atomic(folder)
     assert "\n" not in str(err.value)
+
+
+def test_duplicate_pairs_keep_the_latest_rating(tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The later rating by timestamp wins wherever it sits in the file; one line reports it."""
+    inter = ["1\t10\t2\t300", "1\t10\t4\t100", *GOOD_INTER[1:], "1\t10\t5\t200"]
+    with caplog.at_level("WARNING", logger="simulator.data"):
+        ds = read_atomic(write_atomic(tmp_path / "toy", inter, GOOD_ITEM))
+    by_pair = {(r.user, r.item): (r.rating, r.timestamp) for r in ds.ratings.itertuples()}
+    assert by_pair == {(1, 10): (2.0, 300), (1, 11): (5.0, 200), (2, 10): (3.0, 150)}
+    assert [r.getMessage() for r in caplog.records] == [
+        "toy.inter: dropped 2 duplicate (user, item) row(s), keeping each pair's latest rating "
+        "by timestamp"]
+    caplog.clear()
+    read_atomic(write_atomic(tmp_path / "clean", GOOD_INTER, GOOD_ITEM, name="clean"))
+    assert caplog.records == []
 
 
 def test_bad_header_names_file_and_field(tmp_path: Path) -> None:
@@ -227,6 +252,42 @@ def test_zip_errors_and_dispatch(tmp_path: Path) -> None:
     assert load_dataset("ml-1m", cache_dir=cache).name == "ml-1m"
 
 
+@pytest.mark.parametrize(("rating", "expect"), [
+    ("0.0", r"row 2: rating 0\.0 is off the 0\.5-5\.0 half-star scale"),
+    ("-1", r"row 2: rating -1\.0 is off"), ("5.5", r"row 2: rating 5\.5 is off"),
+    ("3.7", r"row 2: rating 3\.7 is off")])
+def test_zip_latest_rejects_ratings_off_its_scale(tmp_path: Path, rating: str,
+                                                   expect: str) -> None:
+    """Before, a 0 or negative rating was clipped to one star without a word."""
+    bad = _zip(tmp_path / "ml-latest-small.zip", {
+        "ratings.csv": f"userId,movieId,rating,timestamp\n1,1,4.0,9\n1,3,{rating},10\n",
+        "movies.csv": "movieId,title,genres\n1,A (1995),Drama\n3,B (1996),Drama\n"})
+    with pytest.raises(DataError, match=f"ratings.csv {expect}") as err:
+        read_movielens_zip(bad)
+    assert "\n" not in str(err.value)
+
+
+def test_zip_timestamps_and_duplicates(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    item = f"1|A (1995)|||x|{_flags()}\n2|B (1996)|||x|{_flags()}\n"
+    negative = _zip(tmp_path / "neg.zip", {"u.data": "1\t1\t5\t10\n1\t2\t3\t-1\n",
+                                           "u.item": item})
+    with pytest.raises(DataError, match=r"^u\.data row 2: timestamp -1 is negative"):
+        read_movielens_zip(negative)
+    text = _zip(tmp_path / "text.zip", {"ratings.dat": "1::1193::5::noon\n",
+                                        "movies.dat": "1193::A (1975)::Drama\n"})
+    with pytest.raises(DataError, match=r"^ratings\.dat row 1: timestamp 'noon' is not a num"):
+        read_movielens_zip(text)
+    fractional_id = _zip(tmp_path / "id.zip", {"u.data": "1\t1.5\t5\t10\n", "u.item": item})
+    with pytest.raises(DataError, match=r"u\.data row 1: item '1\.5' is not an integer id"):
+        read_movielens_zip(fractional_id)
+    dup = _zip(tmp_path / "dup.zip", {"ml-1m/ratings.dat": "1::1::5::20\n1::1::2::10\n",
+                                      "ml-1m/movies.dat": "1::A (1975)::Drama\n"})
+    with caplog.at_level("WARNING", logger="simulator.data"):
+        ds = read_movielens_zip(dup)
+    assert ds.ratings[["rating", "timestamp"]].values.tolist() == [[5.0, 20]]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["ml-1m/ratings.dat"]
+
+
 # ---------------------------------------------------------------- fetch
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -338,6 +399,8 @@ def test_global_time_invariants(ml100k: Dataset) -> None:
         SplitConfig(kind="global_time", valid_time=2, test_time=1)
     with pytest.raises(ValidationError):
         SplitConfig(valid_frac=0.5, test_frac=0.5)
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        SplitConfig(kind="global_time", valid_time=-1)
 
 
 # ---------------------------------------------------------------- info

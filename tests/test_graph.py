@@ -63,10 +63,15 @@ class RecordingScorer:
         self.calls.append((prefix, list(options)))
         return self.inner.score(prefix, options)
 
+    def world_model_requests(self) -> list[list[tuple[str, str]]]:
+        """The options of every scorer call that asks the world model (one per predicted page:
+        every slot's five rating endings in one call)."""
+        return [list(opts) for prefix, opts in self.calls
+                if prompts.NEXT_STATE in prefix or any(prompts.NEXT_STATE in ctx
+                                                       for ctx, _ in opts)]
+
     def world_model_calls(self) -> int:
-        """Scorer calls that ask the world model (one per predicted slot)."""
-        return sum(prompts.NEXT_STATE in prefix or any(prompts.NEXT_STATE in ctx for ctx, _ in opts)
-                   for prefix, opts in self.calls)
+        return len(self.world_model_requests())
 
 
 def _runtime(world: World, policy: Any, scorer: Any = None,
@@ -154,7 +159,7 @@ def test_llm_agent_actions_are_valid(traced: TracedRun, world: World, users: lis
 
 
 def test_world_model_on_predicts_every_page(traced: TracedRun, users: list[int]) -> None:
-    slots = 0
+    slots = pages = 0
     for user in users:
         nodes, updates, _ = traced.runs[user]
         for u in _of(nodes, updates, "predict"):
@@ -162,7 +167,11 @@ def test_world_model_on_predicts_every_page(traced: TracedRun, users: list[int])
             assert sorted(int(k) for k in preds) == [1, 2, 3, 4]
             assert all(1.0 <= v <= 5.0 for v in preds.values())
             slots += len(preds)
-    assert slots and traced.scorer.world_model_calls() == slots
+            pages += 1
+    # One batched world-model call per page, holding all five rating endings of every slot.
+    requests = traced.scorer.world_model_requests()
+    assert pages and len(requests) == pages
+    assert all(len(opts) == 5 * 4 for opts in requests) and 5 * slots == sum(map(len, requests))
     policy_prefixes = [ctx for _, opts in traced.scorer.calls for ctx, _ in opts
                        if ctx.startswith("You expect to rate:")]
     assert policy_prefixes  # the policy saw the predictions
@@ -246,8 +255,9 @@ def test_world_model_off_makes_no_predictions(world: World, users: list[int],
     assert not any("You expect to rate" in ctx for _, opts in recording.calls for ctx, _ in opts)
     # The same runtime with the world model on does call it.
     nodes_on, updates_on, _ = _stream(build_graph("none", "on"), rt, users[0])
-    predicted = sum(len(u["predictions"]) for u in _of(nodes_on, updates_on, "predict"))
-    assert recording.world_model_calls() == predicted > 0
+    predicted = [u["predictions"] for u in _of(nodes_on, updates_on, "predict")]
+    assert recording.world_model_calls() == len(predicted) > 0  # one call per page
+    assert all(len(p) == 4 for p in predicted)
 
 
 def test_world_model_on_without_a_scorer_is_refused(world: World, users: list[int]) -> None:
@@ -269,13 +279,17 @@ def test_memory_variants(kind: str, world: World, users: list[int], tmp_path: Pa
     if kind == "chroma":
         assert [len(r["memories"]) for r in recalls] == [0, 1, 2]
         assert all(r["views"][0]["evidence"] for r in recalls)
+        assert all(v["match"] is not None for r in recalls for v in r["views"])
+        assert "of its 20 closest" in final["page_text"]
         assert recalls[2]["memories"][0].startswith(("Page 1:", "Page 2:"))
         assert "You remember: " in final["page_text"]
         assert memory.count(thread_id(REC, users[0])) == 3
     else:
         assert recalls == [{"memories": []}] * 3  # no evidence added, nothing recalled
         assert "You remember" not in final["page_text"]
-        assert "nothing you watched" in final["page_text"]
+        # Public facts only: no personal line (evidence, match) on any item.
+        assert "like what you rated" not in final["page_text"]
+        assert "of its 20 closest" not in final["page_text"]
 
 
 def test_unknown_variant_names_raise() -> None:

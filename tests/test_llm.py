@@ -115,6 +115,29 @@ def test_generate_is_greedy_and_stops(lm: LM) -> None:
     assert cut == full[: full.index(stop)] and stop not in cut
 
 
+def test_score_many_equals_score_across_prefixes(lm: LM) -> None:
+    requests = [(PREFIX, OPTIONS), ("Short.", OPTIONS[:2]), (PREFIX + "2. Heat (1995)\n",
+                                                          OPTIONS[1:]), (PREFIX, OPTIONS[2:])]
+    batched = Scorer(lm).score_many(requests)
+    one = Scorer(lm)
+    for (prefix, options), got in zip(requests, batched, strict=True):
+        assert got == pytest.approx(one.score(prefix, options), abs=1e-4)
+    # Small token budgets split the work into many forwards with the same numbers.
+    small = Scorer(lm, batch_tokens=16)
+    again = small.score_many(requests)
+    assert small.stats.forwards > 2
+    for a, b in zip(again, batched, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_generate_many_equals_generate(lm: LM) -> None:
+    prompts = ["Tell me about movies.", "Hi", "A much longer prompt about a person who likes "
+               "science fiction films and dislikes musicals.\n"]
+    scorer = Scorer(lm)
+    many = scorer.generate_many(prompts, max_new_tokens=6, batch=2)  # two left-padded batches
+    assert many == [scorer.generate(p, max_new_tokens=6) for p in prompts]
+
+
 def test_generate_stops_at_eos() -> None:
     lm = tiny_lm()
     scorer = Scorer(lm)

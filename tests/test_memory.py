@@ -62,6 +62,29 @@ def test_features_keys_and_values() -> None:
     assert sim.features(10, {})["sim_weighted_rating"] == pytest.approx(HAND["rating"].mean())
 
 
+def test_match_percentiles_and_closest_watched_by_hand() -> None:
+    sim = ItemSimilarity.fit(HAND)
+    # item-kNN scores for history {20}: the row of 20, i.e. 10 -> 2/3, 20 -> 0, 30 -> 1/sqrt(6).
+    np.testing.assert_allclose(sim.history_scores({20: 4.0}), [COS_10_20, 0.0, COS_20_30],
+                               rtol=1e-6)
+    # Percentile = share of the catalogue scoring strictly lower, floored.
+    assert sim.match_percentiles({20: 4.0}) == {10: 66, 20: 0, 30: 33}
+    assert sim.match_percentiles({20: 4.0, 30: 2.0}) == {10: 66, 20: 0, 30: 0}  # tie at 1/sqrt(6)
+    assert sim.match_percentiles({}) == {10: 0, 20: 0, 30: 0}
+    assert sim.match_percentiles({99: 3.0}) == {10: 0, 20: 0, 30: 0}  # unseen history item
+    # Of 10's closest items (30, then 20) the person watched both / one / none.
+    assert sim.closest_watched(10, {20: 4.0, 30: 2.0}) == (2, 3.0)
+    assert sim.closest_watched(10, {20: 4.0}) == (1, 4.0)
+    assert sim.closest_watched(10, {20: 4.0}, n=1) == (0, None)  # only 30 is among the top 1
+    assert sim.closest_watched(99, {20: 4.0}) == (0, None)
+    f = sim.features(10, {20: 4.0})
+    assert (f["match"], f["close_watched"], f["close_rating"]) == (66.0, 1.0, 4.0)
+    assert sim.features(10, {20: 4.0}, match={10: 12}) == {**f, "match": 12.0}
+    cold = sim.features(99, {20: 4.0, 30: 2.0})
+    assert cold["match"] == 0.0 and cold["close_watched"] == 0.0
+    assert cold["close_rating"] == pytest.approx(3.0)  # falls back like sim_weighted_rating
+
+
 def test_neighbours_agree_with_dense_cosine_on_ml100k(split100k) -> None:
     train = split100k.train
     sim = ItemSimilarity.fit(train, n_neighbours=50)

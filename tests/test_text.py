@@ -34,7 +34,7 @@ def tok() -> Any:
 
 def test_render_action_layout() -> None:
     assert text.render_action(4, {3: 5, 1: 2}, "exit") == (
-        "[1] watch\n[2] skip\n[3] watch\n[4] skip\n[1] rated 2\n[3] rated 5\nthen: exit\n")
+        "[1] watch\n[2] skip\n[3] watch\n[4] skip\nthen: exit\n[1] rated 2\n[3] rated 5\n")
     assert text.render_action(2, {}, "next") == "[1] skip\n[2] skip\nthen: next\n"
     assert text.render_wm_action(3, [2], "next") == "[1] skip\n[2] watch\n[3] skip\nthen: next\n"
 
@@ -43,8 +43,10 @@ def test_render_item_and_page() -> None:
     assert text.render_item(1, VIEWS[0]) == (
         "[1] Toy Story (1995) | Animation, Children's, Comedy | 452 ratings, avg 3.9\n"
         "    like what you rated: Aladdin 4/5")
-    assert text.render_item(4, VIEWS[3]) == (
+    assert text.render_item(4, VIEWS[3]) == "[4] 'Til There Was You | unknown genre | 0 ratings"
+    assert text.render_item(4, VIEWS[3].model_copy(update={"match": 0})) == (
         "[4] 'Til There Was You | unknown genre | 0 ratings\n"
+        "    match 0/100; you watched 0 of its 20 closest\n"
         "    like what you rated: nothing you watched")
     page = text.render_page(PageView(page=2, max_pages=5, items=VIEWS[:2],
                                      session=[("Fargo", 5)], memories=["Page 1: skipped all"]))
@@ -54,6 +56,28 @@ def test_render_item_and_page() -> None:
     assert page.endswith("\n") and lines[4].startswith("[1] Toy Story")
     assert text.render_predictions({2: 3.456, 1: 4.0}) == "You expect to rate: [1] 4.0, [2] 3.5\n"
     assert text.render_predictions({}) == ""
+
+
+def test_match_line_and_the_no_evidence_ablation() -> None:
+    matched = VIEWS[1].model_copy(update={"match": 87, "close_watched": 3, "close_rating": 4.25})
+    assert text.render_item(2, matched) == (
+        "[2] Star Wars (1977) | Action, Sci-Fi | 583 ratings, avg 4.4\n"
+        "    match 87/100; you watched 3 of its 20 closest, rated 4.2\n"
+        "    like what you rated: nothing you watched")
+    unseen = VIEWS[2].model_copy(update={"match": 5})
+    assert text.render_item(3, unseen).splitlines()[1] == (
+        "    match 5/100; you watched 0 of its 20 closest")
+    both = VIEWS[0].model_copy(update={"match": 60, "close_watched": 1, "close_rating": 4.0})
+    assert both.personal() and matched.personal() and not VIEWS[2].personal()
+    assert text.render_item(1, both).splitlines()[1:] == [
+        "    match 60/100; you watched 1 of its 20 closest, rated 4.0",
+        "    like what you rated: Aladdin 4/5"]
+    full = text.page_prompt(1, 5, [both, matched, unseen])
+    bare = text.page_prompt(1, 5, [both, matched, unseen], evidence=False)
+    assert "match 60/100" in full and "Aladdin" in full
+    assert "match" not in bare and "like what you rated" not in bare and "closest" not in bare
+    assert bare == text.page_prompt(1, 5, [VIEWS[0].model_copy(update={"evidence": []}),
+                                           VIEWS[1], VIEWS[2]])
 
 
 @pytest.mark.parametrize("ratings, next_items", [
@@ -113,7 +137,7 @@ def test_rendered_targets_are_concatenations_of_choice_lines() -> None:
     ratings = {2: 5, 4: 1}
     expected = (text.slot_line(1, text.SKIP) + text.slot_line(2, text.WATCH)
                 + text.slot_line(3, text.SKIP) + text.slot_line(4, text.WATCH)
-                + text.rating_line(2, 5) + text.rating_line(4, 1) + text.then_line("next"))
+                + text.then_line("next") + text.rating_line(2, 5) + text.rating_line(4, 1))
     assert text.render_action(4, ratings, "next") == expected
 
 
@@ -136,7 +160,8 @@ def _contexts(persona: str) -> list[str]:
              prompts.policy_tail(preds, "It fits my taste for sci-fi. "),
              prompts.world_model_tail(text.render_wm_action(4, [1, 3], "next")),
              prompts.reflection_tail(preds)]
-    partial = prompts.policy_tail(preds) + text.render_choices(4, [2]) + text.rating_line(2, 5)
+    partial = (prompts.policy_tail(preds) + text.render_choices(4, [2]) + text.then_line("next")
+               + text.rating_line(2, 5))
     return [prompts.persona_block(persona), page, prompts.persona_block(persona) + page,
             *tails, partial, prompts.CHOICES, prompts.NEXT_STATE, prompts.THINK]
 
@@ -174,8 +199,8 @@ def test_line_by_line_scoring_sees_the_training_tokens(tok: Any, persona: str) -
     prefix = prompts.persona_block(persona) + page
     ctx = prompts.policy_tail(preds)
     lines = [text.slot_line(s, text.WATCH if s in ratings else text.SKIP) for s in range(1, 5)]
-    lines += [text.rating_line(s, r) for s, r in sorted(ratings.items())]
     lines.append(text.then_line(then))
+    lines += [text.rating_line(s, r) for s, r in sorted(ratings.items())]
     for line in lines:
         scored = encode(tok, [prefix]) + encode(tok, [ctx]) + encode(tok, [line])
         assert train_ids[:len(scored)] == scored

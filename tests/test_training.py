@@ -19,9 +19,7 @@ from agents.scorer import Scorer
 from agents.text import Evidence, ItemView, PageView
 from alignuser.commands import train_data
 from alignuser.config import World
-from simulator.data import Dataset
 from simulator.env import PageAction
-from simulator.split import Split, make_split
 from training.config import TrainConfig
 from training.counterfactual import sample_alternatives
 from training.pipeline import _peft
@@ -191,30 +189,13 @@ def test_schedule_batch_is_a_pure_function_of_seed_and_step() -> None:
 
 # --- training data: no held-out leakage ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def small_world(ml100k_module: tuple[Dataset, Split]) -> World:
-    ds, split = ml100k_module
-    return World(ds=ds, split=split)
-
-
-@pytest.fixture(scope="module")
-def ml100k_module() -> tuple[Dataset, Split]:
-    """The first 40 users of ml-100k: big enough for every part, fast to build."""
-    from simulator.readers import load_dataset
-
-    full = load_dataset("ml-100k")
-    ratings = full.ratings[full.ratings["user"] <= 40]
-    ds = Dataset(name="ml-100k-40", users={u: full.users[u] for u in range(1, 41)},
-                 items=full.items, ratings=ratings)
-    return ds, make_split(ds.ratings)
-
-
 def _pairs(frame: pd.DataFrame) -> set[tuple[int, int]]:
     return {(int(u), int(i)) for u, i in zip(frame["user"], frame["item"], strict=True)}
 
 
 def test_training_data_never_holds_held_out_ratings(small_world: World) -> None:
-    cfg = TrainConfig(valid_examples=5, seed=0)
+    # Validation users: enough for early stopping and for the calibration pages (4 a user).
+    cfg = TrainConfig(valid_examples=5, calibration_pages=12, calibration_lists=6, seed=0)
     data = train_data(small_world, cfg)
     split = small_world.split
     train_watched = {(t.user, i) for t in data.train for s in t.steps for i in s.watched}
@@ -223,7 +204,15 @@ def test_training_data_never_holds_held_out_ratings(small_world: World) -> None:
     valid_watched = {(t.user, i) for t in data.valid for s in t.steps for i in s.watched}
     assert valid_watched and valid_watched <= _pairs(split.valid)
     assert not valid_watched & _pairs(split.test)
-    assert len({t.user for t in data.valid}) <= cfg.valid_examples
+    assert len({t.user for t in data.valid}) <= max(cfg.valid_examples,
+                                                    cfg.calibration_pages // 4)
+    # Calibration lists: validation positives, negatives never rated in any part.
+    assert 0 < len(data.valid_lists) <= cfg.calibration_lists
+    rated = _pairs(split.train) | _pairs(split.valid) | _pairs(split.test)
+    for user, items, labels in data.valid_lists:
+        for item, label in zip(items, labels, strict=True):
+            assert ((user, item) in _pairs(split.valid)) == bool(label)
+            assert label or (user, item) not in rated
     assert {t.part for t in data.train} == {"train"} and {t.part for t in data.valid} == {"valid"}
     hashes = data.split_hashes
     assert set(hashes) == {"train", "valid", "test"} and len(set(hashes.values())) == 3

@@ -16,6 +16,7 @@ from simulator.policies import HumanReplay
 from simulator.recommenders import make_recommender
 from simulator.split import Split
 from simulator.trajectories import (
+    Exposure,
     Step,
     Trajectory,
     TrajectoryConfig,
@@ -223,6 +224,52 @@ def test_too_small_catalogue_is_an_error(tiny_dataset: Dataset) -> None:
         for seed in range(10):
             build_trajectories(log, _rank_by_id(tiny_dataset.items), _rated(log),
                                TrajectoryConfig(seed=seed), progress=False)
+
+
+def _exposure(ds: Dataset) -> Exposure:
+    catalogue = np.asarray(sorted(ds.items), dtype=np.int64)
+    counts = ds.ratings["item"].value_counts()
+    return Exposure(ranks={"by-id": _rank_by_id(ds.items)}, catalogue=catalogue,
+                    popularity=np.asarray([counts.get(i, 0) + 1.0 for i in catalogue]))
+
+
+@pytest.mark.parametrize("shares", [{"uniform": 1.0}, {"popular": 1.0}, {"by-id": 1.0},
+                                    {"uniform": 0.7, "popular": 0.1, "by-id": 0.2}])
+def test_exposure_mixture_fills_pages_with_never_rated_items(tiny_dataset: Dataset,
+                                                             shares: dict[str, float]) -> None:
+    log = _two_session_log(tiny_dataset)
+    cfg = TINY_CFG.model_copy(update={"exposure": shares})
+    rated = _rated(log)
+
+    def build() -> list[Trajectory]:
+        return build_trajectories(log, lambda *a, **k: [], rated, cfg, "exposure",
+                                  progress=False, exposure=_exposure(tiny_dataset))
+
+    trajs = build()
+    assert trajs == build()  # seeded
+    watched = sorted((t.user, i) for t in trajs for s in t.steps for i in s.watched)
+    assert watched == sorted(zip(log["user"].astype(int), log["item"].astype(int), strict=True))
+    for t in trajs:
+        assert t.recommender == "exposure"
+        shown = [i for s in t.steps for i in s.items]
+        assert len(shown) == len(set(shown)), "an item is shown once per visit"
+        for s in t.steps:
+            assert len(s.items) == cfg.page_size
+            assert not (set(s.items) - set(s.watched)) & rated[t.user]
+    if shares == {"by-id": 1.0}:  # the recommender's next pick: lowest unrated, unseen id
+        for t in trajs:
+            fillers = [i for s in t.steps for i in s.items if i not in s.watched]
+            assert sorted(fillers) == [i for i in sorted(tiny_dataset.items)
+                                       if i not in rated[t.user]][:len(fillers)]
+
+
+def test_exposure_shares_are_validated() -> None:
+    assert TrajectoryConfig().recommenders() == ["bpr", "itemknn"]
+    assert sum(TrajectoryConfig().exposure.values()) == pytest.approx(1.0)
+    assert TrajectoryConfig(exposure={"uniform": 1.0, "pop": 0.0}).recommenders() == []
+    for bad in ({}, {"uniform": -0.1, "bpr": 1.0}, {"uniform": 0.0}):
+        with pytest.raises(ValueError, match="exposure shares"):
+            TrajectoryConfig(exposure=bad)
 
 
 def test_replaying_logged_pages_reproduces_each_trajectory(tiny_trajs) -> None:

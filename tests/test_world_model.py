@@ -8,7 +8,7 @@ import pytest
 from agents import prompts, text
 from agents.llm import tiny_lm
 from agents.scorer import Scorer
-from agents.world_model import expected_ratings
+from agents.world_model import expected_ratings, expected_ratings_many
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,3 +28,30 @@ def test_expected_ratings_equal_whole_line_scoring() -> None:
 
 def test_rating_line_is_stem_plus_value() -> None:
     assert text.rating_line(2, 4) == text.rating_stem(2) + text.rating_value(4) == "[2] rated 4\n"
+
+
+def test_expected_ratings_many_equals_one_page_at_a_time() -> None:
+    scorer = Scorer(tiny_lm(seed=3))
+    pages = [("You are user 7.\nPage 1 of at most 5.\nOn this page:\n[1] A | Drama | 3 ratings\n"
+              "[2] B | Comedy | 9 ratings\n", 2),
+             ("You are user 8.\nPage 2 of at most 5.\nOn this page:\n[1] C | War | 1 ratings\n",
+              1),
+             ("You are user 9.\nPage 1 of at most 5.\n", 4)]
+    many = expected_ratings_many(scorer, pages)
+    assert [sorted(m) for m in many] == [[1, 2], [1], [1, 2, 3, 4]]
+    for (prefix, n), got in zip(pages, many, strict=True):
+        assert got == pytest.approx(expected_ratings(Scorer(tiny_lm(seed=3)), prefix, n),
+                                    abs=0.011)
+
+    class ScoreOnly:  # a scorer without score_many is asked one page at a time
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def score(self, prefix: str, options: list[tuple[str, str]]) -> list[float]:
+            self.calls += 1
+            return scorer.score(prefix, options)
+
+    plain = ScoreOnly()
+    for got, want in zip(expected_ratings_many(plain, pages), many, strict=True):
+        assert got == pytest.approx(want, abs=0.011)
+    assert plain.calls == len(pages)

@@ -20,7 +20,8 @@ class TrainConfig(BaseModel):
     model: str = Field("default", description="base causal LM ('default' = SmolLM2-135M-Instruct)")
     init_adapter: str | None = Field(None, description="adapter to continue from (stage cr)")
     dataset: str = Field("ml-100k", description="dataset whose TRAIN split builds D_rollout")
-    recommender: str = Field("itemknn", description="recommender that fills the human pages")
+    recommender: str = Field("exposure", description="what fills the human pages' other slots: "
+                             "'exposure' (the trajectory config's mixture) or one recommender")
     wm_steps: int = Field(100, description="optimizer steps of stage 1 (world model)")
     cr_steps: int = Field(60, description="optimizer steps of stage 2 (or of policy-only SFT)")
     batch_size: int = Field(4, description="examples per step (4x~500 tokens ~ 6 s on 2 cores)")
@@ -47,4 +48,30 @@ class TrainConfig(BaseModel):
     save_every: int = Field(20, description="steps between resumable checkpoints")
     grad_checkpointing: bool = Field(False, description="trade ~30%% speed for ~45%% less RAM")
     dtype: str = Field("auto", description="auto (bf16 when the CPU has it), bfloat16, float32")
+    calibration_pages: int = Field(400, description="validation pages that fit the watch and "
+                                   "exit offsets (agents.decide.Calibration)")
+    calibration_lists: int = Field(100, description="validation 1:1 lists that fit the 1:m "
+                                   "list offset")
+    time_budget_s: float | None = Field(None, description="stop each stage after this many "
+                                        "seconds (checkpointed; None = run all steps)")
+    device: str = Field("auto", description="auto (CUDA when present), cpu or cuda")
+    save_dtype: str = Field("bfloat16", description="adapter file dtype: bfloat16 (half the "
+                            "size) or float32")
     seed: int = Field(0, description="seeds data order, sampling and LoRA init")
+
+
+def config_flags(parser, model: type[BaseModel]) -> None:
+    """One flag per field of ``model``, with its help text and default (one source of both)."""
+    for name, field in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, action="store_true", help=field.description)
+        else:
+            parser.add_argument(flag, default=None, help=f"{field.description} "
+                                f"(default: {field.default})")
+
+
+def parse_config(model: type[BaseModel], args) -> BaseModel:
+    given = {k: v for k, v in vars(args).items()
+             if k in model.model_fields and v not in (None, False)}
+    return model.model_validate(given)

@@ -73,8 +73,8 @@ def _option(key: Key, tr: Transition, expected: Mapping[int, float],
 def build_counterfactual(trs: Sequence[Transition], scorer: Scorer, teacher: Teacher,
                          liked: Mapping[int, Sequence[str]], k: int = 3, seed: int = 0,
                          generator: Generator | None = None,
-                         progress: bool = True) -> Iterable[tuple[Example, Example, str]]:
-    """Yield (cr example, policy example with predictions, reflection) per transition."""
+                         progress: bool = True) -> Iterable[tuple[Example, list[Example], str]]:
+    """Yield (cr example, policy examples with predictions, reflection) per transition."""
     policy = LLMPolicy(scorer, name="current", temperature=0.0)
     for tr in tqdm(trs, desc="counterfactuals", unit="step", disable=not progress):
         expected = expected_ratings(scorer, tr.prefix, len(tr.items))
@@ -83,7 +83,7 @@ def build_counterfactual(trs: Sequence[Transition], scorer: Scorer, teacher: Tea
                 for key in sample_alternatives(policy, tr, k, seed)]
         reflection = teacher.reflect(tr.views, liked.get(tr.user, ()), human, alts, tr.persona)
         preds = text.render_predictions(expected)
-        yield tr.cr_example(reflection, preds), tr.policy_example(preds), reflection
+        yield tr.cr_example(reflection, preds), tr.policy_examples(preds), reflection
 
 
 def reflection_record(tr: Transition, reflection: str) -> dict:

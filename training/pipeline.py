@@ -22,7 +22,7 @@ from simulator.runs import git_commit
 from simulator.trajectories import Trajectory
 from training.config import LORA_TARGETS, TrainConfig
 from training.counterfactual import build_counterfactual, reflection_record
-from training.rollout import Example, Transition, fingerprint, transitions
+from training.rollout import Example, Transition, class_balance, fingerprint, transitions
 from training.teacher import ChatTeacher, GroundedTeacher
 from training.trainer import train_loop, validation_loss
 
@@ -38,6 +38,9 @@ class TrainData:
     liked: Mapping[int, Sequence[str]]
     train_log: Any  # the train ratings frame: evidence before each session
     split_hashes: Mapping[str, str]
+    personas: Mapping[int, str] | None = None  # whole-train personas (validation lists)
+    histories: Mapping[int, Mapping[int, float]] | None = None
+    valid_lists: Sequence[tuple[int, list[int], list[int]]] = ()  # 1:1 lists, calibration
 
 
 def _sample(items: Sequence, n: int, seed: int) -> list:
@@ -89,10 +92,10 @@ def _stage(model, lm: LM, cfg: TrainConfig, pools: Mapping[str, Sequence[Example
                       warmup=cfg.warmup, seed=cfg.seed, save_every=cfg.save_every,
                       resume=resume, validate=validate if valid else None,
                       eval_every=cfg.eval_every, patience=cfg.patience, stop_after=stop_after,
-                      progress=progress)
+                      progress=progress, time_budget=cfg.time_budget_s)
 
 
-def _cr_pools(model, lm: LM, cfg: TrainConfig, data: TrainData, trs: Sequence[Transition],
+def _cr_pools(model, lm: LM, cfg: TrainConfig, data: Prepared, trs: Sequence[Transition],
               out: Path, progress: bool) -> tuple[list[Example], list[Example]]:
     """Counterfactual and prediction-aware policy examples, cached so a resume skips them."""
     cache = out / "counterfactuals.jsonl"
@@ -107,61 +110,127 @@ def _cr_pools(model, lm: LM, cfg: TrainConfig, data: TrainData, trs: Sequence[Tr
     with cache.open("a") as fh:
         for cr, pol, refl in build_counterfactual(trs[len(done):], scorer, teacher, data.liked,
                                                   cfg.k, cfg.seed, generator, progress):
-            row = {"cr": [list(cr.segments), cr.target], "policy": [list(pol.segments),
-                                                                    pol.target],
+            row = {"cr": [list(cr.segments), cr.target],
+                   "policy": [[list(e.segments), e.target, e.meta] for e in pol],
                    "reflection": refl, "meta": cr.meta}
             fh.write(json.dumps(row) + "\n")
             fh.flush()
             done.append(row)
     crs = [Example("cr", tuple(r["cr"][0]), r["cr"][1], r["meta"]) for r in done]
-    pols = [Example("policy", tuple(r["policy"][0]), r["policy"][1], r["meta"]) for r in done]
+    pols = [Example("policy", tuple(seg), target, meta)
+            for r in done for seg, target, meta in r["policy"]]
     sample = [reflection_record(tr, r["reflection"]) for tr, r in zip(trs, done[:20],
                                                                       strict=False)]
     (out / "reflections_sample.json").write_text(json.dumps(sample, indent=1))
     return crs, pols
 
 
+@dataclass
+class Prepared:
+    """Rendered transitions and what calibration needs: everything a fit reads, picklable, so
+    a machine without the data stack (e.g. a GPU box) can train from it."""
+
+    train: list[Transition]
+    cr: list[Transition]
+    valid: list[Transition]
+    calib: list[Transition]
+    liked: Mapping[int, Sequence[str]]
+    data_hashes: dict
+    perceiver: Perceiver | None = None
+    personas: Mapping[int, str] | None = None
+    histories: Mapping[int, Mapping[int, float]] | None = None
+    valid_lists: Sequence[tuple[int, list[int], list[int]]] = ()
+
+
+def prepare(cfg: TrainConfig, data: TrainData) -> Prepared:
+    pool = _trajectories_for(data.train, cfg.wm_transitions + cfg.cr_transitions, cfg.seed)
+    train_trs = transitions(pool, data.perceiver, data.persona_at, data.train_log)
+    valid_all = transitions(data.valid, data.perceiver, data.persona_at, data.train_log,
+                            full_history=True)
+    return Prepared(
+        train=_sample(train_trs, cfg.wm_transitions, cfg.seed),
+        cr=_sample(train_trs, cfg.cr_transitions, cfg.seed + 1),
+        valid=_sample(valid_all, cfg.valid_examples, cfg.seed),
+        calib=_sample(valid_all, cfg.calibration_pages, cfg.seed + 2),
+        liked=data.liked,
+        data_hashes={"train_trajectories": fingerprint(data.train),
+                     "valid_trajectories": fingerprint(data.valid),
+                     "split": dict(data.split_hashes),
+                     "transitions": {"train": len(train_trs), "valid": len(valid_all)}},
+        perceiver=data.perceiver, personas=data.personas, histories=data.histories,
+        valid_lists=list(data.valid_lists)[:cfg.calibration_lists])
+
+
+def _with_predictions(model, lm: LM, trs: Sequence[Transition]) -> list[Example]:
+    """Policy examples whose context holds the world model's expected ratings, as at run time;
+    the expectations of all pages are scored in batched calls."""
+    from agents.text import render_predictions
+    from agents.world_model import expected_ratings_many
+
+    model.eval()
+    scorer = Scorer(LM(model=model, tokenizer=lm.tokenizer, name=lm.name), cache_size=1024)
+    out: list[Example] = []
+    for i in range(0, len(trs), 512):
+        chunk = trs[i:i + 512]
+        preds = expected_ratings_many(scorer, [(t.prefix, len(t.items)) for t in chunk])
+        out += [e for t, p in zip(chunk, preds, strict=True)
+                for e in t.policy_examples(render_predictions(p))]
+        scorer.clear()
+    return out
+
+
 def run_training(cfg: TrainConfig, data: TrainData, out: Path, resume: bool = False,
                  progress: bool = True, lm: LM | None = None,
                  stop_after: int | None = None) -> dict:
-    """Run the configured stage(s); returns (and writes) the manifest."""
+    """Prepare the transitions, then fit the configured stage(s)."""
+    return fit(cfg, prepare(cfg, data), out, resume, progress, lm, stop_after)
+
+
+def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
+        progress: bool = True, lm: LM | None = None, stop_after: int | None = None) -> dict:
+    """Run the configured stage(s), calibrate on validation; returns (and writes) the manifest."""
+    import time
+
     out.mkdir(parents=True, exist_ok=True)
-    lm = lm or load_lm(cfg.model, dtype=cfg.dtype)
+    lm = lm or load_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
     model = _peft(lm, cfg)
-    pool = _trajectories_for(data.train, cfg.wm_transitions + cfg.cr_transitions, cfg.seed)
-    train_trs = transitions(pool, data.perceiver, data.persona_at, data.train_log)
-    valid_trs = _sample(transitions(data.valid, data.perceiver, data.persona_at, data.train_log,
-                                    full_history=True), cfg.valid_examples, cfg.seed)
-    wm_trs = _sample(train_trs, cfg.wm_transitions, cfg.seed)
+    wm_trs, valid_trs = prep.train, prep.valid
+    valid_policy = [e for t in valid_trs for e in t.policy_examples()]
     result: dict[str, Any] = {}
+    balance: dict[str, float] = {}
     if cfg.stage in ("wm", "all"):
         result["wm"] = _stage(model, lm, cfg, {"wm": [t.wm_example() for t in wm_trs]},
                               {"wm": 1.0}, cfg.wm_steps, out / "stage_wm",
                               [t.wm_example() for t in valid_trs], resume, progress, stop_after)
     if cfg.stage == "policy":
-        pools = {"policy": [t.policy_example() for t in wm_trs]}
-        result["policy"] = _stage(model, lm, cfg, pools, {"policy": 1.0}, cfg.cr_steps,
-                                  out / "stage_policy", [t.policy_example() for t in valid_trs],
+        pols, balance = class_balance([e for t in wm_trs for e in t.policy_examples()])
+        result["policy"] = _stage(model, lm, cfg, {"policy": pols}, {"policy": 1.0},
+                                  cfg.cr_steps, out / "stage_policy", valid_policy,
                                   resume, progress, stop_after)
     if cfg.stage in ("cr", "all"):
-        cr_trs = _sample(train_trs, cfg.cr_transitions, cfg.seed + 1)
-        crs, pols = _cr_pools(model, lm, cfg, data, cr_trs, out, progress)
+        crs, _ = _cr_pools(model, lm, cfg, prep, prep.cr, out, progress)
+        pols, balance = class_balance(_with_predictions(model, lm, wm_trs))
         pools = {"policy": pols, "wm": [t.wm_example() for t in wm_trs]}
         weights = {"policy": 1.0, "wm": cfg.lambda_wm, "cr": cfg.lambda_cr}
         if cfg.lambda_cr > 0:
             pools["cr"] = crs
         result["cr"] = _stage(model, lm, cfg, pools, weights, cfg.cr_steps, out / "stage_cr",
-                              [t.policy_example() for t in valid_trs], resume, progress,
-                              stop_after)
-    model.save_pretrained(out)
-    _portable_adapter_config(out)
+                              valid_policy, resume, progress, stop_after)
+    model.eval()
+    t0 = time.perf_counter()
+    from training.calibrate import calibrate
+
+    calibration = calibrate(Scorer(LM(model=model, tokenizer=lm.tokenizer, name=lm.name),
+                                   cache_size=1024),
+                            prep.calib, world_model=cfg.stage != "policy",
+                            perceiver=prep.perceiver, personas=prep.personas,
+                            histories=prep.histories, valid_lists=prep.valid_lists)
+    calibration["seconds"] = round(time.perf_counter() - t0, 1)
+    _save_adapter(model, out, cfg)
     lm.tokenizer.save_pretrained(out)
     manifest = {"base_model": lm.name, "config": cfg.model_dump(mode="json"),
-                "data": {"train_trajectories": fingerprint(data.train),
-                         "valid_trajectories": fingerprint(data.valid),
-                         "split": dict(data.split_hashes),
-                         "transitions": {"train": len(train_trs), "wm": len(wm_trs),
-                                         "valid": len(valid_trs)}},
+                "data": {**prep.data_hashes, "wm": len(wm_trs), "valid": len(valid_trs)},
+                "class_balance": balance, "calibration": calibration,
                 "stages": {k: {kk: vv for kk, vv in v.items() if kk != "history"}
                            for k, v in result.items()},
                 "final_losses": {k: v["history"][-1] if v["history"] else None
@@ -169,7 +238,47 @@ def run_training(cfg: TrainConfig, data: TrainData, out: Path, resume: bool = Fa
                 "git_commit": git_commit()}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     (out / "history.json").write_text(json.dumps({k: v["history"] for k, v in result.items()}))
+    _plot_curves(result, out)
     return manifest
+
+
+def _save_adapter(model, out: Path, cfg: TrainConfig) -> None:
+    """The adapter in ``cfg.save_dtype`` (bf16 halves the file; weights are cast on load)."""
+    import torch
+
+    model.save_pretrained(out)
+    if cfg.save_dtype == "bfloat16":
+        from safetensors.torch import load_file, save_file
+
+        path = out / "adapter_model.safetensors"
+        tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(path)).items()}
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    _portable_adapter_config(out)
+
+
+def _plot_curves(result: Mapping[str, dict], out: Path) -> None:
+    """Training and validation loss per stage, as a PNG beside the manifest."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, max(len(result), 1), figsize=(5 * max(len(result), 1), 3.5),
+                             squeeze=False)
+    for ax, (stage, res) in zip(axes[0], result.items(), strict=False):
+        hist = res["history"]
+        ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], lw=0.8, label="train")
+        val = [h for h in hist if "valid" in h]
+        ax.plot([h["step"] for h in val], [h["valid"] for h in val], "o-", label="validation")
+        ax.set_title(f"stage {stage}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss_curve.png", dpi=100)
+    plt.close(fig)
 
 
 def _portable_adapter_config(out: Path) -> None:

@@ -9,8 +9,8 @@ evidence from later ratings would be a shortcut that does not exist when the age
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 
@@ -28,6 +28,7 @@ class Example:
     segments: tuple[str, ...]
     target: str
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    weight: float = 1.0  # relative weight inside its kind's loss (class balance)
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,20 @@ class Transition:
                        text.render_next_state(self.ratings, self.next_views),
                        {"user": self.user, "page": self.page})
 
-    def policy_example(self, predictions: str = "") -> Example:
-        return Example("policy", (prompts.persona_block(self.persona), self.page_text,
-                                  prompts.policy_tail(predictions)),
-                       text.render_action(len(self.views), self.ratings, self.then),
-                       {"user": self.user, "page": self.page})
+    def policy_examples(self, predictions: str = "") -> list[Example]:
+        """The human's action as the agent decides it (``agents.decide``): one example per
+        slot's watch/skip line after the page alone, and one for next/exit + ratings after
+        the choices. Slot examples carry ``meta['line']`` for class balancing."""
+        head = (prompts.persona_block(self.persona), self.page_text)
+        tail = prompts.policy_tail(predictions)
+        meta = {"user": self.user, "page": self.page}
+        out = [Example("policy", (*head, tail), text.slot_line(s, c), {**meta, "line": c})
+               for s in range(1, len(self.views) + 1)
+               for c in [text.WATCH if s in self.ratings else text.SKIP]]
+        out.append(Example("policy", (*head, tail + text.render_choices(
+            len(self.views), list(self.ratings))), text.then_line(self.then)
+            + text.ratings_lines(self.ratings), meta))
+        return out
 
     def cr_example(self, reflection: str, predictions: str = "") -> Example:
         target = (reflection.rstrip() + "\n" + prompts.CHOICES
@@ -72,6 +82,23 @@ class Transition:
         return Example("cr", (prompts.persona_block(self.persona), self.page_text,
                               prompts.reflection_tail(predictions)), target,
                        {"user": self.user, "page": self.page})
+
+
+def class_balance(examples: Sequence[Example]) -> tuple[list[Example], dict[str, float]]:
+    """Weight watch and skip lines so each class carries half of the slot loss.
+
+    Humans skip ~70% of slots, so an unweighted loss is lowest for "skip everything"; with the
+    weights 0.5/p(class) the base rate no longer pays and the calibrated offset
+    (``agents.decide.Calibration``) restores the humans' watch ratio when browsing."""
+    lines = [ex.meta.get("line") for ex in examples]
+    n = sum(1 for x in lines if x is not None)
+    if not n:
+        return list(examples), {}
+    share = {c: sum(1 for x in lines if x == c) / n for c in (text.WATCH, text.SKIP)}
+    weights = {c: (0.5 / p if p > 0 else 1.0) for c, p in share.items()}
+    out = [replace(ex, weight=weights[ex.meta["line"]]) if ex.meta.get("line") else ex
+           for ex in examples]
+    return out, {f"{c}_weight": round(w, 4) for c, w in weights.items()}
 
 
 def history_before(train: pd.DataFrame) -> dict[int, pd.DataFrame]:

@@ -67,11 +67,15 @@ def example_losses(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
 
 def weighted_loss(losses: torch.Tensor, kinds: Sequence[str],
-                  weights: Mapping[str, float]) -> torch.Tensor:
+                  weights: Mapping[str, float],
+                  example_weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Σ_kind λ_kind · (weighted mean of that kind's example losses)."""
+    w = losses.new_tensor(list(example_weights) if example_weights is not None
+                          else [1.0] * len(kinds))
     total = losses.new_zeros(())
     for kind in dict.fromkeys(kinds):
-        sel = torch.tensor([k == kind for k in kinds])
-        total = total + weights.get(kind, 1.0) * losses[sel].mean()
+        sel = torch.tensor([k == kind for k in kinds], device=losses.device)
+        total = total + weights.get(kind, 1.0) * (losses[sel] * w[sel]).sum() / w[sel].sum()
     return total
 
 
@@ -141,7 +145,7 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
                save_every: int = 20, resume: bool = False,
                validate: Callable[[], float] | None = None, eval_every: int = 40,
                patience: int = 3, stop_after: int | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, time_budget: float | None = None) -> dict:
     """Train the trainable (LoRA) weights; checkpoints to ``out_dir/checkpoint``."""
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -154,6 +158,7 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
     bad = 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.train()
+    device = next(model.parameters()).device
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", disable=not progress)
     t0, tokens = time.perf_counter(), 0
     for step in bar:
@@ -163,8 +168,9 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
         batch = collate([tokenize(tokenizer, ex, max_len) for ex in examples], pad)
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warmup)
-        losses = example_losses(model, batch)
-        loss = weighted_loss(losses, [ex.kind for ex in examples], weights)
+        losses = example_losses(model, {k: v.to(device) for k, v in batch.items()})
+        loss = weighted_loss(losses, [ex.kind for ex in examples], weights,
+                             [ex.weight for ex in examples])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -192,6 +198,11 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
                    "tokens": before["tokens"] + tokens})
         if validate is not None and bad >= patience:
             break
+        if time_budget is not None and time.perf_counter() - t0 > time_budget:
+            _save(model, opt, ckpt, step + 1, history,
+                  {"seconds": before["seconds"] + time.perf_counter() - t0,
+                   "tokens": before["tokens"] + tokens})
+            break
     model.eval()
     # Time and tokens add up over interrupted runs, so a resumed stage reports its whole cost.
     elapsed = before["seconds"] + time.perf_counter() - t0
@@ -210,7 +221,8 @@ def validation_loss(model, tokenizer, examples: Sequence[Example], weights: Mapp
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
             batch = collate([tokenize(tokenizer, ex, max_len) for ex in chunk], pad)
-            losses = example_losses(model, batch)
+            device = next(model.parameters()).device
+            losses = example_losses(model, {k: v.to(device) for k, v in batch.items()})
             total += [weights.get(ex.kind, 1.0) * float(v) for ex, v in zip(chunk, losses,
                                                                             strict=True)]
     return float(np.mean(total)) if total else float("nan")

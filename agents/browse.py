@@ -1,0 +1,96 @@
+"""Browsing fixed pages in lockstep: Agent4Rec's 1:m lists and sessions on static rankings.
+
+A list or a static recommender's ranking is shown in pages of 4 as one session. All sessions
+advance page by page together, so page p of every session is decided in one batched call
+(``agents.decide``); what the agent watched on earlier pages is its session and evidence on
+later ones, exactly as when browsing. With ``exits`` a session ends when the agent exits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from agents.decide import Calibration, decide
+from agents.perception import Perceiver
+from agents.policy import Decision, DecisionInput
+from agents.text import page_prompt
+
+PAGE = 4
+
+
+def pages_of(items: Sequence[int], size: int = PAGE) -> list[list[int]]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def browse(scorer, perceiver: Perceiver, personas: Mapping[int, str],
+           histories: Mapping[int, Mapping[int, float]],
+           sessions: Sequence[tuple[int, Sequence[Sequence[int]]]], *, world_model: bool = True,
+           evidence: bool = True, calibration: Calibration | None = None,
+           watch_offset: float | None = None, exits: bool = True, temperature: float = 0.0,
+           seed: int = 0, chunk: int = 256,
+           progress: Callable[[int], None] | None = None) -> list[list[Decision]]:
+    """Every (user, pages) session's decisions, page by page, until exit or its last page."""
+    out: list[list[Decision]] = []
+    for start in range(0, len(sessions), chunk):
+        part = sessions[start:start + chunk]
+        done: list[list[Decision]] = [[] for _ in part]
+        watched: list[list[tuple[int, int]]] = [[] for _ in part]
+        live = [True] * len(part)
+        for p in range(1, max(len(pages) for _, pages in part) + 1):
+            inputs, idx = [], []
+            for k, (user, pages) in enumerate(part):
+                if not live[k] or p > len(pages):
+                    continue
+                views = perceiver.page(pages[p - 1], {**histories.get(user, {}),
+                                                      **dict(watched[k])})
+                titles = [(perceiver.items[i].title, r) for i, r in watched[k]]
+                inputs.append(DecisionInput(
+                    user=user, page=p, items=list(pages[p - 1]), persona_text=personas[user],
+                    page_text=page_prompt(p, len(pages), views, titles, evidence=evidence),
+                    seed=seed))
+                idx.append(k)
+            if not inputs:
+                break
+            decisions = decide(scorer, inputs, world_model=world_model, temperature=temperature,
+                               calibration=calibration, watch_offset=watch_offset)
+            for k, d in zip(idx, decisions, strict=True):
+                done[k].append(d)
+                watched[k] += list(d.action.watched.items())
+                if exits and d.action.then == "exit":
+                    live[k] = False
+            if progress is not None:
+                progress(len(inputs))
+        out += done
+    return out
+
+
+def list_scores(scorer, perceiver: Perceiver, personas: Mapping[int, str],
+                histories: Mapping[int, Mapping[int, float]],
+                lists: Sequence[tuple[int, Sequence[int]]], *, world_model: bool = True,
+                evidence: bool = True, offset: float = 0.0,
+                progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    """Calibrated watch log-odds of every item of every (user, items) list."""
+    runs = browse(scorer, perceiver, personas, histories,
+                  [(u, pages_of(items)) for u, items in lists], world_model=world_model,
+                  evidence=evidence, watch_offset=offset, exits=False, progress=progress)
+    return [np.asarray([d.watch_scores[s] for d in run for s in sorted(d.watch_scores)])
+            for run in runs]
+
+
+def accuracy_offset(scores: Sequence[np.ndarray], labels: Sequence[Sequence[int]]) -> float:
+    """The offset that makes ``score + offset > 0`` most accurate (as the baselines' cut)."""
+    s = np.concatenate(scores)
+    y = np.concatenate([np.asarray(x) for x in labels]).astype(bool)
+    cuts = np.unique(s)
+    cuts = np.concatenate([[cuts[0] - 1], (cuts[:-1] + cuts[1:]) / 2, [cuts[-1] + 1]])
+    acc = [np.mean((s > c) == y) for c in cuts]
+    return float(-cuts[int(np.argmax(acc))])
+
+
+def rate_offset(scores: np.ndarray, rate: float) -> float:
+    """The offset that makes a share ``rate`` of ``scores + offset`` positive."""
+    if len(scores) == 0:
+        return 0.0
+    return float(-np.quantile(np.asarray(scores), 1 - min(max(rate, 0.0), 1.0)))

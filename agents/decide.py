@@ -1,0 +1,156 @@
+"""The one decision step: page prefix -> world-model expectations -> watch/skip, next/exit,
+ratings, for any number of pages at once.
+
+Every caller (the graph's decide node, evaluation's lists and held-out pages, the
+counterfactual stage) goes through :func:`decide`, so a decision is made in exactly one place.
+Pages of many agents are scored together: one batched call for the world model's expectations,
+one for every slot's watch/skip line, one for next/exit and the ratings.
+
+Semantics (documented because they differ from sampling line after line): each slot's watch/skip
+line is scored after the page alone, not after the choices on earlier slots, so the slots of a
+page are decided independently given the page; next/exit is scored after the chosen slots; each
+watched slot's rating after the chosen slots and next/exit, independently of the other ratings.
+Training renders one example per slot and one for next/exit + ratings to match
+(``agents.examples``). Calibrated log-odds offsets (``Calibration``) shift watch/skip and
+next/exit; they are fitted on validation when a checkpoint is trained and stored in its manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from agents import prompts, text
+from agents.policy import Decision, DecisionInput, decision_rng
+from agents.world_model import expected_ratings_many
+from simulator.env import PageAction
+
+
+class Calibration(BaseModel):
+    """Log-odds offsets fitted on validation, saved in a checkpoint's manifest."""
+
+    watch_offset: float = Field(0.0, description="added to log P(watch) - log P(skip) when "
+                                "browsing: the simulated watch ratio matches the humans'")
+    then_offset: float = Field(0.0, description="added to log P(exit) - log P(next): simulated "
+                               "exits match the humans'")
+    list_offset: float | None = Field(None, description="watch/skip offset for 1:m lists, "
+                                      "tuned like the baselines' threshold on validation 1:1 "
+                                      "lists; None = watch_offset")
+
+    @classmethod
+    def of_checkpoint(cls, path: str | Path | None) -> Calibration:
+        """The calibration in ``path/manifest.json``; none (all zero) when absent."""
+        if path is None:
+            return cls()
+        manifest = Path(path) / "manifest.json"
+        if not manifest.is_file():
+            return cls()
+        return cls.model_validate(json.loads(manifest.read_text()).get("calibration") or {})
+
+
+def _many(scorer, requests):
+    if hasattr(scorer, "score_many"):
+        return scorer.score_many(requests)
+    return [scorer.score(p, o) for p, o in requests]
+
+
+def _prefix(inp: DecisionInput) -> str:
+    return prompts.persona_block(inp.persona_text) + inp.page_text
+
+
+def _pick(logps: Sequence[float], temperature: float, rng: np.random.Generator) -> tuple[int,
+                                                                                         list]:
+    lp = np.asarray(logps, dtype=float)
+    probs = np.exp(lp - lp.max())
+    probs /= probs.sum()
+    if temperature <= 0:
+        return int(np.argmax(lp)), probs.round(4).tolist()
+    tempered = np.exp((lp - lp.max()) / temperature)
+    return int(rng.choice(len(lp), p=tempered / tempered.sum())), probs.round(4).tolist()
+
+
+def _yes(score: float, temperature: float, rng: np.random.Generator) -> bool:
+    """Take a binary choice whose calibrated log-odds are ``score``."""
+    if temperature <= 0:
+        return score > 0
+    return bool(rng.random() < 1 / (1 + np.exp(-score / temperature)))
+
+
+def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
+           world_model: bool = False, calibration: Calibration | None = None,
+           watch_offset: float | None = None, then: bool = True) -> list[Decision]:
+    """Decide every page of ``inputs`` in lockstep. ``world_model`` first asks the model for
+    the rating it expects per slot and puts it in the context; ``watch_offset`` overrides the
+    calibration's (1:m lists); ``then=False`` stops after watch/skip (lists need no more)."""
+    cal = calibration or Calibration()
+    offset = cal.watch_offset if watch_offset is None else watch_offset
+    inputs = list(inputs)
+    if world_model:
+        preds = expected_ratings_many(scorer, [(_prefix(i), len(i.items)) for i in inputs])
+        inputs = [i.model_copy(update={"predictions": p}) for i, p in zip(inputs, preds,
+                                                                         strict=True)]
+    tails = [prompts.policy_tail(text.render_predictions(i.predictions)) for i in inputs]
+    watch = _many(scorer, [
+        (_prefix(i), [(tail, text.slot_line(s, c)) for s in range(1, len(i.items) + 1)
+                      for c in (text.WATCH, text.SKIP)]) for i, tail in zip(inputs, tails,
+                                                                            strict=True)])
+    rngs = [decision_rng(i.seed, i.user, i.page) for i in inputs]
+    chosen: list[tuple[dict[int, float], list[int]]] = []
+    for inp, lp, rng in zip(inputs, watch, rngs, strict=True):
+        scores = {s: float(lp[2 * s - 2] - lp[2 * s - 1]) + offset
+                  for s in range(1, len(inp.items) + 1)}
+        chosen.append((scores, [s for s, v in scores.items() if _yes(v, temperature, rng)]))
+    if not then:
+        return [Decision(action=PageAction(watched={i.items[s - 1]: 1 for s in w}),
+                         watch_scores=sc) for i, (sc, w) in zip(inputs, chosen, strict=True)]
+    ctxs = [tail + text.render_choices(len(i.items), w)
+            for i, tail, (_, w) in zip(inputs, tails, chosen, strict=True)]
+    rest = _many(scorer, [
+        (_prefix(i), [(ctx, text.then_line(t)) for t in text.THEN]
+         + [(ctx + text.then_line(t), text.rating_line(s, r))
+            for t in text.THEN for s in w for r in text.RATINGS])
+        for i, ctx, (_, w) in zip(inputs, ctxs, chosen, strict=True)])
+    out = []
+    for inp, lp, rng, (scores, w) in zip(inputs, rest, rngs, chosen, strict=True):
+        exit_score = float(lp[1] - lp[0]) + cal.then_offset
+        go = text.THEN[1] if _yes(exit_score, temperature, rng) else text.THEN[0]
+        p_exit = float(1 / (1 + np.exp(-exit_score)))
+        base = 2 + text.THEN.index(go) * 5 * len(w)
+        ratings, rating_probs = {}, {}
+        for k, s in enumerate(w):
+            pick, probs = _pick(lp[base + 5 * k: base + 5 * k + 5], temperature, rng)
+            ratings[s], rating_probs[s] = pick + 1, probs
+        out.append(Decision(
+            action=PageAction(watched={inp.items[s - 1]: r for s, r in ratings.items()},
+                              then=go),
+            watch_scores=scores, rating_probs=rating_probs,
+            then_probs=[round(1 - p_exit, 4), round(p_exit, 4)], exit_score=exit_score,
+            predictions=inp.predictions))
+    return out
+
+
+def rating_expectations(scorer, inputs: Sequence[DecisionInput],
+                        actions: Sequence[PageAction]) -> list[dict[int, float]]:
+    """Expected rating of each watched slot once the given choices and next/exit are in the
+    context (held-out pages: the human's action)."""
+    reqs = []
+    for inp, act in zip(inputs, actions, strict=True):
+        slots = [inp.items.index(i) + 1 for i in act.watched]
+        ctx = (prompts.policy_tail(text.render_predictions(inp.predictions))
+               + text.render_choices(len(inp.items), slots) + text.then_line(act.then))
+        reqs.append((_prefix(inp), [(ctx, text.rating_line(s, r)) for s in slots
+                                    for r in text.RATINGS]))
+    out = []
+    for inp, act, lp in zip(inputs, actions, _many(scorer, reqs), strict=True):
+        slots = [inp.items.index(i) + 1 for i in act.watched]
+        row = {}
+        for k, s in enumerate(slots):
+            x = np.asarray(lp[5 * k:5 * k + 5])
+            p = np.exp(x - x.max())
+            row[s] = float((p / p.sum()) @ np.arange(1, 6))
+        out.append(row)
+    return out

@@ -1,0 +1,161 @@
+"""What each LLM method answers on the evaluation bundle, computed in one batched pass.
+
+The bundle (``EvalBundle``) holds everything an agent is shown: the 1:m lists, held-out pages,
+world-model transitions and the static recommender pages of the simulated sessions, with the
+perceiver, personas and histories that render them. ``method_outputs`` turns one method's
+weights into its answers; the metrics are computed from those answers alone (``evaluation.run``),
+so the model-heavy part can run on any machine: ``python -m evaluation.outputs BUNDLE OUT
+--adapter NAME=DIR ...`` (e.g. on a GPU) and ``alignuser evaluate --outputs OUT`` finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from agents import prompts, text
+from agents.browse import browse, list_scores
+from agents.decide import Calibration, decide, rating_expectations
+from agents.perception import Perceiver
+from agents.policy import DecisionInput
+from simulator.env import PageAction
+from training.rollout import Transition
+
+
+class MethodSpec(BaseModel):
+    """An LLM method as evaluated: which weights, and which perception nodes are on."""
+
+    label: str
+    weights: str  # "base" | "sft" | "wm_policy" | "full"
+    evidence: bool = True
+    world_model: bool = True
+
+
+METHODS: dict[str, MethodSpec] = {
+    "zero_shot": MethodSpec(label="zero-shot", weights="base", world_model=False),
+    "sft": MethodSpec(label="SFT (policy only)", weights="sft", world_model=False),
+    "wm_policy": MethodSpec(label="world model + policy", weights="wm_policy"),
+    "full": MethodSpec(label="AlignUSER", weights="full"),
+    "full_no_memory": MethodSpec(label="AlignUSER w/o memory", weights="full", evidence=False),
+    "full_no_wm": MethodSpec(label="AlignUSER w/o world model", weights="full",
+                             world_model=False),
+}
+
+
+@dataclass
+class EvalBundle:
+    perceiver: Perceiver
+    personas: Mapping[int, str]
+    histories: Mapping[int, Mapping[int, float]]
+    lists: dict[int, list[tuple[int, list[int], list[int]]]]  # m -> (user, items, labels)
+    pages: list[Transition]  # held-out human pages (next action, ratings)
+    transitions: list[Transition]  # held-out transitions (world-model next state)
+    sessions: dict[str, list[tuple[int, list[list[int]]]]]  # recommender -> (user, pages)
+    meta: dict = field(default_factory=dict)
+
+
+def page_input(tr: Transition, evidence: bool) -> DecisionInput:
+    return DecisionInput(user=tr.user, page=tr.page, items=list(tr.items),
+                         persona_text=tr.persona,
+                         page_text=text.page_prompt(tr.page, tr.max_pages, tr.views, tr.session,
+                                                    evidence=evidence))
+
+
+def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundle,
+                   full: bool = False) -> dict[str, Any]:
+    """Lists' watch scores, held-out page actions and ratings; for the full agent also the
+    world model's next states and the simulated sessions."""
+    t0 = time.perf_counter()
+    offset = cal.list_offset if cal.list_offset is not None else cal.watch_offset
+    out: dict[str, Any] = {"lists": {}, "calibration": cal.model_dump()}
+    for m, lists in bundle.lists.items():
+        out["lists"][m] = [s.tolist() for s in list_scores(
+            scorer, bundle.perceiver, bundle.personas, bundle.histories,
+            [(u, items) for u, items, _ in lists], world_model=spec.world_model,
+            evidence=spec.evidence, offset=offset)]
+    inputs = [page_input(tr, spec.evidence) for tr in bundle.pages]
+    decisions = decide(scorer, inputs, world_model=spec.world_model, calibration=cal)
+    inputs = [i.model_copy(update={"predictions": d.predictions})
+              for i, d in zip(inputs, decisions, strict=True)]
+    human = [PageAction(watched={tr.items[s - 1]: r for s, r in tr.ratings.items()},
+                        then=tr.then) for tr in bundle.pages]
+    out["pages"] = [{"watched": sorted(tr.items.index(i) + 1 for i in d.action.watched),
+                     "then": d.action.then, "watch_scores": d.watch_scores}
+                    for tr, d in zip(bundle.pages, decisions, strict=True)]
+    out["ratings"] = rating_expectations(scorer, inputs, human)
+    if full:
+        gen_prompts = [tr.prefix + prompts.world_model_tail(text.render_wm_action(
+            len(tr.items), sorted(tr.ratings), tr.then)) for tr in bundle.transitions]
+        out["next_state"] = scorer.generate_many(gen_prompts, max_new_tokens=96)
+        out["sessions"] = {}
+        for rec, sessions in bundle.sessions.items():
+            runs = browse(scorer, bundle.perceiver, bundle.personas, bundle.histories, sessions,
+                          world_model=spec.world_model, evidence=spec.evidence,
+                          calibration=cal, exits=True)
+            out["sessions"][rec] = [session_record(u, rec, run)
+                                    for (u, _), run in zip(sessions, runs, strict=True)]
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    out["tokens"] = getattr(getattr(scorer, "stats", None), "tokens", None)
+    return out
+
+
+def session_record(user: int, recommender: str, decisions: Sequence) -> dict[str, Any]:
+    """A simulated session in the shape of ``evaluation.macro.human_sessions``."""
+    pages = [{"page": p, "items": [], "then": d.action.then,
+              "watched": {str(i): r for i, r in d.action.watched.items()}}
+             for p, d in enumerate(decisions, 1)]
+    ends = bool(decisions) and decisions[-1].action.then == "exit"
+    return {"user": user, "recommender": recommender, "end": "exit" if ends else "max_pages",
+            "pages": pages}
+
+
+def all_outputs(bundle: EvalBundle, methods: Sequence[str], adapters: Mapping[str, str | None],
+                model: str = "default", device: str = "auto", log=print) -> dict[str, Any]:
+    """Every method's outputs; one model load per set of weights."""
+    from agents.llm import load_lm
+    from agents.scorer import Scorer
+
+    out: dict[str, Any] = {}
+    scorers: dict[str, Any] = {}
+    for name in methods:
+        spec = METHODS[name]
+        if spec.weights not in scorers:
+            path = None if spec.weights == "base" else adapters.get(spec.weights)
+            scorers[spec.weights] = (Scorer(load_lm(model, adapter=path, device=device),
+                                            cache_size=2048), Calibration.of_checkpoint(path))
+        scorer, cal = scorers[spec.weights]
+        log(f"{spec.label}: scoring")
+        out[name] = method_outputs(spec, scorer, cal, bundle, full=name == "full")
+        scorer.clear()
+        log(f"{spec.label}: {out[name]['seconds']} s")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("bundle")
+    ap.add_argument("output")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--adapter", action="append", default=[], help="NAME=DIR (sft, wm_policy, "
+                    "full)")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    from training.fit_prepared import read_pickle
+
+    adapters = dict(a.split("=", 1) for a in args.adapter)
+    bundle = read_pickle(args.bundle)
+    methods = [m for m in args.methods.split(",") if m]
+    out = all_outputs(bundle, methods, adapters, device=args.device)
+    Path(args.output).write_bytes(pickle.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

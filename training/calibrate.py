@@ -1,0 +1,52 @@
+"""Fit a checkpoint's log-odds offsets on validation, so the agent browses at the humans' rates.
+
+The class-balanced loss leaves watch/skip log-odds centred near even odds; one offset per
+decision restores the base rates seen on held-out validation pages (watch ratio, exit share),
+and one more tunes watch/skip on validation 1:1 lists as the baselines' thresholds are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from agents.browse import accuracy_offset, list_scores, rate_offset
+from agents.decide import Calibration, decide
+from agents.perception import Perceiver
+from agents.policy import DecisionInput
+from training.rollout import Transition
+
+
+def page_inputs(trs: Sequence[Transition], evidence: bool = True) -> list[DecisionInput]:
+    from agents.text import page_prompt
+
+    return [DecisionInput(user=t.user, page=t.page, items=list(t.items), persona_text=t.persona,
+                          page_text=page_prompt(t.page, t.max_pages, t.views, t.session,
+                                                evidence=evidence))
+            for t in trs]
+
+
+def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
+              perceiver: Perceiver | None = None, personas: Mapping[int, str] | None = None,
+              histories: Mapping[int, Mapping[int, float]] | None = None,
+              valid_lists: Sequence[tuple[int, list[int], list[int]]] = ()) -> dict:
+    """Offsets and what they were fitted on (for the manifest)."""
+    decisions = decide(scorer, page_inputs(valid_trs), world_model=world_model)
+    watch = np.asarray([d.watch_scores[s] for d in decisions for s in d.watch_scores])
+    human_watch = np.asarray([int(s in t.ratings) for t in valid_trs
+                              for s in range(1, len(t.items) + 1)])
+    exits = np.asarray([d.exit_score for d in decisions])
+    human_exit = np.asarray([t.then == "exit" for t in valid_trs], dtype=float)
+    cal = Calibration(watch_offset=rate_offset(watch, float(human_watch.mean())),
+                      then_offset=rate_offset(exits, float(human_exit.mean())))
+    report = {"pages": len(valid_trs), "human_watch_ratio": round(float(human_watch.mean()), 4),
+              "human_exit_share": round(float(human_exit.mean()), 4),
+              "world_model": world_model}
+    if valid_lists and perceiver is not None and personas and histories is not None:
+        scores = list_scores(scorer, perceiver, personas, histories,
+                             [(u, items) for u, items, _ in valid_lists],
+                             world_model=world_model)
+        cal.list_offset = accuracy_offset(scores, [y for _, _, y in valid_lists])
+        report["lists"] = len(valid_lists)
+    return {**cal.model_dump(), "fitted_on": report}

@@ -1,0 +1,43 @@
+"""Train from prepared transitions: ``python -m training.fit_prepared PREPARED OUT [--flag v]``.
+
+``alignuser train --prepare-only FILE`` renders the transitions where the data stack lives; this
+entry point fits from that file on any machine with torch, transformers and peft (a GPU box),
+with the same ``TrainConfig`` flags as ``alignuser train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+from pathlib import Path
+
+from training.config import TrainConfig, config_flags, parse_config
+
+
+def read_pickle(path: str | Path):
+    """A pickle written by a --prepare-only step, plain or gzip-compressed (``.gz``)."""
+    import gzip
+
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        return pickle.load(fh)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("prepared", help="file written by alignuser train --prepare-only")
+    ap.add_argument("output", help="folder for the adapter and manifest")
+    ap.add_argument("--resume", action="store_true")
+    config_flags(ap, TrainConfig)
+    args = ap.parse_args(argv)
+    from training.pipeline import fit
+
+    cfg = parse_config(TrainConfig, args)
+    prep = read_pickle(args.prepared)
+    manifest = fit(cfg, prep, Path(args.output), resume=args.resume)
+    print(manifest["final_losses"], manifest["calibration"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
