@@ -325,27 +325,27 @@ class Scorer:
     @torch.inference_mode()
     def generate_many(self, prompts: Sequence[str], max_new_tokens: int = 64,
                       batch: int = 64) -> list[str]:
-        """Greedy decoding of many prompts in left-padded batches (free-text parts, e.g. the
-        world model's next page); each output stops at EOS or the token budget."""
+        """Greedy decoding of many prompts (free-text parts, e.g. the world model's next page);
+        each output stops at EOS or the token budget. Only prompts of equal token length share
+        a batch: a left pad is a query row that attends to nothing, which SDPA on CUDA turns
+        into NaN (transformers 5 dropped its guard), so no padding is used at all."""
         tok = self.lm.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        outs: list[str] = []
-        for i in range(0, len(prompts), batch):
-            enc = [encode(tok, [p]) for p in prompts[i:i + batch]]
-            width = max(len(e) for e in enc)
-            ids = torch.full((len(enc), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(enc), width), dtype=torch.long)
-            for r, e in enumerate(enc):
-                ids[r, width - len(e):] = torch.tensor(e)
-                mask[r, width - len(e):] = 1
-            self.stats.calls += len(enc)
-            self.stats.forwards += max_new_tokens
-            gen = self.lm.model.generate(input_ids=ids.to(self.lm.device),
-                                         attention_mask=mask.to(self.lm.device),
-                                         max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=pad)
-            outs += [tok.decode(g[width:], skip_special_tokens=True) for g in gen]
-        return outs
+        enc = [encode(tok, [p]) for p in prompts]
+        groups: dict[int, list[int]] = {}
+        for i, e in enumerate(enc):
+            groups.setdefault(len(e), []).append(i)
+        outs: dict[int, str] = {}
+        for width, idx in groups.items():
+            for start in range(0, len(idx), batch):
+                chunk = idx[start:start + batch]
+                ids = torch.tensor([enc[i] for i in chunk], device=self.lm.device)
+                self.stats.calls += len(chunk)
+                gen = self.lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                             max_new_tokens=max_new_tokens, do_sample=False,
+                                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+                for i, g in zip(chunk, gen, strict=True):
+                    outs[i] = tok.decode(g[width:], skip_special_tokens=True)
+        return [outs[i] for i in range(len(prompts))]
 
     @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: str | None = None) -> str:

@@ -290,3 +290,24 @@ def test_alternatives_fall_back_to_one_line_perturbations() -> None:
     alts = sample_alternatives(stubborn, tr, 4, seed=0, tries=2)  # type: ignore[arg-type]
     assert stubborn.calls == 1, "one policy pass per human step"
     assert alts == [((2,), "exit"), ((1, 2), "next"), ((), "next"), ((2, 3), "next")]
+
+
+def test_padded_batch_losses_equal_one_by_one() -> None:
+    """Right padding changes nothing: each example's loss in a batch equals its loss alone."""
+    import torch
+
+    from agents.llm import tiny_lm
+    from training.rollout import Example
+    from training.trainer import collate, example_losses, tokenize
+
+    lm = tiny_lm()
+    exs = [Example("policy", ("persona\n", "a short page\n", "Your choices:\n"), "[1] watch\n"),
+           Example("policy", ("persona with more words in it\n", "page " * 30 + "\n"),
+                   "then: next\n[2] rated 4\n")]
+    rows = [tokenize(lm.tokenizer, ex, 512) for ex in exs]
+    pad = lm.tokenizer.pad_token_id or 0
+    with torch.no_grad():
+        batch = example_losses(lm.model, collate(rows, pad))
+        alone = torch.cat([example_losses(lm.model, collate([r], pad)) for r in rows])
+    assert torch.allclose(batch, alone, atol=1e-5)
+    assert torch.isfinite(batch).all()

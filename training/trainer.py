@@ -36,34 +36,32 @@ def tokenize(tokenizer, ex: Example, max_len: int) -> tuple[list[int], list[int]
 
 
 def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded batch: every target sits at the end, so only the last positions need logits
-    (the 49k-word output layer over whole prompts was most of a step's cost)."""
+    """Right-padded batch. Right, not left: a left pad is a query row that may attend to no key
+    at all, and on CUDA SDPA returns NaN for such rows, which then spreads through the batch
+    (transformers 5 dropped its guard); with right padding every row attends to something."""
     n = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(rows), n), dtype=torch.long)
     for r, (i, lab) in enumerate(rows):
-        ids[r, n - len(i):] = torch.tensor(i)
-        labels[r, n - len(lab):] = torch.tensor(lab)
-        mask[r, n - len(i):] = 1
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    keep = int(max(sum(1 for x in lab if x != IGNORE) for _, lab in rows)) + 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-            "position_ids": position_ids, "keep": torch.tensor(min(keep, n))}
+        ids[r, :len(i)] = torch.tensor(i)
+        labels[r, :len(lab)] = torch.tensor(lab)
+        mask[r, :len(i)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def example_losses(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean target-token cross-entropy per example (shape: batch)."""
-    keep = int(batch["keep"])
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=keep).logits
-    logits = logits[:, :-1].float()
-    labels = batch["labels"][:, -keep + 1:] if keep > 1 else batch["labels"][:, :0]
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                                           labels.reshape(-1), ignore_index=IGNORE,
-                                           reduction="none").view(labels.shape)
-    counts = (labels != IGNORE).sum(1).clamp(min=1)
-    return ce.sum(1) / counts
+    """Mean target-token cross-entropy per example (shape: batch). The output layer runs only
+    at target positions: over whole prompts its 49k-word projection was most of a step."""
+    labels = batch["labels"][:, 1:]
+    sel = labels != IGNORE
+    hidden = model.get_decoder()(input_ids=batch["input_ids"],
+                                 attention_mask=batch["attention_mask"]).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[:, :-1][sel]).float()
+    ce = torch.nn.functional.cross_entropy(logits, labels[sel], reduction="none")
+    rows = sel.nonzero()[:, 0]
+    sums = ce.new_zeros(labels.shape[0]).index_add(0, rows, ce)
+    return sums / sel.sum(1).clamp(min=1)
 
 
 def weighted_loss(losses: torch.Tensor, kinds: Sequence[str],
