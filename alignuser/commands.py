@@ -95,7 +95,9 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="world model + policy adapter (default: the shipped one)")
     e.add_argument("--methods", default=",".join(METHODS),
                    help=f"LLM methods to run, from {', '.join(METHODS)}; baselines always run")
-    for name in ("users", "next_state", "sim_users", "seed"):
+    ints = ("users", "next_action_users", "next_action_pages", "next_state", "sim_users",
+            "judge_sessions", "n_boot", "seed")
+    for name in ints:
         e.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help=EvalConfig.model_fields[name].description)
     e.add_argument("--ms", default=None, help=EvalConfig.model_fields["ms"].description
@@ -157,8 +159,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    overrides = {k: getattr(args, k) for k in ("users", "next_state", "sim_users", "seed",
-                                               "ab_results") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in (*EvalConfig.model_fields, "ab_results")
+                 if k not in ("ms", "preset", "recommenders") and getattr(args, k, None)
+                 is not None}
     if args.ms:
         overrides["ms"] = [int(m) for m in args.ms.split(",")]
     cfg = EvalConfig.quick(**overrides) if args.preset == "quick" else EvalConfig(**overrides)
