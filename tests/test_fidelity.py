@@ -179,9 +179,7 @@ def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer)
     sim_watch = sum(len(d.action.watched) for d in decisions) / slots
     assert sim_watch == pytest.approx(fitted["fitted_on"]["human_watch_ratio"],
                                       abs=1 / slots + 1e-9)
-    # Caveat (see the report of this change): then_offset is fitted on exit scores taken
-    # after the *uncalibrated* watch choices, while here they follow the calibrated ones, so
-    # the exit share matches only approximately in general (exactly on these 12 pages).
+    # then_offset is fitted on exit scores that follow the calibrated watch choices, as here.
     sim_exit = np.mean([d.action.then == "exit" for d in decisions])
     assert sim_exit == pytest.approx(fitted["fitted_on"]["human_exit_share"],
                                      abs=1 / len(trs) + 1e-9)

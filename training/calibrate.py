@@ -32,14 +32,17 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
               histories: Mapping[int, Mapping[int, float]] | None = None,
               valid_lists: Sequence[tuple[int, list[int], list[int]]] = ()) -> dict:
     """Offsets and what they were fitted on (for the manifest)."""
-    decisions = decide(scorer, page_inputs(valid_trs), world_model=world_model)
+    inputs = page_inputs(valid_trs)
+    decisions = decide(scorer, inputs, world_model=world_model)
     watch = np.asarray([d.watch_scores[s] for d in decisions for s in d.watch_scores])
     human_watch = np.asarray([int(s in t.ratings) for t in valid_trs
                               for s in range(1, len(t.items) + 1)])
-    exits = np.asarray([d.exit_score for d in decisions])
     human_exit = np.asarray([t.then == "exit" for t in valid_trs], dtype=float)
-    cal = Calibration(watch_offset=rate_offset(watch, float(human_watch.mean())),
-                      then_offset=rate_offset(exits, float(human_exit.mean())))
+    cal = Calibration(watch_offset=rate_offset(watch, float(human_watch.mean())))
+    # next/exit is scored after the chosen slots, so fit its offset on the calibrated choices.
+    decisions = decide(scorer, inputs, world_model=world_model, calibration=cal)
+    exits = np.asarray([d.exit_score for d in decisions])
+    cal.then_offset = rate_offset(exits, float(human_exit.mean()))
     report = {"pages": len(valid_trs), "human_watch_ratio": round(float(human_watch.mean()), 4),
               "human_exit_share": round(float(human_exit.mean()), 4),
               "world_model": world_model}
