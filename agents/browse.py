@@ -79,14 +79,20 @@ def list_scores(scorer, perceiver: Perceiver, personas: Mapping[int, str],
             for run in runs]
 
 
+def accuracy_cut(scores: np.ndarray, labels: np.ndarray, strict: bool = False) -> float:
+    """The cut maximising accuracy of ``score >= cut`` (``score > cut`` when ``strict``),
+    searched over midpoints between sorted distinct scores and beyond both ends."""
+    scores, labels = np.asarray(scores), np.asarray(labels).astype(bool)
+    s = np.unique(scores)
+    cuts = np.concatenate([[s[0] - 1], (s[:-1] + s[1:]) / 2, [s[-1] + 1]])
+    acc = [np.mean(((scores > c) if strict else (scores >= c)) == labels) for c in cuts]
+    return float(cuts[int(np.argmax(acc))])
+
+
 def accuracy_offset(scores: Sequence[np.ndarray], labels: Sequence[Sequence[int]]) -> float:
     """The offset that makes ``score + offset > 0`` most accurate (as the baselines' cut)."""
-    s = np.concatenate(scores)
-    y = np.concatenate([np.asarray(x) for x in labels]).astype(bool)
-    cuts = np.unique(s)
-    cuts = np.concatenate([[cuts[0] - 1], (cuts[:-1] + cuts[1:]) / 2, [cuts[-1] + 1]])
-    acc = [np.mean((s > c) == y) for c in cuts]
-    return float(-cuts[int(np.argmax(acc))])
+    return -accuracy_cut(np.concatenate(scores),
+                         np.concatenate([np.asarray(x) for x in labels]), strict=True)
 
 
 def rate_offset(scores: np.ndarray, rate: float) -> float:

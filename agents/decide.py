@@ -11,8 +11,9 @@ line is scored after the page alone, not after the choices on earlier slots, so 
 page are decided independently given the page; next/exit is scored after the chosen slots; each
 watched slot's rating after the chosen slots and next/exit, independently of the other ratings.
 Training renders one example per slot and one for next/exit + ratings to match
-(``agents.examples``). Calibrated log-odds offsets (``Calibration``) shift watch/skip and
-next/exit; they are fitted on validation when a checkpoint is trained and stored in its manifest.
+(``training.rollout.Transition.policy_examples``). Calibrated log-odds offsets (``Calibration``)
+shift watch/skip and next/exit; they are fitted on validation when a checkpoint is trained and
+stored in its manifest.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from agents import prompts, text
-from agents.policy import Decision, DecisionInput, decision_rng
+from agents.policy import Decision, DecisionInput, decision_rng, expected_value, score_many
 from agents.world_model import expected_ratings_many
 from simulator.env import PageAction
 
@@ -50,12 +51,6 @@ class Calibration(BaseModel):
         if not manifest.is_file():
             return cls()
         return cls.model_validate(json.loads(manifest.read_text()).get("calibration") or {})
-
-
-def _many(scorer, requests):
-    if hasattr(scorer, "score_many"):
-        return scorer.score_many(requests)
-    return [scorer.score(p, o) for p, o in requests]
 
 
 def _prefix(inp: DecisionInput) -> str:
@@ -94,7 +89,7 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
         inputs = [i.model_copy(update={"predictions": p}) for i, p in zip(inputs, preds,
                                                                          strict=True)]
     tails = [prompts.policy_tail(text.render_predictions(i.predictions)) for i in inputs]
-    watch = _many(scorer, [
+    watch = score_many(scorer, [
         (_prefix(i), [(tail, text.slot_line(s, c)) for s in range(1, len(i.items) + 1)
                       for c in (text.WATCH, text.SKIP)]) for i, tail in zip(inputs, tails,
                                                                             strict=True)])
@@ -109,7 +104,7 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
                          watch_scores=sc) for i, (sc, w) in zip(inputs, chosen, strict=True)]
     ctxs = [tail + text.render_choices(len(i.items), w)
             for i, tail, (_, w) in zip(inputs, tails, chosen, strict=True)]
-    rest = _many(scorer, [
+    rest = score_many(scorer, [
         (_prefix(i), [(ctx, text.then_line(t)) for t in text.THEN]
          + [(ctx + text.then_line(t), text.rating_line(s, r))
             for t in text.THEN for s in w for r in text.RATINGS])
@@ -145,12 +140,8 @@ def rating_expectations(scorer, inputs: Sequence[DecisionInput],
         reqs.append((_prefix(inp), [(ctx, text.rating_line(s, r)) for s in slots
                                     for r in text.RATINGS]))
     out = []
-    for inp, act, lp in zip(inputs, actions, _many(scorer, reqs), strict=True):
+    for inp, act, lp in zip(inputs, actions, score_many(scorer, reqs), strict=True):
         slots = [inp.items.index(i) + 1 for i in act.watched]
-        row = {}
-        for k, s in enumerate(slots):
-            x = np.asarray(lp[5 * k:5 * k + 5])
-            p = np.exp(x - x.max())
-            row[s] = float((p / p.sum()) @ np.arange(1, 6))
-        out.append(row)
+        out.append({s: expected_value(lp[5 * k:5 * k + 5], range(1, 6))
+                    for k, s in enumerate(slots)})
     return out

@@ -56,6 +56,21 @@ class Scorer(Protocol):
     def score(self, prefix: str, options: Sequence[tuple[str, str]]) -> list[float]: ...
 
 
+def score_many(scorer: Scorer, requests: Sequence[tuple[str, Sequence[tuple[str, str]]]]
+               ) -> list[list[float]]:
+    """Many (prefix, options) requests in the scorer's batched path when it has one."""
+    many = getattr(scorer, "score_many", None)
+    return many(requests) if many else [scorer.score(p, o) for p, o in requests]
+
+
+def expected_value(logps: Sequence[float], values: Sequence[float]) -> float:
+    """The expectation of ``values`` under the normalised distribution ``logps`` scores them:
+    how an enumerated numeric answer (a rating, a satisfaction score) is read off the model."""
+    lp = np.asarray(logps, dtype=float)
+    p = np.exp(lp - lp.max())
+    return float((p / p.sum()) @ np.asarray(values, dtype=float))
+
+
 def decision_rng(seed: int, user: int, page: int) -> np.random.Generator:
     """One generator per (seed, user, page): replaying a page reproduces its choice."""
     return np.random.default_rng([seed, user, page])

@@ -11,10 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-import numpy as np
-
 from agents import prompts, text
-from agents.policy import Scorer
+from agents.policy import Scorer, expected_value, score_many
 
 
 class Generator(Protocol):
@@ -41,15 +39,9 @@ def expected_ratings_many(scorer: Scorer, pages: Sequence[tuple[str, int]]
                    + text.rating_stem(slot))
             opts += [(ctx, text.rating_value(r)) for r in text.RATINGS]
         reqs.append((prefix, opts))
-    many = getattr(scorer, "score_many", None)
-    rows = many(reqs) if many else [scorer.score(p, o) for p, o in reqs]
-    out = []
-    for (_, n_slots), row in zip(pages, rows, strict=True):
-        logps = np.asarray(row, dtype=float).reshape(n_slots, 5)
-        probs = np.exp(logps - logps.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
-        out.append({s + 1: round(float(probs[s] @ np.arange(1, 6)), 2) for s in range(n_slots)})
-    return out
+    return [{s + 1: round(expected_value(row[5 * s:5 * s + 5], range(1, 6)), 2)
+             for s in range(n_slots)}
+            for (_, n_slots), row in zip(pages, score_many(scorer, reqs), strict=True)]
 
 
 def predict_next_state(gen: Generator, prefix: str, n_slots: int, watched_slots: Sequence[int],

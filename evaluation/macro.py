@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from agents import prompts
-from agents.policy import Scorer
+from agents.policy import Scorer, expected_value
 from evaluation.metrics import discriminator_auc, distribution_distance, rank_agreement_boot
 from graph.world import World
 from simulator.trajectories import Trajectory
@@ -108,9 +108,8 @@ def judge(scorer: Scorer, sessions: Sequence[Mapping], personas: Mapping[int, st
     for s in sessions:
         prompt = prompts.JUDGE.format(persona=personas[s["user"]],
                                       session=describe_session(s, titles))
-        logps = np.asarray(scorer.score(prompt, [("", str(k)) for k in range(1, 6)]))
-        p = np.exp(logps - logps.max())
-        out.append(float((p / p.sum()) @ np.arange(1, 6)))
+        out.append(expected_value(scorer.score(prompt, [("", str(k)) for k in range(1, 6)]),
+                                  range(1, 6)))
     return out
 
 

@@ -17,6 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
+from agents.browse import accuracy_cut
 from agents.text import NextState, parse_next_state
 from evaluation.metrics import (
     action_match_mean,
@@ -84,11 +85,8 @@ def lists_for(world: World, part: str, m: int, users: Sequence[int] | None, seed
 
 
 def _threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The cut maximising accuracy (midpoints between sorted scores)."""
-    s = np.sort(np.unique(scores))
-    cuts = np.concatenate([[s[0] - 1], (s[:-1] + s[1:]) / 2, [s[-1] + 1]])
-    acc = [np.mean((scores >= c) == labels) for c in cuts]
-    return float(cuts[int(np.argmax(acc))])
+    """The baselines' cut: the one maximising accuracy of ``score >= cut``."""
+    return accuracy_cut(scores, labels)
 
 
 def discrimination(methods: Mapping[str, ItemScorer], valid_lists, test_lists: Mapping[int, list],

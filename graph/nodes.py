@@ -11,7 +11,7 @@ import numpy as np
 from langchain_core.runnables import RunnableConfig
 
 from agents import prompts
-from agents.policy import DecisionInput
+from agents.policy import DecisionInput, expected_value
 from agents.text import ItemView, page_prompt
 from agents.world_model import expected_ratings
 from graph.runtime import Runtime, runtime_of
@@ -142,9 +142,6 @@ def interview(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
                                                       / 2), 1, 10)),
                 "interview": "no language model: satisfaction from likes per page"}
     options = [(prompts.SATISFACTION_TAIL, str(k)) for k in range(1, 11)]
-    logps = np.asarray(rt.scorer.score(prompt, options))
-    probs = np.exp(logps - logps.max())
-    probs /= probs.sum()
-    score = int(round(float(probs @ np.arange(1, 11))))
+    score = int(round(expected_value(rt.scorer.score(prompt, options), range(1, 11))))
     reason = rt.reason_model.complete(prompt, 40) if rt.reason_model else ""
     return {"satisfaction": score, "interview": reason.strip()}
