@@ -32,6 +32,8 @@ class Decision(BaseModel):
     reflection: str | None = None
     predictions: dict[int, float] = Field(default_factory=dict,
                                           description="world-model expected rating per slot")
+    fallback: str | None = Field(None, description="why the policy gave up on its model and "
+                                 "took its default action (None: the model's own answer)")
 
 
 class DecisionInput(BaseModel):
@@ -50,6 +52,15 @@ class Policy(Protocol):
     name: str
 
     def decide(self, inp: DecisionInput) -> Decision: ...
+
+
+def decide_many(policy: Policy, inputs: Sequence[DecisionInput]) -> list[Decision]:
+    """Many pages in the policy's batched path when it has one (LLM scoring, chat batches).
+
+    The graph decides one page per super-step and calls ``decide``; callers holding many pages
+    at once (offline page evaluation, counterfactual sampling) call this."""
+    many = getattr(policy, "decide_many", None)
+    return many(list(inputs)) if many else [policy.decide(i) for i in inputs]
 
 
 class Scorer(Protocol):
@@ -86,10 +97,13 @@ class LLMPolicy:
     calibration: Any = None  # agents.decide.Calibration; None = no offsets
 
     def decide(self, inp: DecisionInput) -> Decision:
+        return self.decide_many([inp])[0]
+
+    def decide_many(self, inputs: Sequence[DecisionInput]) -> list[Decision]:
         from agents.decide import decide
 
-        return decide(self.scorer, [inp], temperature=self.temperature,
-                      calibration=self.calibration)[0]
+        return decide(self.scorer, list(inputs), temperature=self.temperature,
+                      calibration=self.calibration)
 
 
 @dataclass

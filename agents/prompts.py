@@ -44,7 +44,21 @@ JUDGE = ("You judge whether a recommender session was produced by a real person.
          "watches, sensible ratings and exit), 1 = clearly artificial.\nPersona:\n{persona}\n"
          "Session:\n{session}\nScore (1-5): ")
 
+JUDGE_RETRY = "Your last answer was not valid: {error}\nAnswer again with one score from 1 to 5."
+
 TEACHER = ("{persona}\n{page}A real person chose:\n{human}\nAlternatives and what a world model "
            "predicts for each:\n{alternatives}\nIn three short sentences explain why the person's "
            "choice is better in this context, fits the persona, and leads to a better future "
            "than the alternatives.\n")
+
+# The chat policy (agents.chat_policy): a chat model answers each page with a structured action.
+CHAT_POLICY = (INSTRUCTION + "Movies are named by their number on the page, [1] to [{n}]. "
+               "Watch only the movies you would really watch (often none), rate each one you "
+               "watch as you would after seeing it, and exit when you would stop browsing.\n")
+CHAT_ANSWER = "Your choices on this page: the movies you watch with their ratings, then next/exit."
+CHAT_SLOT = "the number [n] of a movie on this page"
+CHAT_RATING = "your rating of it after watching, 1 (hated) to 5 (loved)"
+CHAT_WATCHED = "the movies you watch (empty if none)"
+CHAT_THEN = "next: see another page; exit: stop browsing"
+CHAT_RETRY = ("Your last answer was not valid: {error}\nAnswer again, naming only movies [1] to "
+              "[{n}] once each with a rating from 1 to 5, then next or exit.")

@@ -10,20 +10,18 @@ import argparse
 import json
 import sqlite3
 import sys
+import typing
 from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from alignuser.config import DataConfig, OfflineConfig, SimulateConfig
+from alignuser.config import OfflineConfig, PolicyName, SimulateConfig
+from alignuser.entry import COMMANDS, DEBUG_HELP, DefaultsFormatter, top_parser
+from alignuser.flags import add_data_flags, add_split_flags, data_config
 
 console = Console()
-
-
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="ml-100k", help=DataConfig.model_fields["dataset"]
-                   .description)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -37,10 +35,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     from simulator.info import dataset_info, format_info
     from simulator.trajectories import trajectory_stats
 
-    world = world_for(DataConfig(dataset=args.name))
+    world = world_for(data_config(args, dataset=args.name))
     info = dataset_info(world.ds, world.split)
     for table in format_info(info):
         console.print(table)
+    console.print(f"split: {world.split.config.describe()}")
     if args.trajectories:
         from rich.table import Table
 
@@ -74,10 +73,11 @@ def cmd_recommenders(args: argparse.Namespace) -> int:
     from alignuser.config import world_for
     from simulator.offline import offline_metrics
 
-    cfg = OfflineConfig(data=DataConfig(dataset=args.dataset),
+    cfg = OfflineConfig(data=data_config(args),
                         recommenders=args.recommenders.split(","), k=args.k, seed=args.seed)
     world = world_for(cfg.data)
-    recs = {n: world.recommender(n, seed=cfg.seed) for n in cfg.recommenders}
+    recs = {rec.name: rec for rec in (world.recommender(n, seed=cfg.seed)
+                                      for n in cfg.recommenders)}
     import pandas as pd
 
     seen = {"valid": world.split.train,
@@ -85,7 +85,7 @@ def cmd_recommenders(args: argparse.Namespace) -> int:
     for part in ("valid", "test"):
         frame = offline_metrics(recs, seen[part], world.split.part(part), k=cfg.k)
         table = Table(title=f"offline metrics on the {part} split (k={cfg.k})")
-        table.add_column("recommender")
+        table.add_column("recommender", overflow="fold")  # a long spec's name wraps, whole
         for col in frame.columns:
             table.add_column(str(col), justify="right")
         for name, row in frame.iterrows():
@@ -95,13 +95,15 @@ def cmd_recommenders(args: argparse.Namespace) -> int:
 
 
 def simulate_config(args: argparse.Namespace) -> SimulateConfig:
-    fields = {"data": DataConfig(dataset=args.dataset),
+    fields = {"data": data_config(args),
               "recommenders": args.recommenders.split(","), "agents": args.agents,
               "pages": args.pages, "policy": args.policy, "seed": args.seed,
               "memory": "none" if args.no_memory else "chroma",
               "world_model": "off" if args.no_world_model else "on", "model": args.model,
               "temperature": args.temperature, "reactive": not args.static,
-              "reason": args.reason}
+              "reason": args.reason, "chat_model": args.chat_model,
+              "chat_retries": args.chat_retries, "chat_rps": args.chat_rps,
+              "chat_concurrency": args.chat_concurrency}
     if args.checkpoint:
         fields["checkpoint"] = args.checkpoint
     return SimulateConfig(**fields)
@@ -116,9 +118,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from graph.graph import build_graph
-    from graph.trace import describe, history, list_threads, open_checkpointer, render, replay_from
+    from graph.trace import describe, history, list_threads, open_checkpointer, render
+    from simulator.runs import check_run_dir
 
     run = Path(args.run)
+    if args.from_step is None and (args.policy or args.output):
+        raise ValueError(f"{'--policy' if args.policy else '--output'} re-runs an agent and "
+                         "needs --from-step N (the checkpoint to branch from)")
+    if args.from_step is not None:
+        check_run_dir(args.output)
     try:
         threads = list_threads(run)
     except sqlite3.DatabaseError as exc:  # sqlite names neither the file nor what is wrong
@@ -133,27 +141,17 @@ def cmd_trace(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{run / 'manifest.json'} is not valid JSON ({exc})") from None
     cfg = SimulateConfig.model_validate(manifest["config"])
+    if args.from_step is not None:  # the branch goes to a run folder of its own
+        from alignuser.branch import branch
+
+        out, pages = branch(run, thread, manifest, cfg, args.from_step, args.policy, args.output)
+        console.print(f"re-ran {thread} from step {args.from_step} with policy "
+                      f"{args.policy or cfg.policy}; branch written to {out}:")
+        console.print(json.dumps(pages, indent=1))
+        return 0
     with open_checkpointer(run) as saver:
         app = build_graph(cfg.memory, cfg.world_model, checkpointer=saver)
         snaps = history(app, thread)
-        if args.from_step is not None:
-            from alignuser.config import world_for
-            from alignuser.simulate import build_runtimes, load_scorer
-            from memory.store import make_memory
-
-            if args.policy:
-                cfg = cfg.model_copy(update={"policy": args.policy})
-            world = world_for(cfg.data)
-            scorer, _ = load_scorer(cfg)
-            memory = make_memory(cfg.memory, run / "memory" if cfg.memory == "chroma" else None)
-            rec = thread.split(":")[0]
-            rt = build_runtimes(cfg.model_copy(update={"recommenders": [rec]}), world,
-                                manifest["users"], scorer, memory)[rec]
-            final = replay_from(app, thread, args.from_step, rt)
-            console.print(f"re-ran {thread} from step {args.from_step} with policy {cfg.policy}:")
-            console.print(json.dumps([{k: p[k] for k in ("page", "watched", "then")}
-                                      for p in final["pages"]], indent=1))
-            return 0
     steps = [describe(s, i) for i, s in enumerate(snaps)]
     if args.step is not None:
         steps = [s for s in steps if s["step"] == args.step]
@@ -165,13 +163,21 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from evaluation.report import rerender
+
+    paths = rerender(Path(args.run))
+    console.print(f"report: {paths['report.html']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alignuser", description=__doc__)
-    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    p = top_parser()
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("data", help="dataset information or download")
-    d.add_argument("action", choices=["info", "fetch"])
+    d = sub.add_parser("data", help=COMMANDS["data"])
+    d.add_argument("action", choices=["info", "fetch"],
+                   help="info: counts, splits and hashes; fetch: download a MovieLens archive")
     d.add_argument("name", nargs="?", default="ml-100k", help="dataset name or path")
     d.add_argument("--trajectories", action="store_true",
                    help="also build human trajectories and print their statistics and the "
@@ -179,25 +185,36 @@ def build_parser() -> argparse.ArgumentParser:
                    "lists)")
     d.add_argument("--signal-users", type=int, default=150,
                    help="train users sampled for the signal check")
+    add_split_flags(d)
     d.set_defaults(func=cmd_data)
 
-    r = sub.add_parser("recommenders", help="offline metrics of the built-in recommenders")
-    r.add_argument("action", choices=["eval"])
-    _data_args(r)
-    r.add_argument("--recommenders", default="random,pop,itemknn,userknn,als,bpr")
-    r.add_argument("--k", type=int, default=10)
-    r.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("recommenders", help=COMMANDS["recommenders"])
+    r.add_argument("action", choices=["eval"], help="eval: ranking metrics on valid and test")
+    add_data_flags(r)
+    r.add_argument("--recommenders", default="random,pop,itemknn,userknn,als,bpr",
+                   help="comma-separated " + OfflineConfig.model_fields["recommenders"]
+                   .description)
+    r.add_argument("--k", type=int, default=10, help=OfflineConfig.model_fields["k"].description)
+    r.add_argument("--seed", type=int, default=0,
+                   help=OfflineConfig.model_fields["seed"].description)
     r.set_defaults(func=cmd_recommenders)
 
-    s = sub.add_parser("simulate", help="run a population of agents on recommenders")
+    s = sub.add_parser("simulate", help=COMMANDS["simulate"])
     f = SimulateConfig.model_fields
-    _data_args(s)
+    add_data_flags(s)
     s.add_argument("--recommenders", default=",".join(f["recommenders"].default),
                    help=f["recommenders"].description)
     s.add_argument("--agents", type=int, default=f["agents"].default, help=f["agents"].description)
     s.add_argument("--pages", type=int, default=f["pages"].default, help=f["pages"].description)
-    s.add_argument("--policy", default=f["policy"].default,
-                   choices=["aligned", "zero_shot", "random", "popularity", "human_replay"])
+    s.add_argument("--policy", default=f["policy"].default, help=f["policy"].description,
+                   choices=["aligned", "zero_shot", "random", "popularity", "human_replay",
+                            "chat"])
+    s.add_argument("--chat-model", default=None, metavar="SPEC", help=f["chat_model"].description)
+    s.add_argument("--chat-retries", type=int, default=f["chat_retries"].default,
+                   help=f["chat_retries"].description)
+    s.add_argument("--chat-rps", type=float, default=None, help=f["chat_rps"].description)
+    s.add_argument("--chat-concurrency", type=int, default=f["chat_concurrency"].default,
+                   help=f["chat_concurrency"].description)
     s.add_argument("--no-memory", action="store_true", help="recall node off (ablation)")
     s.add_argument("--no-world-model", action="store_true", help="predict node off (ablation)")
     s.add_argument("--model", default="default", help=f["model"].description)
@@ -209,25 +226,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", default=None, help="run directory (default runs/<id>/)")
     s.set_defaults(func=cmd_simulate)
 
-    t = sub.add_parser("trace", help="step through an agent's recorded graph run")
+    t = sub.add_parser("trace", help=COMMANDS["trace"])
     t.add_argument("run", help="a simulation run directory")
     t.add_argument("agent", nargs="?", help="thread id '<recommender>:<user>' (default: first)")
     t.add_argument("--step", type=int, help="show only this super-step")
-    t.add_argument("--from-step", type=int, help="re-run the agent from this checkpoint")
-    t.add_argument("--policy", help="with --from-step: the policy to re-run with")
+    t.add_argument("--from-step", type=int, help="re-run the agent from this checkpoint into "
+                   "a new run folder (the recorded run is left as it is)")
+    t.add_argument("--policy", choices=typing.get_args(PolicyName),
+                   help="with --from-step: the policy to re-run with (default: the run's)")
+    t.add_argument("--output", default=None, help="with --from-step: the branch's run folder "
+                   "(default runs/trace-<UTC time>/)")
     t.set_defaults(func=cmd_trace)
+
+    rp = sub.add_parser("report", help=COMMANDS["report"])
+    rp.add_argument("run", help="an evaluate run directory")
+    rp.set_defaults(func=cmd_report)
 
     from alignuser import commands
 
     commands.add_train(sub)
     commands.add_evaluate(sub)
     for command in sub.choices.values():  # `alignuser simulate --debug` works as well
+        command.formatter_class = DefaultsFormatter
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help=DEBUG_HELP)
     return p
 
 
-DEBUG_HELP = "on an error, show the full traceback instead of one line"
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:

@@ -8,18 +8,14 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from alignuser.config import DataConfig, World, world_for
+from alignuser.checks import check_adapter, int_list
+from alignuser.config import World, world_for
+from alignuser.entry import COMMANDS
+from alignuser.flags import add_data_flags, add_split_flags, data_config
 from training.config import TrainConfig, config_flags, parse_config
 from training.pipeline import TrainData
 
 console = Console()
-
-
-def data_config(dataset: str, seed: int) -> DataConfig:
-    """The data side of a command; ``--seed`` also seeds the trajectory construction."""
-    from simulator.trajectories import TrajectoryConfig
-
-    return DataConfig(dataset=dataset, trajectories=TrajectoryConfig(seed=seed))
 
 
 def train_data(world: World, cfg: TrainConfig) -> TrainData:
@@ -36,14 +32,16 @@ def train_data(world: World, cfg: TrainConfig) -> TrainData:
         valid=world.trajectories("valid", cfg.recommender, users=valid_users, progress=False),
         perceiver=world.perceiver, persona_at=world.persona_at, liked=world.liked_genres(),
         train_log=world.split.train,
-        split_hashes={p: world.split.fingerprint(p) for p in ("train", "valid", "test")},
+        split_hashes={"protocol": world.split.config.describe(),
+                      **{p: world.split.fingerprint(p) for p in ("train", "valid", "test")}},
         personas=world.personas, histories=world.histories,
         valid_lists=[lists[int(i)] for i in sorted(pick)])
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
-    t = sub.add_parser("train", help="world-model and counterfactual training (LoRA)")
+    t = sub.add_parser("train", help=COMMANDS["train"])
     config_flags(t, TrainConfig)
+    add_split_flags(t)
     t.add_argument("--output", required=True, help="folder for the adapter and manifest")
     t.add_argument("--prepare-only", default=None, metavar="FILE",
                    help="render the transitions into FILE (pickle) and stop; fit it anywhere "
@@ -53,6 +51,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from simulator.runs import check_train_dir, training_dir
     from training.pipeline import run_training
 
     cfg = parse_config(TrainConfig, args)
@@ -61,18 +60,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         from training.pipeline import prepare
 
-        world = world_for(data_config(cfg.dataset, cfg.seed))
+        world = world_for(data_config(args, cfg.dataset, cfg.seed))
         prep = prepare(cfg, train_data(world, cfg))
         Path(args.prepare_only).write_bytes(pickle.dumps(prep))
         console.print(f"{len(prep.train)} train, {len(prep.cr)} counterfactual, "
                       f"{len(prep.calib)} calibration transitions -> {args.prepare_only}")
         return 0
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.resume:
-        raise FileExistsError(f"{out} is not empty; pass --resume to continue or another "
-                              "--output")
-    world = world_for(data_config(cfg.dataset, cfg.seed))
-    manifest = run_training(cfg, train_data(world, cfg), out, resume=args.resume)
+    out = check_train_dir(args.output, args.resume)
+    if cfg.init_adapter:
+        check_adapter(cfg.init_adapter, "--init-adapter")
+    world = world_for(data_config(args, cfg.dataset, cfg.seed))
+    with training_dir(out, cfg.model_dump(mode="json")):
+        manifest = run_training(cfg, train_data(world, cfg), out, resume=args.resume)
     console.print(manifest["final_losses"])
     console.print(f"adapter written to {out}")
     return 0
@@ -80,12 +79,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     from evaluation.outputs import METHODS
-    from evaluation.run import EvalConfig
+    from evaluation.run import PRESETS, EvalConfig
 
-    e = sub.add_parser("evaluate", help="fidelity to held-out humans and recommender selection")
-    e.add_argument("--preset", choices=["quick", "full"], default="full",
-                   help="quick: a few users (smoke test); full: the README table")
-    e.add_argument("--dataset", default="ml-100k")
+    e = sub.add_parser("evaluate", help=COMMANDS["evaluate"])
+    e.add_argument("--preset", choices=list(PRESETS), default="standard",
+                   help="quick: a smoke test; standard: every section and shipped method in "
+                   "minutes on a CPU (default); full: 200 users, the README table (hours on a "
+                   "CPU; its expected time is printed first)")
+    add_data_flags(e)
     e.add_argument("--model", default="default", help="base causal LM")
     e.add_argument("--checkpoint", default=None,
                    help="full AlignUSER adapter (default: the shipped checkpoint)")
@@ -102,9 +103,15 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                        help=EvalConfig.model_fields[name].description)
     e.add_argument("--ms", default=None, help=EvalConfig.model_fields["ms"].description
                    + " (comma-separated)")
+    e.add_argument("--recommenders", default=None, help="comma-separated "
+                   + EvalConfig.model_fields["recommenders"].description)
     e.add_argument("--ab-results", default=None,
                    help=EvalConfig.model_fields["ab_results"].description)
-    e.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    e.add_argument("--judge-model", default=None, metavar="SPEC",
+                   help="a chat model as the human-likeness judge, PROVIDER:MODEL or "
+                   "pkg.module:factory (as --chat-model); default: the local base model")
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (CUDA when present), cpu or cuda")
     e.add_argument("--prepare-only", default=None, metavar="FILE",
                    help="write what the agents are shown to FILE and stop; answer it anywhere "
                    "with python -m evaluation.outputs FILE OUT")
@@ -125,9 +132,10 @@ def checkpoints(args: argparse.Namespace, methods: list[str]) -> dict[str, str |
              for k, v in given.items()}
     paths["full"] = paths["full"] or (str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.exists()
                                       else None)
-    for path in given.values():
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
+    for key, path in given.items():
+        if path is not None:
+            check_adapter(path, "--checkpoint" if key == "full"
+                          else f"--{key.replace('_', '-')}-checkpoint")
     return paths
 
 
@@ -152,8 +160,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import sys
 
     from evaluation.outputs import METHODS, all_outputs
-    from evaluation.run import EvalConfig, build_bundle, score
-    from simulator.runs import new_run_dir, write_manifest
+    from evaluation.run import EvalConfig, build_bundle, expected_seconds, score
+    from simulator.runs import check_run_dir, run_path, staged_run_dir, write_manifest
 
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
@@ -163,14 +171,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                  if k not in ("ms", "preset", "recommenders") and getattr(args, k, None)
                  is not None}
     if args.ms:
-        overrides["ms"] = [int(m) for m in args.ms.split(",")]
-    cfg = EvalConfig.quick(**overrides) if args.preset == "quick" else EvalConfig(**overrides)
+        overrides["ms"] = int_list("--ms", args.ms)
+    for flag, path in (("--ab-results", args.ab_results), ("--outputs", args.outputs)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path} does not exist"
+                                    + (" (it is a folder)" if Path(path).is_dir() else ""))
+    if not args.prepare_only:
+        check_run_dir(args.output)
+    if args.recommenders is not None:
+        overrides["recommenders"] = args.recommenders.split(",")
+    cfg = EvalConfig.of_preset(args.preset, **overrides)
     ckpts = checkpoints(args, methods) if not args.prepare_only else {}
     skipped = skipped_methods(methods, ckpts) if not args.prepare_only else {}
     for m, why in skipped.items():
         console.print(f"[yellow]skipping {m}: {why}[/yellow]")
     methods = [m for m in methods if m not in skipped]
-    world = world_for(data_config(args.dataset, cfg.seed))
+    judge_chat = None
+    if args.judge_model:  # built now, so a bad spec fails before any data loads
+        from agents.chat import chat_model
+
+        judge_chat = chat_model(args.judge_model)
+    if not args.prepare_only and not args.outputs:
+        minutes = expected_seconds(cfg, methods) / 60
+        console.print(f"preset {cfg.preset}: {len(methods)} LLM method(s) on {cfg.users} users; "
+                      f"expected about {minutes:.0f} min on a 2-core CPU (less on a GPU)")
+    world = world_for(data_config(args, seed=cfg.seed))
     if world.split.test.empty:
         raise ValueError(f"{args.dataset}: the test split is empty; nothing to evaluate on")
     bundle = build_bundle(world, cfg)
@@ -184,21 +209,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         outputs = {m: outputs[m] for m in methods if m in outputs}
     else:
         outputs = all_outputs(bundle, methods, ckpts, args.model, args.device, log)
-    out = new_run_dir(args.output, "evaluate")
-    write_manifest(out, "evaluate", cfg.model_dump(mode="json"), methods=methods,
-                   checkpoints={k: v for k, v in ckpts.items() if v}, dataset=world.ds.name)
-    setup = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} "
-                        "cores", "command": shlex.join(["alignuser", *sys.argv[1:]]),
-             "dataset": world.ds.name, "split": "per-user chronological 70/10/20",
-             "seed": cfg.seed, "checkpoints": {k: v for k, v in ckpts.items() if v},
-             "answers": args.outputs or "computed in this run",
-             "skipped_methods": skipped or "none"}
-    judge = None
-    if cfg.judge_sessions and "full" in outputs:
-        from agents.llm import load_lm
-        from agents.scorer import Scorer
+    final = run_path(args.output, "evaluate")
+    with staged_run_dir(final, "evaluate") as out:  # named only once complete
+        write_manifest(out, "evaluate", cfg.model_dump(mode="json"), methods=methods,
+                       checkpoints={k: v for k, v in ckpts.items() if v}, dataset=world.ds.name,
+                       split=world.split.config.describe())
+        setup = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} "
+                            "cores", "command": shlex.join(["alignuser", *sys.argv[1:]]),
+                 "dataset": world.ds.name, "split": world.split.config.describe(),
+                 "seed": cfg.seed, "checkpoints": {k: v for k, v in ckpts.items() if v},
+                 "answers": args.outputs or "computed in this run",
+                 "judge_model": args.judge_model or "local base model",
+                 "skipped_methods": skipped or "none"}
+        judge = judge_chat
+        if cfg.judge_sessions and "full" in outputs and judge is None:
+            from agents.llm import load_lm
+            from agents.scorer import Scorer
 
-        judge = Scorer(load_lm(args.model, device=args.device))
-    score(world, bundle, outputs, cfg, out, setup, judge, log)
-    console.print(f"report: {out / 'report.html'}")
+            judge = Scorer(load_lm(args.model, device=args.device))
+        score(world, bundle, outputs, cfg, out, setup, judge, log)
+    console.print(f"report: {final / 'report.html'}")
     return 0

@@ -7,27 +7,27 @@ any data or model loads and the same rules hold for configs read back from run m
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from alignuser.flags import DATASET_HELP
+from graph.context import CHECKPOINTS, DEFAULT_CHECKPOINT
 from graph.world import LLM_POLICIES, POLICIES, World, load_world, make_policy
+from simulator.custom import SPEC_HELP as SPECS
+from simulator.custom import check_recommenders
 from simulator.recommenders import RECOMMENDERS
 from simulator.split import SplitConfig
 from simulator.trajectories import TrajectoryConfig
 
-CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
-DEFAULT_CHECKPOINT = CHECKPOINTS / "alignuser-ml100k"
 # The shipped adapters per set of weights: the full agent and its two training ablations.
 SHIPPED = {"full": DEFAULT_CHECKPOINT, "sft": CHECKPOINTS / "sft-ml100k",
            "wm_policy": CHECKPOINTS / "wm-policy-ml100k"}
-PolicyName = Literal["aligned", "zero_shot", "random", "popularity", "human_replay"]
+PolicyName = Literal["aligned", "zero_shot", "random", "popularity", "human_replay", "chat"]
 
 
 class DataConfig(BaseModel):
-    dataset: str = Field("ml-100k", description="ml-100k (bundled), ml-1m / ml-latest-small "
-                         "(after `alignuser data fetch`), a RecBole atomic folder or a .zip")
+    dataset: str = Field("ml-100k", description=DATASET_HELP)
     split: SplitConfig = Field(default_factory=SplitConfig, description="how held-out data is cut")
     trajectories: TrajectoryConfig = Field(
         default_factory=TrajectoryConfig, description="how human page trajectories are rebuilt "
@@ -37,21 +37,15 @@ class DataConfig(BaseModel):
 def known_recommenders(names: list[str]) -> list[str]:
     """Refuse an empty or unknown name up front: it would otherwise fail after data loads.
 
-    Names are matched like ``make_recommender`` does (case-insensitive), spaces trimmed."""
-    names = [n.strip().lower() for n in names]
-    unknown = [n for n in names if n not in RECOMMENDERS]
-    if not names:
-        raise ValueError(f"name at least one recommender; known: {', '.join(RECOMMENDERS)}")
-    if unknown:
-        raise ValueError(f"unknown recommender(s) {', '.join(map(repr, unknown))}; "
-                         f"known: {', '.join(RECOMMENDERS)}")
-    return names
+    Built-in names are case-insensitive; a ``module:attribute`` spec is imported and a ranking
+    file's header read here (``simulator.custom``), so a typo costs seconds, not a run."""
+    return check_recommenders(names)
 
 
 class SimulateConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig, description="dataset and split")
     recommenders: list[str] = Field(["pop", "itemknn", "bpr"],
-                                    description="recommenders the population browses")
+                                    description="recommenders the population browses: " + SPECS)
     agents: int = Field(4, ge=1, description="simulated users per recommender "
                         "(sampled test users)")
     pages: int = Field(5, ge=1, description="most pages per session")
@@ -68,15 +62,34 @@ class SimulateConfig(BaseModel):
     reactive: bool = Field(True, description="recommenders react to this session's watches")
     reason: bool = Field(False, description="generate a free-text interview reason (slower)")
     seed: int = Field(0, ge=0, description="seeds user sampling and every sampled decision")
+    chat_model: str | None = Field(
+        None, description="policy chat: PROVIDER:MODEL for LangChain's init_chat_model (e.g. "
+        "ollama:llama3.1; the provider's package installed, its key and endpoint from its usual "
+        "environment variables, never recorded) or pkg.module:factory returning a BaseChatModel")
+    chat_retries: int = Field(2, ge=0, description="policy chat: times an invalid answer or a "
+                              "failed call is asked again before the page gets the default "
+                              "action (watch nothing, next)")
+    chat_rps: float | None = Field(None, gt=0, allow_inf_nan=False, description="policy chat: "
+                                   "most requests per second to the chat model (default: no cap)")
+    chat_concurrency: int = Field(4, ge=1, description="policy chat: most requests in flight "
+                                  "when pages are decided in a batch")
 
     _recommenders = field_validator("recommenders")(known_recommenders)
+
+    @model_validator(mode="after")
+    def _chat_needs_model(self) -> SimulateConfig:
+        if self.policy == "chat" and not self.chat_model:
+            raise ValueError("policy chat needs --chat-model PROVIDER:MODEL (e.g. ollama:llama3.1) "
+                             "or pkg.module:factory")
+        return self
 
 
 class OfflineConfig(BaseModel):
     """``alignuser recommenders eval``: offline ranking metrics on the valid and test splits."""
 
     data: DataConfig = Field(default_factory=DataConfig, description="dataset and split")
-    recommenders: list[str] = Field(list(RECOMMENDERS), description="recommenders to score")
+    recommenders: list[str] = Field(list(RECOMMENDERS),
+                                    description="recommenders to score: " + SPECS)
     k: int = Field(10, ge=1, description="cut-off of the ranking metrics")
     seed: int = Field(0, ge=0, description="seeds the random recommender and model training")
 

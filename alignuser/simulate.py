@@ -10,18 +10,21 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from alignuser.checks import check_adapter
 from alignuser.config import LLM_POLICIES, SimulateConfig, World, world_for
+from graph.deps import AgentDeps
 from graph.graph import build_graph
 from graph.runner import run_population, session_metrics
-from graph.runtime import Runtime
 from graph.trace import open_checkpointer
 from graph.world import make_runtime
 from memory.store import make_memory
-from simulator.runs import check_run_dir, new_run_dir, update_manifest, write_manifest
+from simulator.custom import recommender_label
+from simulator.runs import check_run_dir, run_path, staged_run_dir, update_manifest, write_manifest
 
 
 def check_options(cfg: SimulateConfig, output: str | Path | None) -> None:
-    """What can be refused before data or a model loads: the adapter and the run directory.
+    """What can be refused before data or a model loads: the adapter or chat model spec and the
+    run directory.
 
     The numeric bounds (``--agents >= 1`` ...) are already enforced by ``SimulateConfig``."""
     if cfg.policy == "aligned":
@@ -29,8 +32,9 @@ def check_options(cfg: SimulateConfig, output: str | Path | None) -> None:
             raise FileNotFoundError("policy aligned needs --checkpoint (no default checkpoint "
                                     "found); train one with `alignuser train` or use "
                                     "--policy zero_shot")
-        if not Path(cfg.checkpoint).expanduser().exists():
-            raise FileNotFoundError(f"--checkpoint {cfg.checkpoint} does not exist")
+        check_adapter(cfg.checkpoint)
+    if cfg.policy == "chat":  # an unknown provider, missing package or bad factory fails here
+        chat_policy(cfg)
     check_run_dir(output)
 
 
@@ -45,7 +49,7 @@ def check_agents(cfg: SimulateConfig, world: World) -> None:
 def load_scorer(cfg: SimulateConfig) -> tuple[Any, str | None]:
     """The LLM scorer the run needs (None when no node needs a language model)."""
     if cfg.policy not in LLM_POLICIES:
-        return None, None
+        return None, cfg.chat_model if cfg.policy == "chat" else None
     from agents.llm import load_lm
     from agents.scorer import Scorer
 
@@ -58,7 +62,7 @@ def load_scorer(cfg: SimulateConfig) -> tuple[Any, str | None]:
 
 
 def build_runtimes(cfg: SimulateConfig, world: World, users: list[int], scorer: Any,
-                   memory: Any) -> dict[str, Runtime]:
+                   memory: Any) -> dict[str, AgentDeps]:
     reason_model = None
     if cfg.reason and scorer is not None:
         from agents.chat import LocalTextModel
@@ -68,11 +72,22 @@ def build_runtimes(cfg: SimulateConfig, world: World, users: list[int], scorer: 
 
     # The checkpoint's validation-fitted offsets: simulate, evaluate and trace decide alike.
     calibration = Calibration.of_checkpoint(cfg.checkpoint) if cfg.policy == "aligned" else None
-    return {rec: make_runtime(world, rec, cfg.policy, scorer, memory, users=users,
+    chat = chat_policy(cfg) if cfg.policy == "chat" else None
+    return {world.recommender(rec, reactive=cfg.reactive, seed=cfg.seed).name:
+            make_runtime(world, rec, cfg.policy, scorer, memory, users=users,
                               seed=cfg.seed, temperature=cfg.temperature, reactive=cfg.reactive,
                               page_size=cfg.page_size, max_pages=cfg.pages,
-                              reason_model=reason_model, calibration=calibration)
+                              reason_model=reason_model, calibration=calibration, chat=chat)
             for rec in cfg.recommenders}
+
+
+def chat_policy(cfg: SimulateConfig) -> Any:
+    """One ``ChatPolicy`` for every recommender's runtime: one model, one rate limit."""
+    from agents.chat import chat_model
+    from agents.chat_policy import ChatPolicy
+
+    return ChatPolicy(chat_model(cfg.chat_model, rps=cfg.chat_rps), retries=cfg.chat_retries,
+                      max_concurrency=cfg.chat_concurrency)
 
 
 def simulate(cfg: SimulateConfig, output: str | Path | None = None,
@@ -86,26 +101,30 @@ def simulate(cfg: SimulateConfig, output: str | Path | None = None,
     world = world_for(cfg.data)
     check_agents(cfg, world)
     users = world.sample_users(cfg.agents, cfg.seed)
-    run_dir = new_run_dir(output, "simulate")
-    write_manifest(run_dir, "simulate", cfg.model_dump(mode="json"), dataset=world.ds.name,
-                   split={p: world.split.fingerprint(p) for p in ("train", "valid", "test")},
-                   users=users)
-    scorer, model_name = load_scorer(cfg)
-    memory = make_memory(cfg.memory, run_dir / "memory" if cfg.memory == "chroma" else None)
-    runtimes = build_runtimes(cfg, world, users, scorer, memory)
-    with open_checkpointer(run_dir) as saver:
-        app = build_graph(cfg.memory, cfg.world_model, checkpointer=saver)
-        sessions = run_population(app, runtimes, users)
-    with (run_dir / "sessions.jsonl").open("w") as fh:
-        for s in sessions:
-            fh.write(json.dumps(s) + "\n")
-    metrics = {"per_recommender": session_metrics(sessions), "wall_seconds":
-               round(time.perf_counter() - t0, 1), "model": model_name}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    update_manifest(run_dir, wall_seconds=metrics["wall_seconds"], model=model_name)
+    final = run_path(output, "simulate")
+    with staged_run_dir(final, "simulate") as run_dir:  # named only once complete
+        write_manifest(run_dir, "simulate", cfg.model_dump(mode="json"), dataset=world.ds.name,
+                       split={"protocol": world.split.config.describe(),
+                              **{p: world.split.fingerprint(p)
+                                 for p in ("train", "valid", "test")}},
+                       users=users,
+                       recommender_specs={recommender_label(r): r for r in cfg.recommenders})
+        scorer, model_name = load_scorer(cfg)
+        memory = make_memory(cfg.memory, run_dir / "memory" if cfg.memory == "chroma" else None)
+        runtimes = build_runtimes(cfg, world, users, scorer, memory)
+        with open_checkpointer(run_dir) as saver:
+            app = build_graph(cfg.memory, cfg.world_model, checkpointer=saver)
+            sessions = run_population(app, runtimes, users)
+        with (run_dir / "sessions.jsonl").open("w") as fh:
+            for s in sessions:
+                fh.write(json.dumps(s) + "\n")
+        metrics = {"per_recommender": session_metrics(sessions), "wall_seconds":
+                   round(time.perf_counter() - t0, 1), "model": model_name}
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        update_manifest(run_dir, wall_seconds=metrics["wall_seconds"], model=model_name)
     console.print(metrics_table(metrics["per_recommender"], f"{cfg.policy} agents"))
-    console.print(f"run directory: {run_dir}  ({metrics['wall_seconds']} s)")
-    return run_dir
+    console.print(f"run directory: {final}  ({metrics['wall_seconds']} s)")
+    return final
 
 
 def metrics_table(per_rec: dict[str, dict[str, float]], title: str) -> Table:

@@ -13,10 +13,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from langchain_core.language_models import BaseChatModel
 
 from agents import prompts
 from agents.policy import Scorer, expected_value
-from evaluation.metrics import discriminator_auc, distribution_distance, rank_agreement_boot
+from evaluation.metrics import (
+    best_choice,
+    discriminator_auc,
+    distribution_distance,
+    rank_agreement_boot,
+)
 from graph.world import World
 from simulator.trajectories import Trajectory
 
@@ -101,16 +107,25 @@ def describe_session(s: Mapping[str, Any], titles: Mapping[int, str]) -> str:
     return "\n".join(lines)
 
 
-def judge(scorer: Scorer, sessions: Sequence[Mapping], personas: Mapping[int, str],
-          titles: Mapping[int, str]) -> list[float]:
-    """Human-likeness 1–5 as the expected score over the five enumerated answers."""
-    out = []
-    for s in sessions:
-        prompt = prompts.JUDGE.format(persona=personas[s["user"]],
-                                      session=describe_session(s, titles))
-        out.append(expected_value(scorer.score(prompt, [("", str(k)) for k in range(1, 6)]),
-                                  range(1, 6)))
-    return out
+def judge(judge_model: Scorer | BaseChatModel, sessions: Sequence[Mapping],
+          personas: Mapping[int, str], titles: Mapping[int, str]) -> list[float]:
+    """Human-likeness 1–5 per session: a local scorer gives the expected score over the five
+    enumerated answers; a chat model answers in structured form (``agents.chat_policy``)."""
+    asks = [prompts.JUDGE.format(persona=personas[s["user"]], session=describe_session(s, titles))
+            for s in sessions]
+    if isinstance(judge_model, BaseChatModel):
+        from agents.chat_policy import chat_judge
+
+        return chat_judge(judge_model, asks)
+    return [expected_value(judge_model.score(p, [("", str(k)) for k in range(1, 6)]),
+                           range(1, 6)) for p in asks]
+
+
+def judge_label(judge_model: Scorer | BaseChatModel) -> dict[str, Any]:
+    """Who judged, as the report's caveat needs it."""
+    if isinstance(judge_model, BaseChatModel):
+        return {"judge": f"chat model {judge_model._llm_type}", "local": False}
+    return {"judge": "local SmolLM2-135M (untrained, weak)", "local": True}
 
 
 def per_user_outcome(sessions: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -139,7 +154,7 @@ def per_user_hits(world: World, recommenders: Sequence[str], users: Sequence[int
         rec = world.recommender(r, reactive=False, seed=seed)
         for u, truth in truths.items():
             top = rec.rank(u, k, exclude=exclude.get(int(u), set()))
-            rows.append({"user": u, "recommender": r,
+            rows.append({"user": u, "recommender": rec.name,
                          "recall": len(truth & set(top)) / min(k, len(truth))})
     return pd.DataFrame(rows).pivot_table(index="user", columns="recommender", values="recall")
 
@@ -154,6 +169,9 @@ def selection(world: World, sessions: Sequence[Mapping[str, Any]], recommenders:
     return {"simulated_vs_human": rank_agreement_boot(truth, sim, n_boot=n_boot, seed=seed),
             "offline_valid_vs_human": rank_agreement_boot(truth, offline, n_boot=n_boot,
                                                           seed=seed),
+            "answer": {"simulation": best_choice(sim, n_boot, seed),
+                       "offline metric (valid Recall@10)": best_choice(offline, n_boot, seed),
+                       "held-out humans (test Recall@10)": best_choice(truth, n_boot, seed)},
             "truth_mean": truth.mean().round(4).to_dict(),
             "simulated_mean": sim.mean().round(4).to_dict(),
             "offline_mean": offline.mean().round(4).to_dict()}

@@ -5,6 +5,7 @@ Every function returns plain floats in dicts, ready for ``metrics.json`` and the
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -225,6 +226,35 @@ def rank_agreement_boot(truth_per_user: pd.DataFrame, pred_per_user: pd.DataFram
             boots[b] = _tau_rho(np.nanmean(t[idx], axis=0), np.nanmean(p[idx], axis=0))
     return {"kendall_tau": tau, "spearman_rho": rho, "tau_ci": _ci(boots[:, 0], level),
             "rho_ci": _ci(boots[:, 1], level), "n_users": len(users), "n_recommenders": len(recs)}
+
+
+def best_choice(per_user: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
+                level: float = 0.95) -> dict[str, object]:
+    """The recommender a users x recommenders outcome table would ship, with a CI of its mean,
+    its lead over the runner-up (paired, users resampled), and how often it stays first."""
+    frame = per_user.dropna(how="all")
+    if frame.shape[1] < 1 or len(frame) < 2:
+        raise ValueError("best_choice needs >= 2 users and >= 1 recommender")
+    values = frame.to_numpy(dtype=float)
+    means = np.nanmean(values, axis=0)
+    order = np.argsort(-means, kind="stable")
+    best = int(order[0])
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(frame), (n_boot, len(frame)))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample may miss a column entirely
+        boot = np.stack([np.nanmean(values[i], axis=0) for i in idx])
+    out: dict[str, object] = {"recommender": str(frame.columns[best]), "mean": float(means[best]),
+                              "ci": _ci(boot[:, best], level),
+                              "p_first": float(np.mean(np.nanargmax(np.nan_to_num(
+                                  boot, nan=-np.inf), axis=1) == best)),
+                              "n_users": len(frame)}
+    if len(order) > 1:
+        second = int(order[1])
+        out |= {"runner_up": str(frame.columns[second]),
+                "lead": float(means[best] - means[second]),
+                "lead_ci": _ci(boot[:, best] - boot[:, second], level)}
+    return out
 
 
 def paired_diff_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 1000, seed: int = 0,

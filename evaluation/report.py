@@ -16,7 +16,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -28,6 +27,10 @@ NOT_RECORDED = "not recorded"
 
 # (metrics key, section title, one-line protocol reminder); titles are what tests check.
 _SECTION_SPECS: tuple[tuple[str, str, str], ...] = (
+    ("answer", "Which recommender to ship",
+     "The recommender with the most likes per page in simulation, with a 95% CI over agents, how "
+     "often it stays first when agents are resampled, and its lead over the runner-up; beside "
+     "what the offline metric and the held-out humans would choose."),
     ("setup", "Setup", "Where and how these numbers were produced."),
     ("discrimination", "Preference discrimination",
      "Agent4Rec 1:m protocol: per user, held-out rated items (any rating) against never-rated "
@@ -51,6 +54,9 @@ _SECTION_SPECS: tuple[tuple[str, str, str], ...] = (
     ("explain", "What the decisions depend on",
      "R² of a linear model of the agent's decisions on cue groups: alone, and the drop when the "
      "group is removed. A single group explaining over 90% means the policy is mostly one cue."),
+    ("sessions_by_recommender", "Sessions per recommender",
+     "What the simulated sessions held on each recommender: watch ratio, likes per page, pages "
+     "per session and the share of sessions that ended by exit."),
     ("selection", "Recommender selection",
      "Agreement between the recommender ordering from simulation and the true ordering "
      "(held-out or A/B), beside the ordering from an offline metric; CIs resample users."),
@@ -153,6 +159,27 @@ def _checks(key: str, value: Any) -> list[Block]:
                              f"(R² alone {fmt(r.get('r2_alone'))}).") for r in dom]
         return [("p", "No single cue group explains more than 90% of the decisions.")]
     return []
+
+
+def _answer_blocks(answer: Any) -> list[Block]:
+    """The opening verdict, in words first, then the numbers behind it."""
+    if not isinstance(answer, Mapping) or not answer:
+        return [("p", NOT_RUN)]
+    words, rows = [], []
+    for source, a in answer.items():
+        line = (f"{source}: ship {a['recommender']} (mean {fmt(a['mean'])}, 95% CI "
+                f"{fmt(a['ci'])}; first in {a['p_first']:.0%} of resamples")
+        if a.get("runner_up"):
+            line += f"; lead over {a['runner_up']} {fmt(a['lead'])}, CI {fmt(a['lead_ci'])}"
+        words.append(("p", line + ")."))
+        rows.append({"source": source, **{k: a.get(k) for k in (
+            "recommender", "mean", "ci", "p_first", "runner_up", "lead", "lead_ci", "n_users")}})
+    sim = next(iter(answer.values()))
+    agree = [s for s, a in list(answer.items())[1:] if a["recommender"] == sim["recommender"]]
+    verdict = (f"The simulation would ship {sim['recommender']}"
+               + (f", as would the {' and the '.join(agree)}." if agree else
+                  "; neither the offline metric nor the held-out humans agree."))
+    return [("p", verdict), *words, _table(rows)]
 
 
 def _setup_blocks(value: Any) -> list[Block]:
@@ -259,7 +286,9 @@ def write_report(metrics: Mapping[str, Any], out_dir: Path,
         placed["figures"] = extra
     for key, sec, intro in sections:
         value = metrics.get(key)
-        if key == "setup":
+        if key == "answer":
+            blocks = _answer_blocks((metrics.get("selection") or {}).get("answer"))
+        elif key == "setup":
             blocks = _setup_blocks(value)
         elif value is None:
             blocks = [("p", NOT_RUN)] if key != "figures" else []
@@ -277,7 +306,8 @@ def write_report(metrics: Mapping[str, Any], out_dir: Path,
             f"<main>\n<h1>{html.escape(title)}</h1>\n<nav><ul>{toc}</ul></nav>\n"
             + "\n".join(html_parts) + "\n</main>\n</body>\n</html>\n")
     paths["metrics.json"] = out_dir / "metrics.json"
-    paths["metrics.json"].write_text(json.dumps(_jsonable(metrics), indent=2, allow_nan=False))
+    stored = {**metrics, "plots": {k: name for k, (_, name, _) in images.items()}}
+    paths["metrics.json"].write_text(json.dumps(_jsonable(stored), indent=2, allow_nan=False))
     paths["report.md"] = out_dir / "report.md"
     paths["report.md"].write_text("\n\n".join(md_parts) + "\n", encoding="utf-8")
     paths["report.html"] = out_dir / "report.html"
@@ -285,91 +315,20 @@ def write_report(metrics: Mapping[str, Any], out_dir: Path,
     return paths
 
 
-def _hist_bins(values: np.ndarray) -> np.ndarray:
-    """Unit bins for small integer data (pages, watches, ratings), automatic bins otherwise."""
-    lo, hi = float(values.min()), float(values.max())
-    if np.all(np.equal(np.mod(values, 1), 0)) and hi - lo <= 60:
-        return np.arange(lo - 0.5, hi + 1.5)
-    return np.histogram_bin_edges(values, bins="auto")[:62]
-
-
-def plot_distributions(human: Mapping[str, Sequence[float]],
-                       sim: Mapping[str, Sequence[float]]) -> Figure:
-    """One panel per session statistic, normalised so samples of different sizes compare."""
-    names = list(human) + [k for k in sim if k not in human]
-    fig = Figure(figsize=(3.6 * max(len(names), 1), 3.0), layout="constrained")
-    axes = fig.subplots(1, max(len(names), 1), squeeze=False)[0]
-    for ax, name in zip(axes, names, strict=False):
-        h = np.asarray(human.get(name, []), dtype=float)
-        s = np.asarray(sim.get(name, []), dtype=float)
-        both = np.concatenate([h, s])
-        ax.set_title(name)
-        if both.size == 0:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-            continue
-        bins = _hist_bins(both)
-        if h.size:
-            ax.hist(h, bins=bins, density=True, alpha=0.5, label=f"human (n={h.size})")
-        if s.size:
-            ax.hist(s, bins=bins, density=True, histtype="step", linewidth=2,
-                    label=f"simulated (n={s.size})")
-        ax.legend(fontsize="small")
-    return fig
-
-
-def _err(table: pd.DataFrame, metric: str) -> np.ndarray | None:
-    vals = table[metric].to_numpy(dtype=float)
-    for lo, hi in ((f"{metric}_lo", f"{metric}_hi"), ("lo", "hi")):
-        if lo in table and hi in table:
-            low = vals - table[lo].to_numpy(dtype=float)
-            high = table[hi].to_numpy(dtype=float) - vals
-            return np.nan_to_num(np.vstack([low, high]).clip(min=0))
-    if f"{metric}_std" in table:
-        return np.nan_to_num(table[f"{metric}_std"].to_numpy(dtype=float))
-    return None
-
-
-def plot_method_bars(table: pd.DataFrame, metric: str) -> Figure:
-    """Bars per method (grouped by 1:m when an ``m`` column exists), with CI bars if given."""
-    frame = table.reset_index() if "method" not in table else table.reset_index(drop=True)
-    if metric not in frame:
-        raise ValueError(f"plot_method_bars: no column {metric!r}")
-    groups = sorted(frame["m"].unique()) if "m" in frame else [None]
-    methods = list(dict.fromkeys(frame["method"]))
-    width = 0.8 / max(len(methods), 1)
-    fig = Figure(figsize=(max(4.0, 1.2 * len(groups) * len(methods) ** 0.5 + 2) + 2.5, 3.2),
-                 layout="constrained")
-    ax = fig.subplots()
-    colours = matplotlib.colormaps["tab20" if len(methods) > 10 else "tab10"].colors
-    for j, method in enumerate(methods):
-        sub = frame[frame["method"] == method]
-        xs = np.array([groups.index(g) for g in sub["m"]]) if "m" in sub else np.zeros(len(sub))
-        ax.bar(xs + (j - (len(methods) - 1) / 2) * width, sub[metric].to_numpy(dtype=float),
-               width, yerr=_err(sub, metric), capsize=3, label=str(method),
-               color=colours[j % len(colours)])
-    if metric == "auc":
-        ax.axhline(0.5, color="grey", lw=0.8, ls="--", label="chance (AUC 0.5)")
-    ax.set_xticks(range(len(groups)), [f"1:{g}" if g is not None else "" for g in groups])
-    ax.set_ylabel(metric)
-    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return fig
-
-
-def plot_ranking(truth: Mapping[str, float], predicted: Mapping[str, float],
-                 cis: Mapping[str, Sequence[float]] | None = None) -> Figure:
-    """True vs simulated score per recommender; a monotone cloud means the same selection."""
-    keys = sorted(set(truth) & set(predicted))
-    x = np.array([truth[k] for k in keys], dtype=float)
-    y = np.array([predicted[k] for k in keys], dtype=float)
-    fig = Figure(figsize=(4.5, 3.6), layout="constrained")
-    ax = fig.subplots()
-    yerr = None
-    if cis:
-        bounds = np.array([cis.get(k, (v, v)) for k, v in zip(keys, y, strict=True)], dtype=float)
-        yerr = np.nan_to_num(np.vstack([y - bounds[:, 0], bounds[:, 1] - y]).clip(min=0))
-    ax.errorbar(x, y, yerr=yerr, fmt="o", capsize=3)
-    for k, xi, yi in zip(keys, x, y, strict=True):
-        ax.annotate(k, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize="small")
-    ax.set_xlabel("true outcome")
-    ax.set_ylabel("simulated outcome")
-    return fig
+def rerender(run_dir: Path) -> dict[str, Path]:
+    """Write the report of a finished run again from its metrics.json and PNGs, computing
+    nothing (e.g. after the report's layout changed)."""
+    run_dir = Path(run_dir)
+    source = run_dir / "metrics.json"
+    if not source.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.json (is it an evaluate run folder?)")
+    try:
+        metrics = json.loads(source.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source} is not valid JSON ({exc})") from None
+    names = metrics.pop("plots", {}) or {}
+    missing = [n for n in names.values() if not (run_dir / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir}: plot(s) {', '.join(missing)} are missing")
+    return write_report(metrics, run_dir, {k: (run_dir / n).read_bytes()
+                                           for k, n in names.items()})

@@ -16,19 +16,27 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from agents.browse import pages_of
 from evaluation import macro, micro
-from evaluation.metrics import explain_scores, paired_diff_ci, rank_agreement
+from evaluation.metrics import LIST_SIZES, explain_scores, paired_diff_ci, rank_agreement
 from evaluation.outputs import METHODS, EvalBundle
-from evaluation.report import plot_distributions, plot_method_bars, plot_ranking, write_report
+from evaluation.plots import (
+    plot_distributions,
+    plot_method_bars,
+    plot_ranking,
+    plot_session_outcomes,
+)
+from evaluation.report import write_report
 from graph.world import World
+from simulator.custom import SPEC_HELP, check_recommenders
 from training.rollout import transitions
 
 
 class EvalConfig(BaseModel):
-    preset: Literal["quick", "full"] = Field("full", description="quick: a smoke run for tests")
+    preset: Literal["quick", "standard", "full"] = Field(
+        "full", description="the sizes below as a named set (see PRESETS); explicit values win")
     users: int = Field(200, ge=1, description="held-out users every method is scored on")
     ms: list[int] = Field([1, 9], description="1:m ratios of preference discrimination "
                           "(from 1, 2, 3, 9; every list is 20 items, 5 pages of decisions)")
@@ -37,7 +45,8 @@ class EvalConfig(BaseModel):
     next_action_pages: int = Field(600, ge=0, description="most held-out pages replayed")
     next_state: int = Field(300, ge=0, description="held-out transitions for world-model F1")
     recommenders: list[str] = Field(["pop", "itemknn", "userknn", "als", "bpr"],
-                                    description="recommenders ranked by the simulation")
+                                    description="recommenders ranked by the simulation: "
+                                    + SPEC_HELP)
     sim_users: int = Field(50, ge=1, description="agents per recommender for sessions and "
                            "selection")
     judge_sessions: int = Field(8, ge=0, description="human and simulated sessions the judge "
@@ -47,12 +56,53 @@ class EvalConfig(BaseModel):
                                    "recommenders against instead of held-out interactions")
     seed: int = Field(0, ge=0, description="seeds user samples, lists and simulations")
 
+    _recommenders = field_validator("recommenders")(check_recommenders)
+
+    @classmethod
+    def of_preset(cls, preset: str, **kw: Any) -> EvalConfig:
+        """A preset's sizes, with explicit values on top."""
+        return cls(**{**PRESETS[preset], "preset": preset, **kw})
+
     @classmethod
     def quick(cls, **kw: Any) -> EvalConfig:
-        base = dict(preset="quick", users=2, ms=[1, 9], next_action_users=1, next_action_pages=4,
-                    next_state=1, recommenders=["pop", "itemknn"], sim_users=2,
-                    judge_sessions=2, n_boot=50)
-        return cls(**{**base, **kw})
+        return cls.of_preset("quick", **kw)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A smoke run: every section on a handful of users (tests).
+    "quick": dict(users=2, ms=[1, 9], next_action_users=1, next_action_pages=4, next_state=1,
+                  recommenders=["pop", "itemknn"], sim_users=2, judge_sessions=2, n_boot=50),
+    # The default: every section and every shipped method in minutes on a 2-core CPU; too few
+    # users for tight CIs, so its report shows how wide they are.
+    "standard": dict(users=6, ms=[1, 9], next_action_users=6, next_action_pages=12,
+                     next_state=12, recommenders=["pop", "itemknn", "bpr"], sim_users=6,
+                     judge_sessions=4, n_boot=500),
+    # The field defaults: 200 users, the published protocol's sizes (hours on a CPU).
+    "full": {},
+}
+
+
+# Seconds per item decision on a 2-core CPU (bf16 SmolLM2-135M + LoRA), measured by the
+# standard preset's run (`alignuser evaluate`, per-method seconds in its report's cost section
+# over the decisions below), and the fixed cost of loading data and fitting the baselines.
+SECONDS_PER_DECISION = {"policy": 1.0, "world_model": 2.5}
+SETUP_SECONDS = 90.0
+SESSION_PAGES = 5
+
+
+def expected_seconds(cfg: EvalConfig, methods: Sequence[str]) -> float:
+    """A rough wall time for ``cfg`` on a 2-core CPU, printed before a run starts."""
+    total = SETUP_SECONDS
+    pages = min(cfg.next_action_pages, cfg.next_action_users * 3)  # ~3 held-out pages a user
+    for name in methods:
+        spec = METHODS[name]
+        decisions = (cfg.users * sum(sum(LIST_SIZES[m]) for m in cfg.ms) + pages * 4)
+        if name == "full":
+            decisions += cfg.sim_users * len(cfg.recommenders) * SESSION_PAGES * 4
+            decisions += cfg.next_state * 8  # a generated next state costs about 8 decisions
+        total += decisions * SECONDS_PER_DECISION[
+            "world_model" if spec.world_model else "policy"]
+    return total
 
 
 def _pick(pool: Sequence[int], n: int, seed: int) -> list[int]:
@@ -89,7 +139,8 @@ def build_bundle(world: World, cfg: EvalConfig) -> EvalBundle:
         perceiver=world.perceiver, personas=world.personas, histories=world.histories,
         lists={m: micro.lists_for(world, "test", m, users, cfg.seed) for m in cfg.ms},
         pages=[trs[i] for i in pages], transitions=[trs[i] for i in pages[:cfg.next_state]],
-        sessions={r: static_pages(world, r, sim_users, cfg.seed) for r in cfg.recommenders},
+        sessions={world.recommender(r, reactive=False, seed=cfg.seed).name:
+                  static_pages(world, r, sim_users, cfg.seed) for r in cfg.recommenders},
         meta={"users": users, "sim_users": sim_users})
 
 
@@ -181,11 +232,11 @@ def _sessions(world: World, bundle: EvalBundle, sessions: Mapping[str, list], cf
         titles = {i: it.title for i, it in world.ds.items.items()}
         n = cfg.judge_sessions
         out["judge"] = {
-            "human": float(np.mean(macro.judge(judge_scorer, human[:n], world.personas,
+            "human": float(np.nanmean(macro.judge(judge_scorer, human[:n], world.personas,
                                                titles))),
-            "simulated": float(np.mean(macro.judge(judge_scorer, sim_knn[:n], world.personas,
+            "simulated": float(np.nanmean(macro.judge(judge_scorer, sim_knn[:n], world.personas,
                                                    titles))),
-            "judge": "local SmolLM2-135M (untrained, weak)", "n_sessions": n}
+            **macro.judge_label(judge_scorer), "n_sessions": n}
     sel = macro.selection(world, flat, cfg.recommenders, sim_users, cfg.n_boot, cfg.seed)
     if cfg.ab_results:
         from evaluation.metrics import read_ab_results
@@ -194,6 +245,8 @@ def _sessions(world: World, bundle: EvalBundle, sessions: Mapping[str, list], cf
                                                 sel["simulated_mean"], cfg.n_boot, cfg.seed)
     out["selection"] = sel
     out["sessions_by_recommender"] = {"rows": macro.by_recommender(sessions)}
+    plots["sessions_by_recommender"] = plot_session_outcomes(
+        out["sessions_by_recommender"]["rows"])
     plots["selection/ranking"] = plot_ranking(sel["truth_mean"], sel["simulated_mean"])
     return out
 

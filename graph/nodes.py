@@ -1,47 +1,59 @@
-"""Graph nodes: small functions ``(state, config) -> partial update`` that call into the packages.
+"""Graph nodes: small functions ``(state, runtime) -> partial update`` that call into the packages.
 
+Each node finds its dependencies through LangGraph's ``Runtime`` (``graph.context.deps_of``).
 Nodes hold no logic of their own beyond plumbing; routers are pure functions of the state.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
-from langchain_core.runnables import RunnableConfig
+from langgraph.runtime import Runtime
 
 from agents import prompts
 from agents.policy import DecisionInput, expected_value
 from agents.text import ItemView, page_prompt
 from agents.world_model import expected_ratings
-from graph.runtime import Runtime, runtime_of
+from graph.context import AgentContext, deps_of
+from graph.deps import AgentDeps
 from graph.state import AgentState
 from simulator.env import Observation, PageAction, PageEnv
 
 
-def _env(rt: Runtime) -> PageEnv:
+def _deps(state: AgentState, runtime: Runtime[AgentContext]) -> AgentDeps:
+    return deps_of(runtime, state["recommender"])
+
+
+def _env(rt: AgentDeps) -> PageEnv:
     return PageEnv(rt.pages, rt.page_size, rt.max_pages)
 
 
-def _history(rt: Runtime, state: AgentState) -> dict[int, float]:
+def _history(rt: AgentDeps, state: AgentState) -> dict[int, float]:
     """Train history plus what was watched in this run's session: the agent's own evidence."""
     return {**rt.histories.get(state["user"], {}), **dict(state.get("session", []))}
 
 
-def start(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
-    rt = runtime_of(config)
-    obs = _env(rt).reset(state["user"])
-    return {"page": 1, "items": obs.items, "seen": list(obs.items), "session": [],
-            "persona_text": rt.personas[state["user"]], "done": False, "pages": []}
+def start(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
+    """A client names only the user and recommender; the agent id defaults to the runner's
+    thread name ``recommender:user``."""
+    rt = _deps(state, runtime)
+    user = state["user"]
+    if user not in rt.personas:
+        raise ValueError(f"user {user!r} has no persona: not a user of the dataset")
+    obs = _env(rt).reset(user)
+    return {"agent_id": state.get("agent_id") or f"{state['recommender']}:{user}",
+            "page": 1, "items": obs.items, "seen": list(obs.items), "session": [],
+            "persona_text": rt.personas[user], "done": False, "pages": []}
 
 
-def perceive(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
-    rt = runtime_of(config)
+def perceive(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
+    rt = _deps(state, runtime)
     return {"views": [rt.perceiver.facts(i).model_dump(mode="json") for i in state["items"]]}
 
 
-def recall(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
-    rt = runtime_of(config)
+def recall(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
+    rt = _deps(state, runtime)
     views = rt.perceiver.with_evidence([ItemView(**v) for v in state["views"]],
                                        _history(rt, state))
     query = "; ".join(v.label() for v in views)
@@ -52,13 +64,13 @@ def recall(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
     return {"views": [v.model_dump(mode="json") for v in views], "memories": memories}
 
 
-def recall_off(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+def recall_off(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
     """Ablation: public facts only, no personal evidence and no episodic memory."""
     return {"memories": []}
 
 
-def predict(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
-    rt = runtime_of(config)
+def predict(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
+    rt = _deps(state, runtime)
     text = page_text(state, rt)
     if rt.scorer is None:
         raise ValueError("world_model=on needs an LLM scorer; use world_model=off")
@@ -67,11 +79,11 @@ def predict(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
             "predictions": expected_ratings(rt.scorer, prefix, len(state["items"]))}
 
 
-def predict_off(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
-    return {"page_text": page_text(state, runtime_of(config)), "predictions": {}}
+def predict_off(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
+    return {"page_text": page_text(state, _deps(state, runtime)), "predictions": {}}
 
 
-def page_text(state: AgentState, rt: Runtime) -> str:
+def page_text(state: AgentState, rt: AgentDeps) -> str:
     titles = {v["id"]: v["title"] for v in state["views"]}
     session = [(titles.get(i) or rt.perceiver.items[i].title, r)
                for i, r in state.get("session", [])]
@@ -79,8 +91,8 @@ def page_text(state: AgentState, rt: Runtime) -> str:
                        session, state.get("memories", []))
 
 
-def decide(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
-    rt = runtime_of(config)
+def decide(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
+    rt = _deps(state, runtime)
     inp = DecisionInput(user=state["user"], page=state["page"], items=state["items"],
                         persona_text=state["persona_text"], page_text=state["page_text"],
                         predictions={int(k): v for k, v in state.get("predictions", {}).items()},
@@ -91,8 +103,8 @@ def decide(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
             "human_action": None if human is None else human.model_dump(mode="json")}
 
 
-def act(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
-    rt = runtime_of(config)
+def act(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
+    rt = _deps(state, runtime)
     env = _env(rt)
     env.restore(Observation(user=state["user"], page=state["page"], items=state["items"],
                             session=state.get("session", []), max_pages=rt.max_pages),
@@ -102,7 +114,7 @@ def act(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
     record = {"page": state["page"], "items": state["items"],
               "watched": {str(k): v for k, v in action.watched.items()}, "then": action.then,
               "watch_scores": state["decision"].get("watch_scores", {}),
-              "human": state.get("human_action")}
+              "fallback": state["decision"].get("fallback"), "human": state.get("human_action")}
     update: dict[str, Any] = {"pages": [record], "done": done, "session": obs.session}
     if done:
         update["end"] = info.get("end", "exit")
@@ -112,8 +124,8 @@ def act(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
     return update
 
 
-def remember(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
-    rt = runtime_of(config)
+def remember(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
+    rt = _deps(state, runtime)
     last = state["pages"][-1]
     titles = {v["id"]: v["title"] for v in state["views"]}
     watched = [f"watched {titles[int(i)]} and rated it {r}/5" for i, r in last["watched"].items()]
@@ -124,14 +136,14 @@ def remember(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
     return {}
 
 
-def route_after_remember(state: AgentState) -> str:
+def route_after_remember(state: AgentState) -> Literal["perceive", "interview"]:
     return "interview" if state.get("done") else "perceive"
 
 
-def interview(state: AgentState, config: RunnableConfig) -> dict[str, Any]:
+def interview(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
     """Post-session satisfaction 1–10, scored as an enumerated answer; a free-text reason only
     when a text model is configured (the one place free text is allowed)."""
-    rt = runtime_of(config)
+    rt = _deps(state, runtime)
     watched = [r for p in state["pages"] for r in p["watched"].values()]
     session = (f"You saw {len(state['pages'])} page(s) and watched {len(watched)} movie(s)"
                + (f", rated {', '.join(map(str, watched))}." if watched else "."))

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from graph.runtime import Runtime
+from graph.context import AgentContext
+from graph.deps import AgentDeps
 
 
 def thread_id(recommender: str, user: int) -> str:
@@ -33,21 +34,26 @@ def recursion_limit(max_pages: int) -> int:
     return max(200, STEPS_PER_PAGE * max_pages + 2 + 8)
 
 
-def run_config(rt: Runtime, thread: str) -> dict[str, Any]:
-    return {"configurable": {"thread_id": thread, "runtime": rt},
+def run_config(rt: AgentDeps, thread: str) -> dict[str, Any]:
+    return {"configurable": {"thread_id": thread},
             "recursion_limit": recursion_limit(rt.max_pages)}
 
 
-def run_agent(app: Any, rt: Runtime, recommender: str, user: int) -> dict[str, Any]:
+def run_context(rt: AgentDeps) -> AgentContext:
+    """The built dependencies travel in the run context: the nodes build nothing themselves."""
+    return AgentContext(deps=rt)
+
+
+def run_agent(app: Any, rt: AgentDeps, recommender: str, user: int) -> dict[str, Any]:
     thread = thread_id(recommender, user)
     state = app.invoke({"agent_id": thread, "user": user, "recommender": recommender},
-                       run_config(rt, thread))
+                       run_config(rt, thread), context=run_context(rt))
     return {"thread": thread, "user": user, "recommender": recommender,
             "pages": state["pages"], "end": state.get("end"),
             "satisfaction": state.get("satisfaction"), "interview": state.get("interview", "")}
 
 
-def run_population(app: Any, runtimes: Mapping[str, Runtime], users: Iterable[int],
+def run_population(app: Any, runtimes: Mapping[str, AgentDeps], users: Iterable[int],
                    progress: bool = True) -> list[dict[str, Any]]:
     users = list(users)
     jobs = [(rec, u) for rec in runtimes for u in users]
@@ -58,7 +64,8 @@ def run_population(app: Any, runtimes: Mapping[str, Runtime], users: Iterable[in
 
 
 def session_metrics(sessions: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per recommender: watch ratio, likes (rating >= 4) per page, mean exit page, satisfaction."""
+    """Per recommender: watch ratio, likes (rating >= 4) per page, mean exit page, satisfaction,
+    and the pages a policy answered with its default action (``Decision.fallback``)."""
     by_rec: dict[str, list[Mapping[str, Any]]] = {}
     for s in sessions:
         by_rec.setdefault(s["recommender"], []).append(s)
@@ -75,5 +82,7 @@ def session_metrics(sessions: Iterable[Mapping[str, Any]]) -> dict[str, dict[str
             "exit_page": float(np.mean([len(s["pages"]) for s in rows])),
             "mean_rating": float(np.mean(ratings)) if ratings else float("nan"),
             "satisfaction": float(np.mean(sats)) if sats else float("nan"),
+            "fallback_pages": sum(p.get("fallback") is not None for s in rows
+                                  for p in s["pages"]),
         }
     return table

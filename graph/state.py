@@ -7,7 +7,10 @@ the human action) is in the state, so a checkpoint is a complete record of a sup
 from __future__ import annotations
 
 import operator
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, NotRequired
+
+# pydantic (LangGraph Server's schemas) needs typing_extensions' TypedDict before Python 3.12
+from typing_extensions import TypedDict
 
 
 class AgentState(TypedDict, total=False):
@@ -30,3 +33,12 @@ class AgentState(TypedDict, total=False):
     satisfaction: int
     interview: str
     pages: Annotated[list[dict[str, Any]], operator.add]
+
+
+class AgentInput(TypedDict):
+    """What starts a session: the user and the recommender they browse (``agent_id`` defaults
+    to ``recommender:user``, the runner's thread name)."""
+
+    user: int
+    recommender: str
+    agent_id: NotRequired[str]

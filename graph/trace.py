@@ -11,6 +11,9 @@ from typing import Any
 
 from langgraph.checkpoint.sqlite import SqliteSaver
 
+from graph.deps import AgentDeps
+from graph.runner import recursion_limit, run_context
+
 TRACE_FILE = "traces.sqlite"
 
 
@@ -59,12 +62,10 @@ def render(step: dict[str, Any]) -> str:
     return "\n".join([head, *body])
 
 
-def replay_from(app: Any, thread: str, step: int, runtime: Any) -> dict[str, Any]:
-    """Re-run a thread from checkpoint ``step`` (e.g. with another policy in ``runtime``)."""
+def replay_from(app: Any, thread: str, step: int, deps: AgentDeps) -> dict[str, Any]:
+    """Re-run a thread from checkpoint ``step`` (e.g. with another policy in ``deps``)."""
     snaps = history(app, thread)
     if not 0 <= step < len(snaps):
         raise IndexError(f"thread {thread} has steps 0..{len(snaps) - 1}, not {step}")
-    cfg = dict(snaps[step].config)
-    cfg["configurable"] = {**cfg["configurable"], "runtime": runtime}
-    cfg["recursion_limit"] = 200
-    return app.invoke(None, cfg)
+    cfg = {**snaps[step].config, "recursion_limit": recursion_limit(deps.max_pages)}
+    return app.invoke(None, cfg, context=run_context(deps))

@@ -14,14 +14,15 @@ import numpy as np
 from agents.perception import Perceiver
 from agents.persona import Persona, build_personas, population_scale, render_persona
 from agents.policy import FixedPolicy, LLMPolicy, Policy
-from graph.runtime import Runtime
+from graph.deps import AgentDeps
 from memory.evidence import ItemSimilarity
 from memory.store import NoMemory
+from simulator.custom import load_recommender
 from simulator.data import Dataset
 from simulator.env import recommender_pages
 from simulator.policies import HumanReplay, RandomPolicy, ScoreThreshold
 from simulator.readers import load_dataset
-from simulator.recommenders import Recommender, make_recommender
+from simulator.recommenders import RECOMMENDERS, Recommender
 from simulator.split import Split, SplitConfig, make_split
 from simulator.trajectories import (
     Exposure,
@@ -34,7 +35,7 @@ from simulator.trajectories import (
 )
 
 LLM_POLICIES = ("aligned", "zero_shot")
-POLICIES = ("aligned", "zero_shot", "random", "popularity", "human_replay")
+POLICIES = ("aligned", "zero_shot", "random", "popularity", "human_replay", "chat")
 
 
 @dataclass
@@ -97,9 +98,12 @@ class World:
         return out
 
     def recommender(self, name: str, reactive: bool = True, seed: int = 0) -> Recommender:
-        key = (name, reactive, seed)
+        """A fitted recommender for a built-in name or any spec of ``simulator.custom``
+        (``module:attribute``, a ranking file), fitted once per (spec, mode, seed)."""
+        key = (name.strip().lower() if name.strip().lower() in RECOMMENDERS else name.strip(),
+               reactive, seed)
         if key not in self._recs:
-            self._recs[key] = make_recommender(name, reactive=reactive, seed=seed).fit(
+            self._recs[key] = load_recommender(name, reactive=reactive, seed=seed).fit(
                 self.split.train)
         return self._recs[key]
 
@@ -149,8 +153,14 @@ def load_world(dataset: str = "ml-100k", split: SplitConfig | None = None,
 
 
 def make_policy(name: str, world: World, scorer=None, seed: int = 0,
-                temperature: float = 1.0, human=None, calibration=None) -> Policy:
-    """A decide-node policy by name; LLM policies need a scorer over the right weights."""
+                temperature: float = 1.0, human=None, calibration=None, chat=None) -> Policy:
+    """A decide-node policy by name; LLM policies need a scorer over the right weights, the chat
+    policy its ``agents.chat_policy.ChatPolicy`` (built once, so all runtimes share its model
+    and rate limit)."""
+    if name == "chat":
+        if chat is None:
+            raise ValueError("policy chat needs a chat model (--chat-model)")
+        return chat
     if name in LLM_POLICIES:
         if scorer is None:
             raise ValueError(f"policy {name} needs a language model")
@@ -167,14 +177,13 @@ def make_policy(name: str, world: World, scorer=None, seed: int = 0,
         if human is None:
             raise ValueError("policy human_replay needs logged trajectories")
         return FixedPolicy(HumanReplay(human), "human_replay")
-    raise ValueError(f"unknown policy {name!r}; known: aligned, zero_shot, random, popularity, "
-                     "human_replay")
+    raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
 
 
 def make_runtime(world: World, recommender: str, policy: str, scorer=None, memory=None, *,
                  users: list[int] | None = None, seed: int = 0, temperature: float = 1.0,
                  reactive: bool = True, page_size: int = 4, max_pages: int = 5,
-                 reason_model=None, calibration=None) -> Runtime:
+                 reason_model=None, calibration=None, chat=None) -> AgentDeps:
     """Everything one recommender's agents need. ``human_replay`` browses the logged pages of
     each user's first held-out visit; other policies browse the live recommender."""
     rec = world.recommender(recommender, reactive=reactive, seed=seed)
@@ -183,10 +192,10 @@ def make_runtime(world: World, recommender: str, policy: str, scorer=None, memor
         logged = first_visits(world.trajectories("test", recommender, users=users,
                                                  progress=False))
         pages, human = logged_pages(logged), human_actions(logged)
-    return Runtime(perceiver=world.perceiver, histories=world.histories,
-                   personas=world.personas, pages=pages,
-                   policy=make_policy(policy, world, scorer, seed, temperature, logged,
-                                      calibration),
-                   scorer=scorer, memory=memory or NoMemory(), human=human,
-                   reason_model=reason_model, page_size=page_size, max_pages=max_pages,
-                   seed=seed)
+    return AgentDeps(perceiver=world.perceiver, histories=world.histories,
+                     personas=world.personas, pages=pages,
+                     policy=make_policy(policy, world, scorer, seed, temperature, logged,
+                                        calibration, chat),
+                     scorer=scorer, memory=memory or NoMemory(), human=human,
+                     reason_model=reason_model, page_size=page_size, max_pages=max_pages,
+                     seed=seed)

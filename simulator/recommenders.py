@@ -47,7 +47,13 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 
 
 class Recommender(Protocol):
-    """What the simulator needs from a recommender: fit once, then rank or score per page."""
+    """What the simulator needs from a recommender: fit once, then rank or score per page.
+
+    ``fit`` gets the training frame (``user, item, rating, timestamp``) and returns the object;
+    ``rank`` returns up to ``k`` item ids, best first, none of them in ``exclude``, the session or
+    the user's training history; ``scores`` gives one number per item (higher is better).
+    ``session`` lists the items watched earlier in this visit, oldest first. Any object with
+    these members can be named ``module:factory`` (``simulator.custom``)."""
 
     name: str
 

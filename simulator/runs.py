@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -36,8 +39,8 @@ def check_run_dir(output: str | Path | None, root: Path = Path("runs")) -> Path:
     return path
 
 
-def new_run_dir(output: str | Path | None, kind: str, root: Path = Path("runs")) -> Path:
-    """``output`` if given, else ``runs/<kind>-<UTC time>``; refuses to reuse a non-empty one."""
+def run_path(output: str | Path | None, kind: str, root: Path = Path("runs")) -> Path:
+    """``output`` if given, else a fresh ``runs/<kind>-<UTC time>``; creates nothing."""
     if output is None:
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         path = root / f"{kind}-{stamp}"
@@ -47,12 +50,104 @@ def new_run_dir(output: str | Path | None, kind: str, root: Path = Path("runs"))
             n += 1
     else:
         path = Path(output).expanduser()
-    check_run_dir(path)
+    return check_run_dir(path)
+
+
+def new_run_dir(output: str | Path | None, kind: str, root: Path = Path("runs")) -> Path:
+    """``output`` if given, else ``runs/<kind>-<UTC time>``; refuses to reuse a non-empty one."""
+    path = run_path(output, kind, root)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # e.g. read-only file system, which os.access cannot foresee
         raise OSError(f"cannot create run directory {path}: {exc.strerror or exc}") from None
     return path
+
+
+@contextmanager
+def staged_run_dir(output: str | Path | None, kind: str,
+                   root: Path = Path("runs")) -> Iterator[Path]:
+    """A run directory that appears under its name only once complete.
+
+    The run writes into a hidden sibling ``.<name>.incomplete-<pid>`` that is renamed into place
+    when the block ends; if the block fails (or is interrupted) the sibling is removed, so a
+    failed run neither blocks the same ``--output`` nor passes for a finished one."""
+    final = run_path(output, kind, root)
+    tmp = final.parent / f".{final.name}.incomplete-{os.getpid()}"
+    made = [p for p in (tmp, *tmp.parents) if not p.exists()]  # removed again on failure
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:  # e.g. read-only file system, which os.access cannot foresee
+        raise OSError(f"cannot create run directory {final}: {exc.strerror or exc}") from None
+    try:
+        yield tmp
+        check_run_dir(final)  # something else may have taken the name meanwhile
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made[1:]:
+            with suppress(OSError):  # only if still empty
+                folder.rmdir()
+        raise
+
+
+def check_train_dir(output: str | Path, resume: bool) -> Path:
+    """Refuse a training ``--output`` before data or a model loads.
+
+    Without ``--resume`` it must be a new or empty folder; with it, a training folder (one whose
+    manifest is a training run's, complete or not), never another command's run."""
+    path = Path(output).expanduser()
+    if not resume:
+        if path.is_dir() and _manifest(path).get("status") == "incomplete":
+            raise FileExistsError(f"{path} holds an unfinished training run; pass --resume to "
+                                  "continue it, or another --output")
+        if path.is_dir() and any(path.iterdir()):
+            raise FileExistsError(f"{path} is not empty; pass --resume to continue a training "
+                                  "run there, or another --output")
+        return check_run_dir(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume: {path} is not a training folder (it does not exist"
+                                f"{'' if not path.exists() else ' as a folder'}); drop --resume "
+                                "to start a new run")
+    kind = _manifest(path).get("kind", "train")
+    if kind != "train" or (path / "traces.sqlite").exists():
+        raise FileExistsError(f"--resume: {path} is a {kind if kind != 'train' else 'simulate'} "
+                              "run, not a training folder; pass the folder a training run "
+                              "wrote")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(f"--output {path}: no permission to write in it")
+    return path
+
+
+@contextmanager
+def training_dir(path: Path, config: dict[str, Any]) -> Iterator[Path]:
+    """A training folder is its own resume point, so it cannot be staged elsewhere: its manifest
+    says ``"status": "incomplete"`` until the final one (``"complete"``) replaces it. A run that
+    fails before saving any stage checkpoint leaves nothing to resume, and a folder it created
+    is removed so the same ``--output`` can be used again."""
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    if (path / "manifest.json").exists():
+        update_manifest(path, kind="train", status="incomplete")
+    else:
+        write_manifest(path, "train", config, status="incomplete")
+    try:
+        yield path
+    except BaseException:
+        if created and not any(path.glob("stage_*")):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    """A run folder's manifest, or {} when it has none; a broken one is an error."""
+    file = path / "manifest.json"
+    if not file.exists():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON ({exc})") from None
+    return data if isinstance(data, dict) else {}
 
 
 def git_commit() -> str | None:

@@ -47,6 +47,17 @@ class SplitConfig(BaseModel):
             raise ValueError("valid_time must not be later than test_time")
         return self
 
+    def describe(self) -> str:
+        """The protocol in words, for manifests and reports."""
+        if self.kind == "user_chrono":
+            return (f"user_chrono: per-user chronological, each user's latest "
+                    f"{self.test_frac:.0%} test, the {self.valid_frac:.0%} before it valid")
+        valid = (f"unix time {self.valid_time}" if self.valid_time is not None else
+                 f"the {1 - self.valid_frac - self.test_frac:.0%} quantile of timestamps")
+        test = (f"unix time {self.test_time}" if self.test_time is not None else
+                f"the {1 - self.test_frac:.0%} quantile of timestamps")
+        return f"global_time: valid from {valid}, test from {test}"
+
 
 @dataclass
 class Split:

@@ -349,8 +349,9 @@ def test_prepared_training_examples_hold_no_held_out_rating(small_world: World,
     for user, items, labels in prepared.valid_lists:
         assert not {(user, i) for i in items} & test
         assert all(((user, i) in valid) == bool(y) for i, y in zip(items, labels, strict=True))
-    assert prepared.data_hashes["split"] == {p: split.fingerprint(p)
-                                             for p in ("train", "valid", "test")}
+    assert prepared.data_hashes["split"] == {
+        "protocol": split.config.describe(),
+        **{p: split.fingerprint(p) for p in ("train", "valid", "test")}}
 
 
 # --- batched scoring equals one-by-one scoring --------------------------------------------------

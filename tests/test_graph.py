@@ -18,9 +18,9 @@ from agents.policy import FixedPolicy
 from agents.scorer import Scorer
 from alignuser.config import SimulateConfig, World, load_world, make_policy
 from alignuser.simulate import build_runtimes
+from graph.deps import AgentDeps
 from graph.graph import build_graph
-from graph.runner import run_config, thread_id
-from graph.runtime import Runtime
+from graph.runner import run_config, run_context, thread_id
 from graph.trace import history, list_threads, open_checkpointer, replay_from
 from memory.store import EpisodicMemory, NoMemory, make_memory
 from simulator.env import Observation, recommender_pages
@@ -75,20 +75,20 @@ class RecordingScorer:
 
 
 def _runtime(world: World, policy: Any, scorer: Any = None,
-             memory: EpisodicMemory | None = None, max_pages: int = 5) -> Runtime:
-    return Runtime(perceiver=world.perceiver, histories=world.histories,
-                   personas=world.personas,
-                   pages=recommender_pages(world.recommender(REC).rank), policy=policy,
-                   scorer=scorer, memory=memory or NoMemory(), max_pages=max_pages, seed=0)
+             memory: EpisodicMemory | None = None, max_pages: int = 5) -> AgentDeps:
+    return AgentDeps(perceiver=world.perceiver, histories=world.histories,
+                     personas=world.personas,
+                     pages=recommender_pages(world.recommender(REC).rank), policy=policy,
+                     scorer=scorer, memory=memory or NoMemory(), max_pages=max_pages, seed=0)
 
 
-def _stream(app: Any, rt: Runtime, user: int) -> tuple[list[str], list[dict[str, Any]], dict]:
+def _stream(app: Any, rt: AgentDeps, user: int) -> tuple[list[str], list[dict[str, Any]], dict]:
     """Run one agent; the node names in execution order, their updates, and the final state."""
     thread = thread_id(REC, user)
     cfg = run_config(rt, thread)
     nodes, updates, final = [], [], {}
     for mode, chunk in app.stream({"agent_id": thread, "user": user, "recommender": REC}, cfg,
-                                  stream_mode=["updates", "values"]):
+                                  context=run_context(rt), stream_mode=["updates", "values"]):
         if mode == "values":
             final = chunk
             continue
@@ -123,7 +123,7 @@ def _assert_valid_session(world: World, user: int, pages: list[dict], max_pages:
 @dataclass
 class TracedRun:
     app: Any
-    runtime: Runtime
+    runtime: AgentDeps
     scorer: RecordingScorer
     memory: Any
     runs: dict[int, tuple[list[str], list[dict], dict]]
@@ -356,7 +356,7 @@ def test_human_replay_reproduces_logged_pages(world: World) -> None:
     for user in users:
         thread = thread_id("itemknn", user)
         final = app.invoke({"agent_id": thread, "user": user, "recommender": "itemknn"},
-                           run_config(rt, thread))
+                           run_config(rt, thread), context=run_context(rt))
         steps = logged[user].steps
         assert [(p["page"], p["items"], {int(i): r for i, r in p["watched"].items()}, p["then"])
                 for p in final["pages"]] == [(s.page, s.items, s.watched, s.then) for s in steps]

@@ -16,15 +16,13 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from evaluation.report import (
-    NOT_RUN,
-    SECTIONS,
-    TITLE,
+from evaluation.plots import (
     plot_distributions,
     plot_method_bars,
     plot_ranking,
-    write_report,
+    plot_session_outcomes,
 )
+from evaluation.report import NOT_RUN, SECTIONS, TITLE, rerender, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 _VOID = {"meta", "img", "br", "hr", "link", "input", "col", "area", "base", "source", "wbr"}
@@ -50,7 +48,14 @@ def _metrics() -> dict[str, Any]:
         "explain": [{"group": "all features", "r2_alone": 0.96, "dominant": False},
                     {"group": "popularity", "r2_alone": 0.94, "r2_drop": 0.5, "dominant": True}],
         "selection": {"kendall_tau": 0.6, "spearman_rho": 0.8, "tau_ci": [0.2, 1.0],
-                      "rho_ci": [0.4, 1.0], "offline": {"kendall_tau": 0.2}},
+                      "rho_ci": [0.4, 1.0], "offline": {"kendall_tau": 0.2},
+                      "answer": {"simulation": {"recommender": "itemknn", "mean": 0.42,
+                                                "ci": [0.35, 0.5], "p_first": 0.91,
+                                                "runner_up": "bpr", "lead": 0.05,
+                                                "lead_ci": [-0.01, 0.1], "n_users": 50},
+                                 "offline metric": {"recommender": "bpr", "mean": 0.2,
+                                                    "ci": [0.15, 0.25], "p_first": 0.6,
+                                                    "n_users": 50}}},
         "paired": [{"comparison": "alignuser - agent4rec", "metric": "f1", "mean_diff": 0.05,
                     "lo": 0.02, "hi": 0.08, "n": 300}],
     }
@@ -116,7 +121,34 @@ def test_images_embedded_as_data_uris(report: dict[str, Path]) -> None:
 
 
 def test_metrics_json_round_trips(report: dict[str, Path]) -> None:
-    assert json.loads(report["metrics.json"].read_text()) == _metrics()
+    stored = json.loads(report["metrics.json"].read_text())
+    assert stored.pop("plots") == {"distributions": "distributions.png",
+                                   "discrimination": "discrimination.png",
+                                   "selection/ranking": "selection_ranking.png"}
+    assert stored == _metrics()
+
+
+def test_report_opens_with_the_answer(report: dict[str, Path]) -> None:
+    page = report["report.html"].read_text()
+    assert page.index('<section id="answer">') < page.index('<section id="setup">')
+    answer = _section(page, "answer")
+    assert "The simulation would ship itemknn; neither" in answer
+    assert "ship itemknn (mean 0.420, 95% CI [0.350, 0.500]; first in 91% of resamples; " \
+           "lead over bpr 0.050, CI [-0.010, 0.100])" in answer
+    assert "offline metric: ship bpr" in answer
+
+
+def test_rerender_reproduces_the_report_without_recomputing(report: dict[str, Path]) -> None:
+    out = report["report.html"].parent
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    report["report.html"].write_text("stale")
+    rerender(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    report["discrimination.png"].unlink()
+    with pytest.raises(FileNotFoundError, match="discrimination.png"):
+        rerender(out)
+    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+        rerender(out / "nowhere")
 
 
 def test_json_handles_numpy_nan_and_frames(tmp_path: Path) -> None:
@@ -124,7 +156,7 @@ def test_json_handles_numpy_nan_and_frames(tmp_path: Path) -> None:
     metrics = {"discriminator": {"auc": np.float32(0.5), "n": np.int64(3), "bad": float("nan")},
                "explain": frame}
     out = json.loads(write_report(metrics, tmp_path)["metrics.json"].read_text())
-    assert out == {"discriminator": {"auc": 0.5, "n": 3, "bad": None},
+    assert out == {"plots": {}, "discriminator": {"auc": 0.5, "n": 3, "bad": None},
                    "explain": [{"group": "a", "r2_alone": 0.5}]}
 
 
@@ -177,6 +209,14 @@ def test_plot_helpers() -> None:
     with pytest.raises(ValueError, match="no column"):
         plot_method_bars(pd.DataFrame({"method": ["x"], "auc": [0.6]}), "f1")
     assert isinstance(plot_ranking({"a": 1.0, "b": 2.0}, {"a": 2.0, "b": 1.0}, None), Figure)
+    outcomes = plot_session_outcomes([
+        {"recommender": "pop", "watch_ratio": 0.2, "likes_per_page": 0.5,
+         "pages_per_session": 3.0, "exit_share": 0.4},
+        {"recommender": "bpr", "watch_ratio": 0.3, "likes_per_page": 0.7,
+         "pages_per_session": 4.0, "exit_share": 0.2}])
+    assert [ax.get_title() for ax in outcomes.axes] == [
+        "watch ratio", "likes per page", "pages per session", "exit share"]
+    assert [b.get_height() for b in outcomes.axes[1].patches] == [0.5, 0.7]
 
 
 def _chromium(page: Path, profile: Path) -> subprocess.CompletedProcess[str]:

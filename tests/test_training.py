@@ -215,8 +215,10 @@ def test_training_data_never_holds_held_out_ratings(small_world: World) -> None:
             assert label or (user, item) not in rated
     assert {t.part for t in data.train} == {"train"} and {t.part for t in data.valid} == {"valid"}
     hashes = data.split_hashes
-    assert set(hashes) == {"train", "valid", "test"} and len(set(hashes.values())) == 3
-    assert hashes == {p: split.fingerprint(p) for p in ("train", "valid", "test")}
+    assert set(hashes) == {"protocol", "train", "valid", "test"}
+    assert len({hashes[p] for p in ("train", "valid", "test")}) == 3
+    assert hashes == {"protocol": split.config.describe(),
+                      **{p: split.fingerprint(p) for p in ("train", "valid", "test")}}
     assert fingerprint(data.train) != fingerprint(data.valid)
     # Personas for training pages use ratings from before the session only.
     first = min(data.train, key=lambda t: (t.start, t.user))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -22,42 +22,75 @@ class TrainConfig(BaseModel):
     dataset: str = Field("ml-100k", description="dataset whose TRAIN split builds D_rollout")
     recommender: str = Field("exposure", description="what fills the human pages' other slots: "
                              "'exposure' (the trajectory config's mixture) or one recommender")
-    wm_steps: int = Field(100, description="optimizer steps of stage 1 (world model)")
-    cr_steps: int = Field(60, description="optimizer steps of stage 2 (or of policy-only SFT)")
-    batch_size: int = Field(4, description="examples per step (4x~500 tokens ~ 6 s on 2 cores)")
-    max_len: int = Field(1024, description="tokens per example; prompts are cut from the left")
-    lr: float = Field(3e-4, description="AdamW learning rate for the LoRA weights")
-    warmup: int = Field(10, description="linear warm-up steps")
-    lora_r: int = Field(16, description="LoRA rank (r=16 on all projections: a ~20 MB adapter)")
-    lora_alpha: int = Field(32, description="LoRA scaling numerator")
-    lora_dropout: float = Field(0.0, description="LoRA dropout (masks cost ~10%% of a CPU step)")
-    lambda_wm: float = Field(0.5, description="weight of the world-model loss in stage 2")
-    lambda_cr: float = Field(1.0, description="weight of the counterfactual-reflection loss; "
+    wm_steps: int = Field(100, ge=0, description="optimizer steps of stage 1 (world model)")
+    cr_steps: int = Field(60, ge=0,
+                          description="optimizer steps of stage 2 (or of policy-only SFT)")
+    batch_size: int = Field(4, ge=1,
+                            description="examples per step (4x~500 tokens ~ 6 s on 2 cores)")
+    max_len: int = Field(1024, ge=16,
+                         description="tokens per example; prompts are cut from the left")
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate for the LoRA weights")
+    warmup: int = Field(10, ge=0, description="linear warm-up steps")
+    lora_r: int = Field(16, ge=1,
+                        description="LoRA rank (r=16 on all projections: a ~20 MB adapter)")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator")
+    lora_dropout: float = Field(0.0, ge=0, lt=1,
+                                description="LoRA dropout (masks cost ~10%% of a CPU step)")
+    lambda_wm: float = Field(0.5, ge=0, description="weight of the world-model loss in stage 2")
+    lambda_cr: float = Field(1.0, ge=0, description="weight of the counterfactual-reflection loss; "
                              "0 trains world model + policy without reflections (ablation)")
-    k: int = Field(3, description="counterfactual alternatives per human step")
-    teacher: Literal["grounded", "local"] = Field(
-        "grounded", description="reflection writer: grounded (offline, cites numbers) or local "
-        "(the base model writes free text; weak at 135M)")
+    k: int = Field(3, ge=1, description="counterfactual alternatives per human step")
+    teacher: Literal["grounded", "local", "chat"] = Field(
+        "grounded", description="reflection writer: grounded (offline, cites numbers), local "
+        "(the base model writes free text; weak at 135M) or chat (--teacher-model writes it)")
+    teacher_model: str | None = Field(None, description="teacher chat: PROVIDER:MODEL or "
+                                      "pkg.module:factory, as simulate's --chat-model")
     wm_generate: bool = Field(False, description="also generate each alternative's next page "
                               "with the world model (slow on CPU: ~3 s per alternative)")
-    wm_transitions: int = Field(2000, description="train transitions sampled for stage 1")
-    cr_transitions: int = Field(100, description="train transitions given counterfactuals")
-    valid_examples: int = Field(24, description="validation examples for early stopping")
-    eval_every: int = Field(40, description="steps between validation losses")
-    patience: int = Field(3, description="evaluations without improvement before stopping")
-    save_every: int = Field(20, description="steps between resumable checkpoints")
+    wm_transitions: int = Field(2000, ge=1, description="train transitions sampled for stage 1")
+    cr_transitions: int = Field(100, ge=1, description="train transitions given counterfactuals")
+    valid_examples: int = Field(24, ge=0, description="validation examples for early stopping")
+    eval_every: int = Field(40, ge=1, description="steps between validation losses")
+    patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
+    save_every: int = Field(20, ge=1, description="steps between resumable checkpoints")
     grad_checkpointing: bool = Field(False, description="trade ~30%% speed for ~45%% less RAM")
-    dtype: str = Field("auto", description="auto (bf16 when the CPU has it), bfloat16, float32")
-    calibration_pages: int = Field(400, description="validation pages that fit the watch and "
+    dtype: Literal["auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16"] = Field(
+        "auto", description="auto (bf16 when the CPU has it), bfloat16, float32")
+    calibration_pages: int = Field(400, ge=0, description="validation pages that fit the watch and "
                                    "exit offsets (agents.decide.Calibration)")
-    calibration_lists: int = Field(100, description="validation 1:1 lists that fit the 1:m "
+    calibration_lists: int = Field(100, ge=0, description="validation 1:1 lists that fit the 1:m "
                                    "list offset")
-    time_budget_s: float | None = Field(None, description="stop each stage after this many "
+    time_budget_s: float | None = Field(None, gt=0, description="stop each stage after this many "
                                         "seconds (checkpointed; None = run all steps)")
-    device: str = Field("auto", description="auto (CUDA when present), cpu or cuda")
-    save_dtype: str = Field("bfloat16", description="adapter file dtype: bfloat16 (half the "
-                            "size) or float32")
-    seed: int = Field(0, description="seeds data order, sampling and LoRA init")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto (CUDA when present), cpu or cuda")
+    save_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="adapter file dtype: bfloat16 (half the size) or float32")
+    seed: int = Field(0, ge=0, description="seeds data order, sampling and LoRA init")
+
+    @model_validator(mode="after")
+    def _every_stage_trains(self) -> TrainConfig:
+        """A stage of zero steps would save an untrained adapter as if it were trained."""
+        steps = {"wm": ("wm_steps",), "policy": ("cr_steps",), "cr": ("cr_steps",),
+                 "all": ("wm_steps", "cr_steps")}[self.stage]
+        for name in steps:
+            if getattr(self, name) < 1:
+                what = "the world model" if name == "wm_steps" else "the policy"
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: stage "
+                                 f"{self.stage} trains {what} and needs at least 1 step "
+                                 "(to skip the world model: --stage cr --init-adapter DIR)")
+        if self.stage == "cr" and not self.init_adapter:
+            raise ValueError("--stage cr aligns an existing world model and needs "
+                             "--init-adapter DIR (an adapter from --stage wm); --stage all "
+                             "trains both")
+        return self
+
+    @model_validator(mode="after")
+    def _chat_teacher_needs_model(self) -> TrainConfig:
+        if self.teacher == "chat" and not self.teacher_model:
+            raise ValueError("teacher chat needs --teacher-model PROVIDER:MODEL or "
+                             "pkg.module:factory")
+        return self
 
 
 def config_flags(parser, model: type[BaseModel]) -> None:

@@ -23,7 +23,7 @@ from simulator.trajectories import Trajectory
 from training.config import LORA_TARGETS, TrainConfig
 from training.counterfactual import build_counterfactual, reflection_record
 from training.rollout import Example, Transition, class_balance, fingerprint, transitions
-from training.teacher import ChatTeacher, GroundedTeacher
+from training.teacher import make_teacher
 from training.trainer import train_loop, validation_loss
 
 
@@ -104,8 +104,7 @@ def _cr_pools(model, lm: LM, cfg: TrainConfig, data: Prepared, trs: Sequence[Tra
         done = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
     model.eval()
     scorer = Scorer(LM(model=model, tokenizer=lm.tokenizer, name=lm.name))
-    teacher = GroundedTeacher() if cfg.teacher == "grounded" else ChatTeacher(
-        __import__("agents.chat", fromlist=["LocalTextModel"]).LocalTextModel(lm))
+    teacher = make_teacher(cfg.teacher, lm, cfg.teacher_model)
     generator = scorer if cfg.wm_generate else None
     with cache.open("a") as fh:
         for cr, pol, refl in build_counterfactual(trs[len(done):], scorer, teacher, data.liked,
@@ -228,7 +227,8 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
     calibration["seconds"] = round(time.perf_counter() - t0, 1)
     _save_adapter(model, out, cfg)
     lm.tokenizer.save_pretrained(out)
-    manifest = {"base_model": lm.name, "config": cfg.model_dump(mode="json"),
+    manifest = {"kind": "train", "status": "complete", "base_model": lm.name,
+                "config": cfg.model_dump(mode="json"),
                 "data": {**prep.data_hashes, "wm": len(wm_trs), "valid": len(valid_trs)},
                 "class_balance": balance, "calibration": calibration,
                 "stages": {k: {kk: vv for kk, vv in v.items() if kk != "history"}

@@ -103,3 +103,19 @@ class ChatTeacher:
         prompt = prompts.TEACHER.format(persona=persona, page=page, human=human.describe(),
                                         alternatives=alts)
         return self.model.complete(prompt, self.max_new_tokens).strip().replace("\n", " ")
+
+
+def make_teacher(kind: str, lm: object = None, chat_spec: str | None = None) -> Teacher:
+    """The reflection writer ``TrainConfig.teacher`` names. ``chat`` builds its model with
+    ``agents.chat.chat_model``, so one spec serves as simulate's chat policy and as teacher."""
+    if kind == "grounded":
+        return GroundedTeacher()
+    from agents.chat import LangChainTextModel, LocalTextModel, chat_model
+
+    if kind == "local":
+        return ChatTeacher(LocalTextModel(lm))
+    if kind == "chat":
+        if not chat_spec:
+            raise ValueError("teacher chat needs --teacher-model PROVIDER:MODEL")
+        return ChatTeacher(LangChainTextModel(chat_model(chat_spec)))
+    raise ValueError(f"unknown teacher {kind!r}; known: grounded, local, chat")

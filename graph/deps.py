@@ -1,4 +1,5 @@
-"""What the nodes call into: built once per run and passed in the run config, never global."""
+"""What the nodes call into, built once per run configuration and handed to them in the run's
+context (``graph.context.AgentContext.deps``), never global."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Runtime:
+class AgentDeps:
+    """One recommender's agents' dependencies. Named apart from LangGraph's own ``Runtime``,
+    which carries this object to the nodes inside the run context."""
+
     perceiver: Perceiver
     histories: Mapping[int, Mapping[int, float]]
     personas: Mapping[int, str]
@@ -30,10 +34,3 @@ class Runtime:
     max_pages: int = 5
     seed: int = 0
     memory_k: int = 3
-
-
-def runtime_of(config: Mapping) -> Runtime:
-    try:
-        return config["configurable"]["runtime"]
-    except KeyError as exc:
-        raise KeyError("the run config lacks configurable.runtime (see graph.runner)") from exc

@@ -1,0 +1,1 @@
+"""Bringing one's own recommender: ``--recommenders examples.my_recommender:factory``."""
