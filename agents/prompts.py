@@ -19,6 +19,11 @@ def persona_block(persona_text: str) -> str:
     return persona_text.rstrip("\n") + "\n" + INSTRUCTION
 
 
+def prefix(persona_text: str, page_text: str) -> str:
+    """The cached prefix every page's scoring shares: persona block, then page block."""
+    return persona_block(persona_text) + page_text
+
+
 def policy_tail(predictions: str = "", reflection: str | None = None) -> str:
     """What comes between the page and the first choice line."""
     why = f"{THINK}{reflection.rstrip()}\n" if reflection else ""

@@ -20,6 +20,7 @@ from rich.markup import escape
 from alignuser.config import OfflineConfig, PolicyName, SimulateConfig
 from alignuser.entry import COMMANDS, DEBUG_HELP, DefaultsFormatter, top_parser
 from alignuser.flags import add_data_flags, add_split_flags, data_config
+from alignuser.simulate_flags import add_simulate_flags, resumed_config, simulate_config
 
 console = Console()
 
@@ -94,25 +95,17 @@ def cmd_recommenders(args: argparse.Namespace) -> int:
     return 0
 
 
-def simulate_config(args: argparse.Namespace) -> SimulateConfig:
-    fields = {"data": data_config(args),
-              "recommenders": args.recommenders.split(","), "agents": args.agents,
-              "pages": args.pages, "policy": args.policy, "seed": args.seed,
-              "memory": "none" if args.no_memory else "chroma",
-              "world_model": "off" if args.no_world_model else "on", "model": args.model,
-              "temperature": args.temperature, "reactive": not args.static,
-              "reason": args.reason, "chat_model": args.chat_model,
-              "chat_retries": args.chat_retries, "chat_rps": args.chat_rps,
-              "chat_concurrency": args.chat_concurrency}
-    if args.checkpoint:
-        fields["checkpoint"] = args.checkpoint
-    return SimulateConfig(**fields)
-
-
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from alignuser.simulate import simulate
+    from alignuser.simulate import recorded_config, simulate
 
-    simulate(simulate_config(args), args.output, console)
+    if args.resume is None:
+        simulate(simulate_config(args), args.output, console, overwrite=args.overwrite)
+        return 0
+    if args.output is not None and Path(args.output) != Path(args.resume):
+        raise ValueError(f"--resume {args.resume} names the run to continue; drop --output "
+                         f"{args.output}")
+    simulate(resumed_config(args, recorded_config(args.resume)), args.resume, console,
+             resume=True)
     return 0
 
 
@@ -200,30 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_recommenders)
 
     s = sub.add_parser("simulate", help=COMMANDS["simulate"])
-    f = SimulateConfig.model_fields
-    add_data_flags(s)
-    s.add_argument("--recommenders", default=",".join(f["recommenders"].default),
-                   help=f["recommenders"].description)
-    s.add_argument("--agents", type=int, default=f["agents"].default, help=f["agents"].description)
-    s.add_argument("--pages", type=int, default=f["pages"].default, help=f["pages"].description)
-    s.add_argument("--policy", default=f["policy"].default, help=f["policy"].description,
-                   choices=["aligned", "zero_shot", "random", "popularity", "human_replay",
-                            "chat"])
-    s.add_argument("--chat-model", default=None, metavar="SPEC", help=f["chat_model"].description)
-    s.add_argument("--chat-retries", type=int, default=f["chat_retries"].default,
-                   help=f["chat_retries"].description)
-    s.add_argument("--chat-rps", type=float, default=None, help=f["chat_rps"].description)
-    s.add_argument("--chat-concurrency", type=int, default=f["chat_concurrency"].default,
-                   help=f["chat_concurrency"].description)
-    s.add_argument("--no-memory", action="store_true", help="recall node off (ablation)")
-    s.add_argument("--no-world-model", action="store_true", help="predict node off (ablation)")
-    s.add_argument("--model", default="default", help=f["model"].description)
-    s.add_argument("--checkpoint", default=None, help=f["checkpoint"].description)
-    s.add_argument("--temperature", type=float, default=1.0, help=f["temperature"].description)
-    s.add_argument("--static", action="store_true", help="recommenders ignore the session")
-    s.add_argument("--reason", action="store_true", help=f["reason"].description)
-    s.add_argument("--seed", type=int, default=0, help=f["seed"].description)
-    s.add_argument("--output", default=None, help="run directory (default runs/<id>/)")
+    add_simulate_flags(s)
     s.set_defaults(func=cmd_simulate)
 
     t = sub.add_parser("trace", help=COMMANDS["trace"])

@@ -5,37 +5,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 
-from alignuser.checks import check_adapter, int_list
-from alignuser.config import World, world_for
+from alignuser.checks import check_adapter
+from alignuser.config import world_for
 from alignuser.entry import COMMANDS
-from alignuser.flags import add_data_flags, add_split_flags, data_config
+from alignuser.flags import (
+    SPLIT_FLAGS,
+    add_data_flags,
+    add_run_flags,
+    add_split_flags,
+    data_config,
+    preset_flags,
+    preset_values,
+)
 from training.config import TrainConfig, config_flags, parse_config
-from training.pipeline import TrainData
+from training.pipeline import train_data
 
 console = Console()
-
-
-def train_data(world: World, cfg: TrainConfig) -> TrainData:
-    """TRAIN trajectories for learning; VALID trajectories and 1:1 lists for early stopping
-    and calibration only; never TEST."""
-    from evaluation.micro import lists_for
-
-    n_valid = max(cfg.valid_examples, cfg.calibration_pages // 4, 1)
-    valid_users = world.sample_users(n_valid, cfg.seed, part="valid")
-    lists = lists_for(world, "valid", 1, None, cfg.seed)
-    pick = np.random.default_rng(cfg.seed).permutation(len(lists))[:cfg.calibration_lists]
-    return TrainData(
-        train=world.trajectories("train", cfg.recommender),
-        valid=world.trajectories("valid", cfg.recommender, users=valid_users, progress=False),
-        perceiver=world.perceiver, persona_at=world.persona_at, liked=world.liked_genres(),
-        train_log=world.split.train,
-        split_hashes={"protocol": world.split.config.describe(),
-                      **{p: world.split.fingerprint(p) for p in ("train", "valid", "test")}},
-        personas=world.personas, histories=world.histories,
-        valid_lists=[lists[int(i)] for i in sorted(pick)])
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -80,12 +67,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     from evaluation.outputs import METHODS
     from evaluation.run import PRESETS, EvalConfig
+    from evaluation.sections import REGISTRY
 
     e = sub.add_parser("evaluate", help=COMMANDS["evaluate"])
-    e.add_argument("--preset", choices=list(PRESETS), default="standard",
-                   help="quick: a smoke test; standard: every section and shipped method in "
-                   "minutes on a CPU (default); full: 200 users, the README table (hours on a "
-                   "CPU; its expected time is printed first)")
+    preset_flags(e, EvalConfig, PRESETS, default_preset="standard")
     add_data_flags(e)
     e.add_argument("--model", default="default", help="base causal LM")
     e.add_argument("--checkpoint", default=None,
@@ -96,17 +81,10 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="world model + policy adapter (default: the shipped one)")
     e.add_argument("--methods", default=",".join(METHODS),
                    help=f"LLM methods to run, from {', '.join(METHODS)}; baselines always run")
-    ints = ("users", "next_action_users", "next_action_pages", "next_state", "sim_users",
-            "judge_sessions", "n_boot", "seed")
-    for name in ints:
-        e.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                       help=EvalConfig.model_fields[name].description)
-    e.add_argument("--ms", default=None, help=EvalConfig.model_fields["ms"].description
-                   + " (comma-separated)")
-    e.add_argument("--recommenders", default=None, help="comma-separated "
-                   + EvalConfig.model_fields["recommenders"].description)
-    e.add_argument("--ab-results", default=None,
-                   help=EvalConfig.model_fields["ab_results"].description)
+    e.add_argument("--sections", default=None, metavar="A,B",
+                   help="report sections to compute, comma-separated, from "
+                   f"{', '.join(REGISTRY)}; only the answers they read are computed, the "
+                   "others show as not run (default: all)")
     e.add_argument("--judge-model", default=None, metavar="SPEC",
                    help="a chat model as the human-likeness judge, PROVIDER:MODEL or "
                    "pkg.module:factory (as --chat-model); default: the local base model")
@@ -117,8 +95,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
                    "with python -m evaluation.outputs FILE OUT")
     e.add_argument("--outputs", default=None, metavar="FILE",
                    help="the methods' answers computed elsewhere (python -m evaluation.outputs)")
-    e.add_argument("--output", default=None, help="run directory (default runs/<id>/)")
-    e.set_defaults(func=cmd_evaluate)
+    add_run_flags(e, "finished methods and sections")
+    e.set_defaults(func=cmd_evaluate, flag_default=e.get_default)
 
 
 def checkpoints(args: argparse.Namespace, methods: list[str]) -> dict[str, str | None]:
@@ -152,6 +130,50 @@ def skipped_methods(methods: list[str], paths: dict[str, str | None]) -> dict[st
     return out
 
 
+# The flags that define an evaluate run; --resume reads them back from its manifest.
+RUN_FLAGS = ("dataset", "split_kind", "split_valid_frac", "split_test_frac", "split_valid_time",
+             "split_test_time", "model", "checkpoint", "sft_checkpoint", "wm_policy_checkpoint",
+             "methods", "sections", "judge_model", "device", "outputs")
+
+
+def resume_flags(args: argparse.Namespace) -> tuple[Path, dict]:
+    """For ``--resume RUN``: the run's final path and manifest, with its flags put back on
+    ``args``; a flag given now that differs from the run's is refused."""
+    import json
+
+    from evaluation.run import EvalConfig
+    from simulator.runs import resume_target, staging_dirs
+
+    if args.prepare_only:  # (--overwrite is refused by the parser)
+        raise ValueError("--resume continues a run; it cannot be combined with --prepare-only")
+    final = resume_target(args.resume, "evaluate")
+    if args.output is not None and Path(args.output).expanduser() != final:
+        raise ValueError(f"--resume {args.resume} and --output {args.output} name different "
+                         "runs; pass one of them")
+    staging = staging_dirs(final)[0]
+    try:
+        manifest = json.loads((staging / "manifest.json").read_text())
+        stored = manifest["flags"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        raise FileNotFoundError(f"--resume {args.resume}: {staging} holds no readable evaluate "
+                                "manifest; nothing to resume") from None
+    conflicts = []
+    for name in (*EvalConfig.model_fields, *RUN_FLAGS):
+        given = getattr(args, name, None)
+        if given != args.flag_default(name) and given != stored.get(name):
+            flag = (SPLIT_FLAGS[name.removeprefix("split_")] if name.startswith("split_")
+                    else "--" + name.replace("_", "-"))
+            was = stored.get(name)
+            conflicts.append(f"{flag} {given} (the run has "
+                             f"{'the default' if was is None else was})")
+        setattr(args, name, stored.get(name, given))  # a field newer than the run: as given
+    if conflicts:
+        raise ValueError(f"--resume {args.resume}: flags differ from the run's: "
+                         f"{'; '.join(conflicts)}; drop them to resume")
+    args.output = str(final)
+    return final, manifest
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import os
     import pickle
@@ -160,27 +182,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import sys
 
     from evaluation.outputs import METHODS, all_outputs
+    from evaluation.parts import Parts
     from evaluation.run import EvalConfig, build_bundle, expected_seconds, score
-    from simulator.runs import check_run_dir, run_path, staged_run_dir, write_manifest
+    from evaluation.sections import needs, select
+    from simulator.runs import (
+        check_replaceable,
+        check_run_dir,
+        check_unfinished,
+        discard_unfinished,
+        run_path,
+        staged_run_dir,
+        write_manifest,
+    )
 
+    manifest = None
+    if args.resume:
+        final, manifest = resume_flags(args)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    overrides = {k: getattr(args, k) for k in (*EvalConfig.model_fields, "ab_results")
-                 if k not in ("ms", "preset", "recommenders") and getattr(args, k, None)
-                 is not None}
-    if args.ms:
-        overrides["ms"] = int_list("--ms", args.ms)
+    sections = select(args.sections)
+    overrides = preset_values(args, EvalConfig)
     for flag, path in (("--ab-results", args.ab_results), ("--outputs", args.outputs)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path} does not exist"
                                     + (" (it is a folder)" if Path(path).is_dir() else ""))
-    if not args.prepare_only:
+    if args.overwrite and args.output and Path(args.output).expanduser().exists():
+        check_replaceable(Path(args.output).expanduser())
+    elif not args.prepare_only and not args.resume:
         check_run_dir(args.output)
-    if args.recommenders is not None:
-        overrides["recommenders"] = args.recommenders.split(",")
+        if not args.overwrite:
+            check_unfinished(args.output, "evaluate")
     cfg = EvalConfig.of_preset(args.preset, **overrides)
+    if manifest is not None and cfg.model_dump(mode="json") != manifest.get("config"):
+        raise ValueError(f"--resume {args.resume}: its flags give another evaluation config "
+                         "than the run's manifest records (were the presets changed?)")
     ckpts = checkpoints(args, methods) if not args.prepare_only else {}
     skipped = skipped_methods(methods, ckpts) if not args.prepare_only else {}
     for m, why in skipped.items():
@@ -191,7 +228,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from agents.chat import chat_model
 
         judge_chat = chat_model(args.judge_model)
-    if not args.prepare_only and not args.outputs:
+    if not args.prepare_only and not args.outputs and not args.resume:
         minutes = expected_seconds(cfg, methods) / 60
         console.print(f"preset {cfg.preset}: {len(methods)} LLM method(s) on {cfg.users} users; "
                       f"expected about {minutes:.0f} min on a 2-core CPU (less on a GPU)")
@@ -199,34 +236,64 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if world.split.test.empty:
         raise ValueError(f"{args.dataset}: the test split is empty; nothing to evaluate on")
     bundle = build_bundle(world, cfg)
+    users = [int(u) for u in bundle.meta["users"]]
+    if manifest is not None and manifest.get("users") != users:
+        raise ValueError(f"--resume {args.resume}: the held-out users differ from the run's "
+                         "(did the data change?)")
     if args.prepare_only:
         Path(args.prepare_only).write_bytes(pickle.dumps(bundle))
         console.print(f"bundle for {len(bundle.meta['users'])} users -> {args.prepare_only}")
         return 0
     log = lambda m: console.print(f"[dim]{m}[/dim]")  # noqa: E731
+    given = {}
     if args.outputs:
-        outputs = pickle.loads(Path(args.outputs).read_bytes())
-        outputs = {m: outputs[m] for m in methods if m in outputs}
-    else:
-        outputs = all_outputs(bundle, methods, ckpts, args.model, args.device, log)
-    final = run_path(args.output, "evaluate")
-    with staged_run_dir(final, "evaluate") as out:  # named only once complete
-        write_manifest(out, "evaluate", cfg.model_dump(mode="json"), methods=methods,
-                       checkpoints={k: v for k, v in ckpts.items() if v}, dataset=world.ds.name,
-                       split=world.split.config.describe())
-        setup = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} "
-                            "cores", "command": shlex.join(["alignuser", *sys.argv[1:]]),
-                 "dataset": world.ds.name, "split": world.split.config.describe(),
-                 "seed": cfg.seed, "checkpoints": {k: v for k, v in ckpts.items() if v},
-                 "answers": args.outputs or "computed in this run",
-                 "judge_model": args.judge_model or "local base model",
-                 "skipped_methods": skipped or "none"}
-        judge = judge_chat
-        if cfg.judge_sessions and "full" in outputs and judge is None:
-            from agents.llm import load_lm
-            from agents.scorer import Scorer
+        given = pickle.loads(Path(args.outputs).read_bytes())
+        given = {m: given[m] for m in methods if m in given}
+        methods = list(given)
+    if not args.resume:
+        final = (Path(args.output).expanduser() if args.overwrite and args.output
+                 else run_path(args.output, "evaluate"))
+        if args.overwrite:
+            discard_unfinished(final)
 
-            judge = Scorer(load_lm(args.model, device=args.device))
-        score(world, bundle, outputs, cfg, out, setup, judge, log)
+    def make_judge():
+        if judge_chat is not None or not cfg.judge_sessions:
+            return judge_chat
+        from agents.llm import load_lm
+        from agents.scorer import Scorer
+
+        return Scorer(load_lm(args.model, device=args.device))
+
+    try:
+        with staged_run_dir(final, "evaluate", resume=bool(args.resume),
+                            overwrite=args.overwrite, keep_if=lambda d: bool(Parts(d))) as out:
+            if manifest is None:
+                flags = {k: getattr(args, k, None) for k in (*EvalConfig.model_fields,
+                                                              *RUN_FLAGS)}
+                write_manifest(out, "evaluate", cfg.model_dump(mode="json"), methods=methods,
+                               checkpoints={k: v for k, v in ckpts.items() if v},
+                               dataset=world.ds.name, split=world.split.config.describe(),
+                               flags=flags, users=users)
+            parts = Parts(out)
+            done = {**given, **parts.outputs()}
+            outputs = all_outputs(bundle, methods, ckpts, args.model, args.device, log,
+                                  needs=needs(sections), done=done, commit=parts.save_outputs)
+            for m in given:
+                parts.save_outputs(m, given[m])
+            setup = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} "
+                                "cores", "command": shlex.join(["alignuser", *sys.argv[1:]]),
+                     "dataset": world.ds.name, "split": world.split.config.describe(),
+                     "seed": cfg.seed, "checkpoints": {k: v for k, v in ckpts.items() if v},
+                     "answers": args.outputs or "computed in this run",
+                     "judge_model": args.judge_model or "local base model",
+                     "skipped_methods": skipped or "none", "sections": ", ".join(sections)}
+            score(world, bundle, outputs, cfg, out, setup, log=log, sections=sections,
+                  parts=parts, make_judge=make_judge)
+    except BaseException:
+        if any(p.name.endswith(f"-{os.getpid()}") for p in
+               final.parent.glob(f".{final.name}.incomplete-*")):
+            console.print(f"[yellow]unfinished run kept; continue it with `alignuser evaluate "
+                          f"--resume {final}`[/yellow]", highlight=False)
+        raise
     console.print(f"report: {final / 'report.html'}")
     return 0

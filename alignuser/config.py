@@ -11,9 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from agents.world import World, load_world
 from alignuser.flags import DATASET_HELP
-from graph.context import CHECKPOINTS, DEFAULT_CHECKPOINT
-from graph.world import LLM_POLICIES, POLICIES, World, load_world, make_policy
+from graph.build import LLM_POLICIES, POLICIES, PolicyName, make_policy
+from graph.context import CHECKPOINTS, DEFAULT_CHECKPOINT, AgentSettings
 from simulator.custom import SPEC_HELP as SPECS
 from simulator.custom import check_recommenders
 from simulator.recommenders import RECOMMENDERS
@@ -23,7 +24,6 @@ from simulator.trajectories import TrajectoryConfig
 # The shipped adapters per set of weights: the full agent and its two training ablations.
 SHIPPED = {"full": DEFAULT_CHECKPOINT, "sft": CHECKPOINTS / "sft-ml100k",
            "wm_policy": CHECKPOINTS / "wm-policy-ml100k"}
-PolicyName = Literal["aligned", "zero_shot", "random", "popularity", "human_replay", "chat"]
 
 
 class DataConfig(BaseModel):
@@ -42,30 +42,15 @@ def known_recommenders(names: list[str]) -> list[str]:
     return check_recommenders(names)
 
 
-class SimulateConfig(BaseModel):
+class SimulateConfig(AgentSettings):
     data: DataConfig = Field(default_factory=DataConfig, description="dataset and split")
     recommenders: list[str] = Field(["pop", "itemknn", "bpr"],
                                     description="recommenders the population browses: " + SPECS)
     agents: int = Field(4, ge=1, description="simulated users per recommender "
                         "(sampled test users)")
-    pages: int = Field(5, ge=1, description="most pages per session")
-    page_size: int = Field(4, ge=1, description="items per page")
     policy: PolicyName = Field("aligned", description="decide-node policy")
     memory: Literal["chroma", "none"] = Field("chroma", description="recall node variant")
     world_model: Literal["on", "off"] = Field("on", description="predict node variant")
-    model: str = Field("default", description="base causal LM: 'default' or a local HF folder")
-    checkpoint: str | None = Field(
-        str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.exists() else None,
-        description="PEFT adapter for the aligned policy (default: the shipped checkpoint)")
-    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False,
-                               description="sampling temperature of the policy")
-    reactive: bool = Field(True, description="recommenders react to this session's watches")
-    reason: bool = Field(False, description="generate a free-text interview reason (slower)")
-    seed: int = Field(0, ge=0, description="seeds user sampling and every sampled decision")
-    chat_model: str | None = Field(
-        None, description="policy chat: PROVIDER:MODEL for LangChain's init_chat_model (e.g. "
-        "ollama:llama3.1; the provider's package installed, its key and endpoint from its usual "
-        "environment variables, never recorded) or pkg.module:factory returning a BaseChatModel")
     chat_retries: int = Field(2, ge=0, description="policy chat: times an invalid answer or a "
                               "failed call is asked again before the page gets the default "
                               "action (watch nothing, next)")
@@ -73,6 +58,18 @@ class SimulateConfig(BaseModel):
                                    "most requests per second to the chat model (default: no cap)")
     chat_concurrency: int = Field(4, ge=1, description="policy chat: most requests in flight "
                                   "when pages are decided in a batch")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the language model runs: auto (CUDA when present), cpu, cuda")
+    concurrency: int | None = Field(
+        None, ge=1, description="agents in flight; LLM agents' scorer calls are batched across "
+        "them (default: 8 for LLM policies, 1 otherwise)")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="where agents run: local (this process) or ray (shards of agents on "
+        "--concurrency Ray actors, by default one per CPU of the cluster, each with its own copy "
+        "of the data and model; needs the 'ray' extra)")
+    address: str | None = Field(
+        None, description="backend ray: the cluster to join (ray://HOST:10001, auto, or an "
+        "address); default: a local cluster started for the run")
 
     _recommenders = field_validator("recommenders")(known_recommenders)
 

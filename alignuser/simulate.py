@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,17 +13,33 @@ from rich.table import Table
 
 from alignuser.checks import check_adapter
 from alignuser.config import LLM_POLICIES, SimulateConfig, World, world_for
+from graph.build import make_runtime
 from graph.deps import AgentDeps
 from graph.graph import build_graph
-from graph.runner import run_population, session_metrics
+from graph.runner import run_population, session_metrics, thread_id
 from graph.trace import open_checkpointer
-from graph.world import make_runtime
 from memory.store import make_memory
 from simulator.custom import recommender_label
-from simulator.runs import check_run_dir, run_path, staged_run_dir, update_manifest, write_manifest
+from simulator.runs import (
+    check_run_dir,
+    check_unfinished,
+    discard_unfinished,
+    resume_target,
+    run_path,
+    staged_run_dir,
+    staging_dirs,
+    update_manifest,
+    write_atomic,
+    write_manifest,
+)
+from simulator.sessions import SessionLog, SessionRecord
+
+PARTIAL = "sessions.partial.jsonl"
+"""Sessions committed while a run is in progress; a resumed run keeps them."""
 
 
-def check_options(cfg: SimulateConfig, output: str | Path | None) -> None:
+def check_options(cfg: SimulateConfig, output: str | Path | None, *, resume: bool = False,
+                  overwrite: bool = False) -> None:
     """What can be refused before data or a model loads: the adapter or chat model spec and the
     run directory.
 
@@ -35,7 +52,18 @@ def check_options(cfg: SimulateConfig, output: str | Path | None) -> None:
         check_adapter(cfg.checkpoint)
     if cfg.policy == "chat":  # an unknown provider, missing package or bad factory fails here
         chat_policy(cfg)
-    check_run_dir(output)
+    path = None if output is None else Path(output).expanduser()
+    if resume:
+        resume_target(output, "simulate")
+        return
+    if path is not None and not overwrite:
+        if path.is_dir() and any(path.iterdir()):
+            raise FileExistsError(f"run directory {output} is not empty; pass another --output, "
+                                  "or --overwrite to replace the run there once the new one "
+                                  "completes")
+        check_unfinished(output, "simulate")
+    if not (overwrite and path is not None and path.is_dir()):
+        check_run_dir(output)
 
 
 def check_agents(cfg: SimulateConfig, world: World) -> None:
@@ -50,15 +78,20 @@ def load_scorer(cfg: SimulateConfig) -> tuple[Any, str | None]:
     """The LLM scorer the run needs (None when no node needs a language model)."""
     if cfg.policy not in LLM_POLICIES:
         return None, cfg.chat_model if cfg.policy == "chat" else None
+    from agents.batching import BatchingScorer
     from agents.llm import load_lm
     from agents.scorer import Scorer
+    from graph.engine import LLM_CONCURRENCY
 
     adapter = cfg.checkpoint if cfg.policy == "aligned" else None
     if cfg.policy == "aligned" and adapter is None:
         raise FileNotFoundError("policy aligned needs --checkpoint (no default checkpoint found); "
                                 "train one with `alignuser train` or use --policy zero_shot")
-    lm = load_lm(cfg.model, adapter=adapter)
-    return Scorer(lm), lm.name
+    lm = load_lm(cfg.model, adapter=adapter, device=cfg.device)
+    # Agents in flight share one scorer whose calls meet in lockstep batches; the prefix cache
+    # holds every in-flight agent's page prefix between its world-model and decision calls.
+    flight = cfg.concurrency or LLM_CONCURRENCY
+    return BatchingScorer(Scorer(lm, cache_size=max(16, 2 * flight))), lm.name
 
 
 def build_runtimes(cfg: SimulateConfig, world: World, users: list[int], scorer: Any,
@@ -91,9 +124,16 @@ def chat_policy(cfg: SimulateConfig) -> Any:
 
 
 def simulate(cfg: SimulateConfig, output: str | Path | None = None,
-             console: Console | None = None) -> Path:
+             console: Console | None = None, *, resume: bool = False,
+             overwrite: bool = False) -> Path:
+    """Run the population into a staged run folder, committing each session as it ends.
+
+    ``resume=True`` continues the killed run ``output`` (its path or run id) in its staged folder:
+    committed sessions are kept, the other agents run again from a clean thread and memory, so
+    the result equals an uninterrupted run. ``overwrite=True`` replaces an existing run at
+    ``output`` once the new one is complete."""
     console = console or Console()
-    check_options(cfg, output)
+    check_options(cfg, output, resume=resume, overwrite=overwrite)
     t0 = time.perf_counter()
     if cfg.policy not in LLM_POLICIES and cfg.world_model == "on":
         cfg = cfg.model_copy(update={"world_model": "off"})
@@ -101,30 +141,95 @@ def simulate(cfg: SimulateConfig, output: str | Path | None = None,
     world = world_for(cfg.data)
     check_agents(cfg, world)
     users = world.sample_users(cfg.agents, cfg.seed)
-    final = run_path(output, "simulate")
-    with staged_run_dir(final, "simulate") as run_dir:  # named only once complete
-        write_manifest(run_dir, "simulate", cfg.model_dump(mode="json"), dataset=world.ds.name,
-                       split={"protocol": world.split.config.describe(),
-                              **{p: world.split.fingerprint(p)
-                                 for p in ("train", "valid", "test")}},
-                       users=users,
-                       recommender_specs={recommender_label(r): r for r in cfg.recommenders})
-        scorer, model_name = load_scorer(cfg)
-        memory = make_memory(cfg.memory, run_dir / "memory" if cfg.memory == "chroma" else None)
-        runtimes = build_runtimes(cfg, world, users, scorer, memory)
-        with open_checkpointer(run_dir) as saver:
-            app = build_graph(cfg.memory, cfg.world_model, checkpointer=saver)
-            sessions = run_population(app, runtimes, users)
-        with (run_dir / "sessions.jsonl").open("w") as fh:
-            for s in sessions:
-                fh.write(json.dumps(s) + "\n")
+    if resume:
+        final = resume_target(output, "simulate")
+    elif overwrite and output is not None:
+        final = Path(output).expanduser()
+        discard_unfinished(final)
+    else:
+        final = run_path(output, "simulate")
+    log_of = lambda folder: SessionLog(folder / PARTIAL)  # noqa: E731
+    with staged_run_dir(final, "simulate", resume=resume, overwrite=overwrite,
+                        keep_if=lambda folder: log_of(folder).has_commits()) as run_dir:
+        log = log_of(run_dir)
+        if resume:
+            finished = resumed_sessions(run_dir, cfg, users, log)
+            console.print(f"resuming {final}: {len(finished)} of "
+                          f"{len(cfg.recommenders) * len(users)} sessions already done")
+        else:
+            finished = {}
+            write_manifest(run_dir, "simulate", cfg.model_dump(mode="json"),
+                           dataset=world.ds.name,
+                           split={"protocol": world.split.config.describe(),
+                                  **{p: world.split.fingerprint(p)
+                                     for p in ("train", "valid", "test")}},
+                           users=users,
+                           recommender_specs={recommender_label(r): r for r in cfg.recommenders})
+        sessions, model_name = run_sessions(cfg, world, users, run_dir, finished, log.commit)
+        write_atomic(run_dir / "sessions.jsonl", "".join(s.line() + "\n" for s in sessions))
         metrics = {"per_recommender": session_metrics(sessions), "wall_seconds":
                    round(time.perf_counter() - t0, 1), "model": model_name}
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         update_manifest(run_dir, wall_seconds=metrics["wall_seconds"], model=model_name)
+        log.path.unlink(missing_ok=True)
     console.print(metrics_table(metrics["per_recommender"], f"{cfg.policy} agents"))
     console.print(f"run directory: {final}  ({metrics['wall_seconds']} s)")
     return final
+
+
+def run_sessions(cfg: SimulateConfig, world: World, users: list[int], run_dir: Path,
+                 finished: dict[str, SessionRecord], commit: Callable[[SessionRecord], None]
+                 ) -> tuple[list[SessionRecord], str | None]:
+    """Every session in job order, on the configured backend; new ones are committed as they
+    end. Unfinished agents' traces and memories are cleared first, so they start afresh."""
+    if cfg.backend == "ray":
+        from alignuser.ray_backend import run_on_ray
+
+        return run_on_ray(cfg, users, run_dir, finished, commit)
+    scorer, model_name = load_scorer(cfg)
+    memory = make_memory(cfg.memory, run_dir / "memory" if cfg.memory == "chroma" else None)
+    runtimes = build_runtimes(cfg, world, users, scorer, memory)
+    with open_checkpointer(run_dir) as saver:
+        for rec in runtimes:
+            for user in users:
+                if thread_id(rec, user) not in finished:
+                    saver.delete_thread(thread_id(rec, user))
+                    memory.reset(thread_id(rec, user))
+        app = build_graph(cfg.memory, cfg.world_model, checkpointer=saver)
+        sessions = run_population(app, runtimes, users, concurrency=cfg.concurrency,
+                                  finished=finished, on_done=commit)
+    return sessions, model_name
+
+
+def recorded_config(run: str | Path) -> dict[str, Any]:
+    """The config a killed simulate run recorded in its staged manifest (for ``--resume``)."""
+    staged = staging_dirs(resume_target(run, "simulate"))[0]
+    manifest = _manifest(staged)
+    if manifest.get("kind") != "simulate" or "config" not in manifest:
+        raise ValueError(f"--resume {run}: {staged} is not a simulate run (its manifest is "
+                         f"{'missing' if not manifest else 'a ' + str(manifest.get('kind'))})")
+    return manifest["config"]
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):  # killed before its manifest was written, or mid-write
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def resumed_sessions(run_dir: Path, cfg: SimulateConfig, users: list[int],
+                     log: SessionLog) -> dict[str, SessionRecord]:
+    """The sessions a killed run committed, once its manifest is checked against ``cfg``."""
+    manifest = _manifest(run_dir)
+    if manifest.get("config") != cfg.model_dump(mode="json"):
+        raise ValueError(f"--resume: {run_dir} recorded another config; resume it with the "
+                         "config in its manifest.json")
+    if manifest.get("users") != users:
+        raise ValueError(f"--resume: {run_dir} sampled other users than this data gives "
+                         f"({manifest.get('users')} vs {users}); has the dataset changed?")
+    return log.read()
 
 
 def metrics_table(per_rec: dict[str, dict[str, float]], title: str) -> Table:

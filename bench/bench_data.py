@@ -7,7 +7,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from graph.world import load_world
+from agents.world import load_world
 from simulator.trajectories import trajectory_stats
 
 

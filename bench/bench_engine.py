@@ -15,8 +15,7 @@ from rich.table import Table
 from agents.browse import list_scores
 from agents.llm import load_lm
 from agents.scorer import Scorer
-from evaluation.micro import lists_for
-from graph.world import load_world
+from agents.world import load_world
 
 
 def main() -> None:
@@ -25,7 +24,7 @@ def main() -> None:
     ap.add_argument("--adapter", default=None)
     args = ap.parse_args()
     world = load_world()
-    pool = lists_for(world, "test", 1, None, 0)
+    pool = world.lists("test", 1, None, 0)
     lm = load_lm(adapter=args.adapter)
     table = Table(title=f"full agent, 20-item 1:1 lists, {lm.device} {lm.dtype}")
     for col in ("lists in lockstep", "forwards/list", "tokens/list", "s/list"):

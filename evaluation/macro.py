@@ -17,22 +17,23 @@ from langchain_core.language_models import BaseChatModel
 
 from agents import prompts
 from agents.policy import Scorer, expected_value
+from agents.world import World
 from evaluation.metrics import (
     best_choice,
     discriminator_auc,
     distribution_distance,
     rank_agreement_boot,
 )
-from graph.world import World
+from simulator.sessions import PageRecord, SessionRecord
 from simulator.trajectories import Trajectory
 
 
 def human_sessions(trajs: Sequence[Trajectory]) -> list[dict[str, Any]]:
-    """Held-out human visits in the same shape as simulated sessions."""
-    return [{"user": t.user, "recommender": t.recommender, "end": "exit",
-             "pages": [{"page": s.page, "items": s.items, "then": s.then,
-                        "watched": {str(i): r for i, r in s.watched.items()}}
-                       for s in t.steps]} for t in trajs]
+    """Held-out human visits in the same (JSON) shape as simulated sessions."""
+    return [SessionRecord(user=t.user, recommender=t.recommender, end="exit",
+                          pages=[PageRecord(page=s.page, items=s.items, then=s.then,
+                                            watched=s.watched) for s in t.steps]
+                          ).json_form(full=False) for t in trajs]
 
 
 def distributions(sessions: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:

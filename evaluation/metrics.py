@@ -28,42 +28,6 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-# Agent4Rec's list sizes (positives, negatives) per 1:m ratio.
-LIST_SIZES: dict[int, tuple[int, int]] = {1: (10, 10), 2: (6, 12), 3: (5, 15), 9: (2, 18)}
-
-
-def discrimination_lists(test: pd.DataFrame, train_items_by_user: Mapping[int, set[int]],
-                         all_items: Sequence[int], m: int,
-                         seed: int) -> list[tuple[int, list[int], list[int]]]:
-    """Per-user 1:m lists: held-out rated items (any rating) against items never rated at all.
-
-    ``train_items_by_user`` must hold every non-test item the user rated (train and validation),
-    so that no negative was ever chosen. Each user's draw is seeded by (seed, m, user), so adding
-    or dropping users leaves the other lists unchanged. Users without enough positives or
-    negatives are skipped, not padded.
-    """
-    if m not in LIST_SIZES:
-        raise ValueError(f"1:m ratio must be one of {sorted(LIST_SIZES)}, got {m}")
-    n_pos, n_neg = LIST_SIZES[m]
-    catalogue = np.array(sorted(set(all_items)), dtype=np.int64)
-    out: list[tuple[int, list[int], list[int]]] = []
-    for user, group in test.groupby("user", sort=True):
-        uid = int(user)
-        positives = np.array(sorted(set(group["item"].astype(int))), dtype=np.int64)
-        if len(positives) < n_pos:
-            continue
-        rated = set(positives.tolist()) | set(train_items_by_user.get(uid, set()))
-        negatives = catalogue[~np.isin(catalogue, list(rated))]
-        if len(negatives) < n_neg:
-            continue
-        rng = np.random.default_rng([seed, m, uid])
-        items = np.concatenate([rng.choice(positives, n_pos, replace=False),
-                                rng.choice(negatives, n_neg, replace=False)])
-        labels = np.array([1] * n_pos + [0] * n_neg)
-        order = rng.permutation(len(items))
-        out.append((uid, items[order].tolist(), labels[order].tolist()))
-    return out
-
 
 def binary_scores(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, float]:
     return {"accuracy": float(accuracy_score(y_true, y_pred)),

@@ -19,18 +19,17 @@ from tqdm import tqdm
 
 from agents.browse import accuracy_cut
 from agents.text import NextState, parse_next_state
+from agents.transition import Transition
+from agents.world import World
 from evaluation.metrics import (
     action_match_mean,
     binary_scores,
-    discrimination_lists,
     next_exit_scores,
     next_state_f1_micro,
     per_user_mean,
     rmse_mae,
 )
-from graph.world import World
 from memory.evidence import FEATURE_NAMES
-from training.rollout import Transition
 
 ItemScorer = Callable[[int, Sequence[int]], np.ndarray]
 
@@ -67,21 +66,6 @@ def baseline_scorers(world: World, valid_lists, seed: int = 0) -> dict[str, Item
 
     return {"random": rand, "popularity": pop, "itemknn": rec("itemknn"), "bpr": rec("bpr"),
             "feature regression": features_lr}
-
-
-def lists_for(world: World, part: str, m: int, users: Sequence[int] | None, seed: int):
-    """Agent4Rec lists: positives held out in ``part``, negatives never rated in any split."""
-    rated: dict[int, set[int]] = {}
-    for p in ("train", "valid", "test"):
-        if p == part:
-            continue
-        for u, items in world.split.part(p).groupby("user")["item"]:
-            rated.setdefault(int(u), set()).update(int(i) for i in items)
-    lists = discrimination_lists(world.split.part(part), rated, list(world.ds.items), m, seed)
-    if users is not None:
-        keep = set(users)
-        lists = [row for row in lists if row[0] in keep]
-    return lists
 
 
 def _threshold(scores: np.ndarray, labels: np.ndarray) -> float:

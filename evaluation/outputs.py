@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,9 @@ from agents.browse import browse, list_scores
 from agents.decide import Calibration, decide, rating_expectations
 from agents.perception import Perceiver
 from agents.policy import DecisionInput
+from agents.transition import Transition
 from simulator.env import PageAction
-from training.rollout import Transition
+from simulator.sessions import PageRecord, SessionRecord
 
 
 class MethodSpec(BaseModel):
@@ -47,6 +48,9 @@ METHODS: dict[str, MethodSpec] = {
     "full_no_wm": MethodSpec(label="AlignUSER w/o world model", weights="full",
                              world_model=False),
 }
+# What a method answers: 1:m list scores, held-out page actions and ratings, and (full agent
+# only) world-model next states and simulated sessions; a run computes the ones its sections read.
+OUTPUT_KINDS = ("lists", "pages", "next_state", "sessions")
 
 
 @dataclass
@@ -69,31 +73,34 @@ def page_input(tr: Transition, evidence: bool) -> DecisionInput:
 
 
 def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundle,
-                   full: bool = False) -> dict[str, Any]:
+                   full: bool = False, needs: Collection[str] = OUTPUT_KINDS) -> dict[str, Any]:
     """Lists' watch scores, held-out page actions and ratings; for the full agent also the
-    world model's next states and the simulated sessions."""
+    world model's next states and the simulated sessions; only the kinds in ``needs``."""
     t0 = time.perf_counter()
     offset = cal.list_offset if cal.list_offset is not None else cal.watch_offset
     out: dict[str, Any] = {"lists": {}, "calibration": cal.model_dump()}
-    for m, lists in bundle.lists.items():
+    for m, lists in (bundle.lists if "lists" in needs else {}).items():
         out["lists"][m] = [s.tolist() for s in list_scores(
             scorer, bundle.perceiver, bundle.personas, bundle.histories,
             [(u, items) for u, items, _ in lists], world_model=spec.world_model,
             evidence=spec.evidence, offset=offset)]
-    inputs = [page_input(tr, spec.evidence) for tr in bundle.pages]
-    decisions = decide(scorer, inputs, world_model=spec.world_model, calibration=cal)
+    pages = bundle.pages if "pages" in needs else []
+    inputs = [page_input(tr, spec.evidence) for tr in pages]
+    decisions = decide(scorer, inputs, world_model=spec.world_model,
+                       calibration=cal) if inputs else []
     inputs = [i.model_copy(update={"predictions": d.predictions})
               for i, d in zip(inputs, decisions, strict=True)]
     human = [PageAction(watched={tr.items[s - 1]: r for s, r in tr.ratings.items()},
-                        then=tr.then) for tr in bundle.pages]
+                        then=tr.then) for tr in pages]
     out["pages"] = [{"watched": sorted(tr.items.index(i) + 1 for i in d.action.watched),
                      "then": d.action.then, "watch_scores": d.watch_scores}
-                    for tr, d in zip(bundle.pages, decisions, strict=True)]
-    out["ratings"] = rating_expectations(scorer, inputs, human)
-    if full:
+                    for tr, d in zip(pages, decisions, strict=True)]
+    out["ratings"] = rating_expectations(scorer, inputs, human) if inputs else []
+    if full and "next_state" in needs:
         gen_prompts = [tr.prefix + prompts.world_model_tail(text.render_wm_action(
             len(tr.items), sorted(tr.ratings), tr.then)) for tr in bundle.transitions]
         out["next_state"] = scorer.generate_many(gen_prompts, max_new_tokens=96)
+    if full and "sessions" in needs:
         out["sessions"] = {}
         for rec, sessions in bundle.sessions.items():
             runs = browse(scorer, bundle.perceiver, bundle.personas, bundle.histories, sessions,
@@ -108,17 +115,20 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
 
 def session_record(user: int, recommender: str, decisions: Sequence) -> dict[str, Any]:
     """A simulated session in the shape of ``evaluation.macro.human_sessions``."""
-    pages = [{"page": p, "items": [], "then": d.action.then,
-              "watched": {str(i): r for i, r in d.action.watched.items()}}
+    pages = [PageRecord(page=p, items=[], then=d.action.then, watched=d.action.watched)
              for p, d in enumerate(decisions, 1)]
     ends = bool(decisions) and decisions[-1].action.then == "exit"
-    return {"user": user, "recommender": recommender, "end": "exit" if ends else "max_pages",
-            "pages": pages}
+    return SessionRecord(user=user, recommender=recommender, pages=pages,
+                         end="exit" if ends else "max_pages").json_form(full=False)
 
 
 def all_outputs(bundle: EvalBundle, methods: Sequence[str], adapters: Mapping[str, str | None],
-                model: str = "default", device: str = "auto", log=print) -> dict[str, Any]:
-    """Every method's outputs; one model load per set of weights."""
+                model: str = "default", device: str = "auto", log=print, *,
+                needs: Collection[str] = OUTPUT_KINDS, done: Mapping[str, Any] | None = None,
+                commit: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every method's outputs; one model load per set of weights. Methods in ``done`` (from
+    an interrupted run) are kept as they are; each one computed is handed to ``commit`` as soon
+    as it is finished."""
     from agents.llm import load_lm
     from agents.scorer import Scorer
 
@@ -126,14 +136,20 @@ def all_outputs(bundle: EvalBundle, methods: Sequence[str], adapters: Mapping[st
     scorers: dict[str, Any] = {}
     for name in methods:
         spec = METHODS[name]
+        if done is not None and name in done:
+            out[name] = done[name]
+            log(f"{spec.label}: answers kept from the interrupted run")
+            continue
         if spec.weights not in scorers:
             path = None if spec.weights == "base" else adapters.get(spec.weights)
             scorers[spec.weights] = (Scorer(load_lm(model, adapter=path, device=device),
                                             cache_size=2048), Calibration.of_checkpoint(path))
         scorer, cal = scorers[spec.weights]
         log(f"{spec.label}: scoring")
-        out[name] = method_outputs(spec, scorer, cal, bundle, full=name == "full")
+        out[name] = method_outputs(spec, scorer, cal, bundle, full=name == "full", needs=needs)
         scorer.clear()
+        if commit is not None:
+            commit(name, out[name])
         log(f"{spec.label}: {out[name]['seconds']} s")
     return out
 
@@ -147,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                     "full)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
-    from training.fit_prepared import read_pickle
+    from simulator.runs import read_pickle
 
     adapters = dict(a.split("=", 1) for a in args.adapter)
     bundle = read_pickle(args.bundle)

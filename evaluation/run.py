@@ -10,33 +10,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from itertools import product
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field, field_validator
 
 from agents.browse import pages_of
-from evaluation import macro, micro
-from evaluation.metrics import LIST_SIZES, explain_scores, paired_diff_ci, rank_agreement
+from agents.world import World
+from evaluation.metrics import explain_scores
 from evaluation.outputs import METHODS, EvalBundle
-from evaluation.plots import (
-    plot_distributions,
-    plot_method_bars,
-    plot_ranking,
-    plot_session_outcomes,
-)
-from evaluation.report import write_report
-from graph.world import World
+from evaluation.parts import Parts
+from evaluation.report import _png, write_report
+from evaluation.sections import REGISTRY, Context, held_out, pick, select
 from simulator.custom import SPEC_HELP, check_recommenders
-from training.rollout import transitions
+from simulator.lists import LIST_SIZES
 
 
 class EvalConfig(BaseModel):
     preset: Literal["quick", "standard", "full"] = Field(
-        "full", description="the sizes below as a named set (see PRESETS); explicit values win")
+        "full", description="the sizes below as a named set (PRESETS), explicit values win: "
+        "quick: a smoke test; standard: every section and shipped method in minutes on a CPU; "
+        "full: 200 users, the README table (hours on a CPU; its expected time is printed first)")
     users: int = Field(200, ge=1, description="held-out users every method is scored on")
     ms: list[int] = Field([1, 9], description="1:m ratios of preference discrimination "
                           "(from 1, 2, 3, 9; every list is 20 items, 5 pages of decisions)")
@@ -47,6 +42,8 @@ class EvalConfig(BaseModel):
     recommenders: list[str] = Field(["pop", "itemknn", "userknn", "als", "bpr"],
                                     description="recommenders ranked by the simulation: "
                                     + SPEC_HELP)
+    session_pages: int = Field(5, ge=1, description="most pages of a simulated session (4 "
+                               "items each, from the recommender's static ranking)")
     sim_users: int = Field(50, ge=1, description="agents per recommender for sessions and "
                            "selection")
     judge_sessions: int = Field(8, ge=0, description="human and simulated sessions the judge "
@@ -87,7 +84,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 # over the decisions below), and the fixed cost of loading data and fitting the baselines.
 SECONDS_PER_DECISION = {"policy": 1.0, "world_model": 2.5}
 SETUP_SECONDS = 90.0
-SESSION_PAGES = 5
 
 
 def expected_seconds(cfg: EvalConfig, methods: Sequence[str]) -> float:
@@ -98,24 +94,14 @@ def expected_seconds(cfg: EvalConfig, methods: Sequence[str]) -> float:
         spec = METHODS[name]
         decisions = (cfg.users * sum(sum(LIST_SIZES[m]) for m in cfg.ms) + pages * 4)
         if name == "full":
-            decisions += cfg.sim_users * len(cfg.recommenders) * SESSION_PAGES * 4
+            decisions += cfg.sim_users * len(cfg.recommenders) * cfg.session_pages * 4
             decisions += cfg.next_state * 8  # a generated next state costs about 8 decisions
         total += decisions * SECONDS_PER_DECISION[
             "world_model" if spec.world_model else "policy"]
     return total
 
 
-def _pick(pool: Sequence[int], n: int, seed: int) -> list[int]:
-    pool = list(pool)
-    idx = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
-    return sorted(pool[i] for i in idx)
-
-
-def _trs(world: World, users: Sequence[int], part: str = "test"):
-    """Held-out visits on the training pages' construction (the exposure mixture)."""
-    trajs = world.trajectories(part, users=list(users), progress=False)
-    return trajs, transitions(trajs, world.perceiver, world.persona_at, world.split.train,
-                              full_history=True)
+_pick, _trs = pick, held_out  # the names build_bundle has always used
 
 
 def static_pages(world: World, recommender: str, users: Sequence[int], seed: int,
@@ -128,7 +114,7 @@ def static_pages(world: World, recommender: str, users: Sequence[int], seed: int
 
 
 def build_bundle(world: World, cfg: EvalConfig) -> EvalBundle:
-    eligible = [u for u, _, _ in micro.lists_for(world, "test", 1, None, cfg.seed)]
+    eligible = [u for u, _, _ in world.lists("test", 1, None, cfg.seed)]
     if not eligible:
         raise ValueError("no user has 10 held-out test ratings: the split is too small")
     users = _pick(eligible, cfg.users, cfg.seed)
@@ -137,118 +123,41 @@ def build_bundle(world: World, cfg: EvalConfig) -> EvalBundle:
     sim_users = users[:cfg.sim_users]
     return EvalBundle(
         perceiver=world.perceiver, personas=world.personas, histories=world.histories,
-        lists={m: micro.lists_for(world, "test", m, users, cfg.seed) for m in cfg.ms},
+        lists={m: world.lists("test", m, users, cfg.seed) for m in cfg.ms},
         pages=[trs[i] for i in pages], transitions=[trs[i] for i in pages[:cfg.next_state]],
         sessions={world.recommender(r, reactive=False, seed=cfg.seed).name:
-                  static_pages(world, r, sim_users, cfg.seed) for r in cfg.recommenders},
+                  static_pages(world, r, sim_users, cfg.seed, 4 * cfg.session_pages)
+                  for r in cfg.recommenders},
         meta={"users": users, "sim_users": sim_users})
-
-
-def _agent_scorer(lists: Mapping[int, list], scores: Mapping[int, list]) -> micro.ItemScorer:
-    table = {(u, tuple(items)): np.asarray(s) for m, rows in lists.items()
-             for (u, items, _), s in zip(rows, scores[m], strict=True)}
-    return lambda user, items: table[(user, tuple(items))]
 
 
 def score(world: World, bundle: EvalBundle, outputs: Mapping[str, Any], cfg: EvalConfig,
           out_dir: Path, setup: Mapping[str, Any], judge_scorer=None,
-          log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Metrics of every method from its answers, beside the baselines."""
+          log: Callable[[str], None] = print, *, sections: Sequence[str] | None = None,
+          parts: Parts | None = None, make_judge: Callable[[], Any] | None = None
+          ) -> dict[str, Any]:
+    """Metrics of every method from its answers, beside the baselines: one registered section
+    (``evaluation.sections``) after another, the report rewritten as each finishes. With
+    ``parts``, each section is committed there and one already committed is read back instead
+    of computed (a resumed run)."""
     t0 = time.perf_counter()
     metrics: dict[str, Any] = {"setup": dict(setup)}
     plots: dict[str, Any] = {}
-    labels = {name: METHODS[name].label for name in outputs}
-    full = "full" if "full" in outputs else None
-    users = bundle.meta["users"]
-
-    log("preference discrimination")
-    valid_all = micro.lists_for(world, "valid", 1, None, cfg.seed)
-    valid_lists = [valid_all[i] for i in _pick(range(len(valid_all)), cfg.users, cfg.seed + 1)]
-    methods = dict(micro.baseline_scorers(world, valid_lists, cfg.seed))
-    methods |= {labels[n]: _agent_scorer(bundle.lists, o["lists"]) for n, o in outputs.items()}
-    rows, per_user = micro.discrimination(methods, valid_lists, bundle.lists,
-                                          fixed={labels[n]: 0.0 for n in outputs})
-    metrics["discrimination"] = {"rows": rows, "note": f"{len(users)} held-out users; baseline "
-                                 "thresholds tuned on validation 1:1 lists; agents say watch "
-                                 "when their calibrated log-odds > 0 (offset fitted on "
-                                 "validation lists when the checkpoint was trained)"}
-    by_m = pd.DataFrame(rows).assign(m=lambda f: f["m"].str.split(":").str[1].astype(int))
-    for metric in ("f1", "auc"):
-        plots[f"discrimination/{metric}"] = plot_method_bars(by_m, metric)
-    metrics["paired"] = {"rows": _paired(per_user, labels, full, cfg)}
-    write_report(metrics, out_dir, plots)
-
-    log("next action and ratings on held-out pages")
-    metrics |= micro.page_metrics(world, bundle.pages, {labels[n]: o for n, o in
-                                                         outputs.items()},
-                                  labels.get(full or ""))
-    if full:
-        log("world model next-state F1")
-        user_mean = world.split.train.groupby("user")["rating"].mean().to_dict()
-        metrics["world_model"] = micro.next_state(outputs[full]["next_state"],
-                                                  bundle.transitions, user_mean)
-        log("simulated sessions and recommender selection")
-        metrics |= _sessions(world, bundle, outputs[full]["sessions"], cfg, plots,
-                             judge_scorer)
-    metrics["calibration"] = {labels[n]: o.get("calibration") for n, o in outputs.items()}
-    metrics["cost"] = {labels[n]: {"seconds": o.get("seconds"), "tokens": o.get("tokens")}
-                       for n, o in outputs.items()}
+    ctx = Context(world, bundle, outputs, cfg, make_judge or (lambda: judge_scorer), log)
+    for name in select(sections):
+        result = parts.section(name) if parts is not None else None
+        if result is not None:
+            log(f"{name}: kept from the interrupted run")
+        else:
+            result = REGISTRY[name].run(ctx)
+            if parts is not None:
+                result = parts.save_section(name, result)
+        metrics |= result.metrics
+        plots |= {key: _png(fig) for key, fig in result.plots.items()}  # rendered once
+        write_report(metrics, out_dir, plots)
     metrics["setup"]["scoring_wall_time_s"] = round(time.perf_counter() - t0, 1)
     write_report(metrics, out_dir, plots)
     return metrics
-
-
-def _paired(per_user, labels: Mapping[str, str], full: str | None, cfg: EvalConfig) -> list:
-    """Each agent against the classical scorers, and each ablation against the full agent."""
-    pairs = [(labels[n], base) for n in labels
-             for base in ("popularity", "itemknn", "bpr", "feature regression")]
-    if full:
-        pairs += [(labels[n], labels[full]) for n in labels if n != full]
-    rows = []
-    for m, (name, base) in product(cfg.ms, pairs):
-        common = sorted(set(per_user[name][m]) & set(per_user[base][m]))
-        for metric in ("f1", "auc"):
-            a = [per_user[name][m][u][metric] for u in common]
-            b = [per_user[base][m][u][metric] for u in common]
-            rows.append({"method": name, "versus": base, "metric": f"{metric} 1:{m}",
-                         **paired_diff_ci(a, b, cfg.n_boot, cfg.seed)})
-    return rows
-
-
-def _sessions(world: World, bundle: EvalBundle, sessions: Mapping[str, list], cfg: EvalConfig,
-              plots: dict, judge_scorer) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    sim_users = bundle.meta["sim_users"]
-    human = macro.human_sessions(_trs(world, sim_users)[0])
-    flat = [s for rec in sessions.values() for s in rec]
-    sim_knn = sessions.get("itemknn") or flat
-    cmp = macro.compare_sessions(human, sim_knn, cfg.seed)
-    out["distributions"] = {"rows": cmp["rows"] + macro.rates(human, sim_knn),
-                            "note": "held-out human visits (exposure-mixture pages) vs the "
-                                    "agent's sessions on ItemKNN's static pages"}
-    out["discriminator"] = cmp["discriminator"]
-    plots["distributions"] = plot_distributions(cmp["human"], cmp["sim"])
-    if judge_scorer is not None and cfg.judge_sessions:
-        titles = {i: it.title for i, it in world.ds.items.items()}
-        n = cfg.judge_sessions
-        out["judge"] = {
-            "human": float(np.nanmean(macro.judge(judge_scorer, human[:n], world.personas,
-                                               titles))),
-            "simulated": float(np.nanmean(macro.judge(judge_scorer, sim_knn[:n], world.personas,
-                                                   titles))),
-            **macro.judge_label(judge_scorer), "n_sessions": n}
-    sel = macro.selection(world, flat, cfg.recommenders, sim_users, cfg.n_boot, cfg.seed)
-    if cfg.ab_results:
-        from evaluation.metrics import read_ab_results
-
-        sel["simulated_vs_ab"] = rank_agreement(read_ab_results(cfg.ab_results),
-                                                sel["simulated_mean"], cfg.n_boot, cfg.seed)
-    out["selection"] = sel
-    out["sessions_by_recommender"] = {"rows": macro.by_recommender(sessions)}
-    plots["sessions_by_recommender"] = plot_session_outcomes(
-        out["sessions_by_recommender"]["rows"])
-    plots["selection/ranking"] = plot_ranking(sel["truth_mean"], sel["simulated_mean"])
-    return out
 
 
 def explain(scored: Sequence[dict]) -> pd.DataFrame:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from graph.world import World
+from agents.world import World
 from memory.evidence import FEATURE_NAMES
 from simulator.trajectories import Trajectory, TrajectoryConfig
 
@@ -61,9 +61,7 @@ def list_features(world: World, lists) -> pd.DataFrame:
 def signal_table(world: World, cfg: TrajectoryConfig | None = None, users: int = 150,
                  seed: int = 0, progress: bool = False) -> pd.DataFrame:
     """Per-feature AUC on training pages (configured construction) and validation 1:1 lists."""
-    from evaluation.micro import lists_for
-
-    valid = lists_for(world, "valid", 1, None, seed)
+    valid = world.lists("valid", 1, None, seed)
     pool = sorted({u for u, _, _ in valid} & set(world.split.train["user"].unique()))
     rng = np.random.default_rng(seed)
     chosen = sorted(int(u) for u in rng.choice(pool, size=min(users, len(pool)), replace=False))

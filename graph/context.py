@@ -21,15 +21,38 @@ from langgraph.runtime import Runtime
 from pydantic import BaseModel, ConfigDict, Field, InstanceOf, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from agents.policy import DEFAULT_TEMPERATURE
+from agents.world import World, load_world
+from graph.build import LLM_POLICIES, POLICIES, make_runtime
 from graph.deps import AgentDeps
-from graph.world import LLM_POLICIES, POLICIES, World, load_world, make_runtime
 from memory.store import EpisodicMemory, Memory, NoMemory, make_memory
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 DEFAULT_CHECKPOINT = CHECKPOINTS / "alignuser-ml100k"
 
 
-class AgentContext(BaseModel):
+class AgentSettings(BaseModel):
+    """How an agent browses and decides: the settings ``alignuser simulate`` and a LangGraph
+    client's run context share, declared (with their defaults) only here."""
+
+    pages: int = Field(5, ge=1, description="most pages per session")
+    page_size: int = Field(4, ge=1, description="items per page")
+    model: str = Field("default", description="base causal LM: 'default' or a local HF folder")
+    checkpoint: str | None = Field(
+        str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.exists() else None,
+        description="PEFT adapter for the aligned policy (default: the shipped checkpoint)")
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, allow_inf_nan=False,
+                               description="sampling temperature of the policy")
+    chat_model: str | None = Field(
+        None, description="policy chat: PROVIDER:MODEL for LangChain's init_chat_model (e.g. "
+        "ollama:llama3.1; the provider's package installed, its key and endpoint from its usual "
+        "environment variables, never recorded) or pkg.module:factory returning a BaseChatModel")
+    reactive: bool = Field(True, description="recommenders react to this session's watches")
+    reason: bool = Field(False, description="generate a free-text interview reason (slower)")
+    seed: int = Field(0, ge=0, description="seeds user sampling and every sampled decision")
+
+
+class AgentContext(AgentSettings):
     """What one run of the agent graph is given; every field but ``deps`` is plain JSON."""
 
     model_config = ConfigDict(extra="forbid")
@@ -41,20 +64,6 @@ class AgentContext(BaseModel):
     memory: Literal["chroma", "none"] = Field("none", description="recall node variant")
     world_model: Literal["on", "off"] = Field("off", description="predict node variant (on "
                                               "needs an LLM policy: aligned or zero_shot)")
-    model: str = Field("default", description="base causal LM: 'default' or a local HF folder")
-    checkpoint: str | None = Field(
-        str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.exists() else None,
-        description="PEFT adapter for the aligned policy (default: the shipped checkpoint)")
-    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False,
-                               description="sampling temperature of the policy")
-    chat_model: str | None = Field(None, description="policy chat: PROVIDER:MODEL or "
-                                   "pkg.module:factory (its API key from the server's "
-                                   "environment, never from the context)")
-    reactive: bool = Field(True, description="the recommender reacts to this session's watches")
-    reason: bool = Field(False, description="generate a free-text interview reason (slower)")
-    pages: int = Field(5, ge=1, description="most pages per session")
-    page_size: int = Field(4, ge=1, description="items per page")
-    seed: int = Field(0, ge=0, description="seeds every sampled decision")
     memory_dir: str | None = Field(None, description="folder Chroma memory persists to "
                                    "(default: a temporary folder for this process)")
     deps: SkipJsonSchema[InstanceOf[AgentDeps] | None] = Field(

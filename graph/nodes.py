@@ -19,6 +19,7 @@ from graph.context import AgentContext, deps_of
 from graph.deps import AgentDeps
 from graph.state import AgentState
 from simulator.env import Observation, PageAction, PageEnv
+from simulator.sessions import PageRecord
 
 
 def _deps(state: AgentState, runtime: Runtime[AgentContext]) -> AgentDeps:
@@ -74,7 +75,7 @@ def predict(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]
     text = page_text(state, rt)
     if rt.scorer is None:
         raise ValueError("world_model=on needs an LLM scorer; use world_model=off")
-    prefix = prompts.persona_block(state["persona_text"]) + text
+    prefix = prompts.prefix(state["persona_text"], text)
     return {"page_text": text,
             "predictions": expected_ratings(rt.scorer, prefix, len(state["items"]))}
 
@@ -111,11 +112,12 @@ def act(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
                 state.get("seen", []))
     action = PageAction.model_validate(state["decision"]["action"])
     obs, done, info = env.step(action)
-    record = {"page": state["page"], "items": state["items"],
-              "watched": {str(k): v for k, v in action.watched.items()}, "then": action.then,
-              "watch_scores": state["decision"].get("watch_scores", {}),
-              "fallback": state["decision"].get("fallback"), "human": state.get("human_action")}
-    update: dict[str, Any] = {"pages": [record], "done": done, "session": obs.session}
+    record = PageRecord(page=state["page"], items=state["items"], watched=action.watched,
+                        then=action.then, watch_scores=state["decision"].get("watch_scores", {}),
+                        fallback=state["decision"].get("fallback"),
+                        human=state.get("human_action"))
+    update: dict[str, Any] = {"pages": [record.model_dump(mode="json")], "done": done,
+                              "session": obs.session}
     if done:
         update["end"] = info.get("end", "exit")
     else:
@@ -126,13 +128,13 @@ def act(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
 
 def remember(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
     rt = _deps(state, runtime)
-    last = state["pages"][-1]
+    last = PageRecord.model_validate(state["pages"][-1])
     titles = {v["id"]: v["title"] for v in state["views"]}
-    watched = [f"watched {titles[int(i)]} and rated it {r}/5" for i, r in last["watched"].items()]
-    skipped = [titles[i] for i in last["items"] if str(i) not in last["watched"]]
-    note = (f"Page {last['page']}: " + ("; ".join(watched) or "watched nothing")
-            + (f"; skipped {', '.join(skipped)}" if skipped else "") + f"; then {last['then']}.")
-    rt.memory.add(state["agent_id"], note, last["page"])
+    watched = [f"watched {titles[i]} and rated it {r}/5" for i, r in last.watched.items()]
+    skipped = [titles[i] for i in last.items if i not in last.watched]
+    note = (f"Page {last.page}: " + ("; ".join(watched) or "watched nothing")
+            + (f"; skipped {', '.join(skipped)}" if skipped else "") + f"; then {last.then}.")
+    rt.memory.add(state["agent_id"], note, last.page)
     return {}
 
 
@@ -144,7 +146,7 @@ def interview(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, An
     """Post-session satisfaction 1–10, scored as an enumerated answer; a free-text reason only
     when a text model is configured (the one place free text is allowed)."""
     rt = _deps(state, runtime)
-    watched = [r for p in state["pages"] for r in p["watched"].values()]
+    watched = [r for p in state["pages"] for r in PageRecord.model_validate(p).watched.values()]
     session = (f"You saw {len(state['pages'])} page(s) and watched {len(watched)} movie(s)"
                + (f", rated {', '.join(map(str, watched))}." if watched else "."))
     prompt = prompts.INTERVIEW.format(persona=state["persona_text"], session=session)

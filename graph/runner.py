@@ -2,19 +2,21 @@
 
 Each (recommender, user) pair is one LangGraph thread, so every session can be traced and
 replayed from the checkpointer. Candidate scoring is batched inside each decision (see
-``agents.scorer.Scorer``); agents run one after another on a machine this size.
+``agents.scorer.Scorer``); LLM agents run in a thread pool whose scorer calls meet in lockstep
+batches across agents (``graph.engine``, ``agents.batching``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from graph.context import AgentContext
 from graph.deps import AgentDeps
+from graph.engine import default_concurrency, run_jobs
+from simulator.sessions import SessionRecord, as_records
 
 
 def thread_id(recommender: str, user: int) -> str:
@@ -44,45 +46,63 @@ def run_context(rt: AgentDeps) -> AgentContext:
     return AgentContext(deps=rt)
 
 
-def run_agent(app: Any, rt: AgentDeps, recommender: str, user: int) -> dict[str, Any]:
+def run_agent(app: Any, rt: AgentDeps, recommender: str, user: int) -> SessionRecord:
     thread = thread_id(recommender, user)
     state = app.invoke({"agent_id": thread, "user": user, "recommender": recommender},
                        run_config(rt, thread), context=run_context(rt))
-    return {"thread": thread, "user": user, "recommender": recommender,
-            "pages": state["pages"], "end": state.get("end"),
-            "satisfaction": state.get("satisfaction"), "interview": state.get("interview", "")}
+    return SessionRecord(thread=thread, user=user, recommender=recommender,
+                         pages=state["pages"], end=state.get("end"),
+                         satisfaction=state.get("satisfaction"),
+                         interview=state.get("interview", ""))
 
 
 def run_population(app: Any, runtimes: Mapping[str, AgentDeps], users: Iterable[int],
-                   progress: bool = True) -> list[dict[str, Any]]:
+                   progress: bool = True, concurrency: int | None = None,
+                   finished: Mapping[str, SessionRecord] | None = None,
+                   on_done: Callable[[SessionRecord], None] | None = None
+                   ) -> list[SessionRecord]:
+    """Every (recommender, user) session; ``concurrency`` agents in flight (default: 8 for LLM
+    policies, whose scorer calls then meet in lockstep batches, 1 otherwise; see
+    ``graph.engine``). Sessions come back in job order whatever the concurrency.
+
+    Threads in ``finished`` (a resumed run's committed sessions) are not run again; ``on_done``
+    sees each new session as it ends (from the agent's worker thread), so a run can commit it."""
     users = list(users)
+    finished = finished or {}
     jobs = [(rec, u) for rec in runtimes for u in users]
-    out = []
-    for rec, user in tqdm(jobs, desc="agents", unit="session", disable=not progress):
-        out.append(run_agent(app, runtimes[rec], rec, user))
-    return out
+    todo = [job for job in jobs if thread_id(*job) not in finished]
+
+    def run_one(rec: str, user: int) -> SessionRecord:
+        session = run_agent(app, runtimes[rec], rec, user)
+        if on_done is not None:
+            on_done(session)
+        return session
+
+    n = default_concurrency(runtimes) if concurrency is None else concurrency
+    new = dict(zip(todo, run_jobs(run_one, runtimes, todo, n, progress), strict=True))
+    return [finished.get(thread_id(*job)) or new[job] for job in jobs]
 
 
-def session_metrics(sessions: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+def session_metrics(sessions: Iterable[SessionRecord | Mapping[str, Any]]
+                    ) -> dict[str, dict[str, float]]:
     """Per recommender: watch ratio, likes (rating >= 4) per page, mean exit page, satisfaction,
     and the pages a policy answered with its default action (``Decision.fallback``)."""
-    by_rec: dict[str, list[Mapping[str, Any]]] = {}
-    for s in sessions:
-        by_rec.setdefault(s["recommender"], []).append(s)
+    by_rec: dict[str, list[SessionRecord]] = {}
+    for s in as_records(sessions):
+        by_rec.setdefault(s.recommender, []).append(s)
     table = {}
     for rec, rows in by_rec.items():
-        shown = sum(len(p["items"]) for s in rows for p in s["pages"])
-        ratings = [r for s in rows for p in s["pages"] for r in p["watched"].values()]
-        pages = sum(len(s["pages"]) for s in rows)
-        sats = [s["satisfaction"] for s in rows if s.get("satisfaction") is not None]
+        shown = sum(len(p.items) for s in rows for p in s.pages)
+        ratings = [r for s in rows for r in s.ratings()]
+        pages = sum(len(s.pages) for s in rows)
+        sats = [s.satisfaction for s in rows if s.satisfaction is not None]
         table[rec] = {
             "sessions": len(rows),
             "watch_ratio": len(ratings) / shown if shown else 0.0,
             "likes_per_page": sum(r >= 4 for r in ratings) / pages if pages else 0.0,
-            "exit_page": float(np.mean([len(s["pages"]) for s in rows])),
+            "exit_page": float(np.mean([len(s.pages) for s in rows])),
             "mean_rating": float(np.mean(ratings)) if ratings else float("nan"),
             "satisfaction": float(np.mean(sats)) if sats else float("nan"),
-            "fallback_pages": sum(p.get("fallback") is not None for s in rows
-                                  for p in s["pages"]),
+            "fallback_pages": sum(p.fallback is not None for s in rows for p in s.pages),
         }
     return table

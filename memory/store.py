@@ -149,6 +149,22 @@ class ChromaMemory:
             return self._col.count()
         return len(self._col.get(where={"agent_id": str(agent_id)}, include=[])["ids"])
 
+    def export(self, agent_id: str) -> dict[str, list]:
+        """One agent's rows with their embeddings, to copy into another store (a distributed
+        run's workers hand their agents' memories to the run folder)."""
+        rows = self._col.get(where={"agent_id": str(agent_id)},
+                             include=["embeddings", "documents", "metadatas"])
+        return {"ids": list(rows["ids"]), "documents": list(rows["documents"] or []),
+                "metadatas": list(rows["metadatas"] or []),
+                "embeddings": [list(map(float, e)) for e in rows["embeddings"]]
+                if rows["embeddings"] is not None else []}
+
+    def load(self, rows: dict[str, list]) -> None:
+        """Rows from ``export``, as they were (no re-embedding)."""
+        if rows["ids"]:
+            self._col.upsert(ids=rows["ids"], embeddings=rows["embeddings"],
+                             documents=rows["documents"], metadatas=rows["metadatas"])
+
 
 class NoMemory:
     """Remembers nothing: the ablation that shows what episodic memory adds."""

@@ -41,16 +41,6 @@ class Item(BaseModel):
         return f"{self.title} ({self.year})" if self.year else self.title
 
 
-class Interaction(BaseModel):
-    """One logged rating; used where single rows cross an API boundary."""
-
-    model_config = ConfigDict(frozen=True)
-    user: int
-    item: int
-    rating: float
-    timestamp: int
-
-
 @dataclass
 class Dataset:
     name: str

@@ -13,7 +13,7 @@ from simulator.readers import load_dataset
 from simulator.split import Split, make_split
 
 if TYPE_CHECKING:
-    from graph.world import World
+    from agents.world import World
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,12 +35,20 @@ def small_world(ml100k: Dataset) -> World:
     """The first 40 users of ml-100k (all items): big enough for every split part, 1:m lists
     (10 held-out ratings a user) and the exposure mixture's recommenders, fast to build. The
     6-user ``tiny_dataset`` is too small for those (about one test rating a user)."""
-    from graph.world import World
+    from agents.world import World
 
     ratings = ml100k.ratings[ml100k.ratings["user"] <= 40]
     ds = Dataset(name="ml-100k-40", users={u: ml100k.users[u] for u in range(1, 41)},
                  items=ml100k.items, ratings=ratings)
     return World(ds=ds, split=make_split(ds.ratings))
+
+
+@pytest.fixture(scope="session")
+def quick_bundle(small_world: World):
+    """What the quick evaluation preset shows the agents on ``small_world`` (built once)."""
+    from evaluation.run import EvalConfig, build_bundle
+
+    return build_bundle(small_world, EvalConfig.quick())
 
 
 TINY_GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]

@@ -15,11 +15,11 @@ from langgraph.errors import GraphRecursionError
 from pydantic import ValidationError
 
 from agents.policy import FixedPolicy
+from agents.world import World
 from alignuser import cli
 from graph.deps import AgentDeps
 from graph.graph import build_graph
 from graph.runner import recursion_limit, run_agent, run_config, run_context, thread_id
-from graph.world import World
 from memory.store import NoMemory
 from simulator.data import DataError, Dataset, Item, User, validate
 from simulator.policies import RandomPolicy
@@ -155,4 +155,4 @@ def test_pages_33_fit_the_recursion_limit() -> None:
                    {**run_config(rt, thread_id("pop", 2)), "recursion_limit": 200},
                    context=run_context(rt))
     session = run_agent(app, rt, "pop", 1)
-    assert len(session["pages"]) == 33 and session["end"] == "max_pages"
+    assert len(session.pages) == 33 and session.end == "max_pages"

@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
+from agents.world import World
 from alignuser import cli
 from alignuser.config import OfflineConfig, SimulateConfig
 from evaluation import macro
 from evaluation.run import EvalConfig, static_pages
 from examples.my_recommender import factory, write_ranking_file
-from graph.world import World
 from simulator.custom import check_recommenders, recommender_label
 from simulator.offline import offline_metrics
 

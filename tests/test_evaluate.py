@@ -21,12 +21,12 @@ import pytest
 from agents.decide import Calibration
 from agents.llm import tiny_lm
 from agents.scorer import Scorer, ScorerStats
+from agents.world import World
 from alignuser.cli import main
 from evaluation.micro import _threshold, state_fields
 from evaluation.outputs import METHODS, EvalBundle, all_outputs, method_outputs
 from evaluation.report import SECTIONS
 from evaluation.run import EvalConfig, build_bundle, score
-from graph.world import World
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,8 +75,8 @@ def cfg() -> EvalConfig:
 
 
 @pytest.fixture(scope="module")
-def bundle(small_world: World, cfg: EvalConfig) -> EvalBundle:
-    return build_bundle(small_world, cfg)
+def bundle(quick_bundle: EvalBundle) -> EvalBundle:
+    return quick_bundle
 
 
 @pytest.fixture(scope="module")

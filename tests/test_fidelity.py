@@ -26,15 +26,15 @@ from agents.llm import tiny_lm
 from agents.policy import DecisionInput, LLMPolicy
 from agents.scorer import Scorer
 from agents.text import Evidence, ItemView
-from alignuser.commands import train_data
+from agents.transition import Transition, transitions
+from agents.world import World
 from evaluation.signal import inverted, signal_table
-from graph.world import World
 from memory.evidence import FEATURE_NAMES
 from simulator.trajectories import TrajectoryConfig
 from training.calibrate import calibrate, page_inputs
 from training.config import TrainConfig
-from training.pipeline import Prepared, prepare
-from training.rollout import Transition, class_balance, transitions
+from training.pipeline import Prepared, prepare, train_data
+from training.rollout import class_balance
 from training.trainer import weighted_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -169,8 +169,7 @@ def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer)
     humans' rates on those pages (up to one slot / one page of quantile rounding)."""
     trajs = small_world.trajectories("valid", users=sorted(small_world.histories)[:6],
                                      progress=False)
-    trs = transitions(trajs, small_world.perceiver, small_world.persona_at,
-                      small_world.split.train, full_history=True)[:12]
+    trs = transitions(trajs, small_world, full_history=True)[:12]
     fitted = calibrate(scorer, trs, world_model=False)
     cal = Calibration.model_validate(fitted)
     assert fitted["fitted_on"]["pages"] == len(trs) and cal.list_offset is None
@@ -299,7 +298,7 @@ def test_train_trajectories_hold_train_ratings_only(small_world: World) -> None:
     # Evidence on a page comes from train ratings before the session plus this session's
     # earlier watches; never from later or held-out ratings.
     sample = trajs[::7]
-    trs = transitions(sample, small_world.perceiver, small_world.persona_at, split.train)
+    trs = transitions(sample, small_world)
     by_user = {int(u): g for u, g in split.train.groupby("user")}
     titles = {i: small_world.ds.items[i].title for i in small_world.ds.items}
     k = 0

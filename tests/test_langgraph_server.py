@@ -19,10 +19,11 @@ import pytest
 from langgraph.checkpoint.memory import InMemorySaver
 from pydantic import ValidationError
 
+from agents.world import World, load_world
+from graph.build import POLICIES, make_runtime
 from graph.context import AgentContext, DepsBuilder
 from graph.graph import build_graph, graph
 from graph.runner import run_agent
-from graph.world import POLICIES, World, load_world, make_runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 REC = "pop"
@@ -70,7 +71,7 @@ def test_exported_graph_runs_from_input_and_context(world: World, user: int) -> 
     assert 1 <= len(final["pages"]) <= 2 and final["end"] in ("exit", "max_pages")
     assert 1 <= final["satisfaction"] <= 10
     deps = make_runtime(world, REC, "popularity", max_pages=2)
-    expected = run_agent(build_graph("none", "off"), deps, REC, user)
+    expected = run_agent(build_graph("none", "off"), deps, REC, user).json_form()
     assert _key(final["pages"]) == _key(expected["pages"])
     assert final["satisfaction"] == expected["satisfaction"]
 

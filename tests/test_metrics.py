@@ -10,11 +10,9 @@ import pandas as pd
 import pytest
 
 from evaluation.metrics import (
-    LIST_SIZES,
     action_match,
     action_match_mean,
     binary_scores,
-    discrimination_lists,
     discriminator_auc,
     distribution_distance,
     explain_scores,
@@ -28,6 +26,7 @@ from evaluation.metrics import (
     read_ab_results,
     rmse_mae,
 )
+from simulator.lists import LIST_SIZES, discrimination_lists
 
 
 def test_binary_scores_hand_example() -> None:

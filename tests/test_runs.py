@@ -4,6 +4,7 @@ says in its manifest whether it finished and can be resumed, never mistaken for 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,65 @@ def test_resume_refuses_what_is_not_a_training_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a training folder"):
         check_train_dir(tmp_path / "file", resume=True)
     assert (sim / "manifest.json").read_bytes() == before
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_run_resumes_in_its_staging_folder(tmp_path: Path) -> None:
+    """A kill leaves ``.<name>.incomplete-<pid>``; ``resume=True`` continues in it (renamed to
+    this process) and publishes the run under its name with what the first try wrote."""
+    final = tmp_path / "run"
+    killed = tmp_path / f".run.incomplete-{_dead_pid()}"
+    (killed / "parts").mkdir(parents=True)
+    (killed / "parts" / "first.json").write_text("1")
+    with staged_run_dir(final, "evaluate", resume=True) as tmp:
+        assert tmp.name == f".run.incomplete-{os.getpid()}" and not killed.exists()
+        assert (tmp / "parts" / "first.json").read_text() == "1"
+        (tmp / "second.json").write_text("2")
+    assert sorted(p.name for p in final.rglob("*.json")) == ["first.json", "second.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    with pytest.raises(FileExistsError, match="already a complete evaluate run"):
+        staged_run_dir(final, "evaluate", resume=True).__enter__()
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        staged_run_dir(tmp_path / "other", "evaluate", resume=True).__enter__()
+
+
+def test_a_staging_folder_of_a_live_process_is_not_taken(tmp_path: Path) -> None:
+    (tmp_path / f".run.incomplete-{os.getppid()}").mkdir()
+    with pytest.raises(FileExistsError, match=f"still being written by process {os.getppid()}"):
+        staged_run_dir(tmp_path / "run", "evaluate", resume=True).__enter__()
+
+
+@pytest.mark.parametrize("worth", [True, False])
+def test_a_failed_run_keeps_its_staging_folder_only_when_worth_resuming(
+        tmp_path: Path, worth: bool) -> None:
+    final = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt), staged_run_dir(
+            final, "evaluate", keep_if=lambda d: (d / "part").exists()) as tmp:
+        if worth:
+            (tmp / "part").write_text("")
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ([tmp.name] if worth else [])
+    assert not final.exists()
+
+
+def test_overwrite_replaces_a_run_only_once_the_new_one_is_complete(tmp_path: Path) -> None:
+    final = tmp_path / "run"
+    final.mkdir()
+    write_manifest(final, "evaluate", {"n": 1})
+    with pytest.raises(ValueError), staged_run_dir(final, "evaluate", overwrite=True):
+        raise ValueError("failed half-way")
+    assert json.loads((final / "manifest.json").read_text())["config"] == {"n": 1}
+    with staged_run_dir(final, "evaluate", overwrite=True) as tmp:
+        write_manifest(tmp, "evaluate", {"n": 2})
+        assert json.loads((final / "manifest.json").read_text())["config"] == {"n": 1}
+    assert json.loads((final / "manifest.json").read_text())["config"] == {"n": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    with pytest.raises(FileExistsError, match="not a run folder"):
+        staged_run_dir(tmp_path, "evaluate", overwrite=True).__enter__()

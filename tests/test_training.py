@@ -17,13 +17,13 @@ from agents.llm import LM, encode, tiny_lm
 from agents.policy import Decision, DecisionInput, LLMPolicy
 from agents.scorer import Scorer
 from agents.text import Evidence, ItemView, PageView
-from alignuser.commands import train_data
+from agents.transition import Example, Transition
 from alignuser.config import World
 from simulator.env import PageAction
 from training.config import TrainConfig
 from training.counterfactual import sample_alternatives
-from training.pipeline import _peft
-from training.rollout import Example, Transition, fingerprint
+from training.pipeline import _peft, train_data
+from training.rollout import fingerprint
 from training.teacher import GroundedTeacher, Option
 from training.trainer import (
     IGNORE,
@@ -119,8 +119,8 @@ def test_a_few_steps_lower_the_loss(tmp_path: Path) -> None:
     model, lm = _peft_lm()
     pools, weights = {"policy": EXAMPLES}, {"policy": 1.0}
     before = validation_loss(model, lm.tokenizer, EXAMPLES, weights, 512)
-    out = train_loop(model, lm.tokenizer, pools, weights, steps=8, out_dir=tmp_path,
-                     batch_size=2, max_len=512, lr=1e-2, warmup=1, save_every=100,
+    cfg = TrainConfig(batch_size=2, max_len=512, lr=1e-2, warmup=1, save_every=100)
+    out = train_loop(model, lm.tokenizer, pools, weights, steps=8, out_dir=tmp_path, cfg=cfg,
                      progress=False)
     after = validation_loss(model, lm.tokenizer, EXAMPLES, weights, 512)
     assert out["steps"] == 8 and len(out["history"]) == 8
@@ -137,8 +137,8 @@ def _lora_state(model: Any) -> dict[str, torch.Tensor]:
 def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path: Path) -> None:
     pools = {"policy": EXAMPLES[:3], "wm": EXAMPLES[3:]}
     weights = {"policy": 1.0, "wm": 0.5}
-    kw: dict[str, Any] = dict(batch_size=2, max_len=512, lr=5e-3, warmup=2, seed=0,
-                              save_every=3, progress=False)
+    kw: dict[str, Any] = dict(cfg=TrainConfig(batch_size=2, max_len=512, lr=5e-3, warmup=2,
+                                              seed=0, save_every=3), progress=False)
 
     whole, lm = _peft_lm()
     assert TINY_CFG.lora_dropout > 0  # dropout draws random numbers: the RNG must resume too
@@ -222,7 +222,8 @@ def test_training_data_never_holds_held_out_ratings(small_world: World) -> None:
     assert fingerprint(data.train) != fingerprint(data.valid)
     # Personas for training pages use ratings from before the session only.
     first = min(data.train, key=lambda t: (t.start, t.user))
-    assert data.persona_at(first.user, first.start) != data.persona_at(first.user, None)
+    assert (data.world.persona_at(first.user, first.start)
+            != data.world.persona_at(first.user, None))
 
 
 # --- reflections and alternatives ---------------------------------------------------------------
@@ -299,7 +300,7 @@ def test_padded_batch_losses_equal_one_by_one() -> None:
     import torch
 
     from agents.llm import tiny_lm
-    from training.rollout import Example
+    from agents.transition import Example
     from training.trainer import collate, example_losses, tokenize
 
     lm = tiny_lm()

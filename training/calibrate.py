@@ -15,7 +15,7 @@ from agents.browse import accuracy_offset, list_scores, rate_offset
 from agents.decide import Calibration, decide
 from agents.perception import Perceiver
 from agents.policy import DecisionInput
-from training.rollout import Transition
+from agents.transition import Transition
 
 
 def page_inputs(trs: Sequence[Transition], evidence: bool = True) -> list[DecisionInput]:

@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from agents import prompts, text
 from agents.policy import DecisionInput, LLMPolicy, Scorer
+from agents.transition import Example, Transition
 from agents.world_model import Generator, expected_ratings, predict_next_state
-from training.rollout import Example, Transition
 from training.teacher import Option, Teacher
 
 Key = tuple[tuple[int, ...], str]

@@ -8,19 +8,10 @@ with the same ``TrainConfig`` flags as ``alignuser train``.
 from __future__ import annotations
 
 import argparse
-import pickle
 from pathlib import Path
 
+from simulator.runs import read_pickle
 from training.config import TrainConfig, config_flags, parse_config
-
-
-def read_pickle(path: str | Path):
-    """A pickle written by a --prepare-only step, plain or gzip-compressed (``.gz``)."""
-    import gzip
-
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        return pickle.load(fh)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ config, steps, losses), a sample of reflections, and resumable per-stage checkpo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,29 +18,45 @@ import numpy as np
 from agents.llm import LM, load_lm
 from agents.perception import Perceiver
 from agents.scorer import Scorer
+from agents.transition import Example, Transition, transitions
+from agents.world import ListRow, World
 from simulator.runs import git_commit
 from simulator.trajectories import Trajectory
 from training.config import LORA_TARGETS, TrainConfig
 from training.counterfactual import build_counterfactual, reflection_record
-from training.rollout import Example, Transition, class_balance, fingerprint, transitions
+from training.rollout import class_balance, fingerprint
 from training.teacher import make_teacher
 from training.trainer import train_loop, validation_loss
 
 
 @dataclass
 class TrainData:
-    """What training may see: TRAIN trajectories, and VALID ones for early stopping only."""
+    """What training may see: TRAIN trajectories for learning; VALID trajectories and 1:1
+    lists for early stopping and calibration only; never TEST. Personas, evidence and
+    rendering come from ``world`` (``agents.transition.transitions``)."""
 
+    world: World
     train: Sequence[Trajectory]
     valid: Sequence[Trajectory]
-    perceiver: Perceiver
-    persona_at: Callable[[int, int | None], str]  # (user, session start or None) -> text
-    liked: Mapping[int, Sequence[str]]
-    train_log: Any  # the train ratings frame: evidence before each session
-    split_hashes: Mapping[str, str]
-    personas: Mapping[int, str] | None = None  # whole-train personas (validation lists)
-    histories: Mapping[int, Mapping[int, float]] | None = None
-    valid_lists: Sequence[tuple[int, list[int], list[int]]] = ()  # 1:1 lists, calibration
+    valid_lists: Sequence[ListRow] = ()
+
+    @property
+    def split_hashes(self) -> dict[str, str]:
+        split = self.world.split
+        return {"protocol": split.config.describe(),
+                **{p: split.fingerprint(p) for p in ("train", "valid", "test")}}
+
+
+def train_data(world: World, cfg: TrainConfig) -> TrainData:
+    """The configured sample of ``world``'s train and validation data."""
+    n_valid = max(cfg.valid_examples, cfg.calibration_pages // 4, 1)
+    valid_users = world.sample_users(n_valid, cfg.seed, part="valid")
+    lists = world.lists("valid", 1, None, cfg.seed)
+    pick = np.random.default_rng(cfg.seed).permutation(len(lists))[:cfg.calibration_lists]
+    return TrainData(
+        world=world, train=world.trajectories("train", cfg.recommender),
+        valid=world.trajectories("valid", cfg.recommender, users=valid_users, progress=False),
+        valid_lists=[lists[int(i)] for i in sorted(pick)])
 
 
 def _sample(items: Sequence, n: int, seed: int) -> list:
@@ -87,12 +103,9 @@ def _stage(model, lm: LM, cfg: TrainConfig, pools: Mapping[str, Sequence[Example
     def validate() -> float:
         return validation_loss(model, lm.tokenizer, valid, weights, cfg.max_len)
 
-    return train_loop(model, lm.tokenizer, pools, weights, steps, out,
-                      batch_size=cfg.batch_size, max_len=cfg.max_len, lr=cfg.lr,
-                      warmup=cfg.warmup, seed=cfg.seed, save_every=cfg.save_every,
-                      resume=resume, validate=validate if valid else None,
-                      eval_every=cfg.eval_every, patience=cfg.patience, stop_after=stop_after,
-                      progress=progress, time_budget=cfg.time_budget_s)
+    return train_loop(model, lm.tokenizer, pools, weights, steps, out, cfg, resume=resume,
+                      validate=validate if valid else None, stop_after=stop_after,
+                      progress=progress)
 
 
 def _cr_pools(model, lm: LM, cfg: TrainConfig, data: Prepared, trs: Sequence[Transition],
@@ -142,21 +155,21 @@ class Prepared:
 
 
 def prepare(cfg: TrainConfig, data: TrainData) -> Prepared:
+    world = data.world
     pool = _trajectories_for(data.train, cfg.wm_transitions + cfg.cr_transitions, cfg.seed)
-    train_trs = transitions(pool, data.perceiver, data.persona_at, data.train_log)
-    valid_all = transitions(data.valid, data.perceiver, data.persona_at, data.train_log,
-                            full_history=True)
+    train_trs = transitions(pool, world)
+    valid_all = transitions(data.valid, world, full_history=True)
     return Prepared(
         train=_sample(train_trs, cfg.wm_transitions, cfg.seed),
         cr=_sample(train_trs, cfg.cr_transitions, cfg.seed + 1),
         valid=_sample(valid_all, cfg.valid_examples, cfg.seed),
         calib=_sample(valid_all, cfg.calibration_pages, cfg.seed + 2),
-        liked=data.liked,
+        liked=world.liked_genres(),
         data_hashes={"train_trajectories": fingerprint(data.train),
                      "valid_trajectories": fingerprint(data.valid),
-                     "split": dict(data.split_hashes),
+                     "split": data.split_hashes,
                      "transitions": {"train": len(train_trs), "valid": len(valid_all)}},
-        perceiver=data.perceiver, personas=data.personas, histories=data.histories,
+        perceiver=world.perceiver, personas=world.personas, histories=world.histories,
         valid_lists=list(data.valid_lists)[:cfg.calibration_lists])
 
 

@@ -1,87 +1,17 @@
-"""D_rollout: (state, action, next state) transitions rendered as training examples.
-
-Every example is built with the same renderers the agent uses (``agents.text``/``agents.prompts``)
-so a checkpoint is trained on exactly the text it is scored on. Personal evidence for a page is
-taken from what the person rated *before that session* plus what they watched earlier in it:
-evidence from later ratings would be a shortcut that does not exist when the agent runs.
+"""D_rollout as training sees it: class balance of the rendered examples and a fingerprint of
+the trajectories they came from. The rendering itself (``Transition``, ``Example``) is the
+agent's own (``agents.transition``), so training and evaluation render a step alike.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
-import pandas as pd
-
-from agents import prompts, text
-from agents.perception import Perceiver
-from agents.text import ItemView
-from simulator.trajectories import Step, Trajectory
-
-
-@dataclass(frozen=True)
-class Example:
-    """Prompt segments (each newline-terminated) and the target whose tokens carry the loss."""
-
-    kind: str  # "policy" | "wm" | "cr"
-    segments: tuple[str, ...]
-    target: str
-    meta: dict = field(default_factory=dict, compare=False, hash=False)
-    weight: float = 1.0  # relative weight inside its kind's loss (class balance)
-
-
-@dataclass(frozen=True)
-class Transition:
-    """One human step with everything needed to render its state, action and next state."""
-
-    user: int
-    persona: str
-    views: tuple[ItemView, ...]
-    session: tuple[tuple[str, int], ...]
-    page: int
-    max_pages: int
-    ratings: Mapping[int, int]  # slot -> rating
-    then: str
-    next_views: tuple[ItemView, ...] | None
-    items: tuple[int, ...]
-
-    @property
-    def page_text(self) -> str:
-        return text.page_prompt(self.page, self.max_pages, self.views, self.session)
-
-    @property
-    def prefix(self) -> str:
-        return prompts.persona_block(self.persona) + self.page_text
-
-    def wm_example(self) -> Example:
-        action = text.render_wm_action(len(self.views), list(self.ratings), self.then)
-        return Example("wm", (prompts.persona_block(self.persona), self.page_text,
-                              prompts.world_model_tail(action)),
-                       text.render_next_state(self.ratings, self.next_views),
-                       {"user": self.user, "page": self.page})
-
-    def policy_examples(self, predictions: str = "") -> list[Example]:
-        """The human's action as the agent decides it (``agents.decide``): one example per
-        slot's watch/skip line after the page alone, and one for next/exit + ratings after
-        the choices. Slot examples carry ``meta['line']`` for class balancing."""
-        head = (prompts.persona_block(self.persona), self.page_text)
-        tail = prompts.policy_tail(predictions)
-        meta = {"user": self.user, "page": self.page}
-        out = [Example("policy", (*head, tail), text.slot_line(s, c), {**meta, "line": c})
-               for s in range(1, len(self.views) + 1)
-               for c in [text.WATCH if s in self.ratings else text.SKIP]]
-        out.append(Example("policy", (*head, tail + text.render_choices(
-            len(self.views), list(self.ratings))), text.then_line(self.then)
-            + text.ratings_lines(self.ratings), meta))
-        return out
-
-    def cr_example(self, reflection: str, predictions: str = "") -> Example:
-        target = (reflection.rstrip() + "\n" + prompts.CHOICES
-                  + text.render_action(len(self.views), self.ratings, self.then))
-        return Example("cr", (prompts.persona_block(self.persona), self.page_text,
-                              prompts.reflection_tail(predictions)), target,
-                       {"user": self.user, "page": self.page})
+from agents import text
+from agents.transition import Example
+from simulator.trajectories import Trajectory
 
 
 def class_balance(examples: Sequence[Example]) -> tuple[list[Example], dict[str, float]]:
@@ -99,42 +29,6 @@ def class_balance(examples: Sequence[Example]) -> tuple[list[Example], dict[str,
     out = [replace(ex, weight=weights[ex.meta["line"]]) if ex.meta.get("line") else ex
            for ex in examples]
     return out, {f"{c}_weight": round(w, 4) for c, w in weights.items()}
-
-
-def history_before(train: pd.DataFrame) -> dict[int, pd.DataFrame]:
-    return {int(u): g for u, g in train.groupby("user")}
-
-
-def transitions(trajs: Iterable[Trajectory], perceiver: Perceiver,
-                persona_at: Callable[[int, int | None], str], train: pd.DataFrame,
-                max_pages: int = 5, full_history: bool = False) -> list[Transition]:
-    """Render each step of each trajectory. Persona and evidence come from the train ratings
-    entered before the session; ``full_history`` uses the whole train split instead (right for
-    held-out trajectories, which all come after the train period)."""
-    by_user = history_before(train)
-    out: list[Transition] = []
-    for t in trajs:
-        rows = by_user.get(t.user)
-        past: dict[int, float] = {}
-        if rows is not None:
-            keep = rows if full_history else rows[rows["timestamp"] < t.start]
-            past = dict(zip(keep["item"].astype(int), keep["rating"].astype(float), strict=True))
-        persona = persona_at(t.user, None if full_history else t.start)
-        session: list[tuple[int, int]] = []
-        for k, step in enumerate(t.steps):
-            history = {**past, **dict(session)}
-            views = tuple(perceiver.page(step.items, history))
-            nxt: Step | None = t.steps[k + 1] if k + 1 < len(t.steps) else None
-            next_views = None if nxt is None else tuple(perceiver.facts(i) for i in nxt.items)
-            slots = {i: s for s, i in enumerate(step.items, 1)}
-            out.append(Transition(
-                user=t.user, persona=persona, views=views,
-                session=tuple((perceiver.items[i].title, r) for i, r in session),
-                page=step.page, max_pages=max_pages,
-                ratings={slots[i]: r for i, r in step.watched.items()}, then=step.then,
-                next_views=next_views, items=tuple(step.items)))
-            session += [(i, r) for i, r in step.watched.items()]
-    return out
 
 
 def fingerprint(trajs: Iterable[Trajectory]) -> str:

@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from agents.llm import encode
-from training.rollout import Example
+from agents.transition import Example
+from training.config import TrainConfig
 
 IGNORE = -100
 
@@ -138,17 +139,18 @@ def _load(model, opt, ckpt: Path) -> tuple[int, list[dict], dict]:
 
 
 def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
-               weights: Mapping[str, float], steps: int, out_dir: Path, *, batch_size: int = 4,
-               max_len: int = 768, lr: float = 3e-4, warmup: int = 10, seed: int = 0,
-               save_every: int = 20, resume: bool = False,
-               validate: Callable[[], float] | None = None, eval_every: int = 40,
-               patience: int = 3, stop_after: int | None = None,
-               progress: bool = True, time_budget: float | None = None) -> dict:
-    """Train the trainable (LoRA) weights; checkpoints to ``out_dir/checkpoint``."""
-    torch.manual_seed(seed)
+               weights: Mapping[str, float], steps: int, out_dir: Path, cfg: TrainConfig, *,
+               resume: bool = False, validate: Callable[[], float] | None = None,
+               stop_after: int | None = None, progress: bool = True) -> dict:
+    """Train the trainable (LoRA) weights; checkpoints to ``out_dir/checkpoint``. Batch size,
+    length, learning rate, warm-up, seed, checkpoint and validation cadence, patience and time
+    budget are ``cfg``'s, so they have one default (``TrainConfig``)."""
+    max_len, lr, warmup, save_every = cfg.max_len, cfg.lr, cfg.warmup, cfg.save_every
+    eval_every, patience, time_budget = cfg.eval_every, cfg.patience, cfg.time_budget_s
+    torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = Schedule(pools, batch_size, seed)
+    sched = Schedule(pools, cfg.batch_size, cfg.seed)
     ckpt = out_dir / "checkpoint"
     start, history, before = (_load(model, opt, ckpt) if resume and ckpt.exists()
                               else (0, [], NOTHING_SPENT))

@@ -1,11 +1,13 @@
-"""The data side of a run and the policy registry, built once and shared by every command.
+"""The data side of a run, built once and shared by every command.
 
-``World`` holds the dataset, its split, the evidence index, personas and fitted recommenders;
-simulation, training data and evaluation all read from one instance.
+``World`` holds the dataset, its split, the evidence index, personas, fitted recommenders, the
+human page trajectories and the held-out 1:m lists; simulation (``graph``), training data
+(``training``) and evaluation all read from one instance.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -13,29 +15,14 @@ import numpy as np
 
 from agents.perception import Perceiver
 from agents.persona import Persona, build_personas, population_scale, render_persona
-from agents.policy import FixedPolicy, LLMPolicy, Policy
-from graph.deps import AgentDeps
 from memory.evidence import ItemSimilarity
-from memory.store import NoMemory
 from simulator.custom import load_recommender
 from simulator.data import Dataset
-from simulator.env import recommender_pages
-from simulator.policies import HumanReplay, RandomPolicy, ScoreThreshold
+from simulator.lists import ListRow, discrimination_lists
 from simulator.readers import load_dataset
 from simulator.recommenders import RECOMMENDERS, Recommender
 from simulator.split import Split, SplitConfig, make_split
-from simulator.trajectories import (
-    Exposure,
-    Trajectory,
-    TrajectoryConfig,
-    build_trajectories,
-    first_visits,
-    human_actions,
-    logged_pages,
-)
-
-LLM_POLICIES = ("aligned", "zero_shot")
-POLICIES = ("aligned", "zero_shot", "random", "popularity", "human_replay", "chat")
+from simulator.trajectories import Exposure, Trajectory, TrajectoryConfig, build_trajectories
 
 
 @dataclass
@@ -138,6 +125,23 @@ class World:
         return sorted(int(u) for u in rng.choice(users, size=min(n, len(users)), replace=False))
 
 
+    def lists(self, part: str, m: int, users: Sequence[int] | None = None,
+              seed: int = 0) -> list[ListRow]:
+        """Agent4Rec lists: positives held out in ``part``, negatives never rated in any
+        part (``simulator.lists``)."""
+        rated: dict[int, set[int]] = {}
+        for p in ("train", "valid", "test"):
+            if p == part:
+                continue
+            for u, items in self.split.part(p).groupby("user")["item"]:
+                rated.setdefault(int(u), set()).update(int(i) for i in items)
+        rows = discrimination_lists(self.split.part(part), rated, list(self.ds.items), m, seed)
+        if users is not None:
+            keep = set(users)
+            rows = [row for row in rows if row[0] in keep]
+        return rows
+
+
 def _by_user(frame) -> dict[int, dict[int, float]]:
     out: dict[int, dict[int, float]] = {}
     for u, i, r in zip(frame["user"], frame["item"], frame["rating"], strict=True):
@@ -150,52 +154,3 @@ def load_world(dataset: str = "ml-100k", split: SplitConfig | None = None,
     ds = load_dataset(dataset)
     return World(ds=ds, split=make_split(ds.ratings, split or SplitConfig()),
                  trajectory_config=trajectories or TrajectoryConfig())
-
-
-def make_policy(name: str, world: World, scorer=None, seed: int = 0,
-                temperature: float = 1.0, human=None, calibration=None, chat=None) -> Policy:
-    """A decide-node policy by name; LLM policies need a scorer over the right weights, the chat
-    policy its ``agents.chat_policy.ChatPolicy`` (built once, so all runtimes share its model
-    and rate limit)."""
-    if name == "chat":
-        if chat is None:
-            raise ValueError("policy chat needs a chat model (--chat-model)")
-        return chat
-    if name in LLM_POLICIES:
-        if scorer is None:
-            raise ValueError(f"policy {name} needs a language model")
-        return LLMPolicy(scorer, name=name, temperature=temperature, calibration=calibration)
-    if name == "random":
-        return FixedPolicy(RandomPolicy(seed=seed), "random")
-    if name == "popularity":
-        counts = world.split.train["item"].value_counts()
-        means = world.split.train.groupby("item")["rating"].mean().to_dict()
-        threshold = float(np.quantile(counts.to_numpy(), 0.9))
-        return FixedPolicy(ScoreThreshold(lambda i: float(counts.get(i, 0)), threshold, means),
-                           "popularity")
-    if name == "human_replay":
-        if human is None:
-            raise ValueError("policy human_replay needs logged trajectories")
-        return FixedPolicy(HumanReplay(human), "human_replay")
-    raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
-
-
-def make_runtime(world: World, recommender: str, policy: str, scorer=None, memory=None, *,
-                 users: list[int] | None = None, seed: int = 0, temperature: float = 1.0,
-                 reactive: bool = True, page_size: int = 4, max_pages: int = 5,
-                 reason_model=None, calibration=None, chat=None) -> AgentDeps:
-    """Everything one recommender's agents need. ``human_replay`` browses the logged pages of
-    each user's first held-out visit; other policies browse the live recommender."""
-    rec = world.recommender(recommender, reactive=reactive, seed=seed)
-    pages, human, logged = recommender_pages(rec.rank), {}, None
-    if policy == "human_replay":
-        logged = first_visits(world.trajectories("test", recommender, users=users,
-                                                 progress=False))
-        pages, human = logged_pages(logged), human_actions(logged)
-    return AgentDeps(perceiver=world.perceiver, histories=world.histories,
-                     personas=world.personas, pages=pages,
-                     policy=make_policy(policy, world, scorer, seed, temperature, logged,
-                                        calibration, chat),
-                     scorer=scorer, memory=memory or NoMemory(), human=human,
-                     reason_model=reason_model, page_size=page_size, max_pages=max_pages,
-                     seed=seed)

@@ -1,0 +1,114 @@
+"""A human step rendered as the agent sees it: (state, action, next state) as prompt text.
+
+Every example is built with the same renderers the agent uses (``agents.text``/``agents.prompts``)
+so a checkpoint is trained on exactly the text it is scored on, and evaluation replays held-out
+pages through the same ``Transition``. Personal evidence for a page is taken from what the person
+rated *before that session* plus what they watched earlier in it: evidence from later ratings
+would be a shortcut that does not exist when the agent runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from agents import prompts, text
+from agents.text import ItemView
+from agents.world import World
+from simulator.trajectories import Step, Trajectory
+
+
+@dataclass(frozen=True)
+class Example:
+    """Prompt segments (each newline-terminated) and the target whose tokens carry the loss."""
+
+    kind: str  # "policy" | "wm" | "cr"
+    segments: tuple[str, ...]
+    target: str
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+    weight: float = 1.0  # relative weight inside its kind's loss (training's class balance)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One human step with everything needed to render its state, action and next state."""
+
+    user: int
+    persona: str
+    views: tuple[ItemView, ...]
+    session: tuple[tuple[str, int], ...]
+    page: int
+    max_pages: int
+    ratings: Mapping[int, int]  # slot -> rating
+    then: str
+    next_views: tuple[ItemView, ...] | None
+    items: tuple[int, ...]
+
+    @property
+    def page_text(self) -> str:
+        return text.page_prompt(self.page, self.max_pages, self.views, self.session)
+
+    @property
+    def prefix(self) -> str:
+        return prompts.prefix(self.persona, self.page_text)
+
+    def wm_example(self) -> Example:
+        action = text.render_wm_action(len(self.views), list(self.ratings), self.then)
+        return Example("wm", (prompts.persona_block(self.persona), self.page_text,
+                              prompts.world_model_tail(action)),
+                       text.render_next_state(self.ratings, self.next_views),
+                       {"user": self.user, "page": self.page})
+
+    def policy_examples(self, predictions: str = "") -> list[Example]:
+        """The human's action as the agent decides it (``agents.decide``): one example per
+        slot's watch/skip line after the page alone, and one for next/exit + ratings after
+        the choices. Slot examples carry ``meta['line']`` for class balancing."""
+        head = (prompts.persona_block(self.persona), self.page_text)
+        tail = prompts.policy_tail(predictions)
+        meta = {"user": self.user, "page": self.page}
+        out = [Example("policy", (*head, tail), text.slot_line(s, c), {**meta, "line": c})
+               for s in range(1, len(self.views) + 1)
+               for c in [text.WATCH if s in self.ratings else text.SKIP]]
+        out.append(Example("policy", (*head, tail + text.render_choices(
+            len(self.views), list(self.ratings))), text.then_line(self.then)
+            + text.ratings_lines(self.ratings), meta))
+        return out
+
+    def cr_example(self, reflection: str, predictions: str = "") -> Example:
+        target = (reflection.rstrip() + "\n" + prompts.CHOICES
+                  + text.render_action(len(self.views), self.ratings, self.then))
+        return Example("cr", (prompts.persona_block(self.persona), self.page_text,
+                              prompts.reflection_tail(predictions)), target,
+                       {"user": self.user, "page": self.page})
+
+
+def transitions(trajs: Iterable[Trajectory], world: World, max_pages: int = 5,
+                full_history: bool = False) -> list[Transition]:
+    """Render each step of each trajectory. Persona and evidence come from the train ratings
+    entered before the session; ``full_history`` uses the whole train split instead (right for
+    held-out trajectories, which all come after the train period)."""
+    perceiver = world.perceiver
+    by_user = {int(u): g for u, g in world.split.train.groupby("user")}
+    out: list[Transition] = []
+    for t in trajs:
+        rows = by_user.get(t.user)
+        past: dict[int, float] = {}
+        if rows is not None:
+            keep = rows if full_history else rows[rows["timestamp"] < t.start]
+            past = dict(zip(keep["item"].astype(int), keep["rating"].astype(float), strict=True))
+        persona = world.persona_at(t.user, None if full_history else t.start)
+        session: list[tuple[int, int]] = []
+        for k, step in enumerate(t.steps):
+            history = {**past, **dict(session)}
+            views = tuple(perceiver.page(step.items, history))
+            nxt: Step | None = t.steps[k + 1] if k + 1 < len(t.steps) else None
+            next_views = None if nxt is None else tuple(perceiver.facts(i) for i in nxt.items)
+            slots = {i: s for s, i in enumerate(step.items, 1)}
+            out.append(Transition(
+                user=t.user, persona=persona, views=views,
+                session=tuple((perceiver.items[i].title, r) for i, r in session),
+                page=step.page, max_pages=max_pages,
+                ratings={slots[i]: r for i, r in step.watched.items()}, then=step.then,
+                next_views=next_views, items=tuple(step.items)))
+            session += [(i, r) for i, r in step.watched.items()]
+    return out

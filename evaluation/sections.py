@@ -1,0 +1,241 @@
+"""The evaluation's sections as registered units.
+
+Each ``Section`` names the method answers it reads (``needs``, from ``OUTPUT_KINDS``) and turns
+them into its metrics and plots. ``evaluation.run.score`` is a loop over the chosen sections, so
+a run can compute a subset (``alignuser evaluate --sections discrimination,selection``), skip the
+answers no chosen section reads, and commit each section as it finishes (``evaluation.parts``).
+A section that has nothing to score (e.g. sessions without the full agent) returns no metrics,
+and the report says "not run".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import product
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from agents.transition import transitions
+from evaluation import macro, micro
+from evaluation.metrics import paired_diff_ci, rank_agreement
+from evaluation.outputs import METHODS, EvalBundle
+from evaluation.plots import (
+    plot_distributions,
+    plot_method_bars,
+    plot_ranking,
+    plot_session_outcomes,
+)
+
+if TYPE_CHECKING:
+    from agents.world import World
+    from evaluation.run import EvalConfig
+
+BASELINE_PAIRS = ("popularity", "itemknn", "bpr", "feature regression")
+
+
+@dataclass
+class Context:
+    """What every section may read; ``judge`` is built on first use, so a run that resumes
+    past the sessions section never loads a judge model."""
+
+    world: World
+    bundle: EvalBundle
+    outputs: Mapping[str, Mapping[str, Any]]
+    cfg: EvalConfig
+    make_judge: Callable[[], Any] | None = None
+    log: Callable[[str], None] = print
+
+    @cached_property
+    def labels(self) -> dict[str, str]:
+        return {name: METHODS[name].label for name in self.outputs}
+
+    @property
+    def full(self) -> str | None:
+        return "full" if "full" in self.outputs else None
+
+    @cached_property
+    def judge(self) -> Any:
+        return self.make_judge() if self.make_judge is not None else None
+
+
+@dataclass
+class Result:
+    """A section's metrics (top-level keys of metrics.json) and plots (figures or PNG bytes,
+    keyed as ``evaluation.report.write_report`` places them)."""
+
+    metrics: dict[str, Any]
+    plots: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    needs: frozenset[str]
+    run: Callable[[Context], Result]
+    help: str
+
+
+def pick(pool: Sequence[int], n: int, seed: int) -> list[int]:
+    pool = list(pool)
+    idx = np.random.default_rng(seed).choice(len(pool), size=min(n, len(pool)), replace=False)
+    return sorted(pool[i] for i in idx)
+
+
+def held_out(world: World, users: Sequence[int], part: str = "test"):
+    """Held-out visits on the training pages' construction (the exposure mixture)."""
+    trajs = world.trajectories(part, users=list(users), progress=False)
+    return trajs, transitions(trajs, world, full_history=True)
+
+
+def _agent_scorer(lists: Mapping[int, list], scores: Mapping[int, list]) -> micro.ItemScorer:
+    table = {(u, tuple(items)): np.asarray(s) for m, rows in lists.items()
+             for (u, items, _), s in zip(rows, scores[m], strict=True)}
+    return lambda user, items: table[(user, tuple(items))]
+
+
+def discrimination(ctx: Context) -> Result:
+    cfg, labels, outputs = ctx.cfg, ctx.labels, ctx.outputs
+    ctx.log("preference discrimination")
+    valid_all = ctx.world.lists("valid", 1, None, cfg.seed)
+    valid_lists = [valid_all[i] for i in pick(range(len(valid_all)), cfg.users, cfg.seed + 1)]
+    methods = dict(micro.baseline_scorers(ctx.world, valid_lists, cfg.seed))
+    methods |= {labels[n]: _agent_scorer(ctx.bundle.lists, o["lists"])
+                for n, o in outputs.items()}
+    rows, per_user = micro.discrimination(methods, valid_lists, ctx.bundle.lists,
+                                          fixed={labels[n]: 0.0 for n in outputs})
+    by_m = pd.DataFrame(rows).assign(m=lambda f: f["m"].str.split(":").str[1].astype(int))
+    note = (f"{len(ctx.bundle.meta['users'])} held-out users; baseline thresholds tuned on "
+            "validation 1:1 lists; agents say watch when their calibrated log-odds > 0 (offset "
+            "fitted on validation lists when the checkpoint was trained)")
+    return Result({"discrimination": {"rows": rows, "note": note},
+                   "paired": {"rows": paired(per_user, labels, ctx.full, cfg)}},
+                  {f"discrimination/{m}": plot_method_bars(by_m, m) for m in ("f1", "auc")})
+
+
+def paired(per_user, labels: Mapping[str, str], full: str | None, cfg: EvalConfig) -> list:
+    """Each agent against the classical scorers, and each ablation against the full agent."""
+    pairs = [(labels[n], base) for n in labels for base in BASELINE_PAIRS]
+    if full:
+        pairs += [(labels[n], labels[full]) for n in labels if n != full]
+    rows = []
+    for m, (name, base) in product(cfg.ms, pairs):
+        common = sorted(set(per_user[name][m]) & set(per_user[base][m]))
+        for metric in ("f1", "auc"):
+            a = [per_user[name][m][u][metric] for u in common]
+            b = [per_user[base][m][u][metric] for u in common]
+            rows.append({"method": name, "versus": base, "metric": f"{metric} 1:{m}",
+                         **paired_diff_ci(a, b, cfg.n_boot, cfg.seed)})
+    return rows
+
+
+def next_action(ctx: Context) -> Result:
+    ctx.log("next action and ratings on held-out pages")
+    return Result(micro.page_metrics(ctx.world, ctx.bundle.pages,
+                                     {ctx.labels[n]: o for n, o in ctx.outputs.items()},
+                                     ctx.labels.get(ctx.full or "")))
+
+
+def world_model(ctx: Context) -> Result:
+    if not ctx.full:
+        return Result({})
+    ctx.log("world model next-state F1")
+    user_mean = ctx.world.split.train.groupby("user")["rating"].mean().to_dict()
+    return Result({"world_model": micro.next_state(ctx.outputs[ctx.full]["next_state"],
+                                                   ctx.bundle.transitions, user_mean)})
+
+
+def sessions(ctx: Context) -> Result:
+    """The full agent's sessions against held-out human visits: distributions, a
+    discriminator, the judge and what each recommender's sessions held."""
+    if not ctx.full:
+        return Result({})
+    ctx.log("simulated sessions")
+    world, cfg, by_rec = ctx.world, ctx.cfg, ctx.outputs[ctx.full]["sessions"]
+    human = macro.human_sessions(held_out(world, ctx.bundle.meta["sim_users"])[0])
+    sim_knn = by_rec.get("itemknn") or [s for rec in by_rec.values() for s in rec]
+    cmp = macro.compare_sessions(human, sim_knn, cfg.seed)
+    out: dict[str, Any] = {
+        "distributions": {"rows": cmp["rows"] + macro.rates(human, sim_knn),
+                          "note": "held-out human visits (exposure-mixture pages) vs the "
+                                  "agent's sessions on ItemKNN's static pages"},
+        "discriminator": cmp["discriminator"],
+        "sessions_by_recommender": {"rows": macro.by_recommender(by_rec)}}
+    plots = {"distributions": plot_distributions(cmp["human"], cmp["sim"]),
+             "sessions_by_recommender": plot_session_outcomes(
+                 out["sessions_by_recommender"]["rows"])}
+    if cfg.judge_sessions and ctx.judge is not None:
+        titles = {i: it.title for i, it in world.ds.items.items()}
+        n = cfg.judge_sessions
+        out["judge"] = {
+            "human": float(np.nanmean(macro.judge(ctx.judge, human[:n], world.personas,
+                                                  titles))),
+            "simulated": float(np.nanmean(macro.judge(ctx.judge, sim_knn[:n], world.personas,
+                                                      titles))),
+            **macro.judge_label(ctx.judge), "n_sessions": n}
+    return Result(out, plots)
+
+
+def selection(ctx: Context) -> Result:
+    """Recommenders ranked by the simulated sessions, with the ship answer."""
+    if not ctx.full:
+        return Result({})
+    ctx.log("recommender selection")
+    cfg = ctx.cfg
+    flat = [s for rec in ctx.outputs[ctx.full]["sessions"].values() for s in rec]
+    sel = macro.selection(ctx.world, flat, cfg.recommenders, ctx.bundle.meta["sim_users"],
+                          cfg.n_boot, cfg.seed)
+    if cfg.ab_results:
+        from evaluation.metrics import read_ab_results
+
+        sel["simulated_vs_ab"] = rank_agreement(read_ab_results(cfg.ab_results),
+                                                sel["simulated_mean"], cfg.n_boot, cfg.seed)
+    return Result({"selection": sel},
+                  {"selection/ranking": plot_ranking(sel["truth_mean"], sel["simulated_mean"])})
+
+
+def calibration(ctx: Context) -> Result:
+    return Result({"calibration": {ctx.labels[n]: o.get("calibration")
+                                   for n, o in ctx.outputs.items()}})
+
+
+def cost(ctx: Context) -> Result:
+    return Result({"cost": {ctx.labels[n]: {"seconds": o.get("seconds"),
+                                            "tokens": o.get("tokens")}
+                            for n, o in ctx.outputs.items()}})
+
+
+REGISTRY: dict[str, Section] = {s.name: s for s in (
+    Section("discrimination", frozenset({"lists"}), discrimination,
+            "1:m preference discrimination and paired differences"),
+    Section("next_action", frozenset({"pages"}), next_action,
+            "next action, ratings and what the decisions depend on, on held-out pages"),
+    Section("world_model", frozenset({"next_state"}), world_model, "next-state F1"),
+    Section("sessions", frozenset({"sessions"}), sessions,
+            "session distributions, discriminator and judge"),
+    Section("selection", frozenset({"sessions"}), selection,
+            "recommender selection and the ship answer"),
+    Section("calibration", frozenset(), calibration, "each method's calibration offsets"),
+    Section("cost", frozenset(), cost, "each method's seconds and tokens"),
+)}
+
+
+def select(names: str | Iterable[str] | None) -> list[str]:
+    """Section names in registry order; None or empty = all. Unknown names are one error."""
+    if names is None:
+        return list(REGISTRY)
+    wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names)
+              if n.strip()]
+    unknown = [n for n in wanted if n not in REGISTRY]
+    if unknown:
+        raise ValueError(f"unknown section(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(REGISTRY)}")
+    return [n for n in REGISTRY if n in wanted] if wanted else list(REGISTRY)
+
+
+def needs(names: Iterable[str]) -> frozenset[str]:
+    """The method answers the sections ``names`` read (a subset of ``OUTPUT_KINDS``)."""
+    return frozenset[str]().union(*(REGISTRY[n].needs for n in names))

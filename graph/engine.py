@@ -1,0 +1,104 @@
+"""Running many agent sessions at once on one machine.
+
+Agents run in a pool of threads; when their runtimes share a ``agents.batching.BatchingScorer``
+the pool's workers are registered with it, so the agents' scorer calls meet in lockstep batches
+(one batched forward for N agents' pages). Non-LLM agents gain nothing from threads (pure
+Python holds the GIL), so their default is one at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tqdm import tqdm
+
+from graph.deps import AgentDeps
+from simulator.sessions import SessionRecord
+
+LLM_CONCURRENCY = 8
+"""Agents in flight for LLM policies: enough to fill a batched forward on a CPU; more only adds
+padding and memory (see bench/bench_engine.py)."""
+
+Job = tuple[str, int]  # (recommender, user)
+
+
+def default_concurrency(runtimes: Mapping[str, AgentDeps]) -> int:
+    return LLM_CONCURRENCY if any(rt.scorer is not None for rt in runtimes.values()) else 1
+
+
+def batchers(runtimes: Mapping[str, AgentDeps]) -> list[Any]:
+    """The distinct lockstep scorers the runtimes share (see ``agents.batching``)."""
+    found: dict[int, Any] = {}
+    for rt in runtimes.values():
+        if rt.scorer is not None and hasattr(rt.scorer, "enter"):
+            found[id(rt.scorer)] = rt.scorer
+    return list(found.values())
+
+
+class PopulationProgress:
+    """Agents done, decisions (pages) per second and the ETA, on one tqdm bar."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.bar = tqdm(total=total, desc="agents", unit="agent", disable=not enabled)
+        self.t0, self.decisions = time.perf_counter(), 0
+        self._lock = threading.Lock()
+
+    def done(self, session: SessionRecord) -> None:
+        with self._lock:
+            self.decisions += len(session.pages)
+            rate = self.decisions / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"{rate:.2f} decisions/s", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_jobs(run_one: Callable[[str, int], SessionRecord], runtimes: Mapping[str, AgentDeps],
+             jobs: Sequence[Job], concurrency: int, progress: bool = True
+             ) -> list[SessionRecord]:
+    """``run_one`` over the jobs with ``concurrency`` agents in flight; results in job order.
+
+    Each worker counts as one participant of every shared batcher until it runs out of jobs,
+    so a batch is flushed once every worker still running is waiting on the scorer."""
+    bar = PopulationProgress(len(jobs), progress)
+    out: list[SessionRecord | None] = [None] * len(jobs)
+    try:
+        if concurrency <= 1 or len(jobs) <= 1:
+            for k, (rec, user) in enumerate(jobs):
+                out[k] = run_one(rec, user)
+                bar.done(out[k])
+            return [s for s in out if s is not None]
+        workers = min(concurrency, len(jobs))
+        shared = batchers(runtimes)
+        lock, next_job, failed = threading.Lock(), iter(range(len(jobs))), threading.Event()
+
+        def worker() -> None:
+            try:
+                while not failed.is_set():
+                    with lock:
+                        k = next(next_job, None)
+                    if k is None:
+                        return
+                    out[k] = run_one(*jobs[k])
+                    bar.done(out[k])
+            except BaseException:
+                failed.set()
+                raise
+            finally:
+                for b in shared:
+                    b.leave()
+
+        for b in shared:
+            b.enter(workers)
+        with ThreadPoolExecutor(workers, thread_name_prefix="agent") as pool:
+            futures = [pool.submit(worker) for _ in range(workers)]
+            for f in futures:
+                f.result()
+        return [s for s in out if s is not None]
+    finally:
+        bar.close()

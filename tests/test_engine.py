@@ -1,0 +1,151 @@
+"""Faster populations: lockstep batching across agents, merged LoRA weights, the device flag and
+the progress bar. Batching and merging are speed-ups only: the same seed gives the same
+trajectories, and scores agree within float round-off."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from agents.batching import BatchingScorer
+from agents.llm import LM, load_lm, tiny_lm
+from agents.scorer import Scorer
+from alignuser.cli import build_parser, simulate_config
+from alignuser.config import SimulateConfig, World
+from alignuser.simulate import build_runtimes
+from graph.graph import build_graph
+from graph.runner import run_population
+from memory.store import NoMemory
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PREFIX = "You are a 30-year-old engineer who likes Sci-Fi.\nPage 1:\n[1] Alien (1979)\n"
+REQUESTS = [(PREFIX + f"[2] Movie {k}\n" * k, [("Answer: ", "watch"), ("Answer: ", "skip"),
+                                               ("", f"[{k}] rated 4")]) for k in range(1, 7)]
+# Padded batched forwards sum in another order than one request alone: fp32 round-off only.
+SCORE_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def lm() -> LM:
+    return tiny_lm(seed=1)
+
+
+def test_batching_scorer_merges_concurrent_callers(lm: LM) -> None:
+    alone = [Scorer(lm).score_many([r])[0] for r in REQUESTS]
+    batcher = BatchingScorer(Scorer(lm), max_wait=5.0)  # only "everyone waits" may flush
+    got: dict[int, list[float]] = {}
+    batcher.enter(len(REQUESTS))
+
+    def call(k: int) -> None:
+        try:
+            got[k] = batcher.score(*REQUESTS[k])
+        finally:
+            batcher.leave()
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(REQUESTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert batcher.batches.flushes == 1 and batcher.batches.requests == len(REQUESTS)
+    assert batcher.batches.timeouts == 0
+    for k, scores in enumerate(alone):
+        assert got[k] == pytest.approx(scores, abs=SCORE_TOL)
+
+
+def test_batching_scorer_alone_and_errors(lm: LM) -> None:
+    batcher = BatchingScorer(Scorer(lm))
+    got, want = batcher.score_many(REQUESTS[:2]), Scorer(lm).score_many(REQUESTS[:2])
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, abs=SCORE_TOL)
+    assert batcher.batches.flushes == 1  # no participants: flushed at once, no waiting
+    with pytest.raises(ValueError, match="empty target"):
+        batcher.score(PREFIX, [("ctx", "")])
+    assert batcher.score(*REQUESTS[0]) == pytest.approx(
+        Scorer(lm).score(*REQUESTS[0]), abs=SCORE_TOL)  # a failed batch leaves it usable
+
+
+def _population(world: World, scorer: Any, concurrency: int, users: list[int]
+                ) -> list[dict[str, Any]]:
+    cfg = SimulateConfig(policy="zero_shot", recommenders=["pop"], memory="none",
+                         pages=3, temperature=1.0, seed=7, checkpoint=None)
+    runtimes = build_runtimes(cfg, world, users, scorer, NoMemory())
+    return run_population(build_graph("none", "on"), runtimes, users, progress=False,
+                          concurrency=concurrency)
+
+
+def test_batched_population_gives_the_same_trajectories(small_world: World, lm: LM) -> None:
+    users = small_world.sample_users(4, seed=0)
+    plain = _population(small_world, Scorer(lm), 1, users)
+    batcher = BatchingScorer(Scorer(lm, cache_size=32), max_wait=1.0)
+    batched = _population(small_world, batcher, 4, users)
+    # 4 sessions x (predict + watch + rest per page + interview) calls met in fewer flushes.
+    assert batcher.batches.requests > 2 * batcher.batches.flushes
+    assert [s.thread for s in batched] == [s.thread for s in plain]
+    for a, b in zip(plain, batched, strict=True):
+        assert [(p.items, p.watched, p.then) for p in a.pages] == \
+            [(p.items, p.watched, p.then) for p in b.pages]
+        assert (a.end, a.satisfaction) == (b.end, b.satisfaction)
+        for pa, pb in zip(a.pages, b.pages, strict=True):
+            assert pb.watch_scores == pytest.approx(pa.watch_scores, abs=SCORE_TOL)
+    assert sum(len(s.pages) for s in plain) > len(plain)  # agents browsed past page 1
+
+
+def test_progress_bar_shows_decisions_per_second(small_world: World,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    cfg = SimulateConfig(policy="random", recommenders=["pop"], memory="none",
+                         world_model="off", pages=2, checkpoint=None)
+    users = small_world.sample_users(3, seed=0)
+    runtimes = build_runtimes(cfg, small_world, users, None, NoMemory())
+    sessions = run_population(build_graph("none", "off"), runtimes, users)
+    err = capsys.readouterr().err
+    assert len(sessions) == 3 and "3/3" in err and "decisions/s" in err
+
+
+def test_merged_lora_scores_like_the_adapter(tmp_path: Path) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny = tiny_lm(seed=5)
+    tiny.model.save_pretrained(base_dir)
+    tiny.tokenizer.save_pretrained(base_dir)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"],
+                      init_lora_weights=False)
+    get_peft_model(load_lm(base_dir, dtype="fp32").model, lora).save_pretrained(adapter_dir)
+    merged = load_lm(base_dir, adapter=adapter_dir, dtype="fp32")
+    unmerged = load_lm(base_dir, adapter=adapter_dir, dtype="fp32", merge=False)
+    base = load_lm(base_dir, dtype="fp32")
+    assert isinstance(unmerged.model, PeftModel) and not isinstance(merged.model, PeftModel)
+    assert merged.name == unmerged.name == "base+adapter"
+    a, b = Scorer(merged).score_many(REQUESTS), Scorer(unmerged).score_many(REQUESTS)
+    c = Scorer(base).score_many(REQUESTS)
+    for x, y, z in zip(a, b, c, strict=True):
+        assert x == pytest.approx(y, abs=SCORE_TOL)  # fp32: W + BA folded, round-off only
+        assert max(abs(p - q) for p, q in zip(x, z, strict=True)) > 1e-2  # the LoRA matters
+
+
+def test_simulate_device_and_concurrency_flags() -> None:
+    args = build_parser().parse_args(["simulate", "--device", "cpu", "--concurrency", "3"])
+    cfg = simulate_config(args)
+    assert (cfg.device, cfg.concurrency) == ("cpu", 3)
+    default = simulate_config(build_parser().parse_args(["simulate"]))
+    assert (default.device, default.concurrency) == ("auto", None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["simulate", "--device", "tpu"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_and_cuda_decide_alike(small_world: World, lm: LM) -> None:
+    users = small_world.sample_users(3, seed=0)
+    cuda = LM(tiny_lm(seed=1).model.to("cuda"), lm.tokenizer, lm.name)
+    cpu_s = _population(small_world, Scorer(lm), 1, users)
+    gpu_s = _population(small_world, Scorer(cuda), 1, users)
+    for a, b in zip(cpu_s, gpu_s, strict=True):
+        assert [(p.watched, p.then) for p in a.pages] == [(p.watched, p.then) for p in b.pages]
+        for pa, pb in zip(a.pages, b.pages, strict=True):
+            assert pb.watch_scores == pytest.approx(pa.watch_scores, abs=1e-3)
