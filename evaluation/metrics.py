@@ -192,6 +192,15 @@ def rank_agreement_boot(truth_per_user: pd.DataFrame, pred_per_user: pd.DataFram
             "rho_ci": _ci(boots[:, 1], level), "n_users": len(users), "n_recommenders": len(recs)}
 
 
+def _strictly_first(boot: np.ndarray, best: int) -> float:
+    """Share of resamples where ``best`` beats every other column outright (a tie is no win)."""
+    boot = np.nan_to_num(boot, nan=-np.inf)
+    if boot.shape[1] == 1:
+        return 1.0
+    others = np.delete(boot, best, axis=1).max(axis=1)
+    return float(np.mean(boot[:, best] > others))
+
+
 def best_choice(per_user: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
                 level: float = 0.95) -> dict[str, object]:
     """The recommender a users x recommenders outcome table would ship, with a CI of its mean,
@@ -210,8 +219,7 @@ def best_choice(per_user: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
         boot = np.stack([np.nanmean(values[i], axis=0) for i in idx])
     out: dict[str, object] = {"recommender": str(frame.columns[best]), "mean": float(means[best]),
                               "ci": _ci(boot[:, best], level),
-                              "p_first": float(np.mean(np.nanargmax(np.nan_to_num(
-                                  boot, nan=-np.inf), axis=1) == best)),
+                              "p_first": _strictly_first(boot, best),
                               "n_users": len(frame)}
     if len(order) > 1:
         second = int(order[1])

@@ -79,6 +79,8 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
     t0 = time.perf_counter()
     offset = cal.list_offset if cal.list_offset is not None else cal.watch_offset
     out: dict[str, Any] = {"lists": {}, "calibration": cal.model_dump()}
+    # the scorer is shared by the methods on the same weights: count this method's tokens only
+    tokens_before = getattr(getattr(scorer, "stats", None), "tokens", None) or 0
     for m, lists in (bundle.lists if "lists" in needs else {}).items():
         out["lists"][m] = [s.tolist() for s in list_scores(
             scorer, bundle.perceiver, bundle.personas, bundle.histories,
@@ -109,7 +111,8 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
             out["sessions"][rec] = [session_record(u, rec, run)
                                     for (u, _), run in zip(sessions, runs, strict=True)]
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    out["tokens"] = getattr(getattr(scorer, "stats", None), "tokens", None)
+    tokens = getattr(getattr(scorer, "stats", None), "tokens", None)
+    out["tokens"] = None if tokens is None else tokens - tokens_before
     return out
 
 

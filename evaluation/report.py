@@ -176,9 +176,13 @@ def _answer_blocks(answer: Any) -> list[Block]:
             "recommender", "mean", "ci", "p_first", "runner_up", "lead", "lead_ci", "n_users")}})
     sim = next(iter(answer.values()))
     agree = [s for s, a in list(answer.items())[1:] if a["recommender"] == sim["recommender"]]
-    verdict = (f"The simulation would ship {sim['recommender']}"
-               + (f", as would the {' and the '.join(agree)}." if agree else
-                  "; neither the offline metric nor the held-out humans agree."))
+    if sim.get("runner_up") and not sim.get("lead"):
+        verdict = (f"The simulation cannot choose: {sim['recommender']} and {sim['runner_up']} tie "
+                   f"(mean {fmt(sim['mean'])}); more agents or pages are needed.")
+    else:
+        verdict = (f"The simulation would ship {sim['recommender']}"
+                   + (f", as would the {' and the '.join(agree)}." if agree else
+                      "; neither the offline metric nor the held-out humans agree."))
     return [("p", verdict), *words, _table(rows)]
 
 

@@ -71,19 +71,20 @@ PRESETS: dict[str, dict[str, Any]] = {
                   recommenders=["pop", "itemknn"], sim_users=2, judge_sessions=2, n_boot=50),
     # The default: every section and every shipped method in minutes on a 2-core CPU; too few
     # users for tight CIs, so its report shows how wide they are.
-    "standard": dict(users=6, ms=[1, 9], next_action_users=6, next_action_pages=12,
-                     next_state=12, recommenders=["pop", "itemknn", "bpr"], sim_users=6,
-                     judge_sessions=4, n_boot=500),
+    "standard": dict(users=3, ms=[1, 9], next_action_users=3, next_action_pages=6,
+                     next_state=3, recommenders=["pop", "itemknn", "bpr"], sim_users=3,
+                     session_pages=2, judge_sessions=3, n_boot=500),
     # The field defaults: 200 users, the published protocol's sizes (hours on a CPU).
     "full": {},
 }
 
 
-# Seconds per item decision on a 2-core CPU (bf16 SmolLM2-135M + LoRA), measured by the
-# standard preset's run (`alignuser evaluate`, per-method seconds in its report's cost section
-# over the decisions below), and the fixed cost of loading data and fitting the baselines.
-SECONDS_PER_DECISION = {"policy": 1.0, "world_model": 2.5}
-SETUP_SECONDS = 90.0
+# Seconds per item decision on an idle 2-core CPU (bf16 SmolLM2-135M, merged LoRA): the
+# per-method seconds in the cost section of `alignuser evaluate --preset quick` over the
+# decisions counted below (zero-shot 42 s for ~96, AlignUSER 142 s for ~176), and the fixed cost
+# of loading the data and fitting the baselines.
+SECONDS_PER_DECISION = {"policy": 0.45, "world_model": 0.65}
+SETUP_SECONDS = 30.0
 
 
 def expected_seconds(cfg: EvalConfig, methods: Sequence[str]) -> float:
@@ -101,9 +102,6 @@ def expected_seconds(cfg: EvalConfig, methods: Sequence[str]) -> float:
     return total
 
 
-_pick, _trs = pick, held_out  # the names build_bundle has always used
-
-
 def static_pages(world: World, recommender: str, users: Sequence[int], seed: int,
                  n: int = 20) -> list[tuple[int, list[list[int]]]]:
     """Each user's first ``n`` items of the recommender's static ranking (train items
@@ -117,9 +115,9 @@ def build_bundle(world: World, cfg: EvalConfig) -> EvalBundle:
     eligible = [u for u, _, _ in world.lists("test", 1, None, cfg.seed)]
     if not eligible:
         raise ValueError("no user has 10 held-out test ratings: the split is too small")
-    users = _pick(eligible, cfg.users, cfg.seed)
-    _, trs = _trs(world, users[:cfg.next_action_users])
-    pages = _pick(range(len(trs)), cfg.next_action_pages, cfg.seed)
+    users = pick(eligible, cfg.users, cfg.seed)
+    _, trs = held_out(world, users[:cfg.next_action_users])
+    pages = pick(range(len(trs)), cfg.next_action_pages, cfg.seed)
     sim_users = users[:cfg.sim_users]
     return EvalBundle(
         perceiver=world.perceiver, personas=world.personas, histories=world.histories,

@@ -12,6 +12,7 @@ import pytest
 from evaluation.metrics import (
     action_match,
     action_match_mean,
+    best_choice,
     binary_scores,
     discriminator_auc,
     distribution_distance,
@@ -246,3 +247,16 @@ def test_read_ab_results(tmp_path: Path) -> None:
     two = tmp_path / "two.csv"
     two.write_text("experiment,variant,value\na,pop,1\nb,pop,2\nb,mf,3\n")
     assert read_ab_results(two, experiment="b") == {"pop": 2.0, "mf": 3.0}
+
+
+def test_best_choice_names_the_winner_and_never_a_tie() -> None:
+    frame = pd.DataFrame({"a": [0.1, 0.2, 0.3, 0.2], "b": [0.3, 0.4, 0.2, 0.5],
+                          "c": [0.0, 0.0, 0.1, np.nan]})
+    out = best_choice(frame, n_boot=400, seed=0)
+    assert (out["recommender"], out["runner_up"]) == ("b", "a")
+    assert out["mean"] == pytest.approx(0.35) and out["lead"] == pytest.approx(0.15)
+    assert out["ci"][0] < 0.35 < out["ci"][1] and 0.5 < out["p_first"] < 1.0
+    tie = best_choice(pd.DataFrame({"a": [0.0, 0.0, 0.0], "b": [0.0, 0.0, 0.0]}), n_boot=50)
+    assert tie["lead"] == 0.0 and tie["p_first"] == 0.0  # first by column order only
+    with pytest.raises(ValueError, match="needs >= 2 users"):
+        best_choice(frame.iloc[:1])

@@ -58,8 +58,8 @@ def test_presets_size_the_evaluation() -> None:
     assert build_parser().parse_args(["evaluate"]).preset == "standard"
     full = EvalConfig.of_preset("full")
     assert full == EvalConfig(preset="full") and full.users == 200
-    standard = EvalConfig.of_preset("standard", users=3)
-    assert (standard.preset, standard.users, standard.ms) == ("standard", 3, [1, 9])
+    standard = EvalConfig.of_preset("standard", users=2)
+    assert (standard.preset, standard.users, standard.ms) == ("standard", 2, [1, 9])
     methods = ["zero_shot", "sft", "full"]
     times = [expected_seconds(EvalConfig.of_preset(p), methods) for p in PRESETS]
     assert times == sorted(times) and times[2] > 10 * times[1]

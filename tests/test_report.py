@@ -138,6 +138,14 @@ def test_report_opens_with_the_answer(report: dict[str, Path]) -> None:
     assert "offline metric: ship bpr" in answer
 
 
+def test_a_tie_is_not_a_choice(tmp_path: Path) -> None:
+    tied = {"recommender": "pop", "mean": 0.0, "ci": [0.0, 0.0], "p_first": 0.0,
+            "runner_up": "bpr", "lead": 0.0, "lead_ci": [0.0, 0.0], "n_users": 3}
+    page = write_report({"selection": {"answer": {"simulation": tied}}},
+                        tmp_path)["report.html"].read_text()
+    assert "The simulation cannot choose: pop and bpr tie" in _section(page, "answer")
+
+
 def test_rerender_reproduces_the_report_without_recomputing(report: dict[str, Path]) -> None:
     out = report["report.html"].parent
     before = {p.name: p.read_bytes() for p in out.iterdir()}
