@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from simulator.env import Observation, PageAction
-from simulator.policies import Policy as SimPolicy
+from simulator.policies import PageActor
 
 
 class Decision(BaseModel):
@@ -63,11 +63,11 @@ def decide_many(policy: Policy, inputs: Sequence[DecisionInput]) -> list[Decisio
     return many(list(inputs)) if many else [policy.decide(i) for i in inputs]
 
 
-class Scorer(Protocol):
+class OptionScorer(Protocol):
     def score(self, prefix: str, options: Sequence[tuple[str, str]]) -> list[float]: ...
 
 
-def score_many(scorer: Scorer, requests: Sequence[tuple[str, Sequence[tuple[str, str]]]]
+def score_many(scorer: OptionScorer, requests: Sequence[tuple[str, Sequence[tuple[str, str]]]]
                ) -> list[list[float]]:
     """Many (prefix, options) requests in the scorer's batched path when it has one."""
     many = getattr(scorer, "score_many", None)
@@ -95,7 +95,7 @@ def decision_rng(seed: int, user: int, page: int) -> np.random.Generator:
 class LLMPolicy:
     """Scores candidate lines under a (possibly fine-tuned) causal LM."""
 
-    scorer: Scorer
+    scorer: OptionScorer
     name: str = "aligned"
     temperature: float = DEFAULT_TEMPERATURE
     calibration: Any = None  # agents.decide.Calibration; None = no offsets
@@ -114,7 +114,7 @@ class LLMPolicy:
 class FixedPolicy:
     """Adapts a no-LLM simulator policy (random, popularity, human replay) to the agent."""
 
-    policy: SimPolicy
+    policy: PageActor
     name: str
 
     def decide(self, inp: DecisionInput) -> Decision:

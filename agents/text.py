@@ -200,3 +200,27 @@ def parse_next_state(text: str) -> NextState:
                     ns.genres += [g.strip() for g in m.group(2).split(",") if g.strip()]
     ns.genres = sorted(set(ns.genres))
     return ns
+
+
+def memory_note(page: int, watched: Sequence[tuple[str, int]], skipped: Sequence[str],
+                then: str) -> str:
+    """What an agent remembers of one page (the episodic memory's text)."""
+    seen = [f"watched {title} and rated it {r}/5" for title, r in watched]
+    return (f"Page {page}: " + ("; ".join(seen) or "watched nothing")
+            + (f"; skipped {', '.join(skipped)}" if skipped else "") + f"; then {then}.")
+
+
+def session_summary(n_pages: int, ratings: Sequence[int]) -> str:
+    """A finished session in one sentence, as the post-session interview shows it."""
+    return (f"You saw {n_pages} page(s) and watched {len(ratings)} movie(s)"
+            + (f", rated {', '.join(map(str, ratings))}." if ratings else "."))
+
+
+def describe_session(pages: Sequence[Mapping], titles: Mapping[int, str]) -> str:
+    """A whole session (page records in their JSON form) as the judge reads it."""
+    lines = []
+    for p in pages:
+        watched = ", ".join(f"{titles[int(i)]} ({r}/5)" for i, r in p["watched"].items())
+        lines.append(f"page {p['page']}: shown {len(p['items'])}, watched "
+                     f"{watched or 'nothing'}; then {p['then']}")
+    return "\n".join(lines)

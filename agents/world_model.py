@@ -12,19 +12,19 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from agents import prompts, text
-from agents.policy import Scorer, expected_value, score_many
+from agents.policy import OptionScorer, expected_value, score_many
 
 
 class Generator(Protocol):
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: str | None = None) -> str: ...
 
 
-def expected_ratings(scorer: Scorer, prefix: str, n_slots: int) -> dict[int, float]:
+def expected_ratings(scorer: OptionScorer, prefix: str, n_slots: int) -> dict[int, float]:
     """Per slot, the rating the model expects if only that slot is watched."""
     return expected_ratings_many(scorer, [(prefix, n_slots)])[0]
 
 
-def expected_ratings_many(scorer: Scorer, pages: Sequence[tuple[str, int]]
+def expected_ratings_many(scorer: OptionScorer, pages: Sequence[tuple[str, int]]
                           ) -> list[dict[int, float]]:
     """``expected_ratings`` for many (prefix, n_slots) pages in one batched call.
 

@@ -20,7 +20,13 @@ from rich.markup import escape
 from alignuser.config import OfflineConfig, PolicyName, SimulateConfig
 from alignuser.entry import COMMANDS, DEBUG_HELP, DefaultsFormatter, top_parser
 from alignuser.flags import add_data_flags, add_split_flags, data_config
-from alignuser.simulate_flags import add_simulate_flags, resumed_config, simulate_config
+from alignuser.simulate_flags import (
+    add_model_flags,
+    add_simulate_flags,
+    given_fields,
+    resumed_config,
+    simulate_config,
+)
 
 console = Console()
 
@@ -74,8 +80,7 @@ def cmd_recommenders(args: argparse.Namespace) -> int:
     from alignuser.config import world_for
     from simulator.offline import offline_metrics
 
-    cfg = OfflineConfig(data=data_config(args),
-                        recommenders=args.recommenders.split(","), k=args.k, seed=args.seed)
+    cfg = OfflineConfig(**{"data": data_config(args), **given_fields(args, OfflineConfig)})
     world = world_for(cfg.data)
     recs = {rec.name: rec for rec in (world.recommender(n, seed=cfg.seed)
                                       for n in cfg.recommenders)}
@@ -184,12 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recommenders", help=COMMANDS["recommenders"])
     r.add_argument("action", choices=["eval"], help="eval: ranking metrics on valid and test")
     add_data_flags(r)
-    r.add_argument("--recommenders", default="random,pop,itemknn,userknn,als,bpr",
-                   help="comma-separated " + OfflineConfig.model_fields["recommenders"]
-                   .description)
-    r.add_argument("--k", type=int, default=10, help=OfflineConfig.model_fields["k"].description)
-    r.add_argument("--seed", type=int, default=0,
-                   help=OfflineConfig.model_fields["seed"].description)
+    add_model_flags(r, OfflineConfig)
     r.set_defaults(func=cmd_recommenders)
 
     s = sub.add_parser("simulate", help=COMMANDS["simulate"])

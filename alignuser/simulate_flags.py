@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from annotated_types import Ge, Gt
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from alignuser.config import SimulateConfig
@@ -56,11 +58,20 @@ def _help(field: FieldInfo, shown_default: Any) -> str:
 def add_simulate_flags(parser: argparse.ArgumentParser) -> None:
     """The data flags, one flag per ``SimulateConfig`` field, and the run-folder flags."""
     add_data_flags(parser)
-    for name, field in SimulateConfig.model_fields.items():
+    add_model_flags(parser, SimulateConfig, INVERTED)
+    add_run_flags(parser, "finished agents (unfinished ones run again)")
+
+
+def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
+                    inverted: Mapping[str, tuple[str, Any, str]] | None = None) -> None:
+    """One flag per field of ``model`` (but ``data``), each defaulting to None so a given flag
+    can be told from one left out; ``inverted`` names the switches that turn a default off."""
+    inverted = inverted or {}
+    for name, field in model.model_fields.items():
         if name in SKIPPED:
             continue
-        if name in INVERTED:
-            flag, value, text = INVERTED[name]
+        if name in inverted:
+            flag, value, text = inverted[name]
             parser.add_argument(flag, dest=name, action="store_const", const=value,
                                 default=None, help=f"{text} (default: off)")
             continue
@@ -79,12 +90,12 @@ def add_simulate_flags(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(flag, dest=name, default=None, type=kind,
                                 metavar=METAVARS.get(name), help=_help(field, default))
-    add_run_flags(parser, "finished agents (unfinished ones run again)")
 
 
-def given_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``SimulateConfig`` fields the command line set (``data`` only when a data flag was)."""
-    given = {name: getattr(args, name) for name in SimulateConfig.model_fields
+def given_fields(args: argparse.Namespace,
+                 model: type[BaseModel] = SimulateConfig) -> dict[str, Any]:
+    """The ``model`` fields the command line set (``data`` only when a data flag was)."""
+    given = {name: getattr(args, name) for name in model.model_fields
              if name not in SKIPPED and getattr(args, name, None) is not None}
     data_flags = [k for k, v in vars(args).items() if k.startswith("split_") and v is not None]
     if args.dataset != "ml-100k" or data_flags:

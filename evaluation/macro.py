@@ -16,7 +16,8 @@ import pandas as pd
 from langchain_core.language_models import BaseChatModel
 
 from agents import prompts
-from agents.policy import Scorer, expected_value
+from agents.policy import OptionScorer, expected_value
+from agents.text import describe_session
 from agents.world import World
 from evaluation.metrics import (
     best_choice,
@@ -99,21 +100,12 @@ def compare_sessions(human: Sequence[Mapping], sim: Sequence[Mapping], seed: int
     return {"rows": rows, "discriminator": disc, "human": h, "sim": s}
 
 
-def describe_session(s: Mapping[str, Any], titles: Mapping[int, str]) -> str:
-    lines = []
-    for p in s["pages"]:
-        watched = ", ".join(f"{titles[int(i)]} ({r}/5)" for i, r in p["watched"].items())
-        lines.append(f"page {p['page']}: shown {len(p['items'])}, watched "
-                     f"{watched or 'nothing'}; then {p['then']}")
-    return "\n".join(lines)
-
-
-def judge(judge_model: Scorer | BaseChatModel, sessions: Sequence[Mapping],
+def judge(judge_model: OptionScorer | BaseChatModel, sessions: Sequence[Mapping],
           personas: Mapping[int, str], titles: Mapping[int, str]) -> list[float]:
     """Human-likeness 1–5 per session: a local scorer gives the expected score over the five
     enumerated answers; a chat model answers in structured form (``agents.chat_policy``)."""
-    asks = [prompts.JUDGE.format(persona=personas[s["user"]], session=describe_session(s, titles))
-            for s in sessions]
+    asks = [prompts.JUDGE.format(persona=personas[s["user"]],
+                                 session=describe_session(s["pages"], titles)) for s in sessions]
     if isinstance(judge_model, BaseChatModel):
         from agents.chat_policy import chat_judge
 
@@ -122,7 +114,7 @@ def judge(judge_model: Scorer | BaseChatModel, sessions: Sequence[Mapping],
                            range(1, 6)) for p in asks]
 
 
-def judge_label(judge_model: Scorer | BaseChatModel) -> dict[str, Any]:
+def judge_label(judge_model: OptionScorer | BaseChatModel) -> dict[str, Any]:
     """Who judged, as the report's caveat needs it."""
     if isinstance(judge_model, BaseChatModel):
         return {"judge": f"chat model {judge_model._llm_type}", "local": False}

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from agents.perception import Perceiver
-from agents.policy import Policy, Scorer
+from agents.policy import OptionScorer, Policy
 from memory.store import EpisodicMemory, NoMemory
 from simulator.env import PageAction, PageSource
 
@@ -26,7 +26,7 @@ class AgentDeps:
     personas: Mapping[int, str]
     pages: PageSource
     policy: Policy
-    scorer: Scorer | None = None
+    scorer: OptionScorer | None = None
     memory: EpisodicMemory = field(default_factory=NoMemory)
     reason_model: TextModel | None = None
     human: Mapping[tuple[int, int], PageAction] = field(default_factory=dict)

@@ -27,7 +27,12 @@ Job = tuple[str, int]  # (recommender, user)
 
 
 def default_concurrency(runtimes: Mapping[str, AgentDeps]) -> int:
-    return LLM_CONCURRENCY if any(rt.scorer is not None for rt in runtimes.values()) else 1
+    """LLM agents batch their forwards across agents; chat-model agents wait on requests, so as
+    many run as the chat policy lets requests be in flight; other policies gain nothing."""
+    if any(rt.scorer is not None for rt in runtimes.values()):
+        return LLM_CONCURRENCY
+    chat = [getattr(rt.policy, "max_concurrency", 0) for rt in runtimes.values()]
+    return max([1, *chat])
 
 
 def batchers(runtimes: Mapping[str, AgentDeps]) -> list[Any]:

@@ -13,7 +13,7 @@ from langgraph.runtime import Runtime
 
 from agents import prompts
 from agents.policy import DecisionInput, expected_value
-from agents.text import ItemView, page_prompt
+from agents.text import ItemView, memory_note, page_prompt, session_summary
 from agents.world_model import expected_ratings
 from graph.context import AgentContext, deps_of
 from graph.deps import AgentDeps
@@ -130,10 +130,8 @@ def remember(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any
     rt = _deps(state, runtime)
     last = PageRecord.model_validate(state["pages"][-1])
     titles = {v["id"]: v["title"] for v in state["views"]}
-    watched = [f"watched {titles[i]} and rated it {r}/5" for i, r in last.watched.items()]
-    skipped = [titles[i] for i in last.items if i not in last.watched]
-    note = (f"Page {last.page}: " + ("; ".join(watched) or "watched nothing")
-            + (f"; skipped {', '.join(skipped)}" if skipped else "") + f"; then {last.then}.")
+    note = memory_note(last.page, [(titles[i], r) for i, r in last.watched.items()],
+                       [titles[i] for i in last.items if i not in last.watched], last.then)
     rt.memory.add(state["agent_id"], note, last.page)
     return {}
 
@@ -147,9 +145,8 @@ def interview(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, An
     when a text model is configured (the one place free text is allowed)."""
     rt = _deps(state, runtime)
     watched = [r for p in state["pages"] for r in PageRecord.model_validate(p).watched.values()]
-    session = (f"You saw {len(state['pages'])} page(s) and watched {len(watched)} movie(s)"
-               + (f", rated {', '.join(map(str, watched))}." if watched else "."))
-    prompt = prompts.INTERVIEW.format(persona=state["persona_text"], session=session)
+    prompt = prompts.INTERVIEW.format(persona=state["persona_text"],
+                                      session=session_summary(len(state["pages"]), watched))
     if rt.scorer is None:
         likes = sum(r >= 4 for r in watched)
         return {"satisfaction": int(np.clip(1 + round(9 * likes / max(len(state["pages"]), 1)

@@ -12,7 +12,7 @@ from simulator.env import InvalidAction, Observation, PageAction
 from simulator.trajectories import Trajectory
 
 
-class Policy(Protocol):
+class PageActor(Protocol):
     def act(self, obs: Observation) -> PageAction: ...
 
 

@@ -53,16 +53,6 @@ def run_path(output: str | Path | None, kind: str, root: Path = Path("runs")) ->
     return check_run_dir(path)
 
 
-def new_run_dir(output: str | Path | None, kind: str, root: Path = Path("runs")) -> Path:
-    """``output`` if given, else ``runs/<kind>-<UTC time>``; refuses to reuse a non-empty one."""
-    path = run_path(output, kind, root)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # e.g. read-only file system, which os.access cannot foresee
-        raise OSError(f"cannot create run directory {path}: {exc.strerror or exc}") from None
-    return path
-
-
 def write_atomic(path: Path, data: bytes | str) -> Path:
     """Write ``path`` so that a reader (or a resumed run after a kill) sees the old file or the
     whole new one, never half of it: a temporary sibling renamed over it."""

@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from simulator.data import COLUMNS, DataError, sort_log
 
@@ -38,14 +38,23 @@ class SplitConfig(BaseModel):
         None, ge=0, description="global_time only: unix seconds where the test starts; None = the "
         "(1 - test_frac) quantile of timestamps (80th percentile by default).")
 
-    @model_validator(mode="after")
-    def _check(self) -> SplitConfig:
-        if self.valid_frac + self.test_frac >= 1.0:
-            raise ValueError("valid_frac + test_frac must leave some ratings for training")
-        if (self.valid_time is not None and self.test_time is not None
-                and self.valid_time > self.test_time):
-            raise ValueError("valid_time must not be later than test_time")
-        return self
+    # Checked on the later field, so an error names the option that completes the clash.
+    @field_validator("test_frac")
+    @classmethod
+    def _leaves_training(cls, test_frac: float, info: ValidationInfo) -> float:
+        valid_frac = info.data.get("valid_frac", 0.0)
+        if valid_frac + test_frac >= 1.0:
+            raise ValueError(f"with valid_frac {valid_frac}, valid_frac + test_frac must leave "
+                             "some ratings for training")
+        return test_frac
+
+    @field_validator("test_time")
+    @classmethod
+    def _after_valid(cls, test_time: int | None, info: ValidationInfo) -> int | None:
+        valid_time = info.data.get("valid_time")
+        if test_time is not None and valid_time is not None and valid_time > test_time:
+            raise ValueError(f"valid_time {valid_time} must not be later than test_time")
+        return test_time
 
     def describe(self) -> str:
         """The protocol in words, for manifests and reports."""

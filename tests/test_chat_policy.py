@@ -20,7 +20,9 @@ from agents.chat import chat_model, is_import_path
 from agents.chat_policy import ChatPolicy
 from agents.policy import Decision, DecisionInput, decide_many
 from agents.text import ItemView, page_prompt
+from agents.world import World
 from alignuser.config import SimulateConfig
+from graph.build import make_runtime
 from simulator.env import PageAction
 from tests.fake_chat import ScriptedChatModel, page_number
 from training.config import TrainConfig
@@ -126,6 +128,20 @@ def test_decide_many_batches_pages_with_bounded_concurrency() -> None:
     assert len(model.calls) == 8
     assert sorted(page_number(c) for c in model.calls) == [1, 2, 3, 3, 3, 4, 5, 6]
     assert model.peak_in_flight == 2
+
+
+def test_a_chat_population_keeps_requests_in_flight(small_world: World) -> None:
+    """Agents wait on the chat model, so as many run at once as it may have requests open."""
+    from graph.graph import build_graph
+    from graph.runner import run_population
+
+    model = ScriptedChatModel(answer=lambda m: {"watched": [], "then": "next"}, delay=0.05)
+    policy = ChatPolicy(model, max_concurrency=3)
+    deps = {"pop": make_runtime(small_world, "pop", "chat", chat=policy, max_pages=2)}
+    users = small_world.sample_users(6, seed=0)
+    sessions = run_population(build_graph("none", "off"), deps, users, progress=False)
+    assert [len(s.pages) for s in sessions] == [2] * 6 and len(model.calls) == 12
+    assert model.peak_in_flight == 3
 
 
 def test_decide_many_loops_policies_without_a_batched_path() -> None:

@@ -39,7 +39,8 @@ def test_bad_split_is_one_line_before_data_loads(capsys: pytest.CaptureFixture[s
                  "--test-frac", "0.6"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert "valid_frac + test_frac must leave some ratings for training" in err
+    assert "--test-frac 0.6: with valid_frac 0.5, valid_frac + test_frac must leave some " \
+           "ratings for training" in err
 
 
 def test_split_is_recorded_in_the_run_manifest(tmp_path: Path) -> None:

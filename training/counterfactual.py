@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from agents import prompts, text
-from agents.policy import DecisionInput, LLMPolicy, Scorer
+from agents.policy import DecisionInput, LLMPolicy, OptionScorer
 from agents.transition import Example, Transition
 from agents.world_model import Generator, expected_ratings, predict_next_state
 from training.teacher import Option, Teacher
@@ -70,7 +70,7 @@ def _option(key: Key, tr: Transition, expected: Mapping[int, float],
                   next_state=ns)
 
 
-def build_counterfactual(trs: Sequence[Transition], scorer: Scorer, teacher: Teacher,
+def build_counterfactual(trs: Sequence[Transition], scorer: OptionScorer, teacher: Teacher,
                          liked: Mapping[int, Sequence[str]], k: int = 3, seed: int = 0,
                          generator: Generator | None = None,
                          progress: bool = True) -> Iterable[tuple[Example, list[Example], str]]:
