@@ -95,7 +95,8 @@ def cmd_recommenders(args: argparse.Namespace) -> int:
         for col in frame.columns:
             table.add_column(str(col), justify="right")
         for name, row in frame.iterrows():
-            table.add_row(str(name), *[f"{v:.4f}" for v in row])
+            table.add_row(str(name), *[f"{v:.0f}" if col == "users" else f"{v:.4f}"
+                                       for col, v in row.items()])
         console.print(table)
     return 0
 

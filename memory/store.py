@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -84,6 +85,7 @@ class ChromaMemory:
         self.decay = decay
         self.candidates = candidates
         self._embedder = embedder
+        self._embedder_lock = threading.Lock()  # agents in several threads share one model
         self._client = chromadb.PersistentClient(
             path=str(self.path), settings=Settings(anonymized_telemetry=False))
         self._col = self._client.get_or_create_collection(
@@ -91,7 +93,9 @@ class ChromaMemory:
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
         if self._embedder is None:
-            self._embedder = default_embedder()
+            with self._embedder_lock:
+                if self._embedder is None:
+                    self._embedder = default_embedder()
         vecs = np.asarray(self._embedder(texts), dtype=np.float32)
         return vecs.reshape(len(texts), -1)
 
