@@ -13,7 +13,7 @@ from rich.table import Table
 
 from alignuser.checks import check_adapter
 from alignuser.config import LLM_POLICIES, SimulateConfig, World, world_for
-from graph.build import make_runtime
+from graph.context import settings_deps
 from graph.deps import AgentDeps
 from graph.graph import build_graph
 from graph.runner import run_population, session_metrics, thread_id
@@ -96,21 +96,9 @@ def load_scorer(cfg: SimulateConfig) -> tuple[Any, str | None]:
 
 def build_runtimes(cfg: SimulateConfig, world: World, users: list[int], scorer: Any,
                    memory: Any) -> dict[str, AgentDeps]:
-    reason_model = None
-    if cfg.reason and scorer is not None:
-        from agents.chat import LocalTextModel
-
-        reason_model = LocalTextModel(scorer.lm)
-    from agents.decide import Calibration
-
-    # The checkpoint's validation-fitted offsets: simulate, evaluate and trace decide alike.
-    calibration = Calibration.of_checkpoint(cfg.checkpoint) if cfg.policy == "aligned" else None
     chat = chat_policy(cfg) if cfg.policy == "chat" else None
     return {world.recommender(rec, reactive=cfg.reactive, seed=cfg.seed).name:
-            make_runtime(world, rec, cfg.policy, scorer, memory, users=users,
-                              seed=cfg.seed, temperature=cfg.temperature, reactive=cfg.reactive,
-                              page_size=cfg.page_size, max_pages=cfg.pages,
-                              reason_model=reason_model, calibration=calibration, chat=chat)
+            settings_deps(world, rec, cfg, cfg.policy, scorer, memory, chat=chat, users=users)
             for rec in cfg.recommenders}
 
 

@@ -52,6 +52,27 @@ class AgentSettings(BaseModel):
     seed: int = Field(0, ge=0, description="seeds user sampling and every sampled decision")
 
 
+def settings_deps(world: World, recommender: str, settings: AgentSettings, policy: str,
+                  scorer: Any, memory: Any, *, chat: Any = None,
+                  users: list[int] | None = None) -> AgentDeps:
+    """One recommender's dependencies from the shared settings, for ``alignuser simulate`` and
+    for client runs alike: the interview's text model and the checkpoint's validation-fitted
+    offsets, so simulate, evaluate, trace and a Studio run decide alike."""
+    reason_model = None
+    if settings.reason and scorer is not None:
+        from agents.chat import LocalTextModel
+
+        reason_model = LocalTextModel(scorer.lm)
+    from agents.decide import Calibration
+
+    calibration = Calibration.of_checkpoint(settings.checkpoint) if policy == "aligned" else None
+    return make_runtime(world, recommender, policy, scorer, memory, users=users,
+                        seed=settings.seed, temperature=settings.temperature,
+                        reactive=settings.reactive, page_size=settings.page_size,
+                        max_pages=settings.pages, reason_model=reason_model,
+                        calibration=calibration, chat=chat)
+
+
 class AgentContext(AgentSettings):
     """What one run of the agent graph is given; every field but ``deps`` is plain JSON."""
 
@@ -150,21 +171,8 @@ class DepsBuilder:
 
     def deps(self, ctx: AgentContext, recommender: str) -> AgentDeps:
         def build() -> AgentDeps:
-            scorer = self.scorer(ctx)
-            reason_model = None
-            if ctx.reason and scorer is not None:
-                from agents.chat import LocalTextModel
-
-                reason_model = LocalTextModel(scorer.lm)
-            from agents.decide import Calibration
-
-            calibration = (Calibration.of_checkpoint(ctx.checkpoint)
-                           if ctx.policy == "aligned" else None)
-            return make_runtime(self.world(ctx.dataset), recommender, ctx.policy, scorer,
-                                self.memory(ctx), seed=ctx.seed, temperature=ctx.temperature,
-                                reactive=ctx.reactive, page_size=ctx.page_size,
-                                max_pages=ctx.pages, reason_model=reason_model,
-                                calibration=calibration, chat=self.chat(ctx))
+            return settings_deps(self.world(ctx.dataset), recommender, ctx, ctx.policy,
+                                 self.scorer(ctx), self.memory(ctx), chat=self.chat(ctx))
 
         return self._once(("deps", recommender, ctx.settings()), build)
 
