@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from alignuser.config import OfflineConfig, PolicyName, SimulateConfig
+from alignuser.config import DataConfig, DataInfoConfig, OfflineConfig, PolicyName, SimulateConfig
 from alignuser.entry import COMMANDS, DEBUG_HELP, DefaultsFormatter, top_parser
 from alignuser.flags import add_data_flags, add_split_flags, data_config
 from alignuser.simulate_flags import (
@@ -42,19 +42,20 @@ def cmd_data(args: argparse.Namespace) -> int:
     from simulator.info import dataset_info, format_info
     from simulator.trajectories import trajectory_stats
 
+    cfg = DataInfoConfig(**given_fields(args, DataInfoConfig))
     world = world_for(data_config(args, dataset=args.name))
     info = dataset_info(world.ds, world.split)
     for table in format_info(info):
         console.print(table)
     console.print(f"split: {world.split.config.describe()}")
-    if args.trajectories:
+    if cfg.trajectories:
         from rich.table import Table
 
         from evaluation.signal import inverted, signal_table
 
         stats = trajectory_stats(world.trajectories("train", progress=True))
         stats_test = trajectory_stats(world.trajectories("test", progress=True))
-        sig = signal_table(world, world.trajectory_config, users=args.signal_users)
+        sig = signal_table(world, world.trajectory_config, users=cfg.signal_users)
         table = Table(title=f"signal check: AUC of each perceived cue, watched vs skipped slots "
                             f"on training pages ({sig.attrs['users']} users, "
                             f"{sig.attrs['slots']} slots) beside held-out vs never-rated on "
@@ -177,13 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help=COMMANDS["data"])
     d.add_argument("action", choices=["info", "fetch"],
                    help="info: counts, splits and hashes; fetch: download a MovieLens archive")
-    d.add_argument("name", nargs="?", default="ml-100k", help="dataset name or path")
-    d.add_argument("--trajectories", action="store_true",
-                   help="also build human trajectories and print their statistics and the "
-                   "signal check (each perceived cue's AUC on training pages vs validation "
-                   "lists)")
-    d.add_argument("--signal-users", type=int, default=150,
-                   help="train users sampled for the signal check")
+    d.add_argument("name", nargs="?", default=DataConfig.model_fields["dataset"].default,
+                   help="dataset name or path")
+    add_model_flags(d, DataInfoConfig)
     add_split_flags(d)
     d.set_defaults(func=cmd_data)
 

@@ -19,6 +19,8 @@ from alignuser.flags import (
     preset_flags,
     preset_values,
 )
+from alignuser.simulate_flags import add_model_flags, given_fields
+from evaluation.run import EvaluateRunConfig
 from training.config import TrainConfig, config_flags, parse_config
 from training.pipeline import train_data
 
@@ -65,47 +67,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
-    from evaluation.outputs import METHODS
     from evaluation.run import PRESETS, EvalConfig
-    from evaluation.sections import REGISTRY
 
     e = sub.add_parser("evaluate", help=COMMANDS["evaluate"])
     preset_flags(e, EvalConfig, PRESETS, default_preset="standard")
     add_data_flags(e)
-    e.add_argument("--model", default="default", help="base causal LM")
-    e.add_argument("--checkpoint", default=None,
-                   help="full AlignUSER adapter (default: the shipped checkpoint)")
-    e.add_argument("--sft-checkpoint", default=None, help="policy-only (SFT) adapter "
-                   "(default: the shipped one)")
-    e.add_argument("--wm-policy-checkpoint", default=None,
-                   help="world model + policy adapter (default: the shipped one)")
-    e.add_argument("--methods", default=",".join(METHODS),
-                   help=f"LLM methods to run, from {', '.join(METHODS)}; baselines always run")
-    e.add_argument("--sections", default=None, metavar="A,B",
-                   help="report sections to compute, comma-separated, from "
-                   f"{', '.join(REGISTRY)}; only the answers they read are computed, the "
-                   "others show as not run (default: all)")
-    e.add_argument("--judge-model", default=None, metavar="SPEC",
-                   help="a chat model as the human-likeness judge, PROVIDER:MODEL or "
-                   "pkg.module:factory (as --chat-model); default: the local base model")
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto (CUDA when present), cpu or cuda")
-    e.add_argument("--prepare-only", default=None, metavar="FILE",
-                   help="write what the agents are shown to FILE and stop; answer it anywhere "
-                   "with python -m evaluation.outputs FILE OUT")
-    e.add_argument("--outputs", default=None, metavar="FILE",
-                   help="the methods' answers computed elsewhere (python -m evaluation.outputs)")
+    add_model_flags(e, EvaluateRunConfig)
     add_run_flags(e, "finished methods and sections")
     e.set_defaults(func=cmd_evaluate, flag_default=e.get_default)
 
 
-def checkpoints(args: argparse.Namespace, methods: list[str]) -> dict[str, str | None]:
+def checkpoints(run: EvaluateRunConfig) -> dict[str, str | None]:
     """Adapter folder per set of weights. A checkpoint named on the command line must exist;
     a shipped one that is absent leaves its methods out (``skipped_methods``)."""
     from alignuser.config import DEFAULT_CHECKPOINT, SHIPPED
 
-    given = {"full": args.checkpoint, "sft": args.sft_checkpoint,
-             "wm_policy": args.wm_policy_checkpoint}
+    given = {"full": run.checkpoint, "sft": run.sft_checkpoint,
+             "wm_policy": run.wm_policy_checkpoint}
     paths = {k: v or (str(SHIPPED[k]) if SHIPPED[k].exists() else None)
              for k, v in given.items()}
     paths["full"] = paths["full"] or (str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.exists()
@@ -131,9 +109,8 @@ def skipped_methods(methods: list[str], paths: dict[str, str | None]) -> dict[st
 
 
 # The flags that define an evaluate run; --resume reads them back from its manifest.
-RUN_FLAGS = ("dataset", "split_kind", "split_valid_frac", "split_test_frac", "split_valid_time",
-             "split_test_time", "model", "checkpoint", "sft_checkpoint", "wm_policy_checkpoint",
-             "methods", "sections", "judge_model", "device", "outputs")
+RUN_FLAGS = ("dataset", *(f"split_{name}" for name in SPLIT_FLAGS),
+             *(name for name in EvaluateRunConfig.model_fields if name != "prepare_only"))
 
 
 def resume_flags(args: argparse.Namespace) -> tuple[Path, dict]:
@@ -181,7 +158,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from evaluation.outputs import METHODS, all_outputs
+    from evaluation.outputs import all_outputs
     from evaluation.parts import Parts
     from evaluation.run import EvalConfig, build_bundle, expected_seconds, score
     from evaluation.sections import needs, select
@@ -198,19 +175,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     manifest = None
     if args.resume:
         final, manifest = resume_flags(args)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
-    sections = select(args.sections)
+    run = EvaluateRunConfig(**given_fields(args, EvaluateRunConfig))
+    methods = run.method_names()
+    sections = select(run.sections)
     overrides = preset_values(args, EvalConfig)
-    for flag, path in (("--ab-results", args.ab_results), ("--outputs", args.outputs)):
+    for flag, path in (("--ab-results", args.ab_results), ("--outputs", run.outputs)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path} does not exist"
                                     + (" (it is a folder)" if Path(path).is_dir() else ""))
     if args.overwrite and args.output and Path(args.output).expanduser().exists():
         check_replaceable(Path(args.output).expanduser())
-    elif not args.prepare_only and not args.resume:
+    elif not run.prepare_only and not args.resume:
         check_run_dir(args.output)
         if not args.overwrite:
             check_unfinished(args.output, "evaluate")
@@ -218,17 +193,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if manifest is not None and cfg.model_dump(mode="json") != manifest.get("config"):
         raise ValueError(f"--resume {args.resume}: its flags give another evaluation config "
                          "than the run's manifest records (were the presets changed?)")
-    ckpts = checkpoints(args, methods) if not args.prepare_only else {}
-    skipped = skipped_methods(methods, ckpts) if not args.prepare_only else {}
+    ckpts = checkpoints(run) if not run.prepare_only else {}
+    skipped = skipped_methods(methods, ckpts) if not run.prepare_only else {}
     for m, why in skipped.items():
         console.print(f"[yellow]skipping {m}: {why}[/yellow]")
     methods = [m for m in methods if m not in skipped]
     judge_chat = None
-    if args.judge_model:  # built now, so a bad spec fails before any data loads
+    if run.judge_model:  # built now, so a bad spec fails before any data loads
         from agents.chat import chat_model
 
-        judge_chat = chat_model(args.judge_model)
-    if not args.prepare_only and not args.outputs and not args.resume:
+        judge_chat = chat_model(run.judge_model)
+    if not run.prepare_only and not run.outputs and not args.resume:
         minutes = expected_seconds(cfg, methods) / 60
         console.print(f"preset {cfg.preset}: {len(methods)} LLM method(s) on {cfg.users} users; "
                       f"expected about {minutes:.0f} min on a 2-core CPU (less on a GPU)")
@@ -240,14 +215,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if manifest is not None and manifest.get("users") != users:
         raise ValueError(f"--resume {args.resume}: the held-out users differ from the run's "
                          "(did the data change?)")
-    if args.prepare_only:
-        Path(args.prepare_only).write_bytes(pickle.dumps(bundle))
-        console.print(f"bundle for {len(bundle.meta['users'])} users -> {args.prepare_only}")
+    if run.prepare_only:
+        Path(run.prepare_only).write_bytes(pickle.dumps(bundle))
+        console.print(f"bundle for {len(bundle.meta['users'])} users -> {run.prepare_only}")
         return 0
     log = lambda m: console.print(f"[dim]{m}[/dim]")  # noqa: E731
     given = {}
-    if args.outputs:
-        given = pickle.loads(Path(args.outputs).read_bytes())
+    if run.outputs:
+        given = pickle.loads(Path(run.outputs).read_bytes())
         given = {m: given[m] for m in methods if m in given}
         methods = list(given)
     if not args.resume:
@@ -262,21 +237,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from agents.llm import load_lm
         from agents.scorer import Scorer
 
-        return Scorer(load_lm(args.model, device=args.device))
+        return Scorer(load_lm(run.model, device=run.device))
 
     try:
         with staged_run_dir(final, "evaluate", resume=bool(args.resume),
                             overwrite=args.overwrite, keep_if=lambda d: bool(Parts(d))) as out:
             if manifest is None:
-                flags = {k: getattr(args, k, None) for k in (*EvalConfig.model_fields,
-                                                              *RUN_FLAGS)}
+                flags = {**{k: getattr(args, k, None) for k in (*EvalConfig.model_fields,
+                                                                 *RUN_FLAGS)},
+                         **run.model_dump(include=set(RUN_FLAGS))}
                 write_manifest(out, "evaluate", cfg.model_dump(mode="json"), methods=methods,
                                checkpoints={k: v for k, v in ckpts.items() if v},
                                dataset=world.ds.name, split=world.split.config.describe(),
                                flags=flags, users=users)
             parts = Parts(out)
             done = {**given, **parts.outputs()}
-            outputs = all_outputs(bundle, methods, ckpts, args.model, args.device, log,
+            outputs = all_outputs(bundle, methods, ckpts, run.model, run.device, log,
                                   needs=needs(sections), done=done, commit=parts.save_outputs)
             for m in given:
                 parts.save_outputs(m, given[m])
@@ -284,8 +260,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                 "cores", "command": shlex.join(["alignuser", *sys.argv[1:]]),
                      "dataset": world.ds.name, "split": world.split.config.describe(),
                      "seed": cfg.seed, "checkpoints": {k: v for k, v in ckpts.items() if v},
-                     "answers": args.outputs or "computed in this run",
-                     "judge_model": args.judge_model or "local base model",
+                     "answers": run.outputs or "computed in this run",
+                     "judge_model": run.judge_model or "local base model",
                      "skipped_methods": skipped or "none", "sections": ", ".join(sections)}
             score(world, bundle, outputs, cfg, out, setup, log=log, sections=sections,
                   parts=parts, make_judge=make_judge)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from agents.world import World, load_world
 from alignuser.flags import DATASET_HELP
 from graph.build import LLM_POLICIES, POLICIES, PolicyName, make_policy
-from graph.context import CHECKPOINTS, DEFAULT_CHECKPOINT, AgentSettings
+from graph.settings import CHECKPOINTS, DEFAULT_CHECKPOINT, AgentSettings
 from simulator.custom import SPEC_HELP as SPECS
 from simulator.custom import check_recommenders
 from simulator.recommenders import RECOMMENDERS
@@ -93,10 +93,19 @@ class OfflineConfig(BaseModel):
     _recommenders = field_validator("recommenders")(known_recommenders)
 
 
+class DataInfoConfig(BaseModel):
+    """``alignuser data info``: what is printed beside the counts, splits and hashes."""
+
+    trajectories: bool = Field(False, description="also build human trajectories and print their "
+                               "statistics and the signal check (each perceived cue's AUC on "
+                               "training pages vs validation lists)")
+    signal_users: int = Field(150, ge=1, description="train users sampled for the signal check")
+
+
 def world_for(data: DataConfig | None = None) -> World:
     data = data or DataConfig()
     return load_world(data.dataset, data.split, data.trajectories)
 
 
-__all__ = ["DataConfig", "OfflineConfig", "SimulateConfig", "World", "world_for", "load_world",
-           "make_policy", "LLM_POLICIES", "POLICIES"]
+__all__ = ["DataConfig", "DataInfoConfig", "OfflineConfig", "SimulateConfig", "World",
+           "world_for", "load_world", "make_policy", "LLM_POLICIES", "POLICIES"]

@@ -41,8 +41,10 @@ def add_split_flags(parser: argparse.ArgumentParser) -> None:
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     """``--dataset`` plus the split flags."""
-    parser.add_argument("--dataset", default="ml-100k", help=f"{DATASET_HELP} "
-                        "(default: %(default)s)")
+    from alignuser.config import DataConfig
+
+    parser.add_argument("--dataset", default=DataConfig.model_fields["dataset"].default,
+                        help=f"{DATASET_HELP} (default: %(default)s)")
     add_split_flags(parser)
 
 

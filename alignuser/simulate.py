@@ -13,6 +13,7 @@ from rich.table import Table
 
 from alignuser.checks import check_adapter
 from alignuser.config import LLM_POLICIES, SimulateConfig, World, world_for
+from graph.build import policy_scorer
 from graph.context import settings_deps
 from graph.deps import AgentDeps
 from graph.graph import build_graph
@@ -79,19 +80,15 @@ def load_scorer(cfg: SimulateConfig) -> tuple[Any, str | None]:
     if cfg.policy not in LLM_POLICIES:
         return None, cfg.chat_model if cfg.policy == "chat" else None
     from agents.batching import BatchingScorer
-    from agents.llm import load_lm
-    from agents.scorer import Scorer
     from graph.engine import LLM_CONCURRENCY
 
-    adapter = cfg.checkpoint if cfg.policy == "aligned" else None
-    if cfg.policy == "aligned" and adapter is None:
-        raise FileNotFoundError("policy aligned needs --checkpoint (no default checkpoint found); "
-                                "train one with `alignuser train` or use --policy zero_shot")
-    lm = load_lm(cfg.model, adapter=adapter, device=cfg.device)
     # Agents in flight share one scorer whose calls meet in lockstep batches; the prefix cache
     # holds every in-flight agent's page prefix between its world-model and decision calls.
     flight = cfg.concurrency or LLM_CONCURRENCY
-    return BatchingScorer(Scorer(lm, cache_size=max(16, 2 * flight))), lm.name
+    scorer = policy_scorer(cfg.policy, cfg.model, cfg.checkpoint, device=cfg.device,
+                           hint="pass --checkpoint DIR (train one with `alignuser train`) or "
+                           "use --policy zero_shot", cache_size=max(16, 2 * flight))
+    return BatchingScorer(scorer), scorer.lm.name
 
 
 def build_runtimes(cfg: SimulateConfig, world: World, users: list[int], scorer: Any,

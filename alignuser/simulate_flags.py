@@ -18,14 +18,16 @@ from annotated_types import Ge, Gt
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from alignuser.config import SimulateConfig
+from alignuser.config import DataConfig, SimulateConfig
 from alignuser.flags import add_data_flags, add_run_flags, data_config
 
 # field -> (flag, value it sets, help): the ablation and static switches turn a default off.
 INVERTED = {"memory": ("--no-memory", "none", "recall node off (ablation)"),
             "world_model": ("--no-world-model", "off", "predict node off (ablation)"),
             "reactive": ("--static", False, "recommenders ignore the session")}
-METAVARS = {"chat_model": "SPEC", "address": "ADDR", "checkpoint": "DIR", "model": "NAME"}
+METAVARS = {"chat_model": "SPEC", "address": "ADDR", "checkpoint": "DIR", "model": "NAME",
+            "sft_checkpoint": "DIR", "wm_policy_checkpoint": "DIR", "judge_model": "SPEC",
+            "sections": "A,B", "prepare_only": "FILE", "outputs": "FILE"}
 SKIPPED = {"data"}  # --dataset and the split flags come from ``alignuser.flags``
 
 
@@ -94,11 +96,14 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel],
 
 def given_fields(args: argparse.Namespace,
                  model: type[BaseModel] = SimulateConfig) -> dict[str, Any]:
-    """The ``model`` fields the command line set (``data`` only when a data flag was)."""
+    """The ``model`` fields the command line set (``data``, where ``model`` has it, only when a
+    data flag was)."""
     given = {name: getattr(args, name) for name in model.model_fields
              if name not in SKIPPED and getattr(args, name, None) is not None}
+    if "data" not in model.model_fields:
+        return given
     data_flags = [k for k, v in vars(args).items() if k.startswith("split_") and v is not None]
-    if args.dataset != "ml-100k" or data_flags:
+    if args.dataset != DataConfig.model_fields["dataset"].default or data_flags:
         given["data"] = data_config(args)
     return given
 

@@ -79,6 +79,54 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class EvaluateRunConfig(BaseModel):
+    """What an evaluate run loads and where its answers come from, beside the sizes in
+    ``EvalConfig``. Lists stay comma-separated strings, as run manifests record them, so a
+    resumed run compares them as given."""
+
+    model: str = Field("default", description="base causal LM")
+    checkpoint: str | None = Field(None, description="full AlignUSER adapter (default: the "
+                                   "shipped checkpoint)")
+    sft_checkpoint: str | None = Field(None, description="policy-only (SFT) adapter (default: "
+                                       "the shipped one)")
+    wm_policy_checkpoint: str | None = Field(None, description="world model + policy adapter "
+                                             "(default: the shipped one)")
+    methods: str = Field(",".join(METHODS), description="LLM methods to run, from "
+                         f"{', '.join(METHODS)}; baselines always run")
+    sections: str | None = Field(
+        None, description=f"report sections to compute, comma-separated, from "
+        f"{', '.join(REGISTRY)}; only the answers they read are computed, the others show as "
+        "not run (default: all)")
+    judge_model: str | None = Field(
+        None, description="a chat model as the human-likeness judge, PROVIDER:MODEL or "
+        "pkg.module:factory (as --chat-model); default: the local base model")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (CUDA when "
+                                                   "present), cpu or cuda")
+    prepare_only: str | None = Field(
+        None, description="write what the agents are shown to FILE and stop; answer it "
+        "anywhere with python -m evaluation.outputs FILE OUT")
+    outputs: str | None = Field(None, description="the methods' answers computed elsewhere "
+                                "(python -m evaluation.outputs)")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: str) -> str:
+        unknown = [m for m in value.split(",") if m and m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(METHODS)}")
+        return value
+
+    @field_validator("sections")
+    @classmethod
+    def _known_sections(cls, value: str | None) -> str | None:
+        select(value)  # one error naming every unknown section
+        return value
+
+    def method_names(self) -> list[str]:
+        return [m for m in self.methods.split(",") if m]
+
+
 # Seconds per item decision on an idle 2-core CPU (bf16 SmolLM2-135M, merged LoRA): the
 # per-method seconds in the cost section of `alignuser evaluate --preset quick` over the
 # decisions counted below (zero-shot 42 s for ~96, AlignUSER 142 s for ~176), and the fixed cost

@@ -6,13 +6,15 @@ LangGraph run context read them from here.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from pathlib import Path
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-from agents.policy import DEFAULT_TEMPERATURE, FixedPolicy, LLMPolicy, Policy
+from agents.policy import FixedPolicy, LLMPolicy, Policy
 from agents.world import World
 from graph.deps import AgentDeps
+from graph.settings import setting_default
 from memory.store import NoMemory
 from simulator.env import recommender_pages
 from simulator.policies import HumanReplay, RandomPolicy, ScoreThreshold
@@ -25,9 +27,9 @@ POLICIES: tuple[str, ...] = get_args(PolicyName)
 LLM_POLICIES: tuple[str, ...] = get_args(LLMPolicyName)
 
 
-def make_policy(name: str, world: World, scorer=None, seed: int = 0,
-                temperature: float = DEFAULT_TEMPERATURE, human=None, calibration=None,
-                chat=None) -> Policy:
+def make_policy(name: str, world: World, scorer=None, seed: int = setting_default("seed"),
+                temperature: float = setting_default("temperature"), human=None,
+                calibration=None, chat=None) -> Policy:
     """A decide-node policy by name; LLM policies need a scorer over the right weights, the chat
     policy its ``agents.chat_policy.ChatPolicy`` (built once, so all runtimes share its model
     and rate limit)."""
@@ -55,12 +57,15 @@ def make_policy(name: str, world: World, scorer=None, seed: int = 0,
 
 
 def make_runtime(world: World, recommender: str, policy: str, scorer=None, memory=None, *,
-                 users: list[int] | None = None, seed: int = 0,
-                 temperature: float = DEFAULT_TEMPERATURE, reactive: bool = True,
-                 page_size: int = 4, max_pages: int = 5, reason_model=None, calibration=None,
-                 chat=None) -> AgentDeps:
-    """Everything one recommender's agents need. ``human_replay`` browses the logged pages of
-    each user's first held-out visit; other policies browse the live recommender."""
+                 users: list[int] | None = None, seed: int = setting_default("seed"),
+                 temperature: float = setting_default("temperature"),
+                 reactive: bool = setting_default("reactive"),
+                 page_size: int = setting_default("page_size"),
+                 max_pages: int = setting_default("pages"), reason_model=None,
+                 calibration=None, chat=None) -> AgentDeps:
+    """Everything one recommender's agents need, the defaults those of ``AgentSettings``.
+    ``human_replay`` browses the logged pages of each user's first held-out visit; other
+    policies browse the live recommender."""
     rec = world.recommender(recommender, reactive=reactive, seed=seed)
     pages, human, logged = recommender_pages(rec.rank), {}, None
     if policy == "human_replay":
@@ -74,3 +79,21 @@ def make_runtime(world: World, recommender: str, policy: str, scorer=None, memor
                      scorer=scorer, memory=memory or NoMemory(), human=human,
                      reason_model=reason_model, page_size=page_size, max_pages=max_pages,
                      seed=seed)
+
+
+def policy_scorer(policy: str, model: str, checkpoint: str | None, *, device: str = "auto",
+                  hint: str = "set context.checkpoint or use policy zero_shot",
+                  **scorer_options: Any) -> Any:
+    """The scorer an LLM policy decides with (None for the other policies): the aligned policy
+    over its adapter, zero_shot over the base model. A missing adapter is refused before any
+    model loads; ``hint`` tells the caller's user how to name one."""
+    if policy not in LLM_POLICIES:
+        return None
+    adapter = checkpoint if policy == "aligned" else None
+    if policy == "aligned" and (adapter is None or not Path(adapter).exists()):
+        raise FileNotFoundError(f"policy aligned needs an existing checkpoint, got {adapter}; "
+                                f"{hint}")
+    from agents.llm import load_lm
+    from agents.scorer import Scorer
+
+    return Scorer(load_lm(model, adapter=adapter, device=device), **scorer_options)

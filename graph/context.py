@@ -18,38 +18,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from langgraph.runtime import Runtime
-from pydantic import BaseModel, ConfigDict, Field, InstanceOf, field_validator
+from pydantic import ConfigDict, Field, InstanceOf, field_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from agents.policy import DEFAULT_TEMPERATURE
 from agents.world import World, load_world
-from graph.build import LLM_POLICIES, POLICIES, make_runtime
+from graph.build import POLICIES, make_runtime, policy_scorer
 from graph.deps import AgentDeps
+from graph.settings import AgentSettings
 from memory.store import EpisodicMemory, Memory, NoMemory, make_memory
-
-CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
-DEFAULT_CHECKPOINT = CHECKPOINTS / "alignuser-ml100k"
-
-
-class AgentSettings(BaseModel):
-    """How an agent browses and decides: the settings ``alignuser simulate`` and a LangGraph
-    client's run context share, declared (with their defaults) only here."""
-
-    pages: int = Field(5, ge=1, description="most pages per session")
-    page_size: int = Field(4, ge=1, description="items per page")
-    model: str = Field("default", description="base causal LM: 'default' or a local HF folder")
-    checkpoint: str | None = Field(
-        str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.exists() else None,
-        description="PEFT adapter for the aligned policy (default: the shipped checkpoint)")
-    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, allow_inf_nan=False,
-                               description="sampling temperature of the policy")
-    chat_model: str | None = Field(
-        None, description="policy chat: PROVIDER:MODEL for LangChain's init_chat_model (e.g. "
-        "ollama:llama3.1; the provider's package installed, its key and endpoint from its usual "
-        "environment variables, never recorded) or pkg.module:factory returning a BaseChatModel")
-    reactive: bool = Field(True, description="recommenders react to this session's watches")
-    reason: bool = Field(False, description="generate a free-text interview reason (slower)")
-    seed: int = Field(0, ge=0, description="seeds user sampling and every sampled decision")
 
 
 def settings_deps(world: World, recommender: str, settings: AgentSettings, policy: str,
@@ -128,21 +104,10 @@ class DepsBuilder:
         return self._once(("world", dataset), lambda: self._load(dataset))
 
     def scorer(self, ctx: AgentContext) -> Any:
-        """The LLM scorer of an LLM policy (None for the others), like ``alignuser simulate``."""
-        if ctx.policy not in LLM_POLICIES:
-            return None
-        adapter = ctx.checkpoint if ctx.policy == "aligned" else None
-        if ctx.policy == "aligned" and (adapter is None or not Path(adapter).exists()):
-            raise FileNotFoundError(f"policy aligned needs an existing checkpoint, got {adapter}; "
-                                    "set context.checkpoint or use policy zero_shot")
-
-        def load() -> Any:
-            from agents.llm import load_lm
-            from agents.scorer import Scorer
-
-            return Scorer(load_lm(ctx.model, adapter=adapter))
-
-        return self._once(("scorer", ctx.model, adapter), load)
+        """The LLM scorer of an LLM policy (None for the others), loaded as ``alignuser
+        simulate`` loads it; a missing checkpoint is refused on every call, never cached."""
+        return self._once(("scorer", ctx.policy, ctx.model, ctx.checkpoint),
+                          lambda: policy_scorer(ctx.policy, ctx.model, ctx.checkpoint))
 
     def chat(self, ctx: AgentContext) -> Any:
         """The chat policy of ``policy: chat``, one model per spec shared by every thread."""

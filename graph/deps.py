@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from agents.perception import Perceiver
 from agents.policy import OptionScorer, Policy
+from graph.settings import setting_default
 from memory.store import EpisodicMemory, NoMemory
 from simulator.env import PageAction, PageSource
 
@@ -30,7 +31,7 @@ class AgentDeps:
     memory: EpisodicMemory = field(default_factory=NoMemory)
     reason_model: TextModel | None = None
     human: Mapping[tuple[int, int], PageAction] = field(default_factory=dict)
-    page_size: int = 4
-    max_pages: int = 5
-    seed: int = 0
+    page_size: int = setting_default("page_size")
+    max_pages: int = setting_default("pages")
+    seed: int = setting_default("seed")
     memory_k: int = 3
