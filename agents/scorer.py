@@ -46,7 +46,7 @@ class _Prefix:
     next_logprobs: torch.Tensor  # fp32 log-probs of the token after the prefix
 
 
-def _expanded_cache(config: Any, kv: KV, batch: int, length: int | None = None) -> Any:
+def expanded_cache(config: Any, kv: KV, batch: int, length: int | None = None) -> Any:
     """A fresh cache over batch-expanded views of the first ``length`` cached positions. The
     forward's ``update`` concatenates into new tensors, so stored entries are never written.
     Views go into plain DynamicLayers directly because the public ``ddp_cache_data`` route
@@ -115,7 +115,7 @@ class Scorer:
         if base is not None and start > 0:
             self.stats.prefix_extends += 1
             self.stats.reused_tokens += start
-            kwargs[cache_arg(self.lm.model)] = _expanded_cache(self.lm.model.config, base.kv,
+            kwargs[cache_arg(self.lm.model)] = expanded_cache(self.lm.model.config, base.kv,
                                                                1, start)
             kwargs["position_ids"] = torch.arange(start, len(ids), device=self.lm.device)[None]
         else:
@@ -163,7 +163,7 @@ class Scorer:
             input_ids,
             attention_mask=mask.to(device),
             position_ids=torch.arange(p, p + width, device=device).expand(batch, -1),
-            **{cache_arg(self.lm.model): _expanded_cache(self.lm.model.config, entry.kv, batch)},
+            **{cache_arg(self.lm.model): expanded_cache(self.lm.model.config, entry.kv, batch)},
             use_cache=True,
             logits_to_keep=width - first,
         )

@@ -20,20 +20,13 @@ from agents.text import Evidence, ItemView, PageView
 from agents.transition import Example, Transition
 from alignuser.config import World
 from simulator.env import PageAction
+from training.batches import IGNORE, collate, example_losses, packed_losses, tokenize, units
 from training.config import TrainConfig
 from training.counterfactual import sample_alternatives
 from training.pipeline import _peft, train_data
 from training.rollout import fingerprint
 from training.teacher import GroundedTeacher, Option
-from training.trainer import (
-    IGNORE,
-    Schedule,
-    collate,
-    example_losses,
-    tokenize,
-    train_loop,
-    validation_loss,
-)
+from training.trainer import Schedule, train_loop, validation_loss
 
 VIEWS = (
     ItemView(id=10, title="Heat", year=1995, genres=("Action", "Crime"), popularity=80,
@@ -113,6 +106,33 @@ def test_batched_losses_equal_one_at_a_time() -> None:
         manual = torch.nn.functional.cross_entropy(logits, labels[1:], ignore_index=IGNORE)
     assert torch.allclose(batched, alone, atol=1e-4)
     assert float(alone[0]) == pytest.approx(float(manual), abs=1e-4)
+
+
+def test_a_page_trained_from_one_forward_equals_its_examples_alone() -> None:
+    """Packing a page's examples (shared head, tails over its KV cache) must give each example
+    the loss and gradient it has when trained alone."""
+    model, lm = _peft_lm()
+    model.eval()  # LoRA dropout off: it would draw different masks in the two computations
+    page = [*_transition({1: 4, 3: 5}, "next").policy_examples(),
+            _transition({2: 3}, "exit").wm_example()]
+    mixed = [*page, EXAMPLES[1], _pool("cr", 1)[0]]  # plus an example sharing nothing
+    assert [len(u) for u in units(mixed)] == [len(page), 1, 1]
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def losses_and_grads(pack: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        losses, pushed = packed_losses(model, lm.tokenizer, mixed, 1024, pack)
+        losses.sum().backward()
+        return losses.detach(), [p.grad.clone() for p in lora], pushed
+
+    packed, g_packed, n_packed = losses_and_grads(True)
+    alone, g_alone, n_alone = losses_and_grads(False)
+    assert packed.shape == (len(mixed),)
+    assert torch.allclose(packed, alone, atol=1e-4), (packed, alone)
+    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(g_packed, g_alone,
+                                                                          strict=True))
+    assert any(float(g.abs().sum()) > 0 for g in g_packed)
+    assert n_packed < n_alone / 2  # the page went through once, not once per example
 
 
 def test_a_few_steps_lower_the_loss(tmp_path: Path) -> None:
@@ -301,7 +321,6 @@ def test_padded_batch_losses_equal_one_by_one() -> None:
 
     from agents.llm import tiny_lm
     from agents.transition import Example
-    from training.trainer import collate, example_losses, tokenize
 
     lm = tiny_lm()
     exs = [Example("policy", ("persona\n", "a short page\n", "Your choices:\n"), "[1] watch\n"),

@@ -18,51 +18,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from agents.llm import encode
 from agents.transition import Example
+from training.batches import packed_losses, units
 from training.config import TrainConfig
-
-IGNORE = -100
-
-
-def tokenize(tokenizer, ex: Example, max_len: int) -> tuple[list[int], list[int]]:
-    """Input ids and labels (prompt masked); the prompt is cut from the left to fit."""
-    prompt = encode(tokenizer, list(ex.segments))
-    target = encode(tokenizer, [ex.target])
-    if tokenizer.eos_token_id is not None:
-        target = target + [tokenizer.eos_token_id]
-    target = target[:max_len - 1]
-    prompt = prompt[max(0, len(prompt) - (max_len - len(target))):]
-    return prompt + target, [IGNORE] * len(prompt) + target
-
-
-def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch. Right, not left: a left pad is a query row that may attend to no key
-    at all, and on CUDA SDPA returns NaN for such rows, which then spreads through the batch
-    (transformers 5 dropped its guard); with right padding every row attends to something."""
-    n = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), n), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), n), dtype=torch.long)
-    for r, (i, lab) in enumerate(rows):
-        ids[r, :len(i)] = torch.tensor(i)
-        labels[r, :len(lab)] = torch.tensor(lab)
-        mask[r, :len(i)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def example_losses(model, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Mean target-token cross-entropy per example (shape: batch). The output layer runs only
-    at target positions: over whole prompts its 49k-word projection was most of a step."""
-    labels = batch["labels"][:, 1:]
-    sel = labels != IGNORE
-    hidden = model.get_decoder()(input_ids=batch["input_ids"],
-                                 attention_mask=batch["attention_mask"]).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[:, :-1][sel]).float()
-    ce = torch.nn.functional.cross_entropy(logits, labels[sel], reduction="none")
-    rows = sel.nonzero()[:, 0]
-    sums = ce.new_zeros(labels.shape[0]).index_add(0, rows, ce)
-    return sums / sel.sum(1).clamp(min=1)
 
 
 def weighted_loss(losses: torch.Tensor, kinds: Sequence[str],
@@ -80,24 +38,31 @@ def weighted_loss(losses: torch.Tensor, kinds: Sequence[str],
 
 @dataclass
 class Schedule:
-    """Which examples make batch ``step``: kinds in turn, each kind in a seeded permutation."""
+    """Which examples make batch ``step``: kinds in turn, each kind's units in a seeded
+    permutation. A unit is all of a pool's examples that share a page (``batches.units``), so
+    a page's examples are trained together from one forward of the page; ``batch_size`` counts
+    units."""
 
     pools: Mapping[str, Sequence[Example]]
     batch_size: int
     seed: int
 
+    def __post_init__(self) -> None:
+        self._units = {k: [[pool[i] for i in u] for u in units(pool)]
+                       for k, pool in self.pools.items()}
+
     def batch(self, step: int) -> list[Example]:
-        kinds = sorted(k for k, v in self.pools.items() if v)
-        out = []
+        kinds = sorted(k for k, v in self._units.items() if v)
+        out: list[Example] = []
         for j in range(self.batch_size):
             slot = step * self.batch_size + j
             kind = kinds[slot % len(kinds)]
-            pool = self.pools[kind]
+            pool = self._units[kind]
             n = slot // len(kinds)
             epoch, pos = divmod(n, len(pool))
             perm = np.random.default_rng([self.seed, epoch, kinds.index(kind)]).permutation(
                 len(pool))
-            out.append(pool[int(perm[pos])])
+            out += pool[int(perm[pos])]
         return out
 
 
@@ -156,26 +121,26 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
                               else (0, [], NOTHING_SPENT))
     best = min((h["valid"] for h in history if "valid" in h), default=float("inf"))
     bad = 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Gradient checkpointing turns the KV cache off, and a shared page needs it.
+    pack = not any(getattr(model, a, False) for a in ("is_activation_checkpointing",
+                                                      "is_gradient_checkpointing"))
     model.train()
-    device = next(model.parameters()).device
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", disable=not progress)
     t0, tokens = time.perf_counter(), 0
     for step in bar:
         if stop_after is not None and step >= stop_after:
             break
         examples = sched.batch(step)
-        batch = collate([tokenize(tokenizer, ex, max_len) for ex in examples], pad)
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warmup)
-        losses = example_losses(model, {k: v.to(device) for k, v in batch.items()})
+        losses, pushed = packed_losses(model, tokenizer, examples, max_len, pack)
         loss = weighted_loss(losses, [ex.kind for ex in examples], weights,
                              [ex.weight for ex in examples])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        tokens += int(batch["attention_mask"].sum())
+        tokens += pushed
         rec = {"step": step + 1, "loss": round(float(loss.detach()), 4)}
         for kind in dict.fromkeys(ex.kind for ex in examples):
             sel = [i for i, ex in enumerate(examples) if ex.kind == kind]
@@ -215,14 +180,13 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
 
 def validation_loss(model, tokenizer, examples: Sequence[Example], weights: Mapping[str, float],
                     max_len: int, batch_size: int = 4) -> float:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    """Kind-weighted mean loss; a page's examples are scored together from one forward."""
     total = []
+    groups = [[examples[i] for i in u] for u in units(examples)]
     with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            batch = collate([tokenize(tokenizer, ex, max_len) for ex in chunk], pad)
-            device = next(model.parameters()).device
-            losses = example_losses(model, {k: v.to(device) for k, v in batch.items()})
+        for i in range(0, len(groups), batch_size):
+            chunk = [ex for g in groups[i:i + batch_size] for ex in g]
+            losses, _ = packed_losses(model, tokenizer, chunk, max_len)
             total += [weights.get(ex.kind, 1.0) * float(v) for ex, v in zip(chunk, losses,
                                                                             strict=True)]
     return float(np.mean(total)) if total else float("nan")

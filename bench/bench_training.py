@@ -1,0 +1,52 @@
+"""Seconds and tokens per optimizer step of the policy objective, a page's examples trained
+from one forward of the page (packed) or each example alone: ``python bench/bench_training.py
+PREPARED [--pages 2] [--steps 3]`` (PREPARED from ``alignuser train --prepare-only``)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from agents.llm import load_lm
+from simulator.runs import read_pickle
+from training.batches import packed_losses
+from training.config import TrainConfig
+from training.pipeline import _peft
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("prepared")
+    ap.add_argument("--pages", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    args = ap.parse_args()
+    prep = read_pickle(args.prepared)
+    cfg = TrainConfig()
+    lm = load_lm(cfg.model, dtype=cfg.dtype, device="cpu")
+    model = _peft(lm, cfg)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    print("| mode | examples/step | tokens/step | s/step | examples/s | tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for pack in (True, False):
+        times, tokens, n = [], 0, 0
+        for step in range(args.steps):
+            pages = prep.train[step * args.pages:(step + 1) * args.pages]
+            examples = [e for t in pages for e in t.policy_examples()]
+            t0 = time.perf_counter()
+            losses, pushed = packed_losses(model, lm.tokenizer, examples, cfg.max_len, pack)
+            opt.zero_grad()
+            losses.mean().backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+            tokens, n = tokens + pushed, n + len(examples)
+        s = sum(times)
+        mode = "packed" if pack else "alone"
+        print(f"| {mode} | {n / args.steps:.0f} | {tokens / args.steps:.0f} | "
+              f"{s / args.steps:.1f} | {n / s:.2f} | {tokens / s:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
