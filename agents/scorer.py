@@ -37,6 +37,7 @@ class ScorerStats:
 
 
 KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+_KEY = 8  # leading tokens a cached prefix must share to be extended in a batched call
 
 
 @dataclass(frozen=True)
@@ -220,42 +221,83 @@ class Scorer:
         return out
 
     def _prefixes_batched(self, prefixes: dict[str, list[int]]) -> dict[str, _Prefix]:
-        """Right-padded batched prefix forwards; each prefix's KV is kept unpadded."""
+        """Right-padded batched prefix forwards; each prefix's KV is kept unpadded. A prefix
+        that shares its leading tokens with a cached one (the persona, from this user's
+        previous page) starts from that entry's KV, so only its new tokens are computed."""
         found = {t: self._cache[t] for t in prefixes if t in self._cache}
-        todo = sorted((t for t in prefixes if t not in found), key=lambda t: -len(prefixes[t]))
-        device = self.lm.device
-        decoder, head = self.lm.model.get_decoder(), self.lm.model.get_output_embeddings()
-        start = 0
-        while start < len(todo):
-            width = len(prefixes[todo[start]])
-            n = max(1, self.batch_tokens // width)
-            chunk = todo[start:start + n]
-            start += n
-            ids = torch.zeros(len(chunk), width, dtype=torch.long)
-            mask = torch.zeros(len(chunk), width, dtype=torch.long)
-            for row, t in enumerate(chunk):
-                ids[row, :len(prefixes[t])] = torch.tensor(prefixes[t])
-                mask[row, :len(prefixes[t])] = 1
-            self.stats.forwards += 1
-            self.stats.tokens += ids.numel()
-            self.stats.prefix_misses += len(chunk)
-            out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
-                          use_cache=True)
-            last = torch.tensor([len(prefixes[t]) - 1 for t in chunk], device=device)
-            hidden = out.last_hidden_state[torch.arange(len(chunk), device=device), last]
-            logprobs = torch.log_softmax(head(hidden).float(), -1)
-            layers = [(k, v) for k, v, *_ in output_cache(out)]
-            for row, t in enumerate(chunk):
-                n_tok = len(prefixes[t])
-                kv = tuple((k[row:row + 1, :, :n_tok].clone(), v[row:row + 1, :, :n_tok].clone())
-                           for k, v in layers)
-                found[t] = _Prefix(tuple(prefixes[t]), kv, logprobs[row])
+        todo = [t for t in prefixes if t not in found]
+        groups: dict[tuple[int, int], list[str]] = {}
+        bases: dict[int, _Prefix] = {}
+        index: dict[tuple[int, ...], list[_Prefix]] = {}
+        for entry in self._cache.values():
+            index.setdefault(entry.ids[:_KEY], []).append(entry)
+        for t in todo:
+            base, start = None, 0
+            for candidate in index.get(tuple(prefixes[t][:_KEY]), []):
+                shared = len(os.path.commonprefix([candidate.ids, tuple(prefixes[t])]))
+                if shared > start:
+                    base, start = candidate, shared
+            start = min(start, len(prefixes[t]) - 1)
+            if base is None or start < _KEY:
+                base, start = None, 0
+            else:
+                bases[id(base)] = base
+            groups.setdefault((id(base) if base else 0, start), []).append(t)
+        for (key, start), texts in groups.items():
+            texts.sort(key=lambda t: -len(prefixes[t]))
+            found.update(self._extend_batched(bases.get(key), start,
+                                              {t: prefixes[t] for t in texts}))
         for t, entry in found.items():
             self._cache[t] = entry
             self._cache.move_to_end(t)
         while len(self._cache) > max(self.cache_size, len(prefixes)):
             self._cache.popitem(last=False)
         return found
+
+    def _extend_batched(self, base: _Prefix | None, start: int,
+                        prefixes: dict[str, list[int]]) -> dict[str, _Prefix]:
+        """Prefixes that all begin with ``base``'s first ``start`` tokens (none: ``start`` 0),
+        longest first, in right-padded batches over the base's KV."""
+        device = self.lm.device
+        decoder, head = self.lm.model.get_decoder(), self.lm.model.get_output_embeddings()
+        todo, out = list(prefixes), {}
+        pos = 0
+        while pos < len(todo):
+            width = len(prefixes[todo[pos]]) - start
+            n = max(1, min(self.max_rows, self.batch_tokens // (start + width)))
+            chunk = todo[pos:pos + n]
+            pos += n
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), start + width, dtype=torch.long)
+            mask[:, :start] = 1
+            for row, t in enumerate(chunk):
+                rest = prefixes[t][start:]
+                ids[row, :len(rest)] = torch.tensor(rest)
+                mask[row, start:start + len(rest)] = 1
+            kwargs: dict[str, Any] = {}
+            if base is not None:
+                self.stats.prefix_extends += len(chunk)
+                self.stats.reused_tokens += start * len(chunk)
+                kwargs[cache_arg(self.lm.model)] = expanded_cache(self.lm.model.config, base.kv,
+                                                                  len(chunk), start)
+                kwargs["position_ids"] = torch.arange(start, start + width,
+                                                      device=device).expand(len(chunk), -1)
+            else:
+                self.stats.prefix_misses += len(chunk)
+            self.stats.forwards += 1
+            self.stats.tokens += ids.numel()
+            res = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
+                          use_cache=True, **kwargs)
+            last = torch.tensor([len(prefixes[t]) - start - 1 for t in chunk], device=device)
+            hidden = res.last_hidden_state[torch.arange(len(chunk), device=device), last]
+            logprobs = torch.log_softmax(head(hidden).float(), -1)
+            layers = [(k, v) for k, v, *_ in output_cache(res)]
+            for row, t in enumerate(chunk):
+                n_tok = len(prefixes[t])
+                kv = tuple((k[row:row + 1, :, :n_tok].clone(), v[row:row + 1, :, :n_tok].clone())
+                           for k, v in layers)
+                out[t] = _Prefix(tuple(prefixes[t]), kv, logprobs[row])
+        return out
 
     def _options_batched(self, rows: list[tuple[int, _Prefix, list[int], int]]) -> list[float]:
         """Options of different prefixes in one forward: each row's prefix KV right-padded to

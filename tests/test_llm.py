@@ -130,6 +130,25 @@ def test_score_many_equals_score_across_prefixes(lm: LM) -> None:
         assert a == pytest.approx(b, abs=1e-4)
 
 
+def test_score_many_extends_cached_prefixes_with_the_same_numbers(lm: LM) -> None:
+    """A user's next page starts from the cached KV of their persona: only the new tokens are
+    computed, and every score equals the uncached reference."""
+    personas = [f"You are user {u}, a {20 + u}-year-old who likes sci-fi and long films.\n"
+                for u in range(3)]
+    page = "Page {p}:\n1. Alien (1979)\n2. Heat (1995)\n"
+    scorer = Scorer(lm)
+    scorer.score_many([(p + page.format(p=1), OPTIONS) for p in personas])
+    assert scorer.stats.prefix_extends == 0
+    second = [(p + page.format(p=2), OPTIONS) for p in personas]
+    got = scorer.score_many(second)
+    assert scorer.stats.prefix_extends == 3
+    shared = len(encode(lm.tokenizer, [personas[0] + "Page "]))
+    assert scorer.stats.reused_tokens >= 3 * (shared - 2)
+    reference = Scorer(lm)
+    for (prefix, options), scores in zip(second, got, strict=True):
+        assert scores == pytest.approx(reference.score_naive(prefix, options), abs=1e-4)
+
+
 def test_generate_many_equals_generate(lm: LM) -> None:
     prompts = ["Tell me about movies.", "Hi", "A much longer prompt about a person who likes "
                "science fiction films and dislikes musicals.\n"]

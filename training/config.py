@@ -25,8 +25,9 @@ class TrainConfig(BaseModel):
     wm_steps: int = Field(100, ge=0, description="optimizer steps of stage 1 (world model)")
     cr_steps: int = Field(60, ge=0,
                           description="optimizer steps of stage 2 (or of policy-only SFT)")
-    batch_size: int = Field(4, ge=1,
-                            description="examples per step (4x~500 tokens ~ 6 s on 2 cores)")
+    batch_size: int = Field(4, ge=1, description="units per step: a unit is all of a page's "
+                            "examples of a pool, trained from one forward of the page (4 policy "
+                            "pages = 20 examples ~ 9 s on 2 cores); other examples count one each")
     max_len: int = Field(1024, ge=16,
                          description="tokens per example; prompts are cut from the left")
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate for the LoRA weights")
