@@ -16,11 +16,10 @@ from agents.decide import Calibration, decide
 from agents.perception import Perceiver
 from agents.policy import Decision, DecisionInput
 from agents.text import page_prompt
+from simulator.env import PAGE_SIZE
 
-PAGE = 4
 
-
-def pages_of(items: Sequence[int], size: int = PAGE) -> list[list[int]]:
+def pages_of(items: Sequence[int], size: int = PAGE_SIZE) -> list[list[int]]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from agents import prompts, text
 from agents.text import ItemView
 from agents.world import World
+from simulator.env import MAX_PAGES
 from simulator.trajectories import Step, Trajectory
 
 
@@ -82,7 +83,7 @@ class Transition:
                        {"user": self.user, "page": self.page})
 
 
-def transitions(trajs: Iterable[Trajectory], world: World, max_pages: int = 5,
+def transitions(trajs: Iterable[Trajectory], world: World, max_pages: int = MAX_PAGES,
                 full_history: bool = False) -> list[Transition]:
     """Render each step of each trajectory. Persona and evidence come from the train ratings
     entered before the session; ``full_history`` uses the whole train split instead (right for

@@ -24,6 +24,7 @@ from evaluation.parts import Parts
 from evaluation.report import _png, write_report
 from evaluation.sections import REGISTRY, Context, held_out, pick, select
 from simulator.custom import SPEC_HELP, check_recommenders
+from simulator.env import MAX_PAGES
 from simulator.lists import LIST_SIZES
 
 
@@ -42,7 +43,7 @@ class EvalConfig(BaseModel):
     recommenders: list[str] = Field(["pop", "itemknn", "userknn", "als", "bpr"],
                                     description="recommenders ranked by the simulation: "
                                     + SPEC_HELP)
-    session_pages: int = Field(5, ge=1, description="most pages of a simulated session (4 "
+    session_pages: int = Field(MAX_PAGES, ge=1, description="most pages of a simulated session (4 "
                                "items each, from the recommender's static ranking)")
     sim_users: int = Field(50, ge=1, description="agents per recommender for sessions and "
                            "selection")

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from agents.policy import DEFAULT_TEMPERATURE
+from simulator.env import MAX_PAGES, PAGE_SIZE
 
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 DEFAULT_CHECKPOINT = CHECKPOINTS / "alignuser-ml100k"
@@ -21,8 +22,8 @@ class AgentSettings(BaseModel):
     """How an agent browses and decides: the settings ``alignuser simulate`` and a LangGraph
     client's run context share, declared (with their defaults) only here."""
 
-    pages: int = Field(5, ge=1, description="most pages per session")
-    page_size: int = Field(4, ge=1, description="items per page")
+    pages: int = Field(MAX_PAGES, ge=1, description="most pages per session")
+    page_size: int = Field(PAGE_SIZE, ge=1, description="items per page")
     model: str = Field("default", description="base causal LM: 'default' or a local HF folder")
     checkpoint: str | None = Field(
         str(DEFAULT_CHECKPOINT) if DEFAULT_CHECKPOINT.exists() else None,

@@ -13,6 +13,9 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+PAGE_SIZE = 4  # Agent4Rec's page: items shown at once
+MAX_PAGES = 5  # pages a visit may last before the person must leave
+
 
 class InvalidAction(ValueError):
     """The action does not fit the page it answers."""
@@ -34,7 +37,7 @@ class Observation(BaseModel):
     items: list[int]
     session: list[tuple[int, int]] = Field(
         default_factory=list, description="(item, rating) watched earlier in this session")
-    max_pages: int = 5
+    max_pages: int = MAX_PAGES
 
 
 class PageSource(Protocol):
@@ -68,8 +71,8 @@ class PageEnv:
     """One user's session at a time; ``step`` validates the action against the current page."""
 
     pages: PageSource
-    page_size: int = 4
-    max_pages: int = 5
+    page_size: int = PAGE_SIZE
+    max_pages: int = MAX_PAGES
     _obs: Observation | None = field(default=None, init=False, repr=False)
     _seen: set[int] = field(default_factory=set, init=False, repr=False)
 

@@ -28,13 +28,13 @@ import pandas as pd
 from pydantic import BaseModel, Field, field_validator
 from tqdm import tqdm
 
-from simulator.env import PageAction, PageEnv, PageSource, recommender_pages
+from simulator.env import MAX_PAGES, PAGE_SIZE, PageAction, PageEnv, PageSource, recommender_pages
 
 
 class TrajectoryConfig(BaseModel):
     gap_minutes: float = Field(30, description="a gap longer than this starts a new session")
-    page_size: int = Field(4, description="items per page (Agent4Rec's 4)")
-    max_pages: int = Field(5, description="pages per visit before the human must leave")
+    page_size: int = Field(PAGE_SIZE, description="items per page (Agent4Rec's 4)")
+    max_pages: int = Field(MAX_PAGES, description="pages per visit before the human must leave")
     watch_probs: tuple[float, ...] = Field(
         (0.2, 0.45, 0.35),
         description="probability that a page holds 0, 1, 2, ... of the human's items; "
