@@ -94,40 +94,10 @@ class Scorer:
         return self.lm.model(input_ids=input_ids.to(self.lm.device), **kwargs)
 
     def _prefix(self, text: str) -> _Prefix:
-        entry = self._cache.get(text)
-        if entry is not None:
-            self._cache.move_to_end(text)
-            self.stats.prefix_hits += 1
-            return entry
-        ids = tuple(encode(self.lm.tokenizer, [text]))
+        ids = encode(self.lm.tokenizer, [text])
         if not ids:
             raise ValueError("prefix must not be empty: the first target token needs context")
-        # KV of the first n tokens depends only on those tokens, so the longest shared token
-        # run with any cached entry is reused exactly (persona+page1 -> persona+page2). At
-        # least the last token is recomputed: its logits predict the first option token.
-        base, start = None, 0
-        for candidate in self._cache.values():
-            shared = len(os.path.commonprefix([candidate.ids, ids]))
-            if shared > start:
-                base, start = candidate, shared
-        start = min(start, len(ids) - 1)
-        rest = torch.tensor([ids[start:]])
-        kwargs: dict[str, Any] = {"use_cache": True, "logits_to_keep": 1}
-        if base is not None and start > 0:
-            self.stats.prefix_extends += 1
-            self.stats.reused_tokens += start
-            kwargs[cache_arg(self.lm.model)] = expanded_cache(self.lm.model.config, base.kv,
-                                                               1, start)
-            kwargs["position_ids"] = torch.arange(start, len(ids), device=self.lm.device)[None]
-        else:
-            self.stats.prefix_misses += 1
-        out = self._forward(rest, **kwargs)
-        kv = tuple((k, v) for k, v, *_ in output_cache(out))
-        entry = _Prefix(ids, kv, torch.log_softmax(out.logits[0, -1].float(), -1))
-        self._cache[text] = entry
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return entry
+        return self._prefixes_batched({text: ids})[text]
 
     @torch.inference_mode()
     def score(self, prefix: str, options: Sequence[tuple[str, str]]) -> list[float]:
@@ -225,6 +195,7 @@ class Scorer:
         that shares its leading tokens with a cached one (the persona, from this user's
         previous page) starts from that entry's KV, so only its new tokens are computed."""
         found = {t: self._cache[t] for t in prefixes if t in self._cache}
+        self.stats.prefix_hits += len(found)
         todo = [t for t in prefixes if t not in found]
         groups: dict[tuple[int, int], list[str]] = {}
         bases: dict[int, _Prefix] = {}
