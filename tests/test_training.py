@@ -148,6 +148,27 @@ def test_a_few_steps_lower_the_loss(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoint" / "adapter_model.safetensors").is_file()  # final save
 
 
+def test_a_stage_ends_with_its_best_validation_weights(tmp_path: Path) -> None:
+    model, lm = _peft_lm()
+    losses = iter([3.0, 1.0, 2.0])  # validation at steps 2, 4, 6: the best is step 4's
+    cfg = TrainConfig(batch_size=2, max_len=512, lr=1e-2, warmup=1, save_every=100,
+                      eval_every=2, patience=5)
+    out = train_loop(model, lm.tokenizer, {"policy": EXAMPLES}, {"policy": 1.0}, steps=6,
+                     out_dir=tmp_path, cfg=cfg, validate=lambda: next(losses), progress=False)
+    from safetensors.torch import load_file
+
+    best = load_file(str(tmp_path / "best" / "adapter_model.safetensors"))
+    final = load_file(str(tmp_path / "checkpoint" / "adapter_model.safetensors"))  # step 6
+    kept = _lora_state(model)
+    assert out["kept_step"] == 4 and out["best_valid"] == 1.0
+    names = [n for n in kept if "lora_B" in n]
+    assert names
+    for name in names:
+        key = next(k for k in best if k.endswith(name.split("base_model.", 1)[-1]))
+        assert torch.allclose(kept[name], best[key].to(kept[name].dtype), atol=1e-6)
+    assert any(not torch.allclose(best[k], final[k]) for k in best)  # steps 5-6 moved on
+
+
 def _lora_state(model: Any) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 

@@ -103,6 +103,20 @@ def _load(model, opt, ckpt: Path) -> tuple[int, list[dict], dict]:
     return prog["step"], prog["history"], prog.get("spent", NOTHING_SPENT)
 
 
+def _keep_best(model, best_dir: Path, history: Sequence[dict]) -> int | None:
+    """Early stopping's rule: the stage ends with the weights of its best validation loss (saved
+    in ``best_dir`` whenever it improved); returns that step, None without validation."""
+    scored = [h for h in history if "valid" in h]
+    weights = best_dir / "adapter_model.safetensors"
+    if not scored or not weights.is_file():
+        return None
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(weights)))
+    return min(scored, key=lambda h: h["valid"])["step"]
+
+
 def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
                weights: Mapping[str, float], steps: int, out_dir: Path, cfg: TrainConfig, *,
                resume: bool = False, validate: Callable[[], float] | None = None,
@@ -169,11 +183,12 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
                    "tokens": before["tokens"] + tokens})
             break
     model.eval()
+    kept = _keep_best(model, out_dir / "best", history)
     # Time and tokens add up over interrupted runs, so a resumed stage reports its whole cost.
     elapsed = before["seconds"] + time.perf_counter() - t0
     tokens += before["tokens"]
     return {"steps": history[-1]["step"] if history else 0, "history": history,
-            "best_valid": None if best == float("inf") else best,
+            "best_valid": None if best == float("inf") else best, "kept_step": kept,
             "tokens_per_s": round(tokens / elapsed, 1) if elapsed > 0 else None,
             "seconds": round(elapsed, 1)}
 
