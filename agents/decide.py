@@ -68,6 +68,16 @@ def _pick(logps: Sequence[float], temperature: float, rng: np.random.Generator) 
     return int(rng.choice(len(lp), p=tempered / tempered.sum())), probs.round(4).tolist()
 
 
+def _rating_requests(context: str, slots: Sequence[int]) -> list[tuple[str, list]]:
+    """Every rating line of the watched ``slots`` after ``context`` (prefix, choices and
+    next/exit), as one request whose prefix is that whole context: the scorer extends the
+    page's cached prefix by the choices once, and each rating line costs only its own tokens.
+    Every part ends in a newline, so the joined prefix tokenises as the segments do."""
+    if not slots:
+        return []
+    return [(context, [("", text.rating_line(s, r)) for s in slots for r in text.RATINGS])]
+
+
 def _yes(score: float, temperature: float, rng: np.random.Generator) -> bool:
     """Take a binary choice whose calibrated log-odds are ``score``."""
     if temperature <= 0:
@@ -104,20 +114,21 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
                          watch_scores=sc) for i, (sc, w) in zip(inputs, chosen, strict=True)]
     ctxs = [tail + text.render_choices(len(i.items), w)
             for i, tail, (_, w) in zip(inputs, tails, chosen, strict=True)]
-    rest = score_many(scorer, [
-        (_prefix(i), [(ctx, text.then_line(t)) for t in text.THEN]
-         + [(ctx + text.then_line(t), text.rating_line(s, r))
-            for t in text.THEN for s in w for r in text.RATINGS])
-        for i, ctx, (_, w) in zip(inputs, ctxs, chosen, strict=True)])
+    reqs = [(_prefix(i), [(ctx, text.then_line(t)) for t in text.THEN])
+            for i, ctx in zip(inputs, ctxs, strict=True)]
+    reqs += [r for i, ctx, (_, w) in zip(inputs, ctxs, chosen, strict=True)
+             for t in text.THEN for r in _rating_requests(_prefix(i) + ctx + text.then_line(t), w)]
+    res = score_many(scorer, reqs)
+    thens, by_then = res[:len(inputs)], iter(res[len(inputs):])
     out = []
-    for inp, lp, rng, (scores, w) in zip(inputs, rest, rngs, chosen, strict=True):
+    for inp, lp, rng, (scores, w) in zip(inputs, thens, rngs, chosen, strict=True):
+        rates = {t: next(by_then) if w else [] for t in text.THEN}
         exit_score = float(lp[1] - lp[0]) + cal.then_offset
         go = text.THEN[1] if _yes(exit_score, temperature, rng) else text.THEN[0]
         p_exit = float(1 / (1 + np.exp(-exit_score)))
-        base = 2 + text.THEN.index(go) * 5 * len(w)
         ratings, rating_probs = {}, {}
         for k, s in enumerate(w):
-            pick, probs = _pick(lp[base + 5 * k: base + 5 * k + 5], temperature, rng)
+            pick, probs = _pick(rates[go][5 * k: 5 * k + 5], temperature, rng)
             ratings[s], rating_probs[s] = pick + 1, probs
         out.append(Decision(
             action=PageAction(watched={inp.items[s - 1]: r for s, r in ratings.items()},
@@ -132,16 +143,17 @@ def rating_expectations(scorer, inputs: Sequence[DecisionInput],
                         actions: Sequence[PageAction]) -> list[dict[int, float]]:
     """Expected rating of each watched slot once the given choices and next/exit are in the
     context (held-out pages: the human's action)."""
-    reqs = []
+    reqs, slots_of = [], []
     for inp, act in zip(inputs, actions, strict=True):
         slots = [inp.items.index(i) + 1 for i in act.watched]
         ctx = (prompts.policy_tail(text.render_predictions(inp.predictions))
                + text.render_choices(len(inp.items), slots) + text.then_line(act.then))
-        reqs.append((_prefix(inp), [(ctx, text.rating_line(s, r)) for s in slots
-                                    for r in text.RATINGS]))
+        reqs += _rating_requests(_prefix(inp) + ctx, slots)
+        slots_of.append(slots)
+    scored = iter(score_many(scorer, reqs))
     out = []
-    for inp, act, lp in zip(inputs, actions, score_many(scorer, reqs), strict=True):
-        slots = [inp.items.index(i) + 1 for i in act.watched]
+    for slots in slots_of:
+        lp = next(scored) if slots else []
         out.append({s: expected_value(lp[5 * k:5 * k + 5], range(1, 6))
                     for k, s in enumerate(slots)})
     return out

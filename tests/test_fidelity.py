@@ -402,6 +402,28 @@ def test_decide_on_a_batch_equals_decide_alone(small_world: World) -> None:
                 assert d.rating_probs[s] == pytest.approx(probs, abs=1e-3)
 
 
+def test_decide_scores_next_exit_and_ratings_as_the_full_texts_do(small_world: World) -> None:
+    """Ratings are scored over a prefix that extends the page by the choices and next/exit; the
+    probabilities must be those of the plain texts, scored with no cache at all."""
+    lm = tiny_lm(seed=3)
+    inputs = _inputs(small_world, n=2, pages=1)
+    cal = Calibration(watch_offset=100.0)  # every slot watched: every rating line is scored
+    for d, inp in zip(decide(Scorer(lm), inputs, calibration=cal), inputs, strict=True):
+        slots = sorted(d.watch_scores)
+        prefix = prompts.prefix(inp.persona_text, inp.page_text)
+        ctx = prompts.policy_tail() + text.render_choices(len(slots), slots)
+        ref = Scorer(lm)
+        then = ref.score_naive(prefix, [(ctx, text.then_line(t)) for t in text.THEN])
+        assert d.then_probs[1] == pytest.approx(1 / (1 + math.exp(then[0] - then[1])),
+                                                abs=2e-4)
+        ctx += text.then_line(d.action.then)
+        for s in slots:
+            lp = np.asarray(ref.score_naive(prefix, [(ctx, text.rating_line(s, r))
+                                                     for r in text.RATINGS]))
+            want = np.exp(lp - lp.max()) / np.exp(lp - lp.max()).sum()
+            np.testing.assert_allclose(d.rating_probs[s], want, atol=2e-4)
+
+
 # --- lockstep browsing --------------------------------------------------------------------------
 
 class Recording:

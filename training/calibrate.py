@@ -33,7 +33,8 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
               valid_lists: Sequence[tuple[int, list[int], list[int]]] = ()) -> dict:
     """Offsets and what they were fitted on (for the manifest)."""
     inputs = page_inputs(valid_trs)
-    decisions = decide(scorer, inputs, world_model=world_model)
+    # Only the watch/skip scores are read here: next/exit and ratings wait for the offset.
+    decisions = decide(scorer, inputs, world_model=world_model, then=False)
     watch = np.asarray([d.watch_scores[s] for d in decisions for s in d.watch_scores])
     human_watch = np.asarray([int(s in t.ratings) for t in valid_trs
                               for s in range(1, len(t.items) + 1)])
