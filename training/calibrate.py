@@ -27,6 +27,13 @@ def page_inputs(trs: Sequence[Transition], evidence: bool = True) -> list[Decisi
             for t in trs]
 
 
+def _decide(scorer, inputs: Sequence[DecisionInput], chunk: int = 100, **kw) -> list:
+    """``decide`` a chunk of pages at a time: a round's prefixes stay cached until it ends
+    (~10 MB of KV per page prompt), so one round of 400 pages would hold gigabytes."""
+    return [d for i in range(0, len(inputs), chunk) for d in decide(scorer, inputs[i:i + chunk],
+                                                                    **kw)]
+
+
 def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
               perceiver: Perceiver | None = None, personas: Mapping[int, str] | None = None,
               histories: Mapping[int, Mapping[int, float]] | None = None,
@@ -34,14 +41,14 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
     """Offsets and what they were fitted on (for the manifest)."""
     inputs = page_inputs(valid_trs)
     # Only the watch/skip scores are read here: next/exit and ratings wait for the offset.
-    decisions = decide(scorer, inputs, world_model=world_model, then=False)
+    decisions = _decide(scorer, inputs, world_model=world_model, then=False)
     watch = np.asarray([d.watch_scores[s] for d in decisions for s in d.watch_scores])
     human_watch = np.asarray([int(s in t.ratings) for t in valid_trs
                               for s in range(1, len(t.items) + 1)])
     human_exit = np.asarray([t.then == "exit" for t in valid_trs], dtype=float)
     cal = Calibration(watch_offset=rate_offset(watch, float(human_watch.mean())))
     # next/exit is scored after the chosen slots, so fit its offset on the calibrated choices.
-    decisions = decide(scorer, inputs, world_model=world_model, calibration=cal)
+    decisions = _decide(scorer, inputs, world_model=world_model, calibration=cal)
     exits = np.asarray([d.exit_score for d in decisions])
     cal.then_offset = rate_offset(exits, float(human_exit.mean()))
     report = {"pages": len(valid_trs), "human_watch_ratio": round(float(human_watch.mean()), 4),

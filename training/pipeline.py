@@ -180,10 +180,10 @@ def _with_predictions(model, lm: LM, trs: Sequence[Transition]) -> list[Example]
     from agents.world_model import expected_ratings_many
 
     model.eval()
-    scorer = Scorer(LM(model=model, tokenizer=lm.tokenizer, name=lm.name), cache_size=1024)
+    scorer = Scorer(LM(model=model, tokenizer=lm.tokenizer, name=lm.name), cache_size=128)
     out: list[Example] = []
-    for i in range(0, len(trs), 512):
-        chunk = trs[i:i + 512]
+    for i in range(0, len(trs), 128):
+        chunk = trs[i:i + 128]
         preds = expected_ratings_many(scorer, [(t.prefix, len(t.items)) for t in chunk])
         out += [e for t, p in zip(chunk, preds, strict=True)
                 for e in t.policy_examples(render_predictions(p))]
@@ -233,7 +233,7 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
     from training.calibrate import calibrate
 
     calibration = calibrate(Scorer(LM(model=model, tokenizer=lm.tokenizer, name=lm.name),
-                                   cache_size=1024),
+                                   cache_size=128),
                             prep.calib, world_model=cfg.stage != "policy",
                             perceiver=prep.perceiver, personas=prep.personas,
                             histories=prep.histories, valid_lists=prep.valid_lists)
