@@ -4,7 +4,7 @@ ratings, for any number of pages at once.
 Every caller (the graph's decide node, evaluation's lists and held-out pages, the
 counterfactual stage) goes through :func:`decide`, so a decision is made in exactly one place.
 Pages of many agents are scored together: one batched call for the world model's expectations,
-one for every slot's watch/skip line, one for next/exit and the ratings.
+one for every slot's watch/skip line, one for next/exit, one for the ratings after it.
 
 Semantics (documented because they differ from sampling line after line): each slot's watch/skip
 line is scored after the page alone, not after the choices on earlier slots, so the slots of a
@@ -114,21 +114,23 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
                          watch_scores=sc) for i, (sc, w) in zip(inputs, chosen, strict=True)]
     ctxs = [tail + text.render_choices(len(i.items), w)
             for i, tail, (_, w) in zip(inputs, tails, chosen, strict=True)]
-    reqs = [(_prefix(i), [(ctx, text.then_line(t)) for t in text.THEN])
-            for i, ctx in zip(inputs, ctxs, strict=True)]
-    reqs += [r for i, ctx, (_, w) in zip(inputs, ctxs, chosen, strict=True)
-             for t in text.THEN for r in _rating_requests(_prefix(i) + ctx + text.then_line(t), w)]
-    res = score_many(scorer, reqs)
-    thens, by_then = res[:len(inputs)], iter(res[len(inputs):])
+    thens = score_many(scorer, [(_prefix(i), [(ctx, text.then_line(t)) for t in text.THEN])
+                                for i, ctx in zip(inputs, ctxs, strict=True)])
+    exit_scores = [float(lp[1] - lp[0]) + cal.then_offset for lp in thens]
+    goes = [text.THEN[1] if _yes(e, temperature, rng) else text.THEN[0]
+            for e, rng in zip(exit_scores, rngs, strict=True)]
+    # Ratings only after the next/exit actually taken: one more batched call, half the lines.
+    rates = iter(score_many(scorer, [
+        r for i, ctx, (_, w), go in zip(inputs, ctxs, chosen, goes, strict=True)
+        for r in _rating_requests(_prefix(i) + ctx + text.then_line(go), w)]))
     out = []
-    for inp, lp, rng, (scores, w) in zip(inputs, thens, rngs, chosen, strict=True):
-        rates = {t: next(by_then) if w else [] for t in text.THEN}
-        exit_score = float(lp[1] - lp[0]) + cal.then_offset
-        go = text.THEN[1] if _yes(exit_score, temperature, rng) else text.THEN[0]
+    for inp, rng, (scores, w), exit_score, go in zip(inputs, rngs, chosen, exit_scores, goes,
+                                                     strict=True):
+        lp = next(rates) if w else []
         p_exit = float(1 / (1 + np.exp(-exit_score)))
         ratings, rating_probs = {}, {}
         for k, s in enumerate(w):
-            pick, probs = _pick(rates[go][5 * k: 5 * k + 5], temperature, rng)
+            pick, probs = _pick(lp[5 * k: 5 * k + 5], temperature, rng)
             ratings[s], rating_probs[s] = pick + 1, probs
         out.append(Decision(
             action=PageAction(watched={inp.items[s - 1]: r for s, r in ratings.items()},
