@@ -58,9 +58,10 @@ def list_features(world: World, lists) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def signal_table(world: World, cfg: TrajectoryConfig | None = None, users: int = 150,
+def signal_table(world: World, cfg: TrajectoryConfig | None = None, *, users: int,
                  seed: int = 0, progress: bool = False) -> pd.DataFrame:
-    """Per-feature AUC on training pages (configured construction) and validation 1:1 lists."""
+    """Per-feature AUC on training pages (configured construction) and validation 1:1 lists.
+    ``users`` has no default here: ``DataInfoConfig.signal_users`` is its one source."""
     valid = world.lists("valid", 1, None, seed)
     pool = sorted({u for u, _, _ in valid} & set(world.split.train["user"].unique()))
     rng = np.random.default_rng(seed)

@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
-from agents.browse import accuracy_offset, list_scores, rate_offset
+from agents.browse import accuracy_offset, list_scores, pages_of, rate_offset
 from agents.decide import Calibration, decide
 from agents.perception import Perceiver
 from agents.policy import DecisionInput
@@ -27,11 +28,16 @@ def page_inputs(trs: Sequence[Transition], evidence: bool = True) -> list[Decisi
             for t in trs]
 
 
-def _decide(scorer, inputs: Sequence[DecisionInput], chunk: int = 100, **kw) -> list:
+def _decide(scorer, inputs: Sequence[DecisionInput], desc: str, chunk: int = 100,
+            **kw) -> list:
     """``decide`` a chunk of pages at a time: a round's prefixes stay cached until it ends
     (~10 MB of KV per page prompt), so one round of 400 pages would hold gigabytes."""
-    return [d for i in range(0, len(inputs), chunk) for d in decide(scorer, inputs[i:i + chunk],
-                                                                    **kw)]
+    out: list = []
+    with tqdm(total=len(inputs), desc=desc, unit="page") as bar:
+        for i in range(0, len(inputs), chunk):
+            out += decide(scorer, inputs[i:i + chunk], **kw)
+            bar.update(len(inputs[i:i + chunk]))
+    return out
 
 
 def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
@@ -41,23 +47,27 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
     """Offsets and what they were fitted on (for the manifest)."""
     inputs = page_inputs(valid_trs)
     # Only the watch/skip scores are read here: next/exit and ratings wait for the offset.
-    decisions = _decide(scorer, inputs, world_model=world_model, then=False)
+    decisions = _decide(scorer, inputs, "calibrate watch", world_model=world_model,
+                        then=False)
     watch = np.asarray([d.watch_scores[s] for d in decisions for s in d.watch_scores])
     human_watch = np.asarray([int(s in t.ratings) for t in valid_trs
                               for s in range(1, len(t.items) + 1)])
     human_exit = np.asarray([t.then == "exit" for t in valid_trs], dtype=float)
     cal = Calibration(watch_offset=rate_offset(watch, float(human_watch.mean())))
     # next/exit is scored after the chosen slots, so fit its offset on the calibrated choices.
-    decisions = _decide(scorer, inputs, world_model=world_model, calibration=cal)
+    decisions = _decide(scorer, inputs, "calibrate exit", world_model=world_model,
+                        calibration=cal)
     exits = np.asarray([d.exit_score for d in decisions])
     cal.then_offset = rate_offset(exits, float(human_exit.mean()))
     report = {"pages": len(valid_trs), "human_watch_ratio": round(float(human_watch.mean()), 4),
               "human_exit_share": round(float(human_exit.mean()), 4),
               "world_model": world_model}
     if valid_lists and perceiver is not None and personas and histories is not None:
-        scores = list_scores(scorer, perceiver, personas, histories,
-                             [(u, items) for u, items, _ in valid_lists],
-                             world_model=world_model)
+        pages = sum(len(pages_of(items)) for _, items, _ in valid_lists)
+        with tqdm(total=pages, desc="calibrate lists", unit="page") as bar:
+            scores = list_scores(scorer, perceiver, personas, histories,
+                                 [(u, items) for u, items, _ in valid_lists],
+                                 world_model=world_model, progress=bar.update)
         cal.list_offset = accuracy_offset(scores, [y for _, _, y in valid_lists])
         report["lists"] = len(valid_lists)
     return {**cal.model_dump(), "fitted_on": report}
