@@ -19,7 +19,7 @@ stored in its manifest.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +138,18 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
             watch_scores=scores, rating_probs=rating_probs,
             then_probs=[round(1 - p_exit, 4), round(p_exit, 4)], exit_score=exit_score,
             predictions=inp.predictions))
+    return out
+
+
+def decide_chunked(scorer, inputs: Sequence[DecisionInput], *, chunk: int = 100,
+                   progress: Callable[[int], None] | None = None, **kw) -> list[Decision]:
+    """``decide`` ``chunk`` pages at a time: a call keeps its pages' prompts cached until it
+    returns (~10 MB of KV per page prompt), so hundreds of pages at once would hold gigabytes."""
+    out: list[Decision] = []
+    for start in range(0, len(inputs), chunk):
+        out += decide(scorer, inputs[start:start + chunk], **kw)
+        if progress is not None:
+            progress(len(out) - start)
     return out
 
 

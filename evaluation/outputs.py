@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+from tqdm import tqdm
 
 from agents import prompts, text
-from agents.browse import browse, list_scores
-from agents.decide import Calibration, decide, rating_expectations
+from agents.browse import browse, list_scores, pages_of
+from agents.decide import Calibration, decide_chunked, rating_expectations
 from agents.perception import Perceiver
 from agents.policy import DecisionInput
 from agents.transition import Transition
@@ -73,7 +74,8 @@ def page_input(tr: Transition, evidence: bool) -> DecisionInput:
 
 
 def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundle,
-                   full: bool = False, needs: Collection[str] = OUTPUT_KINDS) -> dict[str, Any]:
+                   full: bool = False, needs: Collection[str] = OUTPUT_KINDS,
+                   progress: bool = False) -> dict[str, Any]:
     """Lists' watch scores, held-out page actions and ratings; for the full agent also the
     world model's next states and the simulated sessions; only the kinds in ``needs``."""
     t0 = time.perf_counter()
@@ -81,15 +83,20 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
     out: dict[str, Any] = {"lists": {}, "calibration": cal.model_dump()}
     # the scorer is shared by the methods on the same weights: count this method's tokens only
     tokens_before = getattr(getattr(scorer, "stats", None), "tokens", None) or 0
-    for m, lists in (bundle.lists if "lists" in needs else {}).items():
+    lists_of = bundle.lists if "lists" in needs else {}
+    pages = bundle.pages if "pages" in needs else []
+    bar = tqdm(total=len(pages) + sum(len(pages_of(items)) for rows in lists_of.values()
+                                      for _, items, _ in rows),
+               desc=spec.label, unit="page", disable=not progress)
+    for m, lists in lists_of.items():
         out["lists"][m] = [s.tolist() for s in list_scores(
             scorer, bundle.perceiver, bundle.personas, bundle.histories,
             [(u, items) for u, items, _ in lists], world_model=spec.world_model,
-            evidence=spec.evidence, offset=offset)]
-    pages = bundle.pages if "pages" in needs else []
+            evidence=spec.evidence, offset=offset, progress=bar.update)]
     inputs = [page_input(tr, spec.evidence) for tr in pages]
-    decisions = decide(scorer, inputs, world_model=spec.world_model,
-                       calibration=cal) if inputs else []
+    decisions = decide_chunked(scorer, inputs, world_model=spec.world_model,
+                               calibration=cal, progress=bar.update)
+    bar.close()
     inputs = [i.model_copy(update={"predictions": d.predictions})
               for i, d in zip(inputs, decisions, strict=True)]
     human = [PageAction(watched={tr.items[s - 1]: r for s, r in tr.ratings.items()},
@@ -149,7 +156,8 @@ def all_outputs(bundle: EvalBundle, methods: Sequence[str], adapters: Mapping[st
                                             cache_size=2048), Calibration.of_checkpoint(path))
         scorer, cal = scorers[spec.weights]
         log(f"{spec.label}: scoring")
-        out[name] = method_outputs(spec, scorer, cal, bundle, full=name == "full", needs=needs)
+        out[name] = method_outputs(spec, scorer, cal, bundle, full=name == "full", needs=needs,
+                                   progress=True)
         scorer.clear()
         if commit is not None:
             commit(name, out[name])

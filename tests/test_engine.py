@@ -149,3 +149,33 @@ def test_cpu_and_cuda_decide_alike(small_world: World, lm: LM) -> None:
         assert [(p.watched, p.then) for p in a.pages] == [(p.watched, p.then) for p in b.pages]
         for pa, pb in zip(a.pages, b.pages, strict=True):
             assert pb.watch_scores == pytest.approx(pa.watch_scores, abs=1e-3)
+
+
+def test_chunked_decisions_equal_one_call_and_report_every_page(small_world: World) -> None:
+    """Evaluation and calibration decide in chunks to bound the cached prompts; the chunks
+    must not change a decision, and the progress callback must count every page once."""
+    from agents import text
+    from agents.decide import Calibration, decide, decide_chunked
+    from agents.policy import DecisionInput
+
+    users = sorted(small_world.histories)[:3]
+    inputs = []
+    for k, u in enumerate(users):
+        unseen = [i for i in sorted(small_world.ds.items) if i not in small_world.histories[u]]
+        for p in (1, 2):
+            items = unseen[8 * k + 4 * p: 8 * k + 4 * p + 4]
+            views = small_world.perceiver.page(items, small_world.histories[u])
+            inputs.append(DecisionInput(user=u, page=p, items=items,
+                                        persona_text=small_world.personas[u],
+                                        page_text=text.page_prompt(p, 5, views), seed=1))
+    cal = Calibration(watch_offset=0.3, then_offset=-0.2)
+    whole = decide(Scorer(tiny_lm(seed=5)), inputs, calibration=cal)
+    seen: list[int] = []
+    chunked = decide_chunked(Scorer(tiny_lm(seed=5)), inputs, chunk=4, calibration=cal,
+                             progress=seen.append)
+    assert seen == [4, 2]
+    assert [d.action for d in chunked] == [d.action for d in whole]
+    for a, b in zip(chunked, whole, strict=True):
+        assert a.watch_scores.keys() == b.watch_scores.keys()
+        for s in a.watch_scores:
+            assert a.watch_scores[s] == pytest.approx(b.watch_scores[s], abs=SCORE_TOL)

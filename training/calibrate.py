@@ -13,7 +13,7 @@ import numpy as np
 from tqdm import tqdm
 
 from agents.browse import accuracy_offset, list_scores, pages_of, rate_offset
-from agents.decide import Calibration, decide
+from agents.decide import Calibration, decide_chunked
 from agents.perception import Perceiver
 from agents.policy import DecisionInput
 from agents.transition import Transition
@@ -28,16 +28,9 @@ def page_inputs(trs: Sequence[Transition], evidence: bool = True) -> list[Decisi
             for t in trs]
 
 
-def _decide(scorer, inputs: Sequence[DecisionInput], desc: str, chunk: int = 100,
-            **kw) -> list:
-    """``decide`` a chunk of pages at a time: a round's prefixes stay cached until it ends
-    (~10 MB of KV per page prompt), so one round of 400 pages would hold gigabytes."""
-    out: list = []
+def _decide(scorer, inputs: Sequence[DecisionInput], desc: str, **kw) -> list:
     with tqdm(total=len(inputs), desc=desc, unit="page") as bar:
-        for i in range(0, len(inputs), chunk):
-            out += decide(scorer, inputs[i:i + chunk], **kw)
-            bar.update(len(inputs[i:i + chunk]))
-    return out
+        return decide_chunked(scorer, inputs, progress=bar.update, **kw)
 
 
 def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
