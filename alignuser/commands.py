@@ -253,7 +253,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             parts = Parts(out)
             done = {**given, **parts.outputs()}
             outputs = all_outputs(bundle, methods, ckpts, run.model, run.device, log,
-                                  needs=needs(sections), done=done, commit=parts.save_outputs)
+                                  needs=needs(sections), done=done, commit=parts.save_outputs,
+                                  partial=parts.partial_outputs(),
+                                  commit_part=parts.save_partial)
             for m in given:
                 parts.save_outputs(m, given[m])
             setup = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} "

@@ -11,6 +11,7 @@ so the model-heavy part can run on any machine: ``python -m evaluation.outputs B
 from __future__ import annotations
 
 import argparse
+import functools
 import pickle
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -75,16 +76,34 @@ def page_input(tr: Transition, evidence: bool) -> DecisionInput:
 
 def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundle,
                    full: bool = False, needs: Collection[str] = OUTPUT_KINDS,
-                   progress: bool = False) -> dict[str, Any]:
+                   progress: bool = False, kept: Mapping[str, Any] | None = None,
+                   commit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Lists' watch scores, held-out page actions and ratings; for the full agent also the
-    world model's next states and the simulated sessions; only the kinds in ``needs``."""
+    world model's next states and the simulated sessions; only the kinds in ``needs``.
+
+    Each list ratio and each other kind is handed to ``commit`` (the answers so far) as soon as
+    it is done, and what ``kept`` (such answers from an interrupted run) already holds is not
+    computed again: an hours-long method loses at most one part to a kill."""
     t0 = time.perf_counter()
+    kept = dict(kept or {})
     offset = cal.list_offset if cal.list_offset is not None else cal.watch_offset
-    out: dict[str, Any] = {"lists": {}, "calibration": cal.model_dump()}
+    out: dict[str, Any] = {"lists": dict(kept.get("lists", {})), "calibration": cal.model_dump(),
+                           **{k: kept[k] for k in ("pages", "ratings", "next_state", "sessions")
+                              if k in kept}}
     # the scorer is shared by the methods on the same weights: count this method's tokens only
     tokens_before = getattr(getattr(scorer, "stats", None), "tokens", None) or 0
-    lists_of = bundle.lists if "lists" in needs else {}
-    pages = bundle.pages if "pages" in needs else []
+
+    def done_part() -> None:
+        if commit is not None:
+            tokens = getattr(getattr(scorer, "stats", None), "tokens", None)
+            commit({**out, "lists": dict(out["lists"]),
+                    "seconds": kept.get("seconds", 0.0) + time.perf_counter() - t0,
+                    "tokens": None if tokens is None
+                    else kept.get("tokens", 0) + tokens - tokens_before})
+
+    lists_of = {m: rows for m, rows in (bundle.lists if "lists" in needs else {}).items()
+                if m not in out["lists"]}
+    pages = bundle.pages if "pages" in needs and "pages" not in out else []
     bar = tqdm(total=len(pages) + sum(len(pages_of(items)) for rows in lists_of.values()
                                       for _, items, _ in rows),
                desc=spec.label, unit="page", disable=not progress)
@@ -93,23 +112,19 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
             scorer, bundle.perceiver, bundle.personas, bundle.histories,
             [(u, items) for u, items, _ in lists], world_model=spec.world_model,
             evidence=spec.evidence, offset=offset, progress=bar.update)]
-    inputs = [page_input(tr, spec.evidence) for tr in pages]
-    decisions = decide_chunked(scorer, inputs, world_model=spec.world_model,
-                               calibration=cal, progress=bar.update)
+        done_part()
+    if "pages" in needs and "pages" not in out:
+        out |= _page_answers(spec, scorer, cal, pages, bar.update)
+        done_part()
     bar.close()
-    inputs = [i.model_copy(update={"predictions": d.predictions})
-              for i, d in zip(inputs, decisions, strict=True)]
-    human = [PageAction(watched={tr.items[s - 1]: r for s, r in tr.ratings.items()},
-                        then=tr.then) for tr in pages]
-    out["pages"] = [{"watched": sorted(tr.items.index(i) + 1 for i in d.action.watched),
-                     "then": d.action.then, "watch_scores": d.watch_scores}
-                    for tr, d in zip(pages, decisions, strict=True)]
-    out["ratings"] = rating_expectations(scorer, inputs, human) if inputs else []
-    if full and "next_state" in needs:
+    out.setdefault("pages", [])  # not asked for
+    out.setdefault("ratings", [])
+    if full and "next_state" in needs and "next_state" not in out:
         gen_prompts = [tr.prefix + prompts.world_model_tail(text.render_wm_action(
             len(tr.items), sorted(tr.ratings), tr.then)) for tr in bundle.transitions]
         out["next_state"] = scorer.generate_many(gen_prompts, max_new_tokens=96)
-    if full and "sessions" in needs:
+        done_part()
+    if full and "sessions" in needs and "sessions" not in out:
         out["sessions"] = {}
         for rec, sessions in bundle.sessions.items():
             runs = browse(scorer, bundle.perceiver, bundle.personas, bundle.histories, sessions,
@@ -117,10 +132,27 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
                           calibration=cal, exits=True)
             out["sessions"][rec] = [session_record(u, rec, run)
                                     for (u, _), run in zip(sessions, runs, strict=True)]
-    out["seconds"] = round(time.perf_counter() - t0, 1)
+    out["seconds"] = round(kept.get("seconds", 0.0) + time.perf_counter() - t0, 1)
     tokens = getattr(getattr(scorer, "stats", None), "tokens", None)
-    out["tokens"] = None if tokens is None else tokens - tokens_before
+    out["tokens"] = None if tokens is None else kept.get("tokens", 0) + tokens - tokens_before
     return out
+
+
+def _page_answers(spec: MethodSpec, scorer, cal: Calibration, pages: Sequence[Transition],
+                  progress: Callable[[int], None]) -> dict[str, list]:
+    """The agent's action on each held-out human page, and its expected rating of each item
+    the human watched there (given the human's action)."""
+    inputs = [page_input(tr, spec.evidence) for tr in pages]
+    decisions = decide_chunked(scorer, inputs, world_model=spec.world_model,
+                               calibration=cal, progress=progress)
+    inputs = [i.model_copy(update={"predictions": d.predictions})
+              for i, d in zip(inputs, decisions, strict=True)]
+    human = [PageAction(watched={tr.items[s - 1]: r for s, r in tr.ratings.items()},
+                        then=tr.then) for tr in pages]
+    return {"pages": [{"watched": sorted(tr.items.index(i) + 1 for i in d.action.watched),
+                       "then": d.action.then, "watch_scores": d.watch_scores}
+                      for tr, d in zip(pages, decisions, strict=True)],
+            "ratings": rating_expectations(scorer, inputs, human) if inputs else []}
 
 
 def session_record(user: int, recommender: str, decisions: Sequence) -> dict[str, Any]:
@@ -135,10 +167,14 @@ def session_record(user: int, recommender: str, decisions: Sequence) -> dict[str
 def all_outputs(bundle: EvalBundle, methods: Sequence[str], adapters: Mapping[str, str | None],
                 model: str = "default", device: str = "auto", log=print, *,
                 needs: Collection[str] = OUTPUT_KINDS, done: Mapping[str, Any] | None = None,
-                commit: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                commit: Callable[[str, dict[str, Any]], None] | None = None,
+                partial: Mapping[str, Mapping[str, Any]] | None = None,
+                commit_part: Callable[[str, dict[str, Any]], None] | None = None
+                ) -> dict[str, Any]:
     """Every method's outputs; one model load per set of weights. Methods in ``done`` (from
-    an interrupted run) are kept as they are; each one computed is handed to ``commit`` as soon
-    as it is finished."""
+    an interrupted run) are kept as they are, and the parts in ``partial`` of a method that was
+    cut short; each method computed is handed to ``commit`` as soon as it is finished, and each
+    of its parts to ``commit_part``."""
     from agents.llm import load_lm
     from agents.scorer import Scorer
 
@@ -155,9 +191,11 @@ def all_outputs(bundle: EvalBundle, methods: Sequence[str], adapters: Mapping[st
             scorers[spec.weights] = (Scorer(load_lm(model, adapter=path, device=device),
                                             cache_size=2048), Calibration.of_checkpoint(path))
         scorer, cal = scorers[spec.weights]
-        log(f"{spec.label}: scoring")
-        out[name] = method_outputs(spec, scorer, cal, bundle, full=name == "full", needs=needs,
-                                   progress=True)
+        kept = (partial or {}).get(name)
+        log(f"{spec.label}: scoring" + (" (its finished parts kept)" if kept else ""))
+        out[name] = method_outputs(
+            spec, scorer, cal, bundle, full=name == "full", needs=needs, progress=True,
+            kept=kept, commit=None if commit_part is None else functools.partial(commit_part, name))
         scorer.clear()
         if commit is not None:
             commit(name, out[name])

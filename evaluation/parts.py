@@ -1,9 +1,11 @@
 """What an evaluate run has finished, committed as it finishes, so a killed run resumes.
 
 Inside the (staged) run folder, ``parts/`` holds one ``outputs-<method>.pkl`` per method whose
-answers are computed and one ``section-<name>.json`` (with its plots as PNGs beside it) per
-section scored. Every file is written whole or not at all (``simulator.runs.write_atomic``);
-a section's JSON is written after its plots, so its presence means the section is complete.
+answers are computed, a ``partial-<method>.pkl`` with the finished parts of a method cut short
+(each list ratio, the held-out pages, ...), and one ``section-<name>.json`` (with its plots as
+PNGs beside it) per section scored. Every file is written whole or not at all
+(``simulator.runs.write_atomic``); a section's JSON is written after its plots, so its presence
+means the section is complete.
 
 Sections always reach the report through their JSON, in a run that is resumed and in one that
 is not, so both write the same metrics.json and report.
@@ -55,6 +57,16 @@ class Parts:
     def save_outputs(self, method: str, outputs: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.dir / f"outputs-{method}.pkl", pickle.dumps(outputs))
+        (self.dir / f"partial-{method}.pkl").unlink(missing_ok=True)
+
+    def partial_outputs(self) -> dict[str, dict[str, Any]]:
+        """The finished parts (list ratios, held-out pages, ...) of methods cut short."""
+        return {f.stem.removeprefix("partial-"): pickle.loads(f.read_bytes())
+                for f in sorted(self.dir.glob("partial-*.pkl"))}
+
+    def save_partial(self, method: str, outputs: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.dir / f"partial-{method}.pkl", pickle.dumps(outputs))
 
     def section(self, name: str) -> Result | None:
         """A finished section, or None when it has not been committed."""

@@ -197,6 +197,34 @@ def test_all_outputs_loads_each_weight_set_once(bundle: EvalBundle, tmp_path: Pa
         p["watched"] for p in ref["pages"]]
 
 
+def test_a_method_cut_short_keeps_its_finished_parts(bundle: EvalBundle) -> None:
+    """Each list ratio and the held-out pages are committed as they finish; answers resumed
+    from the first commit equal the uninterrupted ones, and the kept ratio is not rescored."""
+    cut, commits = _cut(bundle), []
+    whole = method_outputs(METHODS["zero_shot"], HashScorer(), Calibration(), cut,
+                           commit=commits.append)
+    assert [(sorted(c["lists"]), "pages" in c) for c in commits] == [
+        ([1], False), ([1, 9], False), ([1, 9], True)]
+    assert commits[0]["seconds"] >= 0 and commits[0]["tokens"] == 0
+    fresh, resumed = HashScorer(), HashScorer()
+    method_outputs(METHODS["zero_shot"], fresh, Calibration(), cut)
+    got = method_outputs(METHODS["zero_shot"], resumed, Calibration(), cut, kept=commits[0])
+    assert 0 < resumed.stats.calls < fresh.stats.calls
+    for out in (got, whole):
+        out.pop("seconds"), out.pop("tokens")
+    assert got == whole
+
+
+def test_parts_hold_a_partial_method_until_its_answers_are_whole(tmp_path: Path) -> None:
+    from evaluation.parts import Parts
+
+    parts = Parts(tmp_path)
+    parts.save_partial("sft", {"lists": {1: [[0.5]]}})
+    assert parts.partial_outputs() == {"sft": {"lists": {1: [[0.5]]}}} and not parts.outputs()
+    parts.save_outputs("sft", {"lists": {1: [[0.5]], 9: [[0.1]]}})
+    assert parts.partial_outputs() == {} and set(parts.outputs()) == {"sft"}
+
+
 def test_list_offset_shifts_the_list_scores(bundle: EvalBundle) -> None:
     """On a list's first page the offset adds to every score; later pages differ by more,
     because what the agent watched on earlier pages is its session there (browsed lists)."""
