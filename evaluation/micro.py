@@ -104,10 +104,10 @@ def discrimination(methods: Mapping[str, ItemScorer], valid_lists, test_lists: M
 
 
 def page_metrics(world: World, trs: Sequence[Transition], outputs: Mapping[str, Mapping],
-                 full: str | None) -> dict:
+                 explained: str | None) -> dict:
     """Next action and ratings on held-out pages (the human's session so far given) for every
-    method, beside popularity and the classical rating predictors; and what ``full``'s watch
-    scores depend on."""
+    method, beside popularity and the classical rating predictors; and what ``explained``'s
+    watch scores depend on."""
     from simulator.offline import rating_predictions
 
     pairs = pd.DataFrame([(tr.user, tr.items[s - 1]) for tr in trs for s in tr.ratings],
@@ -136,7 +136,7 @@ def page_metrics(world: World, trs: Sequence[Transition], outputs: Mapping[str, 
         y_pred = [r[int(s)] if int(s) in r else r[str(s)]
                   for tr, r in zip(trs, ratings, strict=True) for s in tr.ratings]
         rating_rows.append({"method": name, **rmse_mae(y, y_pred)})
-        if name == full:
+        if name == explained:
             scored = [{"score": p["watch_scores"][k] if k in p["watch_scores"]
                        else p["watch_scores"][str(k)], "watched": int(k in tr.ratings), **f}
                       for tr, p in zip(trs, pages, strict=True)
@@ -145,7 +145,7 @@ def page_metrics(world: World, trs: Sequence[Transition], outputs: Mapping[str, 
                 from evaluation.run import explain
 
                 out["explain"] = {"rows": explain(scored).to_dict("records"),
-                                  "note": f"regression of {full}'s watch scores on what it "
+                                  "note": f"regression of {explained}'s watch scores on what it "
                                           "perceived on held-out pages"}
     out["next_action"] = {"rows": na_rows, "note": f"{len(trs)} held-out pages "
                           "(exposure-mixture pages, human session given)"}

@@ -57,6 +57,11 @@ class Context:
     def full(self) -> str | None:
         return "full" if "full" in self.outputs else None
 
+    @property
+    def explained(self) -> str | None:
+        """Whose decisions the attribution explains: the most trained agent in the run."""
+        return next((n for n in ("full", "wm_policy", "sft") if n in self.outputs), None)
+
     @cached_property
     def judge(self) -> Any:
         return self.make_judge() if self.make_judge is not None else None
@@ -136,7 +141,7 @@ def next_action(ctx: Context) -> Result:
     ctx.log("next action and ratings on held-out pages")
     return Result(micro.page_metrics(ctx.world, ctx.bundle.pages,
                                      {ctx.labels[n]: o for n, o in ctx.outputs.items()},
-                                     ctx.labels.get(ctx.full or "")))
+                                     ctx.labels.get(ctx.explained or "")))
 
 
 def world_model(ctx: Context) -> Result:

@@ -203,3 +203,19 @@ def test_a_killed_evaluate_resumes_to_the_uninterrupted_metrics(small_world: Wor
     got, want = _comparable(tmp_path / "killed"), _comparable(tmp_path / "whole")
     assert got["discrimination"]["rows"] and "next_action" in got
     assert got == want
+
+
+def test_the_attribution_explains_the_most_trained_agent_in_the_run(
+        small_world: World, quick_bundle: EvalBundle, tmp_path: Path) -> None:
+    """A run without the full agent still says what its trained agent's decisions use."""
+    outputs = {n: method_outputs(METHODS[n], HashScorer(), Calibration(), quick_bundle,
+                                 needs=needs(["next_action"])) for n in ("zero_shot", "sft")}
+    metrics = score(small_world, quick_bundle, outputs, EvalConfig.quick(), tmp_path,
+                    {"seed": 0}, log=lambda m: None, sections=["next_action"])
+    assert metrics["explain"]["note"].startswith(f"regression of {METHODS['sft'].label}'s")
+    assert {r["group"] for r in metrics["explain"]["rows"]} >= {"popularity",
+                                                                 "collaborative match"}
+    del outputs["sft"]
+    metrics = score(small_world, quick_bundle, outputs, EvalConfig.quick(), tmp_path,
+                    {"seed": 0}, log=lambda m: None, sections=["next_action"])
+    assert "explain" not in metrics
