@@ -40,11 +40,20 @@ KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 _KEY = 8  # leading tokens a cached prefix must share to be extended in a batched call
 
 
+# A page prompt's KV is ~10 MB (SmolLM2-135M, ~430 tokens): the LRU is bounded in bytes as well
+# as entries, so a large cache_size cannot grow past the machine's memory.
+CACHE_BYTES = 4 << 30
+
+
 @dataclass(frozen=True)
 class _Prefix:
     ids: tuple[int, ...]
     kv: KV  # per layer, batch 1, never mutated
     next_logprobs: torch.Tensor  # fp32 log-probs of the token after the prefix
+
+    @property
+    def nbytes(self) -> int:
+        return self.next_logprobs.nbytes + sum(k.nbytes + v.nbytes for k, v in self.kv)
 
 
 def expanded_cache(config: Any, kv: KV, batch: int, length: int | None = None) -> Any:
@@ -75,8 +84,9 @@ class Scorer:
     """
 
     def __init__(self, lm: LM, cache_size: int = 16, max_batch: int = 64,
-                 batch_tokens: int | None = None) -> None:
+                 batch_tokens: int | None = None, cache_bytes: int = CACHE_BYTES) -> None:
         self.lm, self.cache_size, self.max_batch = lm, cache_size, max_batch
+        self.cache_bytes = cache_bytes
         # Option tokens per batched forward in ``score_many``, and rows per forward (each row
         # carries a copy of its prefix's KV): larger on a GPU.
         gpu = lm.device.type == "cuda"
@@ -84,9 +94,11 @@ class Scorer:
         self.max_rows = 1024 if gpu else 64
         self.stats = ScorerStats()
         self._cache: OrderedDict[str, _Prefix] = OrderedDict()
+        self._cached_bytes = 0
 
     def clear(self) -> None:
         self._cache.clear()
+        self._cached_bytes = 0
 
     def _forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         self.stats.forwards += 1
@@ -219,10 +231,14 @@ class Scorer:
             found.update(self._extend_batched(bases.get(key), start,
                                               {t: prefixes[t] for t in texts}))
         for t, entry in found.items():
+            if t not in self._cache:
+                self._cached_bytes += entry.nbytes
             self._cache[t] = entry
             self._cache.move_to_end(t)
-        while len(self._cache) > max(self.cache_size, len(prefixes)):
-            self._cache.popitem(last=False)
+        # Least recently used first, never one this call returns.
+        while len(self._cache) > len(prefixes) and (len(self._cache) > self.cache_size
+                                                    or self._cached_bytes > self.cache_bytes):
+            self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return found
 
     def _extend_batched(self, base: _Prefix | None, start: int,
@@ -267,7 +283,7 @@ class Scorer:
                 n_tok = len(prefixes[t])
                 kv = tuple((k[row:row + 1, :, :n_tok].clone(), v[row:row + 1, :, :n_tok].clone())
                            for k, v in layers)
-                out[t] = _Prefix(tuple(prefixes[t]), kv, logprobs[row])
+                out[t] = _Prefix(tuple(prefixes[t]), kv, logprobs[row].clone())
         return out
 
     def _options_batched(self, rows: list[tuple[int, _Prefix, list[int], int]]) -> list[float]:

@@ -188,6 +188,8 @@ def all_outputs(bundle: EvalBundle, methods: Sequence[str], adapters: Mapping[st
             continue
         if spec.weights not in scorers:
             path = None if spec.weights == "base" else adapters.get(spec.weights)
+            # Many entries (each user's persona is reused across pages and lists), but the
+            # scorer's byte budget bounds them (a 200-user run held 24 GB before it had one).
             scorers[spec.weights] = (Scorer(load_lm(model, adapter=path, device=device),
                                             cache_size=2048), Calibration.of_checkpoint(path))
         scorer, cal = scorers[spec.weights]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,6 +56,24 @@ def test_repeated_prefix_hits_lru(lm: LM) -> None:
     scorer.stats.reset()
     scorer.score(PREFIX, OPTIONS[:1])
     assert scorer.stats.prefix_hits == 0
+
+
+def test_the_cache_is_bounded_in_bytes_as_well_as_entries(lm: LM) -> None:
+    """A byte budget evicts least recently used prefixes even under a large ``cache_size``,
+    but never one the current call returns; scores are those of an unbounded cache."""
+    prefixes = [f"User {k} likes {'Drama ' * k}." for k in range(1, 7)]
+    unbounded = Scorer(lm, cache_size=100)
+    want = unbounded.score_many([(p, OPTIONS) for p in prefixes])
+    one = max(e.nbytes for e in unbounded._cache.values())
+    bounded = Scorer(lm, cache_size=100, cache_bytes=2 * one)
+    got = [bounded.score(p, OPTIONS) for p in prefixes]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert list(bounded._cache) == prefixes[-2:]
+    assert bounded._cached_bytes == sum(e.nbytes for e in bounded._cache.values()) <= 2 * one
+    bounded.score_many([(p, OPTIONS) for p in prefixes])  # one call keeps all it needs
+    assert len(bounded._cache) == len(prefixes)
+    bounded.clear()
+    assert bounded._cached_bytes == 0 and not bounded._cache
 
 
 def test_longer_and_sibling_prefixes_reuse_cached_tokens(lm: LM) -> None:
