@@ -49,24 +49,28 @@ class Parts:
     def __bool__(self) -> bool:
         return self.dir.is_dir() and any(self.dir.glob("*-*.*"))
 
+    def _read(self, kind: str) -> dict[str, dict[str, Any]]:
+        return {f.stem.removeprefix(f"{kind}-"): pickle.loads(f.read_bytes())
+                for f in sorted(self.dir.glob(f"{kind}-*.pkl"))}
+
+    def _write(self, kind: str, method: str, answers: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.dir / f"{kind}-{method}.pkl", pickle.dumps(answers))
+
     def outputs(self) -> dict[str, dict[str, Any]]:
         """The answers of every method already finished."""
-        return {f.stem.removeprefix("outputs-"): pickle.loads(f.read_bytes())
-                for f in sorted(self.dir.glob("outputs-*.pkl"))}
+        return self._read("outputs")
 
     def save_outputs(self, method: str, outputs: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.dir / f"outputs-{method}.pkl", pickle.dumps(outputs))
+        self._write("outputs", method, outputs)
         (self.dir / f"partial-{method}.pkl").unlink(missing_ok=True)
 
     def partial_outputs(self) -> dict[str, dict[str, Any]]:
         """The finished parts (list ratios, held-out pages, ...) of methods cut short."""
-        return {f.stem.removeprefix("partial-"): pickle.loads(f.read_bytes())
-                for f in sorted(self.dir.glob("partial-*.pkl"))}
+        return self._read("partial")
 
     def save_partial(self, method: str, outputs: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.dir / f"partial-{method}.pkl", pickle.dumps(outputs))
+        self._write("partial", method, outputs)
 
     def section(self, name: str) -> Result | None:
         """A finished section, or None when it has not been committed."""
