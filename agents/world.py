@@ -39,6 +39,14 @@ class World:
         return ItemSimilarity.fit(self.split.train)
 
     @cached_property
+    def popularity(self) -> tuple[dict[int, int], float]:
+        """Train ratings per item, and the 90th percentile of them: the popularity baselines
+        (policy and next action) call an item popular at or above it."""
+        counts = self.split.train["item"].value_counts()
+        return ({int(i): int(n) for i, n in counts.items()},
+                float(np.quantile(counts.to_numpy(), 0.9)))
+
+    @cached_property
     def perceiver(self) -> Perceiver:
         return Perceiver(self.ds.items, self.similarity)
 

@@ -115,8 +115,7 @@ def page_metrics(world: World, trs: Sequence[Transition], outputs: Mapping[str, 
     mf = rating_predictions(world.split.train, pairs) if len(pairs) else {}
     y = [r for tr in trs for r in tr.ratings.values()]
     rating_rows = [{"method": k, **rmse_mae(y, v)} for k, v in mf.items()]
-    counts = world.split.train["item"].value_counts()
-    top = float(np.quantile(counts.to_numpy(), 0.9))
+    counts, top = world.popularity
     na_rows = [{"method": "popularity", **baseline_actions(
         trs, lambda tr: {s for s, i in enumerate(tr.items, 1) if counts.get(i, 0) >= top},
         lambda tr, s: float(np.clip(world.similarity.mean_rating(tr.items[s - 1]) or 3.5, 1, 5)))}]

@@ -9,8 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import numpy as np
-
 from agents.policy import FixedPolicy, LLMPolicy, Policy
 from agents.world import World
 from graph.deps import AgentDeps
@@ -44,9 +42,8 @@ def make_policy(name: str, world: World, scorer=None, seed: int = setting_defaul
     if name == "random":
         return FixedPolicy(RandomPolicy(seed=seed), "random")
     if name == "popularity":
-        counts = world.split.train["item"].value_counts()
+        counts, threshold = world.popularity
         means = world.split.train.groupby("item")["rating"].mean().to_dict()
-        threshold = float(np.quantile(counts.to_numpy(), 0.9))
         return FixedPolicy(ScoreThreshold(lambda i: float(counts.get(i, 0)), threshold, means),
                            "popularity")
     if name == "human_replay":
