@@ -93,13 +93,16 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
     # the scorer is shared by the methods on the same weights: count this method's tokens only
     tokens_before = getattr(getattr(scorer, "stats", None), "tokens", None) or 0
 
+    def spent() -> dict[str, Any]:
+        """Seconds and scored tokens of this method so far, those of kept parts included."""
+        tokens = getattr(getattr(scorer, "stats", None), "tokens", None)
+        return {"seconds": round(kept.get("seconds", 0.0) + time.perf_counter() - t0, 1),
+                "tokens": None if tokens is None
+                else kept.get("tokens", 0) + tokens - tokens_before}
+
     def done_part() -> None:
         if commit is not None:
-            tokens = getattr(getattr(scorer, "stats", None), "tokens", None)
-            commit({**out, "lists": dict(out["lists"]),
-                    "seconds": kept.get("seconds", 0.0) + time.perf_counter() - t0,
-                    "tokens": None if tokens is None
-                    else kept.get("tokens", 0) + tokens - tokens_before})
+            commit({**out, "lists": dict(out["lists"]), **spent()})
 
     lists_of = {m: rows for m, rows in (bundle.lists if "lists" in needs else {}).items()
                 if m not in out["lists"]}
@@ -132,10 +135,7 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
                           calibration=cal, exits=True)
             out["sessions"][rec] = [session_record(u, rec, run)
                                     for (u, _), run in zip(sessions, runs, strict=True)]
-    out["seconds"] = round(kept.get("seconds", 0.0) + time.perf_counter() - t0, 1)
-    tokens = getattr(getattr(scorer, "stats", None), "tokens", None)
-    out["tokens"] = None if tokens is None else kept.get("tokens", 0) + tokens - tokens_before
-    return out
+    return out | spent()
 
 
 def _page_answers(spec: MethodSpec, scorer, cal: Calibration, pages: Sequence[Transition],
