@@ -15,7 +15,7 @@ import numpy as np
 from agents.decide import Calibration, decide
 from agents.perception import Perceiver
 from agents.policy import Decision, DecisionInput
-from agents.text import page_prompt
+from agents.text import page_cues, page_prompt
 from simulator.env import PAGE_SIZE
 
 
@@ -48,6 +48,7 @@ def browse(scorer, perceiver: Perceiver, personas: Mapping[int, str],
                 inputs.append(DecisionInput(
                     user=user, page=p, items=list(pages[p - 1]), persona_text=personas[user],
                     page_text=page_prompt(p, len(pages), views, titles, evidence=evidence),
+                    cues=page_cues(views, evidence),
                     seed=seed))
                 idx.append(k)
             if not inputs:

@@ -7,7 +7,9 @@ Pages of many agents are scored together: one batched call for the world model's
 one for every slot's watch/skip line, one for next/exit, one for the ratings after it.
 
 Semantics (documented because they differ from sampling line after line): each slot's watch/skip
-line is scored after the page alone, not after the choices on earlier slots, so the slots of a
+line is scored after the page and that slot's cue line (``DecisionInput.cue``: the item's personal
+numbers and expected rating, restated so the answer sits next to its evidence), not after the
+choices on earlier slots, so the slots of a
 page are decided independently given the page; next/exit is scored after the chosen slots; each
 watched slot's rating after the chosen slots and next/exit, independently of the other ratings.
 Training renders one example per slot and one for next/exit + ratings to match
@@ -100,7 +102,7 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
                                                                          strict=True)]
     tails = [prompts.policy_tail(text.render_predictions(i.predictions)) for i in inputs]
     watch = score_many(scorer, [
-        (_prefix(i), [(tail, text.slot_line(s, c)) for s in range(1, len(i.items) + 1)
+        (_prefix(i), [(tail + i.cue(s), text.slot_line(s, c)) for s in range(1, len(i.items) + 1)
                       for c in (text.WATCH, text.SKIP)]) for i, tail in zip(inputs, tails,
                                                                             strict=True)])
     rngs = [decision_rng(i.seed, i.user, i.page) for i in inputs]

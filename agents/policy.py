@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, Field
 
+from agents import text
 from simulator.env import Observation, PageAction
 from simulator.policies import PageActor
 
@@ -45,7 +46,14 @@ class DecisionInput(BaseModel):
     persona_text: str
     page_text: str
     predictions: dict[int, float] = Field(default_factory=dict)
+    cues: list[str] = Field(default_factory=list, description="per slot, the item's personal "
+                            "numbers restated above its watch/skip line (agents.text.page_cues)")
     seed: int = 0
+
+    def cue(self, slot: int) -> str:
+        """The line a slot's watch/skip answer follows; an input without cues gets a bare one."""
+        return text.cue_line(slot, self.cues[slot - 1] if self.cues else "",
+                             self.predictions.get(slot))
 
 
 class Policy(Protocol):

@@ -95,10 +95,38 @@ def page_prompt(page: int, max_pages: int, views: Sequence[ItemView],
                 evidence: bool = True) -> str:
     """One page as every caller shows it; ``evidence=False`` is the no-memory ablation."""
     if not evidence:
-        views = [v.model_copy(update={"evidence": [], "match": None, "close_watched": 0,
-                                      "close_rating": None}) for v in views]
+        views = public(views)
     return render_page(PageView(page=page, max_pages=max_pages, items=list(views),
                                 session=list(session), memories=list(memories)))
+
+
+def public(views: Sequence[ItemView]) -> list[ItemView]:
+    """The no-memory ablation's views: public facts only, nothing of the person's history."""
+    return [v.model_copy(update={"evidence": [], "match": None, "close_watched": 0,
+                                 "close_rating": None}) for v in views]
+
+
+def item_cue(it: ItemView) -> str:
+    """An item's personal numbers, restated on the line just above its watch/skip answer.
+
+    On the page an item's numbers sit several lines (and other items) away from its answer; a
+    small model trained on that binds the cue to the wrong slot or not at all. Repeated next to
+    the answer, the cue needs no long-range lookup."""
+    cue = it.label()
+    if it.match is not None:
+        cue += (f": match {it.match}/100, you watched {it.close_watched} of its 20 closest"
+                + (f", rated {it.close_rating:.1f}" if it.close_rating is not None else ""))
+    return cue
+
+
+def page_cues(views: Sequence[ItemView], evidence: bool = True) -> list[str]:
+    return [item_cue(v) for v in (views if evidence else public(views))]
+
+
+def cue_line(slot: int, cue: str, expected: float | None = None) -> str:
+    """The context line a slot's watch/skip line is scored and trained after."""
+    exp = f"; you expect to rate {expected:.1f}" if expected is not None else ""
+    return f"[{slot}] {cue}{exp}\n"
 
 
 def render_predictions(predictions: Mapping[int, float]) -> str:

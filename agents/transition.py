@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from agents import prompts, text
+from agents.policy import DecisionInput
 from agents.text import ItemView
 from agents.world import World
 from simulator.env import MAX_PAGES
@@ -60,14 +61,25 @@ class Transition:
                        text.render_next_state(self.ratings, self.next_views),
                        {"user": self.user, "page": self.page})
 
-    def policy_examples(self, predictions: str = "") -> list[Example]:
+    def decision_input(self, evidence: bool = True, seed: int = 0) -> DecisionInput:
+        """This page as a policy decides it; ``evidence=False`` is the no-memory ablation."""
+        return DecisionInput(user=self.user, page=self.page, items=list(self.items),
+                             persona_text=self.persona,
+                             page_text=text.page_prompt(self.page, self.max_pages, self.views,
+                                                        self.session, evidence=evidence),
+                             cues=text.page_cues(self.views, evidence), seed=seed)
+
+    def policy_examples(self, predictions: Mapping[int, float] | None = None) -> list[Example]:
         """The human's action as the agent decides it (``agents.decide``): one example per
-        slot's watch/skip line after the page alone, and one for next/exit + ratings after
-        the choices. Slot examples carry ``meta['line']`` for class balancing."""
+        slot's watch/skip line after the page and the slot's cue line, and one for next/exit +
+        ratings after the choices. Slot examples carry ``meta['line']`` for class balancing."""
+        preds = dict(predictions or {})
+        inp = self.decision_input().model_copy(update={"predictions": preds})
         head = (prompts.persona_block(self.persona), self.page_text)
-        tail = prompts.policy_tail(predictions)
+        tail = prompts.policy_tail(text.render_predictions(preds))
         meta = {"user": self.user, "page": self.page}
-        out = [Example("policy", (*head, tail), text.slot_line(s, c), {**meta, "line": c})
+        out = [Example("policy", (*head, tail + inp.cue(s)), text.slot_line(s, c),
+                       {**meta, "line": c})
                for s in range(1, len(self.views) + 1)
                for c in [text.WATCH if s in self.ratings else text.SKIP]]
         out.append(Example("policy", (*head, tail + text.render_choices(
@@ -75,12 +87,13 @@ class Transition:
             + text.ratings_lines(self.ratings), meta))
         return out
 
-    def cr_example(self, reflection: str, predictions: str = "") -> Example:
+    def cr_example(self, reflection: str, predictions: Mapping[int, float] | None = None
+                   ) -> Example:
         target = (reflection.rstrip() + "\n" + prompts.CHOICES
                   + text.render_action(len(self.views), self.ratings, self.then))
         return Example("cr", (prompts.persona_block(self.persona), self.page_text,
-                              prompts.reflection_tail(predictions)), target,
-                       {"user": self.user, "page": self.page})
+                              prompts.reflection_tail(text.render_predictions(predictions or {}))),
+                       target, {"user": self.user, "page": self.page})
 
 
 def transitions(trajs: Iterable[Trajectory], world: World, max_pages: int = MAX_PAGES,

@@ -68,10 +68,7 @@ class EvalBundle:
 
 
 def page_input(tr: Transition, evidence: bool) -> DecisionInput:
-    return DecisionInput(user=tr.user, page=tr.page, items=list(tr.items),
-                         persona_text=tr.persona,
-                         page_text=text.page_prompt(tr.page, tr.max_pages, tr.views, tr.session,
-                                                    evidence=evidence))
+    return tr.decision_input(evidence)
 
 
 def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundle,

@@ -13,7 +13,7 @@ from langgraph.runtime import Runtime
 
 from agents import prompts
 from agents.policy import DecisionInput, expected_value
-from agents.text import ItemView, memory_note, page_prompt, session_summary
+from agents.text import ItemView, memory_note, page_cues, page_prompt, session_summary
 from agents.world_model import expected_ratings
 from graph.context import AgentContext, deps_of
 from graph.deps import AgentDeps
@@ -97,6 +97,7 @@ def decide(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
     inp = DecisionInput(user=state["user"], page=state["page"], items=state["items"],
                         persona_text=state["persona_text"], page_text=state["page_text"],
                         predictions={int(k): v for k, v in state.get("predictions", {}).items()},
+                        cues=page_cues([ItemView(**v) for v in state["views"]]),
                         seed=rt.seed)
     decision = rt.policy.decide(inp)
     human = rt.human.get((state["user"], state["page"]))

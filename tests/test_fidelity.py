@@ -199,14 +199,16 @@ def _transition(ratings: dict[int, int], then: str = "next") -> Transition:
 
 def test_policy_examples_are_one_per_slot_plus_then_and_ratings() -> None:
     tr = _transition({3: 4}, "exit")
-    exs = tr.policy_examples("You expect to rate: [1] 3.0\n")
+    exs = tr.policy_examples({1: 3.0})
     assert len(exs) == 5 and {e.kind for e in exs} == {"policy"}
     assert [e.meta.get("line") for e in exs] == ["skip", "skip", "watch", "skip", None]
     head = (prompts.persona_block(tr.persona), tr.page_text)
     tail = prompts.policy_tail("You expect to rate: [1] 3.0\n")
-    for s, e in enumerate(exs[:4], 1):  # each slot after the page alone
-        assert e.segments == (*head, tail)
+    for s, e in enumerate(exs[:4], 1):  # each slot after the page and its own cue line
+        cue = text.cue_line(s, text.item_cue(VIEWS[s - 1]), 3.0 if s == 1 else None)
+        assert e.segments == (*head, tail + cue)
         assert e.target == text.slot_line(s, text.WATCH if s == 3 else text.SKIP)
+    assert exs[0].segments[-1].endswith("[1] Film 1 (1991); you expect to rate 3.0\n")
     last = exs[4]
     assert last.segments == (*head, tail + text.render_choices(4, [3]))
     assert last.target == "then: exit\n[3] rated 4\n"
@@ -422,6 +424,34 @@ def test_decide_scores_next_exit_and_ratings_as_the_full_texts_do(small_world: W
                                                      for r in text.RATINGS]))
             want = np.exp(lp - lp.max()) / np.exp(lp - lp.max()).sum()
             np.testing.assert_allclose(d.rating_probs[s], want, atol=2e-4)
+
+
+class Options:
+    """A scorer that keeps every (prefix, options) request and scores by length."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def score_many(self, requests):
+        self.requests += [(p, list(o)) for p, o in requests]
+        return [[-float(len(c + line)) for c, line in o] for _, o in requests]
+
+
+def test_decide_scores_each_slot_after_the_text_it_was_trained_on() -> None:
+    views = tuple(v.model_copy(update={"match": 10 * s, "close_watched": s})
+                  for s, v in enumerate(VIEWS, 1))
+    tr = Transition(user=1, persona="You are user 1.\n", views=views, session=(), page=2,
+                    max_pages=5, ratings={2: 5}, then="next", next_views=None,
+                    items=tuple(v.id for v in views))
+    preds = {1: 3.5, 2: 4.25, 3: 2.0, 4: 1.0}
+    rec = Options()
+    decide(rec, [tr.decision_input().model_copy(update={"predictions": preds})])
+    scored = {line: prefix + ctx for prefix, opts in rec.requests for ctx, line in opts
+              if line.endswith((" watch\n", " skip\n"))}
+    trained = {e.target: "".join(e.segments) for e in tr.policy_examples(preds)[:4]}
+    assert len(trained) == 4 and all(scored[line] == ctx for line, ctx in trained.items())
+    assert "[3] Film 3 (1993): match 30/100, you watched 3 of its 20 closest; you expect to " \
+           "rate 2.0\n" in trained[text.slot_line(3, text.SKIP)]
 
 
 # --- lockstep browsing --------------------------------------------------------------------------

@@ -4,6 +4,7 @@ name, the baseline policies, checkpoints per super-step, replay, and the CLI aro
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agents import prompts
+from agents import prompts, text
 from agents.llm import tiny_lm
 from agents.policy import FixedPolicy
 from agents.scorer import Scorer
+from agents.text import ItemView
 from alignuser.config import SimulateConfig, World, load_world, make_policy
 from alignuser.simulate import build_runtimes
 from graph.deps import AgentDeps
@@ -175,6 +177,26 @@ def test_world_model_on_predicts_every_page(traced: TracedRun, users: list[int])
     policy_prefixes = [ctx for _, opts in traced.scorer.calls for ctx, _ in opts
                        if ctx.startswith("You expect to rate:")]
     assert policy_prefixes  # the policy saw the predictions
+
+
+def test_each_slot_is_decided_after_its_own_cue(traced: TracedRun, users: list[int]) -> None:
+    """A slot's watch/skip line follows a line restating that item's own numbers and the
+    world model's expectation for it, so the answer sits next to its evidence."""
+    cues = {text.item_cue(ItemView(**v)) for u in users
+            for r in _of(*traced.runs[u][:2], "recall") for v in r["views"]}
+    assert any(": match " in c for c in cues)  # the sampled users have personal evidence
+    decided = 0
+    for _, opts in traced.scorer.calls:
+        for ctx, line in opts:
+            m = re.fullmatch(r"\[(\d)\] (watch|skip)\n", line)
+            if not m:
+                continue
+            last = ctx.splitlines()[-1]
+            slot_cue, _, expected = last.partition("; you expect to rate ")
+            assert slot_cue.startswith(f"[{m.group(1)}] ") and expected
+            assert slot_cue[len(m.group(1)) + 3:] in cues
+            decided += 1
+    assert decided and decided % 2 == 0
 
 
 def test_memory_and_evidence_are_used(traced: TracedRun, users: list[int]) -> None:

@@ -80,6 +80,20 @@ def test_match_line_and_the_no_evidence_ablation() -> None:
                                            VIEWS[1], VIEWS[2]])
 
 
+def test_item_cue_restates_the_numbers_and_drops_them_for_the_ablation() -> None:
+    matched = VIEWS[1].model_copy(update={"match": 87, "close_watched": 3, "close_rating": 4.25})
+    unseen = VIEWS[2].model_copy(update={"match": 5})
+    assert text.page_cues([matched, unseen, VIEWS[3]]) == [
+        "Star Wars (1977): match 87/100, you watched 3 of its 20 closest, rated 4.2",
+        "Twelve Monkeys (1995): match 5/100, you watched 0 of its 20 closest",
+        "'Til There Was You"]
+    assert text.page_cues([matched, unseen], evidence=False) == ["Star Wars (1977)",
+                                                                 "Twelve Monkeys (1995)"]
+    assert text.cue_line(2, "Star Wars (1977)") == "[2] Star Wars (1977)\n"
+    assert text.cue_line(2, "Star Wars (1977)", 3.96) == (
+        "[2] Star Wars (1977); you expect to rate 4.0\n")
+
+
 @pytest.mark.parametrize("ratings, next_items", [
     ({1: 4, 3: 2}, VIEWS[1:3]),
     ({}, VIEWS),
@@ -162,8 +176,9 @@ def _contexts(persona: str) -> list[str]:
              prompts.reflection_tail(preds)]
     partial = (prompts.policy_tail(preds) + text.render_choices(4, [2]) + text.then_line("next")
                + text.rating_line(2, 5))
+    cued = prompts.policy_tail(preds) + text.cue_line(3, text.item_cue(VIEWS[2]), 2.5)
     return [prompts.persona_block(persona), page, prompts.persona_block(persona) + page,
-            *tails, partial, prompts.CHOICES, prompts.NEXT_STATE, prompts.THINK]
+            *tails, partial, cued, prompts.CHOICES, prompts.NEXT_STATE, prompts.THINK]
 
 
 def test_contexts_end_in_newline(persona: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from agents.browse import accuracy_offset, list_scores, pages_of, rate_offset
@@ -20,12 +21,7 @@ from agents.transition import Transition
 
 
 def page_inputs(trs: Sequence[Transition], evidence: bool = True) -> list[DecisionInput]:
-    from agents.text import page_prompt
-
-    return [DecisionInput(user=t.user, page=t.page, items=list(t.items), persona_text=t.persona,
-                          page_text=page_prompt(t.page, t.max_pages, t.views, t.session,
-                                                evidence=evidence))
-            for t in trs]
+    return [t.decision_input(evidence) for t in trs]
 
 
 def _decide(scorer, inputs: Sequence[DecisionInput], desc: str, **kw) -> list:
@@ -61,6 +57,11 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
             scores = list_scores(scorer, perceiver, personas, histories,
                                  [(u, items) for u, items, _ in valid_lists],
                                  world_model=world_model, progress=bar.update)
-        cal.list_offset = accuracy_offset(scores, [y for _, _, y in valid_lists])
+        labels = [y for _, _, y in valid_lists]
+        cal.list_offset = accuracy_offset(scores, labels)
         report["lists"] = len(valid_lists)
+        # A first look at discrimination before any evaluation run (pooled over the lists).
+        y = np.concatenate([np.asarray(x) for x in labels])
+        if 0 < y.sum() < len(y):
+            report["list_auc"] = round(float(roc_auc_score(y, np.concatenate(scores))), 4)
     return {**cal.model_dump(), "fitted_on": report}

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from agents import prompts, text
-from agents.policy import DecisionInput, LLMPolicy, OptionScorer
+from agents import prompts
+from agents.policy import LLMPolicy, OptionScorer
 from agents.transition import Example, Transition
 from agents.world_model import Generator, expected_ratings, predict_next_state
 from training.teacher import Option, Teacher
@@ -38,8 +38,7 @@ def sample_alternatives(policy: LLMPolicy, tr: Transition, k: int, seed: int,
     alternatives are drawn from those per-line distributions (a product approximation of the
     policy's joint, costing one decision instead of one per draw)."""
     human: Key = (tuple(sorted(tr.ratings)), tr.then)
-    d = policy.decide(DecisionInput(user=tr.user, page=tr.page, items=list(tr.items),
-                                    persona_text=tr.persona, page_text=tr.page_text, seed=seed))
+    d = policy.decide(tr.decision_input(seed=seed))
     p_watch = 1 / (1 + np.exp(-np.asarray([d.watch_scores.get(s, 0.0)
                                            for s in range(1, len(tr.items) + 1)])))
     p_next = d.then_probs[0] if d.then_probs else 0.5
@@ -82,8 +81,7 @@ def build_counterfactual(trs: Sequence[Transition], scorer: OptionScorer, teache
         alts = [_option(key, tr, expected, generator)
                 for key in sample_alternatives(policy, tr, k, seed)]
         reflection = teacher.reflect(tr.views, liked.get(tr.user, ()), human, alts, tr.persona)
-        preds = text.render_predictions(expected)
-        yield tr.cr_example(reflection, preds), tr.policy_examples(preds), reflection
+        yield (tr.cr_example(reflection, expected), tr.policy_examples(expected), reflection)
 
 
 def reflection_record(tr: Transition, reflection: str) -> dict:

@@ -176,7 +176,6 @@ def prepare(cfg: TrainConfig, data: TrainData) -> Prepared:
 def _with_predictions(model, lm: LM, trs: Sequence[Transition]) -> list[Example]:
     """Policy examples whose context holds the world model's expected ratings, as at run time;
     the expectations of all pages are scored in batched calls."""
-    from agents.text import render_predictions
     from agents.world_model import expected_ratings_many
 
     model.eval()
@@ -186,7 +185,7 @@ def _with_predictions(model, lm: LM, trs: Sequence[Transition]) -> list[Example]
         chunk = trs[i:i + 128]
         preds = expected_ratings_many(scorer, [(t.prefix, len(t.items)) for t in chunk])
         out += [e for t, p in zip(chunk, preds, strict=True)
-                for e in t.policy_examples(render_predictions(p))]
+                for e in t.policy_examples(p)]
         scorer.clear()
     return out
 
