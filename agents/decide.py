@@ -9,13 +9,12 @@ one for every slot's watch/skip line, one for next/exit, one for the ratings aft
 Semantics (documented because they differ from sampling line after line): each slot's watch/skip
 line is scored after the page and that slot's cue line (``DecisionInput.cue``: the item's personal
 numbers and expected rating, restated so the answer sits next to its evidence), not after the
-choices on earlier slots, so the slots of a
-page are decided independently given the page; next/exit is scored after the chosen slots; each
-watched slot's rating after the chosen slots and next/exit, independently of the other ratings.
-Training renders one example per slot and one for next/exit + ratings to match
-(``agents.transition.Transition.policy_examples``). Calibrated log-odds offsets (``Calibration``)
-shift watch/skip and next/exit; they are fitted on validation when a checkpoint is trained and
-stored in its manifest.
+choices on earlier slots, so the slots of a page are decided independently given the page;
+next/exit is scored after the chosen slots; each watched slot's rating after the chosen slots
+and next/exit, independently of the other ratings. Training renders one example per slot and
+one for next/exit + ratings to match (``agents.transition.Transition.policy_examples``).
+Calibrated log-odds offsets (``Calibration``) shift watch/skip and next/exit; they are fitted on
+validation when a checkpoint is trained and stored in its manifest.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ class Transition:
         ratings after the choices. Slot examples carry ``meta['line']`` for class balancing."""
         preds = dict(predictions or {})
         inp = self.decision_input().model_copy(update={"predictions": preds})
-        head = (prompts.persona_block(self.persona), self.page_text)
+        head = (prompts.persona_block(self.persona), inp.page_text)
         tail = prompts.policy_tail(text.render_predictions(preds))
         meta = {"user": self.user, "page": self.page}
         out = [Example("policy", (*head, tail + inp.cue(s)), text.slot_line(s, c),

@@ -26,7 +26,6 @@ from agents import prompts, text
 from agents.browse import browse, list_scores, pages_of
 from agents.decide import Calibration, decide_chunked, rating_expectations
 from agents.perception import Perceiver
-from agents.policy import DecisionInput
 from agents.transition import Transition
 from simulator.env import PageAction
 from simulator.sessions import PageRecord, SessionRecord
@@ -65,10 +64,6 @@ class EvalBundle:
     transitions: list[Transition]  # held-out transitions (world-model next state)
     sessions: dict[str, list[tuple[int, list[list[int]]]]]  # recommender -> (user, pages)
     meta: dict = field(default_factory=dict)
-
-
-def page_input(tr: Transition, evidence: bool) -> DecisionInput:
-    return tr.decision_input(evidence)
 
 
 def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundle,
@@ -139,7 +134,7 @@ def _page_answers(spec: MethodSpec, scorer, cal: Calibration, pages: Sequence[Tr
                   progress: Callable[[int], None]) -> dict[str, list]:
     """The agent's action on each held-out human page, and its expected rating of each item
     the human watched there (given the human's action)."""
-    inputs = [page_input(tr, spec.evidence) for tr in pages]
+    inputs = [tr.decision_input(spec.evidence) for tr in pages]
     decisions = decide_chunked(scorer, inputs, world_model=spec.world_model,
                                calibration=cal, progress=progress)
     inputs = [i.model_copy(update={"predictions": d.predictions})

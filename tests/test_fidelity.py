@@ -31,7 +31,7 @@ from agents.world import World
 from evaluation.signal import inverted, signal_table
 from memory.evidence import FEATURE_NAMES
 from simulator.trajectories import TrajectoryConfig
-from training.calibrate import calibrate, page_inputs
+from training.calibrate import calibrate
 from training.config import TrainConfig
 from training.pipeline import Prepared, prepare, train_data
 from training.rollout import class_balance
@@ -174,7 +174,7 @@ def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer)
     cal = Calibration.model_validate(fitted)
     assert fitted["fitted_on"]["pages"] == len(trs) and cal.list_offset is None
     slots = sum(len(t.items) for t in trs)
-    decisions = decide(scorer, page_inputs(trs), calibration=cal)
+    decisions = decide(scorer, [t.decision_input() for t in trs], calibration=cal)
     sim_watch = sum(len(d.action.watched) for d in decisions) / slots
     assert sim_watch == pytest.approx(fitted["fitted_on"]["human_watch_ratio"],
                                       abs=1 / slots + 1e-9)

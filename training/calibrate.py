@@ -20,10 +20,6 @@ from agents.policy import DecisionInput
 from agents.transition import Transition
 
 
-def page_inputs(trs: Sequence[Transition], evidence: bool = True) -> list[DecisionInput]:
-    return [t.decision_input(evidence) for t in trs]
-
-
 def _decide(scorer, inputs: Sequence[DecisionInput], desc: str, **kw) -> list:
     with tqdm(total=len(inputs), desc=desc, unit="page") as bar:
         return decide_chunked(scorer, inputs, progress=bar.update, **kw)
@@ -34,7 +30,7 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
               histories: Mapping[int, Mapping[int, float]] | None = None,
               valid_lists: Sequence[tuple[int, list[int], list[int]]] = ()) -> dict:
     """Offsets and what they were fitted on (for the manifest)."""
-    inputs = page_inputs(valid_trs)
+    inputs = [t.decision_input() for t in valid_trs]
     # Only the watch/skip scores are read here: next/exit and ratings wait for the offset.
     decisions = _decide(scorer, inputs, "calibrate watch", world_model=world_model,
                         then=False)

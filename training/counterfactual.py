@@ -81,7 +81,7 @@ def build_counterfactual(trs: Sequence[Transition], scorer: OptionScorer, teache
         alts = [_option(key, tr, expected, generator)
                 for key in sample_alternatives(policy, tr, k, seed)]
         reflection = teacher.reflect(tr.views, liked.get(tr.user, ()), human, alts, tr.persona)
-        yield (tr.cr_example(reflection, expected), tr.policy_examples(expected), reflection)
+        yield tr.cr_example(reflection, expected), tr.policy_examples(expected), reflection
 
 
 def reflection_record(tr: Transition, reflection: str) -> dict:
