@@ -95,15 +95,34 @@ class Scorer:
         self.stats = ScorerStats()
         self._cache: OrderedDict[str, _Prefix] = OrderedDict()
         self._cached_bytes = 0
+        self._head: torch.Tensor | None = None
 
     def clear(self) -> None:
         self._cache.clear()
         self._cached_bytes = 0
+        self._head = None
 
     def _forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         self.stats.forwards += 1
         self.stats.tokens += input_ids.numel()
         return self.lm.model(input_ids=input_ids.to(self.lm.device), **kwargs)
+
+    def _hidden(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Final hidden states (batch, length, dim): only the rows a score needs go through
+        the LM head (``_logprobs``), not every position of the forward."""
+        self.stats.forwards += 1
+        self.stats.tokens += input_ids.numel()
+        decoder = self.lm.model.get_decoder()
+        return decoder(input_ids=input_ids.to(self.lm.device), **kwargs).last_hidden_state
+
+    def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 next-token log-probs of hidden rows. A bf16 LM head rounds logits near 20 to
+        steps of 0.125, so every watch-vs-skip log-odds fell on a 1/8 grid and rankings tied;
+        the head in fp32 costs one (rows x vocab) matmul. Assumes a plain linear head (no
+        logit soft-capping), as the supported causal LMs have."""
+        if self._head is None:
+            self._head = self.lm.model.get_output_embeddings().weight.float()
+        return torch.log_softmax(hidden.float() @ self._head.T, -1)
 
     def _prefix(self, text: str) -> _Prefix:
         ids = encode(self.lm.tokenizer, [text])
@@ -139,25 +158,19 @@ class Scorer:
         for row, (ids, _) in enumerate(encoded):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, p : p + len(ids)] = 1
-        # Logits at option position j predict token j + 1; only those from the earliest
-        # target-predicting position onwards are needed, which skips most of the LM head.
-        first = max(0, min(n_ctx for _, n_ctx in encoded) - 1)
-        out = self._forward(
+        hidden = self._hidden(
             input_ids,
             attention_mask=mask.to(device),
             position_ids=torch.arange(p, p + width, device=device).expand(batch, -1),
             **{cache_arg(self.lm.model): expanded_cache(self.lm.model.config, entry.kv, batch)},
             use_cache=True,
-            logits_to_keep=width - first,
         )
-        logits = out.logits  # (batch, width - first, vocab)
         scores = []
         for row, (ids, n_ctx) in enumerate(encoded):
             target = torch.tensor(ids[n_ctx:], device=device)
-            lo, hi = n_ctx - 1, len(ids) - 1  # logit rows predicting the target tokens
-            rows = logits[row, max(lo, 0) - first : hi - first].float()
-            logprobs = torch.log_softmax(rows, -1)
-            total = logprobs.gather(-1, target[len(target) - len(rows) :, None]).sum()
+            lo, hi = n_ctx - 1, len(ids) - 1  # hidden rows predicting the target tokens
+            logprobs = self._logprobs(hidden[row, max(lo, 0):hi])
+            total = logprobs.gather(-1, target[len(target) - len(logprobs) :, None]).sum()
             if lo < 0:  # first target token is predicted by the prefix's last position
                 total = total + entry.next_logprobs[target[0]]
             scores.append(float(total))
@@ -246,7 +259,7 @@ class Scorer:
         """Prefixes that all begin with ``base``'s first ``start`` tokens (none: ``start`` 0),
         longest first, in right-padded batches over the base's KV."""
         device = self.lm.device
-        decoder, head = self.lm.model.get_decoder(), self.lm.model.get_output_embeddings()
+        decoder = self.lm.model.get_decoder()
         todo, out = list(prefixes), {}
         pos = 0
         while pos < len(todo):
@@ -277,7 +290,7 @@ class Scorer:
                           use_cache=True, **kwargs)
             last = torch.tensor([len(prefixes[t]) - start - 1 for t in chunk], device=device)
             hidden = res.last_hidden_state[torch.arange(len(chunk), device=device), last]
-            logprobs = torch.log_softmax(head(hidden).float(), -1)
+            logprobs = self._logprobs(hidden)
             layers = [(k, v) for k, v, *_ in output_cache(res)]
             for row, t in enumerate(chunk):
                 n_tok = len(prefixes[t])
@@ -316,15 +329,13 @@ class Scorer:
                 vs.append(v)
             layers.append((torch.cat(ks), torch.cat(vs)))
         cache = DynamicCache(ddp_cache_data=layers, config=self.lm.model.config)
-        self.stats.forwards += 1
-        self.stats.tokens += input_ids.numel()
-        logits = self.lm.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                               position_ids=positions.to(device),
-                               **{cache_arg(self.lm.model): cache}, use_cache=True).logits
+        hidden = self._hidden(input_ids, attention_mask=mask.to(device),
+                              position_ids=positions.to(device),
+                              **{cache_arg(self.lm.model): cache}, use_cache=True)
         scores = []
         for r, (_, e, ids, n_ctx) in enumerate(rows):
             target = torch.tensor(ids[n_ctx:], device=device)
-            lp = torch.log_softmax(logits[r, max(n_ctx - 1, 0):len(ids) - 1].float(), -1)
+            lp = self._logprobs(hidden[r, max(n_ctx - 1, 0):len(ids) - 1])
             total = lp.gather(-1, target[len(target) - lp.shape[0]:, None]).sum()
             if n_ctx == 0:
                 total = total + e.next_logprobs[target[0]]
@@ -344,9 +355,8 @@ class Scorer:
             tail = encode(self.lm.tokenizer, [target])
             if not tail:
                 raise ValueError(f"empty target in option {(context, target)!r}")
-            out = self._forward(torch.tensor([head + tail]), use_cache=False,
-                                logits_to_keep=len(tail) + 1)
-            logprobs = torch.log_softmax(out.logits[0, :-1].float(), -1)
+            hidden = self._hidden(torch.tensor([head + tail]), use_cache=False)
+            logprobs = self._logprobs(hidden[0, -len(tail) - 1:-1])
             tail_ids = torch.tensor(tail, device=self.lm.device, dtype=torch.long)[:, None]
             scores.append(float(logprobs.gather(-1, tail_ids).sum()))
         return scores

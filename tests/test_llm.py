@@ -38,6 +38,28 @@ def test_score_matches_naive_with_mixed_lengths(lm: LM) -> None:
     assert len({round(x, 3) for x in cached}) == len(OPTIONS)
 
 
+def test_scores_are_not_rounded_by_a_bf16_head() -> None:
+    """A bf16 LM head rounds logits of magnitude >= 1 to multiples of 1/128 (coarser as they
+    grow), which put every watch-vs-skip log-odds on a grid and tied rankings: the scorer
+    must take its log-probs from an fp32 head."""
+    lm = tiny_lm()
+    with torch.no_grad():  # logits of tens, as a trained model's are (this unties the head)
+        lm.model.lm_head.weight = torch.nn.Parameter(lm.model.lm_head.weight * 300)
+    lm.model.to(torch.bfloat16)
+    words = [" watch", " skip", " yes", " no", " exit", " next", " rate"]
+    ids = [encode(lm.tokenizer, [w]) for w in words]
+    assert all(len(i) == 1 for i in ids)
+    with torch.no_grad():
+        bf16 = lm.model(input_ids=torch.tensor([encode(lm.tokenizer, [PREFIX])])).logits[0, -1]
+    old = bf16[[i[0] for i in ids]].float().numpy()
+    assert np.all(np.abs(old) >= 1)
+    on_grid = lambda d: np.allclose(d * 128, np.round(d * 128), atol=1e-3)  # noqa: E731
+    assert on_grid(old - old[0])  # what a bf16 head gives
+    scores = np.asarray(Scorer(lm).score(PREFIX, [("", w) for w in words]))
+    assert not on_grid(scores - scores[0])
+    assert scores - scores[0] == pytest.approx(old - old[0], abs=0.5)  # same model, finer
+
+
 def test_small_max_batch_gives_same_scores(lm: LM) -> None:
     scorer = Scorer(lm, max_batch=3)
     assert scorer.score(PREFIX, OPTIONS) == pytest.approx(Scorer(lm).score(PREFIX, OPTIONS),
