@@ -265,3 +265,14 @@ def first_visits(trajs: Iterable[Trajectory]) -> dict[int, Trajectory]:
 def human_actions(trajs: Mapping[int, Trajectory]) -> dict[tuple[int, int], PageAction]:
     return {(u, s.page): PageAction(watched=s.watched, then=s.then)
             for u, t in trajs.items() for s in t.steps}
+
+
+def experienced(trajs: Iterable[Trajectory], train: pd.DataFrame, n: int) -> list[Trajectory]:
+    """The visits whose person had at least ``n`` ``train`` ratings before their session began:
+    with fewer, every perceived match cue is near zero and a page teaches little of the person
+    (``TrainConfig.min_history``)."""
+    if n <= 0:
+        return list(trajs)
+    times = {int(u): np.sort(g.to_numpy()) for u, g in train.groupby("user")["timestamp"]}
+    empty = np.empty(0)
+    return [t for t in trajs if np.searchsorted(times.get(t.user, empty), t.start) >= n]

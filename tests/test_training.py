@@ -20,6 +20,7 @@ from agents.text import Evidence, ItemView, PageView
 from agents.transition import Example, Transition
 from alignuser.config import World
 from simulator.env import PageAction
+from simulator.trajectories import experienced
 from training.batches import IGNORE, collate, example_losses, packed_losses, tokenize, units
 from training.config import TrainConfig
 from training.counterfactual import sample_alternatives
@@ -228,6 +229,26 @@ def test_schedule_batch_is_a_pure_function_of_seed_and_step() -> None:
                                                              for e in pools["policy"])
 
 
+# --- training data: which visits teach ---------------------------------------------------------
+
+def test_min_history_keeps_exactly_the_visits_with_enough_earlier_ratings(
+        small_world: World) -> None:
+    trajs = small_world.trajectories("train", progress=False)
+    train = small_world.split.train
+    before = [int(((train["user"] == t.user) & (train["timestamp"] < t.start)).sum())
+              for t in trajs]
+    assert min(before) == 0 and max(before) >= 10  # the fixture has both kinds of visit
+    for n in (0, 1, 10):
+        kept = experienced(trajs, train, n)
+        assert kept == [t for t, b in zip(trajs, before, strict=True) if b >= n]
+    assert 0 < len(experienced(trajs, train, 10)) < len(trajs)
+    cfg = TrainConfig(min_history=10, valid_examples=2, calibration_pages=4)
+    assert {t.start for t in train_data(small_world, cfg).train} == {
+        t.start for t in experienced(trajs, train, 10)}
+    with pytest.raises(ValueError, match="lower --min-history"):
+        train_data(small_world, TrainConfig(min_history=10**6))
+
+
 # --- training data: no held-out leakage ---------------------------------------------------------
 
 def _pairs(frame: pd.DataFrame) -> set[tuple[int, int]]:
@@ -236,7 +257,9 @@ def _pairs(frame: pd.DataFrame) -> set[tuple[int, int]]:
 
 def test_training_data_never_holds_held_out_ratings(small_world: World) -> None:
     # Validation users: enough for early stopping and for the calibration pages (4 a user).
-    cfg = TrainConfig(valid_examples=5, calibration_pages=12, calibration_lists=6, seed=0)
+    # min_history=0: every train visit, so "all of train" is checkable
+    cfg = TrainConfig(valid_examples=5, calibration_pages=12, calibration_lists=6, seed=0,
+                      min_history=0)
     data = train_data(small_world, cfg)
     split = small_world.split
     train_watched = {(t.user, i) for t in data.train for s in t.steps for i in s.watched}

@@ -48,6 +48,11 @@ class TrainConfig(BaseModel):
                                       "pkg.module:factory, as simulate's --chat-model")
     wm_generate: bool = Field(False, description="also generate each alternative's next page "
                               "with the world model (slow on CPU: ~3 s per alternative)")
+    min_history: int = Field(5, ge=0, description="leave out train visits whose person had "
+                             "fewer train ratings before the visit: with an empty history every "
+                             "match cue reads 0/100, so such pages teach deciding by popularity "
+                             "and title alone (0 keeps all; chosen on validation lists, see "
+                             "README, Training)")
     wm_transitions: int = Field(2000, ge=1, description="train transitions sampled for stage 1")
     cr_transitions: int = Field(100, ge=1, description="train transitions given counterfactuals")
     valid_examples: int = Field(24, ge=0, description="validation examples for early stopping")

@@ -21,7 +21,7 @@ from agents.scorer import Scorer
 from agents.transition import Example, Transition, transitions
 from agents.world import ListRow, World
 from simulator.runs import git_commit
-from simulator.trajectories import Trajectory
+from simulator.trajectories import Trajectory, experienced
 from training.config import LORA_TARGETS, TrainConfig
 from training.counterfactual import build_counterfactual, reflection_record
 from training.rollout import class_balance, fingerprint
@@ -53,8 +53,13 @@ def train_data(world: World, cfg: TrainConfig) -> TrainData:
     valid_users = world.sample_users(n_valid, cfg.seed, part="valid")
     lists = world.lists("valid", 1, None, cfg.seed)
     pick = np.random.default_rng(cfg.seed).permutation(len(lists))[:cfg.calibration_lists]
+    train = experienced(world.trajectories("train", cfg.recommender), world.split.train,
+                        cfg.min_history)
+    if not train:
+        raise ValueError(f"no train visit has {cfg.min_history} earlier train ratings; "
+                         "lower --min-history")
     return TrainData(
-        world=world, train=world.trajectories("train", cfg.recommender),
+        world=world, train=train,
         valid=world.trajectories("valid", cfg.recommender, users=valid_users, progress=False),
         valid_lists=[lists[int(i)] for i in sorted(pick)])
 
