@@ -198,6 +198,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for m, why in skipped.items():
         console.print(f"[yellow]skipping {m}: {why}[/yellow]")
     methods = [m for m in methods if m not in skipped]
+    if "simulator" in overrides and cfg.simulator not in methods:
+        raise ValueError(f"--simulator {cfg.simulator}: that method is not evaluated "
+                         f"(--methods gives {','.join(methods) or 'none'})")
     judge_chat = None
     if run.judge_model:  # built now, so a bad spec fails before any data loads
         from agents.chat import chat_model
@@ -255,7 +258,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             outputs = all_outputs(bundle, methods, ckpts, run.model, run.device, log,
                                   needs=needs(sections), done=done, commit=parts.save_outputs,
                                   partial=parts.partial_outputs(),
-                                  commit_part=parts.save_partial)
+                                  commit_part=parts.save_partial, simulator=cfg.simulator)
             for m in given:
                 parts.save_outputs(m, given[m])
             setup = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} "

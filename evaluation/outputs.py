@@ -70,8 +70,9 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
                    full: bool = False, needs: Collection[str] = OUTPUT_KINDS,
                    progress: bool = False, kept: Mapping[str, Any] | None = None,
                    commit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Lists' watch scores, held-out page actions and ratings; for the full agent also the
-    world model's next states and the simulated sessions; only the kinds in ``needs``.
+    """Lists' watch scores, held-out page actions and ratings; for the simulating agent
+    (``full``) also the simulated sessions and, when it has a world model, its next states;
+    only the kinds in ``needs``.
 
     Each list ratio and each other kind is handed to ``commit`` (the answers so far) as soon as
     it is done, and what ``kept`` (such answers from an interrupted run) already holds is not
@@ -114,7 +115,7 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
     bar.close()
     out.setdefault("pages", [])  # not asked for
     out.setdefault("ratings", [])
-    if full and "next_state" in needs and "next_state" not in out:
+    if full and spec.world_model and "next_state" in needs and "next_state" not in out:
         gen_prompts = [tr.prefix + prompts.world_model_tail(text.render_wm_action(
             len(tr.items), sorted(tr.ratings), tr.then)) for tr in bundle.transitions]
         out["next_state"] = scorer.generate_many(gen_prompts, max_new_tokens=96)
@@ -161,8 +162,8 @@ def all_outputs(bundle: EvalBundle, methods: Sequence[str], adapters: Mapping[st
                 needs: Collection[str] = OUTPUT_KINDS, done: Mapping[str, Any] | None = None,
                 commit: Callable[[str, dict[str, Any]], None] | None = None,
                 partial: Mapping[str, Mapping[str, Any]] | None = None,
-                commit_part: Callable[[str, dict[str, Any]], None] | None = None
-                ) -> dict[str, Any]:
+                commit_part: Callable[[str, dict[str, Any]], None] | None = None,
+                simulator: str = "full") -> dict[str, Any]:
     """Every method's outputs; one model load per set of weights. Methods in ``done`` (from
     an interrupted run) are kept as they are, and the parts in ``partial`` of a method that was
     cut short; each method computed is handed to ``commit`` as soon as it is finished, and each
@@ -188,7 +189,7 @@ def all_outputs(bundle: EvalBundle, methods: Sequence[str], adapters: Mapping[st
         kept = (partial or {}).get(name)
         log(f"{spec.label}: scoring" + (" (its finished parts kept)" if kept else ""))
         out[name] = method_outputs(
-            spec, scorer, cal, bundle, full=name == "full", needs=needs, progress=True,
+            spec, scorer, cal, bundle, full=name == simulator, needs=needs, progress=True,
             kept=kept, commit=None if commit_part is None else functools.partial(commit_part, name))
         scorer.clear()
         if commit is not None:

@@ -45,6 +45,9 @@ class EvalConfig(BaseModel):
                                     + SPEC_HELP)
     session_pages: int = Field(MAX_PAGES, ge=1, description="most pages of a simulated session (4 "
                                "items each, from the recommender's static ranking)")
+    simulator: Literal["full", "wm_policy", "sft"] = Field(
+        "full", description="the agent whose sessions the session and selection sections "
+        "simulate and that ablations are paired against (its method must be in --methods)")
     sim_users: int = Field(50, ge=1, description="agents per recommender for sessions and "
                            "selection")
     judge_sessions: int = Field(8, ge=0, description="human and simulated sessions the judge "
@@ -143,9 +146,10 @@ def expected_seconds(cfg: EvalConfig, methods: Sequence[str]) -> float:
     for name in methods:
         spec = METHODS[name]
         decisions = (cfg.users * sum(sum(LIST_SIZES[m]) for m in cfg.ms) + pages * 4)
-        if name == "full":
+        if name == cfg.simulator:
             decisions += cfg.sim_users * len(cfg.recommenders) * cfg.session_pages * 4
-            decisions += cfg.next_state * 8  # a generated next state costs about 8 decisions
+            if spec.world_model:  # a generated next state costs about 8 decisions
+                decisions += cfg.next_state * 8
         total += decisions * SECONDS_PER_DECISION[
             "world_model" if spec.world_model else "policy"]
     return total

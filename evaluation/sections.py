@@ -55,7 +55,8 @@ class Context:
 
     @property
     def full(self) -> str | None:
-        return "full" if "full" in self.outputs else None
+        """The simulating agent (``EvalConfig.simulator``) when it is in the run."""
+        return self.cfg.simulator if self.cfg.simulator in self.outputs else None
 
     @property
     def explained(self) -> str | None:
@@ -145,7 +146,7 @@ def next_action(ctx: Context) -> Result:
 
 
 def world_model(ctx: Context) -> Result:
-    if not ctx.full:
+    if not ctx.full or "next_state" not in ctx.outputs[ctx.full]:
         return Result({})
     ctx.log("world model next-state F1")
     user_mean = ctx.world.split.train.groupby("user")["rating"].mean().to_dict()

@@ -89,6 +89,34 @@ def test_a_subset_of_sections_runs_alone_and_resumes_from_its_parts(
     assert logged == [f"{n}: kept from the interrupted run" for n in names]
 
 
+def test_the_configured_simulator_runs_the_sessions_and_is_paired_against(
+        small_world: World, quick_bundle: EvalBundle, tmp_path: Path) -> None:
+    """``EvalConfig.simulator``: the policy-only agent can simulate the sessions and rank the
+    recommenders while the full adapter is not in the run; it has no world model, so no next
+    states are generated for it."""
+    names = select("discrimination,selection,world_model")
+    cfg = EvalConfig.quick(simulator="sft")
+    outputs = {n: method_outputs(METHODS[n], HashScorer(), Calibration(), quick_bundle,
+                                 full=n == cfg.simulator, needs=needs(names))
+               for n in ("zero_shot", "sft")}
+    assert set(outputs["sft"]["sessions"]) == set(quick_bundle.sessions)
+    assert "sessions" not in outputs["zero_shot"] and "next_state" not in outputs["sft"]
+    metrics = score(small_world, quick_bundle, outputs, cfg, tmp_path, {"seed": 0},
+                    log=lambda m: None, sections=names, parts=Parts(tmp_path))
+    assert "world_model" not in metrics
+    assert metrics["selection"]["answer"]["simulation"]["recommender"] in ("pop", "itemknn")
+    versus = {(r["method"], r["versus"]) for r in metrics["paired"]["rows"]}
+    assert (METHODS["zero_shot"].label, METHODS["sft"].label) in versus
+
+
+def test_a_simulator_outside_the_methods_is_a_clear_error(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--preset", "quick", "--methods", "zero_shot",
+                 "--simulator", "sft"]) == 2
+    err = capsys.readouterr().err
+    assert "--simulator sft: that method is not evaluated (--methods gives zero_shot)" in err
+
+
 def test_every_registered_section_names_what_it_reads() -> None:
     assert list(REGISTRY) == select(None) == select("")
     assert needs(REGISTRY) == {"lists", "pages", "next_state", "sessions"}
