@@ -100,8 +100,11 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
     lists_of = {m: rows for m, rows in (bundle.lists if "lists" in needs else {}).items()
                 if m not in out["lists"]}
     pages = bundle.pages if "pages" in needs and "pages" not in out else []
+    simulate = full and "sessions" in needs and "sessions" not in out
+    # session pages count as shown; a session that exits early leaves the bar short of its total
     bar = tqdm(total=len(pages) + sum(len(pages_of(items)) for rows in lists_of.values()
-                                      for _, items, _ in rows),
+                                      for _, items, _ in rows)
+               + (sum(len(p) for s in bundle.sessions.values() for _, p in s) if simulate else 0),
                desc=spec.label, unit="page", disable=not progress)
     for m, lists in lists_of.items():
         out["lists"][m] = [s.tolist() for s in list_scores(
@@ -112,7 +115,6 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
     if "pages" in needs and "pages" not in out:
         out |= _page_answers(spec, scorer, cal, pages, bar.update)
         done_part()
-    bar.close()
     out.setdefault("pages", [])  # not asked for
     out.setdefault("ratings", [])
     if full and spec.world_model and "next_state" in needs and "next_state" not in out:
@@ -120,14 +122,15 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
             len(tr.items), sorted(tr.ratings), tr.then)) for tr in bundle.transitions]
         out["next_state"] = scorer.generate_many(gen_prompts, max_new_tokens=96)
         done_part()
-    if full and "sessions" in needs and "sessions" not in out:
+    if simulate:
         out["sessions"] = {}
         for rec, sessions in bundle.sessions.items():
             runs = browse(scorer, bundle.perceiver, bundle.personas, bundle.histories, sessions,
                           world_model=spec.world_model, evidence=spec.evidence,
-                          calibration=cal, exits=True)
+                          calibration=cal, exits=True, progress=bar.update)
             out["sessions"][rec] = [session_record(u, rec, run)
                                     for (u, _), run in zip(sessions, runs, strict=True)]
+    bar.close()
     return out | spent()
 
 
