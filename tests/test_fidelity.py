@@ -326,6 +326,36 @@ def prepared(small_world: World) -> Prepared:
     return prepare(cfg, train_data(small_world, cfg))
 
 
+def test_fit_calibrates_on_merged_weights_and_saves_the_trained_adapter(
+        prepared: Prepared, tmp_path: Path) -> None:
+    """A policy-only fit end to end on the tiny model: calibration runs on the merged adapter
+    and unmerges it, so the saved adapter and the base weights are what training left."""
+    from peft import PeftModel
+
+    from training.pipeline import fit
+
+    lm = tiny_lm()
+    base = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    cfg = TrainConfig(stage="policy", cr_steps=2, batch_size=1, eval_every=1, save_every=1,
+                      dtype="float32", device="cpu", seed=0)
+    manifest = fit(cfg, prepared, tmp_path / "out", progress=False, lm=lm)
+    assert manifest["calibration"]["fitted_on"]["pages"] == len(prepared.calib) > 0
+    def strip(k: str) -> str:
+        return k.removeprefix("base_model.model.")
+
+    # the LoRA layers were injected into lm.model: trained, and merged back out after calibrating
+    state = {strip(k): v for k, v in lm.model.state_dict().items()}
+    lora = {k: v for k, v in state.items() if "lora_" in k}
+    assert lora and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    unmerged = {k.replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+    assert base.keys() <= unmerged.keys()
+    assert all(torch.allclose(unmerged[k], base[k], atol=1e-5) for k in base)
+    loaded = PeftModel.from_pretrained(tiny_lm().model, tmp_path / "out")
+    saved = {strip(k): v for k, v in loaded.state_dict().items() if "lora_" in k}
+    assert saved.keys() == lora.keys()
+    assert all(torch.allclose(saved[k].float(), lora[k].float(), atol=1e-2) for k in lora)
+
+
 def test_prepared_training_examples_hold_no_held_out_rating(small_world: World,
                                                             prepared: Prepared) -> None:
     split = small_world.split
