@@ -4,7 +4,7 @@ Each ``Section`` names the method answers it reads (``needs``, from ``OUTPUT_KIN
 them into its metrics and plots. ``evaluation.run.score`` is a loop over the chosen sections, so
 a run can compute a subset (``alignuser evaluate --sections discrimination,selection``), skip the
 answers no chosen section reads, and commit each section as it finishes (``evaluation.parts``).
-A section that has nothing to score (e.g. sessions without the full agent) returns no metrics,
+A section that has nothing to score (e.g. sessions without the simulating agent) returns no metrics,
 and the report says "not run".
 """
 
@@ -54,7 +54,7 @@ class Context:
         return {name: METHODS[name].label for name in self.outputs}
 
     @property
-    def full(self) -> str | None:
+    def simulator(self) -> str | None:
         """The simulating agent (``EvalConfig.simulator``) when it is in the run."""
         return self.cfg.simulator if self.cfg.simulator in self.outputs else None
 
@@ -118,15 +118,16 @@ def discrimination(ctx: Context) -> Result:
             "validation 1:1 lists; agents say watch when their calibrated log-odds > 0 (offset "
             "fitted on validation lists when the checkpoint was trained)")
     return Result({"discrimination": {"rows": rows, "note": note},
-                   "paired": {"rows": paired(per_user, labels, ctx.full, cfg)}},
+                   "paired": {"rows": paired(per_user, labels, ctx.simulator, cfg)}},
                   {f"discrimination/{m}": plot_method_bars(by_m, m) for m in ("f1", "auc")})
 
 
-def paired(per_user, labels: Mapping[str, str], full: str | None, cfg: EvalConfig) -> list:
-    """Each agent against the classical scorers, and each ablation against the full agent."""
+def paired(per_user, labels: Mapping[str, str], main: str | None, cfg: EvalConfig) -> list:
+    """Each agent against the classical scorers, and every other agent against ``main`` (the
+    simulating agent: the full one by default, its ablations paired against it)."""
     pairs = [(labels[n], base) for n in labels for base in BASELINE_PAIRS]
-    if full:
-        pairs += [(labels[n], labels[full]) for n in labels if n != full]
+    if main:
+        pairs += [(labels[n], labels[main]) for n in labels if n != main]
     rows = []
     for m, (name, base) in product(cfg.ms, pairs):
         common = sorted(set(per_user[name][m]) & set(per_user[base][m]))
@@ -146,21 +147,21 @@ def next_action(ctx: Context) -> Result:
 
 
 def world_model(ctx: Context) -> Result:
-    if not ctx.full or "next_state" not in ctx.outputs[ctx.full]:
+    if not ctx.simulator or "next_state" not in ctx.outputs[ctx.simulator]:
         return Result({})
     ctx.log("world model next-state F1")
     user_mean = ctx.world.split.train.groupby("user")["rating"].mean().to_dict()
-    return Result({"world_model": micro.next_state(ctx.outputs[ctx.full]["next_state"],
+    return Result({"world_model": micro.next_state(ctx.outputs[ctx.simulator]["next_state"],
                                                    ctx.bundle.transitions, user_mean)})
 
 
 def sessions(ctx: Context) -> Result:
-    """The full agent's sessions against held-out human visits: distributions, a
+    """The simulating agent's sessions against held-out human visits: distributions, a
     discriminator, the judge and what each recommender's sessions held."""
-    if not ctx.full:
+    if not ctx.simulator:
         return Result({})
     ctx.log("simulated sessions")
-    world, cfg, by_rec = ctx.world, ctx.cfg, ctx.outputs[ctx.full]["sessions"]
+    world, cfg, by_rec = ctx.world, ctx.cfg, ctx.outputs[ctx.simulator]["sessions"]
     human = macro.human_sessions(held_out(world, ctx.bundle.meta["sim_users"])[0])
     sim_knn = by_rec.get("itemknn") or [s for rec in by_rec.values() for s in rec]
     cmp = macro.compare_sessions(human, sim_knn, cfg.seed)
@@ -187,11 +188,11 @@ def sessions(ctx: Context) -> Result:
 
 def selection(ctx: Context) -> Result:
     """Recommenders ranked by the simulated sessions, with the ship answer."""
-    if not ctx.full:
+    if not ctx.simulator:
         return Result({})
     ctx.log("recommender selection")
     cfg = ctx.cfg
-    flat = [s for rec in ctx.outputs[ctx.full]["sessions"].values() for s in rec]
+    flat = [s for rec in ctx.outputs[ctx.simulator]["sessions"].values() for s in rec]
     sel = macro.selection(ctx.world, flat, cfg.recommenders, ctx.bundle.meta["sim_users"],
                           cfg.n_boot, cfg.seed)
     if cfg.ab_results:

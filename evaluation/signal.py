@@ -105,10 +105,11 @@ def page_regression(world: World, cfg: TrajectoryConfig | None = None, *, users:
     trajs = world.trajectories("train", cfg=cfg, users=chosen, progress=False)
     rows = []
     for n in min_histories:
-        pages = page_features(world, experienced(trajs, train, n))
+        kept = experienced(trajs, train, n)
+        pages = page_features(world, kept)
         lr = LogisticRegression(max_iter=1000).fit(pages[names], pages["label"])
         auc = np.mean([_auc(y, lr.decision_function(x)) for y, x in valid])
-        rows.append({"min_history": n, "visits": len(experienced(trajs, train, n)),
+        rows.append({"min_history": n, "visits": len(kept),
                      "slots": len(pages), "valid_list_auc": float(auc)})
     out = pd.DataFrame(rows)
     out.attrs.update(users=len(chosen), lists=len(valid),
