@@ -1,7 +1,8 @@
-"""What the training pages can teach, by how much history a visit needs
-(``TrainConfig.min_history``): a logistic regression on the perceived cues, fit on train-page
-slots, scored on validation 1:1 lists. ``python bench/bench_signal.py [--users 400]
-[--min-history 0,1,3,5,10,20]``."""
+"""What the training pages can teach: scorers of the perceived cues (a logistic regression and
+gradient-boosted trees) fit on train-page slots, scored on validation 1:1 lists; per history
+threshold (``TrainConfig.min_history``) or, with ``--exposures``, per filler mixture
+(``TrajectoryConfig.exposure``). ``python bench/bench_signal.py [--users 400]
+[--min-history 0,1,3,5,10,20] [--exposures]``."""
 
 from __future__ import annotations
 
@@ -11,26 +12,64 @@ from rich.console import Console
 from rich.table import Table
 
 from agents.world import load_world
-from evaluation.signal import page_regression
+from evaluation.signal import exposure_regression, page_regression
+
+# Filler mixtures compared by --exposures: the recommender picks of the earlier default, fewer
+# of them, a weak recommender among them, none, and uniform alone.
+MIXTURES = {
+    "uniform .7, popular .1, itemknn .1, bpr .1": {"uniform": .7, "popular": .1, "itemknn": .1,
+                                                   "bpr": .1},
+    "uniform .8, popular .1, itemknn .05, bpr .05": {"uniform": .8, "popular": .1,
+                                                     "itemknn": .05, "bpr": .05},
+    "uniform .8, popular .1, pop .05, itemknn .025, bpr .025": {
+        "uniform": .8, "popular": .1, "pop": .05, "itemknn": .025, "bpr": .025},
+    "uniform .6, popular .3, pop .1": {"uniform": .6, "popular": .3, "pop": .1},
+    "uniform .9, popular .1 (default)": {"uniform": .9, "popular": .1},
+    "uniform 1": {"uniform": 1.0},
+}
+
+
+def _exposures(users: int, seed: int, min_history: int) -> None:
+    table = exposure_regression(load_world(), MIXTURES, users=users, min_history=min_history,
+                                seed=seed)
+    out = Table(title=f"fit on train pages ({table.attrs['users']} users, visits with >= "
+                      f"{min_history} earlier ratings) -> {table.attrs['lists']} validation "
+                      "1:1 lists")
+    for col in ("fillers", "slots", "watch ratio", "watched at match 80-89 / 90-94 / 95+",
+                "regression AUC", "trees AUC"):
+        out.add_column(col, justify="right")
+    for r in table.itertuples():
+        out.add_row(r.exposure, f"{r.slots:,}", f"{r.watch_ratio:.3f}",
+                    f"{r.watch_match_80_90:.2f} / {r.watch_match_90_95:.2f} / "
+                    f"{r.watch_match_95_101:.2f}",
+                    f"{r.valid_list_auc:.3f}", f"{r.valid_list_auc_trees:.3f}")
+    Console().print(out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--users", type=int, default=400, help="train users sampled")
     ap.add_argument("--min-history", default="0,1,3,5,10,20",
-                    help="comma-separated thresholds to compare")
+                    help="comma-separated thresholds to compare (with --exposures: the first)")
+    ap.add_argument("--exposures", action="store_true",
+                    help="compare filler mixtures instead of history thresholds")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
-    world = load_world()
-    table = page_regression(world, users=args.users, seed=args.seed,
-                            min_histories=[int(x) for x in args.min_history.split(",")])
-    out = Table(title=f"regression fit on train pages ({table.attrs['users']} users) -> "
+    thresholds = [int(x) for x in args.min_history.split(",")]
+    if args.exposures:
+        _exposures(args.users, args.seed, 5 if args.min_history == ap.get_default("min_history")
+                   else thresholds[0])
+        return
+    table = page_regression(load_world(), users=args.users, seed=args.seed,
+                            min_histories=thresholds)
+    out = Table(title=f"fit on train pages ({table.attrs['users']} users) -> "
                       f"{table.attrs['lists']} validation 1:1 lists; the match cue alone: "
                       f"{table.attrs['match_alone']:.3f}")
-    for col in ("earlier ratings >=", "visits", "slots", "validation list AUC"):
+    for col in ("earlier ratings >=", "visits", "slots", "regression AUC", "trees AUC"):
         out.add_column(col, justify="right")
     for r in table.itertuples():
-        out.add_row(str(r.min_history), f"{r.visits:,}", f"{r.slots:,}", f"{r.valid_list_auc:.3f}")
+        out.add_row(str(r.min_history), f"{r.visits:,}", f"{r.slots:,}",
+                    f"{r.valid_list_auc:.3f}", f"{r.valid_list_auc_trees:.3f}")
     Console().print(out)
 
 

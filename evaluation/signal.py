@@ -11,10 +11,11 @@ slots on training pages beside the AUC of held-out positives vs never-rated item
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
@@ -89,29 +90,76 @@ def inverted(table: pd.DataFrame, margin: float = 0.0) -> list[str]:
     return bad
 
 
+def _valid_lists(world: World, seed: int) -> list[tuple[Sequence[int], pd.DataFrame]]:
+    return [(labels, list_features(world, [(u, items, labels)])[list(FEATURE_NAMES)])
+            for u, items, labels in world.lists("valid", 1, None, seed)]
+
+
+def _sample_users(world: World, users: int, seed: int) -> list[int]:
+    pool = sorted(int(u) for u in world.split.train["user"].unique())
+    rng = np.random.default_rng(seed)
+    return sorted(int(u) for u in rng.choice(pool, size=min(users, len(pool)), replace=False))
+
+
+def _fit_and_score(pages: pd.DataFrame, valid) -> dict[str, float]:
+    """Mean per-user validation-list AUC of two scorers fit on the page slots: a logistic
+    regression, and gradient-boosted trees, which, like an LLM reading the numbers, can learn a
+    non-monotone function of a cue (so a filler source that makes the best-matching items look
+    skipped shows up here, not in the regression)."""
+    names = list(FEATURE_NAMES)
+    lr = LogisticRegression(max_iter=1000).fit(pages[names], pages["label"])
+    gb = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05,
+                                        random_state=0).fit(pages[names], pages["label"])
+    return {"valid_list_auc": float(np.mean([_auc(y, lr.decision_function(x))
+                                             for y, x in valid])),
+            "valid_list_auc_trees": float(np.mean([_auc(y, gb.predict_proba(x)[:, 1])
+                                                   for y, x in valid]))}
+
+
+def _match_rates(pages: pd.DataFrame) -> dict[str, float]:
+    """Watch ratio of the best-matching slots: it should rise with the match, as on lists."""
+    m, y = pages["match"].to_numpy(), pages["label"].to_numpy()
+    return {f"watch_match_{lo}_{hi}": float(y[(m >= lo) & (m < hi)].mean())
+            if ((m >= lo) & (m < hi)).any() else float("nan")
+            for lo, hi in ((80, 90), (90, 95), (95, 101))}
+
+
 def page_regression(world: World, cfg: TrajectoryConfig | None = None, *, users: int,
                     min_histories: Sequence[int], seed: int = 0) -> pd.DataFrame:
-    """What training pages can teach a scorer of the perceived cues, per ``min_history``: a
-    logistic regression fit on the slots of ``users`` sampled train users' visits with at least
-    that many earlier ratings, scored by mean per-user AUC on every validation 1:1 list (the
-    bar ``TrainConfig.min_history`` is chosen by; test lists are never used)."""
-    names = list(FEATURE_NAMES)
-    valid = [(labels, list_features(world, [(u, items, labels)])[names])
-             for u, items, labels in world.lists("valid", 1, None, seed)]
-    train = world.split.train
-    pool = sorted(int(u) for u in train["user"].unique())
-    rng = np.random.default_rng(seed)
-    chosen = sorted(int(u) for u in rng.choice(pool, size=min(users, len(pool)), replace=False))
+    """What training pages can teach a scorer of the perceived cues, per ``min_history``: two
+    scorers fit on the slots of ``users`` sampled train users' visits with at least that many
+    earlier ratings, scored by mean per-user AUC on every validation 1:1 list (the bar
+    ``TrainConfig.min_history`` is chosen by; test lists are never used)."""
+    valid = _valid_lists(world, seed)
+    chosen = _sample_users(world, users, seed)
     trajs = world.trajectories("train", cfg=cfg, users=chosen, progress=False)
     rows = []
     for n in min_histories:
-        kept = experienced(trajs, train, n)
+        kept = experienced(trajs, world.split.train, n)
         pages = page_features(world, kept)
-        lr = LogisticRegression(max_iter=1000).fit(pages[names], pages["label"])
-        auc = np.mean([_auc(y, lr.decision_function(x)) for y, x in valid])
-        rows.append({"min_history": n, "visits": len(kept),
-                     "slots": len(pages), "valid_list_auc": float(auc)})
+        rows.append({"min_history": n, "visits": len(kept), "slots": len(pages),
+                     **_fit_and_score(pages, valid)})
     out = pd.DataFrame(rows)
     out.attrs.update(users=len(chosen), lists=len(valid),
                      match_alone=float(np.mean([_auc(y, x["match"]) for y, x in valid])))
+    return out
+
+
+def exposure_regression(world: World, exposures: Mapping[str, Mapping[str, float]], *,
+                        users: int, min_history: int, seed: int = 0) -> pd.DataFrame:
+    """The same bar per filler mixture (``TrajectoryConfig.exposure``): which construction's
+    pages best teach what validation lists reward. Chooses the default mixture."""
+    valid = _valid_lists(world, seed)
+    chosen = _sample_users(world, users, seed)
+    rows = []
+    for name, mix in exposures.items():
+        cfg = world.trajectory_config.model_copy(update={"exposure": dict(mix)})
+        kept = experienced(world.trajectories("train", cfg=cfg, users=chosen, progress=False),
+                           world.split.train, min_history)
+        pages = page_features(world, kept)
+        rows.append({"exposure": name, "slots": len(pages),
+                     "watch_ratio": float(pages["label"].mean()), **_match_rates(pages),
+                     **_fit_and_score(pages, valid)})
+    out = pd.DataFrame(rows)
+    out.attrs.update(users=len(chosen), lists=len(valid))
     return out

@@ -43,12 +43,14 @@ class TrajectoryConfig(BaseModel):
         None, description="keep at most this many visits per user (the earliest); None = all")
     seed: int = Field(0, description="seeds page positions, items per page and fillers")
     exposure: dict[str, float] = Field(
-        {"uniform": 0.7, "popular": 0.1, "itemknn": 0.1, "bpr": 0.1},
+        {"uniform": 0.9, "popular": 0.1},
         description="where filler slots come from, as shares: 'uniform' (a never-rated item, "
                     "uniformly), 'popular' (a never-rated item, weighted by train popularity) "
-                    "or a recommender name (its next pick for the session); chosen so that no "
-                    "perceived cue points the other way on training pages than on validation "
-                    "lists (see `alignuser data info --trajectories`)")
+                    "or a recommender name (its next pick for the session). The default is "
+                    "the mixture whose pages best teach validation lists "
+                    "(`python bench/bench_signal.py --exposures`): a recommender's picks are "
+                    "the items that best match the person, so as skipped fillers they made "
+                    "the best-matching items look less chosen than the next-best")
 
     @field_validator("exposure")
     @classmethod

@@ -264,7 +264,10 @@ def test_exposure_mixture_fills_pages_with_never_rated_items(tiny_dataset: Datas
 
 
 def test_exposure_shares_are_validated() -> None:
-    assert TrajectoryConfig().recommenders() == ["bpr", "itemknn"]
+    # The default, chosen on validation lists, draws no recommender's picks.
+    assert TrajectoryConfig().recommenders() == []
+    assert TrajectoryConfig(exposure={"uniform": .8, "itemknn": .1, "bpr": .1}
+                            ).recommenders() == ["bpr", "itemknn"]
     assert sum(TrajectoryConfig().exposure.values()) == pytest.approx(1.0)
     assert TrajectoryConfig(exposure={"uniform": 1.0, "pop": 0.0}).recommenders() == []
     for bad in ({}, {"uniform": -0.1, "bpr": 1.0}, {"uniform": 0.0}):

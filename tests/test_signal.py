@@ -1,0 +1,70 @@
+"""The signal check: do the cues the agent perceives point the same way on training pages as on
+held-out lists, and which filler mixture teaches what validation lists reward?
+
+The world is the 40-user ml-100k ``small_world`` (conftest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+from agents.world import World
+from evaluation.signal import exposure_regression, inverted, signal_table
+from memory.evidence import FEATURE_NAMES
+from simulator.trajectories import TrajectoryConfig
+
+
+def _table(train: Sequence[float], valid: Sequence[float]) -> pd.DataFrame:
+    return pd.DataFrame({"feature": list(FEATURE_NAMES)[:len(train)],
+                         "train_pages": list(train), "valid_lists": list(valid)})
+
+
+def test_inverted_flags_features_on_opposite_sides_of_one_half() -> None:
+    consistent = _table([0.8, 0.6, 0.45, 0.5], [0.75, 0.55, 0.4, 0.7])
+    assert inverted(consistent) == []  # exactly .5 is on neither side
+    flipped = _table([0.8, 0.37, 0.42, 0.52, float("nan")], [0.75, 0.52, 0.6, 0.48, 0.2])
+    assert inverted(flipped) == ["mean_rating", "max_sim", "mean_sim_top3"]
+    # NaN (one class missing) is never called inverted; a margin ignores near-ties.
+    assert inverted(flipped, margin=0.05) == ["max_sim"]
+
+
+def test_signal_table_on_the_small_world(small_world: World) -> None:
+    table = signal_table(small_world, users=10, seed=0)
+    assert list(table.columns) == ["feature", "train_pages", "valid_lists"]
+    assert list(table["feature"]) == list(FEATURE_NAMES)
+    assert table[["train_pages", "valid_lists"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert table.attrs["users"] == 10 and table.attrs["slots"] > 1000
+    assert 0.2 < table.attrs["watch_ratio"] < 0.4  # ~1.15 of 4 slots, as configured
+    # The default exposure mixture: no cue teaches the opposite of what held-out lists reward.
+    assert inverted(table) == [], table.to_string()
+    # Popularity and the collaborative match point the humans' way on both.
+    rows = table.set_index("feature")
+    assert (rows.loc[["popularity", "match"]] > 0.6).all().all()
+
+
+def test_signal_check_catches_a_one_recommender_construction(small_world: World) -> None:
+    """Fillers from ItemKNN alone are picked for looking like the history, so on the training
+    pages the humans' choices have lower mean ratings than the fillers: the inverse of the
+    lists. The check exists to catch exactly this."""
+    table = signal_table(small_world, TrajectoryConfig(exposure={"itemknn": 1.0}), users=10,
+                         seed=0)
+    assert "mean_rating" in inverted(table), table.to_string()
+
+
+def test_recommender_fillers_make_the_best_matches_look_skipped(small_world: World) -> None:
+    """A recommender's picks are the items that best match the person; as skipped fillers they
+    lower the watch ratio of the best-matching slots, the opposite of held-out lists, where the
+    best matches are the likeliest picks. The default mixture keeps them the most watched."""
+    table = exposure_regression(small_world, {"default": TrajectoryConfig().exposure,
+                                              "itemknn": {"itemknn": 1.0}},
+                                users=20, min_history=1, seed=0).set_index("exposure")
+    assert (table["slots"] > 500).all(), table.to_string()
+    assert table.loc["default", "watch_match_95_101"] > \
+        table.loc["itemknn", "watch_match_95_101"] + 0.1, table.to_string()
+    rates = table.loc["default", ["watch_match_80_90", "watch_match_90_95",
+                                  "watch_match_95_101"]]
+    assert rates.iloc[-1] == rates.max(), table.to_string()
+    aucs = table[["valid_list_auc", "valid_list_auc_trees"]]
+    assert aucs.apply(lambda c: c.between(0.5, 1)).all().all(), table.to_string()
