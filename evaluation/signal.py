@@ -119,9 +119,11 @@ def _fit_and_score(pages: pd.DataFrame, valid) -> dict[str, float]:
 def _match_rates(pages: pd.DataFrame) -> dict[str, float]:
     """Watch ratio of the best-matching slots: it should rise with the match, as on lists."""
     m, y = pages["match"].to_numpy(), pages["label"].to_numpy()
-    return {f"watch_match_{lo}_{hi}": float(y[(m >= lo) & (m < hi)].mean())
-            if ((m >= lo) & (m < hi)).any() else float("nan")
-            for lo, hi in ((80, 90), (90, 95), (95, 101))}
+    out = {}
+    for lo, hi in ((80, 90), (90, 95), (95, 101)):
+        sel = (m >= lo) & (m < hi)
+        out[f"watch_match_{lo}_{hi}"] = float(y[sel].mean()) if sel.any() else float("nan")
+    return out
 
 
 def page_regression(world: World, cfg: TrajectoryConfig | None = None, *, users: int,
