@@ -13,6 +13,7 @@ from rich.table import Table
 
 from agents.world import load_world
 from evaluation.signal import exposure_regression, page_regression
+from training.config import TrainConfig
 
 # Filler mixtures compared by --exposures: the recommender picks of the earlier default, fewer
 # of them, a weak recommender among them, none, and uniform alone.
@@ -46,22 +47,32 @@ def _exposures(users: int, seed: int, min_history: int) -> None:
     Console().print(out)
 
 
+def _thresholds(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated whole numbers") from None
+    if any(x < 0 for x in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: thresholds must be >= 0")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--users", type=int, default=400, help="train users sampled")
-    ap.add_argument("--min-history", default="0,1,3,5,10,20",
-                    help="comma-separated thresholds to compare (with --exposures: the first)")
+    ap.add_argument("--min-history", type=_thresholds, default=None,
+                    help="comma-separated thresholds to compare (default 0,1,3,5,10,20); with "
+                         "--exposures the first, default the training default")
     ap.add_argument("--exposures", action="store_true",
                     help="compare filler mixtures instead of history thresholds")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
-    thresholds = [int(x) for x in args.min_history.split(",")]
     if args.exposures:
-        _exposures(args.users, args.seed, 5 if args.min_history == ap.get_default("min_history")
-                   else thresholds[0])
+        _exposures(args.users, args.seed, args.min_history[0] if args.min_history
+                   else TrainConfig().min_history)
         return
     table = page_regression(load_world(), users=args.users, seed=args.seed,
-                            min_histories=thresholds)
+                            min_histories=args.min_history or [0, 1, 3, 5, 10, 20])
     out = Table(title=f"fit on train pages ({table.attrs['users']} users) -> "
                       f"{table.attrs['lists']} validation 1:1 lists; the match cue alone: "
                       f"{table.attrs['match_alone']:.3f}")

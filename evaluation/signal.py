@@ -155,7 +155,8 @@ def exposure_regression(world: World, exposures: Mapping[str, Mapping[str, float
     chosen = _sample_users(world, users, seed)
     rows = []
     for name, mix in exposures.items():
-        cfg = world.trajectory_config.model_copy(update={"exposure": dict(mix)})
+        cfg = TrajectoryConfig.model_validate({**world.trajectory_config.model_dump(),
+                                               "exposure": dict(mix)})
         kept = experienced(world.trajectories("train", cfg=cfg, users=chosen, progress=False),
                            world.split.train, min_history)
         pages = page_features(world, kept)
