@@ -69,14 +69,13 @@ def _pick(logps: Sequence[float], temperature: float, rng: np.random.Generator) 
     return int(rng.choice(len(lp), p=tempered / tempered.sum())), probs.round(4).tolist()
 
 
-def _rating_requests(context: str, slots: Sequence[int]) -> list[tuple[str, list]]:
-    """Every rating line of the watched ``slots`` after ``context`` (prefix, choices and
-    next/exit), as one request whose prefix is that whole context: the scorer extends the
-    page's cached prefix by the choices once, and each rating line costs only its own tokens.
-    Every part ends in a newline, so the joined prefix tokenises as the segments do."""
+def _rating_requests(prefix: str, context: str, slots: Sequence[int]) -> list[tuple[str, list]]:
+    """Every rating line of the watched ``slots`` after the page ``prefix`` and ``context``
+    (choices and next/exit), as one request: packed as a token tree, the context is pushed
+    once and each rating line costs only its own tokens."""
     if not slots:
         return []
-    return [(context, [("", text.rating_line(s, r)) for s in slots for r in text.RATINGS])]
+    return [(prefix, [(context, text.rating_line(s, r)) for s in slots for r in text.RATINGS])]
 
 
 def _yes(score: float, temperature: float, rng: np.random.Generator) -> bool:
@@ -123,7 +122,7 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
     # Ratings only after the next/exit actually taken: one more batched call, half the lines.
     rates = iter(score_many(scorer, [
         r for i, ctx, (_, w), go in zip(inputs, ctxs, chosen, goes, strict=True)
-        for r in _rating_requests(_prefix(i) + ctx + text.then_line(go), w)]))
+        for r in _rating_requests(_prefix(i), ctx + text.then_line(go), w)]))
     out = []
     for inp, rng, (scores, w), exit_score, go in zip(inputs, rngs, chosen, exit_scores, goes,
                                                      strict=True):
@@ -163,7 +162,7 @@ def rating_expectations(scorer, inputs: Sequence[DecisionInput],
         slots = [inp.items.index(i) + 1 for i in act.watched]
         ctx = (prompts.policy_tail(text.render_predictions(inp.predictions))
                + text.render_choices(len(inp.items), slots) + text.then_line(act.then))
-        reqs += _rating_requests(_prefix(inp) + ctx, slots)
+        reqs += _rating_requests(_prefix(inp), ctx, slots)
         slots_of.append(slots)
     scored = iter(score_many(scorer, reqs))
     out = []

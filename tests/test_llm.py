@@ -60,11 +60,15 @@ def test_scores_are_not_rounded_by_a_bf16_head() -> None:
     assert scores - scores[0] == pytest.approx(old - old[0], abs=0.5)  # same model, finer
 
 
-def test_small_max_batch_gives_same_scores(lm: LM) -> None:
-    scorer = Scorer(lm, max_batch=3)
-    assert scorer.score(PREFIX, OPTIONS) == pytest.approx(Scorer(lm).score(PREFIX, OPTIONS),
-                                                          abs=1e-5)
-    assert scorer.stats.forwards == 3
+def test_small_batches_give_same_scores(lm: LM) -> None:
+    """A request is one packed row; a token budget below one row's width still scores each
+    request in its own forward, with the numbers of one shared batch."""
+    prefixes = [PREFIX, "Another user entirely.", "A third user, who likes horror."]
+    want = Scorer(lm).score_many([(p, OPTIONS) for p in prefixes])
+    scorer = Scorer(lm, batch_tokens=1)
+    got = scorer.score_many([(p, OPTIONS) for p in prefixes])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert scorer.stats.forwards == 2 * len(prefixes)  # each prefix, then each row, alone
 
 
 def test_repeated_prefix_hits_lru(lm: LM) -> None:

@@ -1,0 +1,88 @@
+"""Packing a decision's candidate lines into one token tree.
+
+A page's candidate lines repeat each other: a slot's watch and skip lines share the slot's cue
+line, every slot shares the tail after the page, the five rating lines share the choices before
+them. Scored as separate rows, each repeat is pushed through the model again and each row
+carries its own copy of the page's KV cache. Packed as a trie, each distinct token position is
+pushed once, in one row per prefix, and an ancestor mask lets every token attend only to the
+prefix and to the tokens on its own path, so each candidate's log-prob is what it would be
+alone (up to float round-off).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Trie:
+    """One request's options as a token trie. Node ``n`` holds ``tokens[n]`` at ``depth[n]``
+    tokens after the prefix, under ``parents[n]`` (-1: directly after the prefix); nodes are
+    numbered so a parent comes before its children. ``targets[k]`` are the nodes of option
+    ``k``'s target tokens, in order."""
+
+    tokens: list[int]
+    parents: list[int]
+    depths: list[int]
+    targets: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def ancestors(self) -> np.ndarray:
+        """(n, n) boolean: row ``i`` marks ``i`` and the nodes on its path from the prefix."""
+        n = len(self.tokens)
+        anc = np.zeros((n, n), dtype=bool)
+        for i, parent in enumerate(self.parents):
+            if parent >= 0:
+                anc[i] = anc[parent]
+            anc[i, i] = True
+        return anc
+
+
+def build_trie(options: Sequence[tuple[list[int], list[int]]]) -> Trie:
+    """The trie of ``(context ids, target ids)`` options; equal leading tokens share nodes."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    depths: list[int] = []
+    child: dict[tuple[int, int], int] = {}
+    targets: list[list[int]] = []
+    for context, target in options:
+        node, path = -1, []
+        for k, token in enumerate([*context, *target]):
+            key = (node, token)
+            if key not in child:
+                child[key] = len(tokens)
+                tokens.append(token)
+                parents.append(node)
+                depths.append(depths[node] + 1 if node >= 0 else 0)
+            node = child[key]
+            if k >= len(context):
+                path.append(node)
+        targets.append(path)
+    return Trie(tokens, parents, depths, targets)
+
+
+def tree_inputs(tries: Sequence[Trie], prefix_lens: Sequence[int], width_kv: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input ids (B, W), position ids (B, W) and an additive 4D mask (B, 1, W, P + W) for
+    rows whose prefix KV is right-padded to ``width_kv`` = P. A padding query attends to its
+    prefix only, so no attention row is empty (an empty row is NaN under SDPA)."""
+    batch, width = len(tries), max(len(t) for t in tries)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    positions = torch.zeros(batch, width, dtype=torch.long)
+    allowed = np.zeros((batch, width, width_kv + width), dtype=bool)
+    for r, (trie, p) in enumerate(zip(tries, prefix_lens, strict=True)):
+        n = len(trie)
+        ids[r, :n] = torch.tensor(trie.tokens)
+        positions[r, :n] = torch.tensor(trie.depths) + p
+        positions[r, n:] = p
+        allowed[r, :, :p] = True
+        allowed[r, :n, width_kv:width_kv + n] = trie.ancestors()
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~torch.from_numpy(allowed), torch.finfo(dtype).min)
+    return ids, positions, mask[:, None]

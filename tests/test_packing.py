@@ -1,0 +1,63 @@
+"""Options packed as one token tree must score as if each were alone, and push each shared
+token once: every decision of a page goes through this path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agents import prompts, text
+from agents.llm import LM, encode, tiny_lm
+from agents.packing import build_trie
+from agents.scorer import Scorer
+
+PREFIX = "You are user 7, a 30-year-old engineer who likes sci-fi.\nPage 1:\n[1] Alien (1979)\n"
+
+
+@pytest.fixture(scope="module")
+def lm() -> LM:
+    return tiny_lm()
+
+
+def test_trie_shares_leading_tokens_and_keeps_each_path() -> None:
+    trie = build_trie([([5, 6], [7]), ([5, 6], [8, 9]), ([5], [6, 7]), ([], [5])])
+    assert trie.tokens == [5, 6, 7, 8, 9]
+    assert trie.parents == [-1, 0, 1, 1, 3]
+    assert trie.depths == [0, 1, 2, 2, 3]
+    # Option 3's target is option 1's context plus target: the same nodes, scored the same.
+    assert trie.targets == [[2], [3, 4], [1, 2], [0]]
+    anc = trie.ancestors()
+    assert anc[4].tolist() == [True, True, False, True, True]  # not its sibling 7
+    assert anc[2].tolist() == [True, True, True, False, False]
+
+
+def test_packed_page_options_equal_the_naive_reference(lm: LM) -> None:
+    """A page's watch/skip lines (shared tail, per-slot cue, branching choice), options that
+    are other options' prefixes, duplicates and an option with no context."""
+    tail = prompts.policy_tail("")
+    options = [(tail + f"cue {s}: match {10 * s}/100\n", text.slot_line(s, c))
+               for s in (1, 2, 3) for c in (text.WATCH, text.SKIP)]
+    options += [(tail, text.slot_line(1, text.WATCH)), options[0], ("", " watch"),
+                (tail + text.render_choices(3, [1]), text.then_line("exit"))]
+    scorer = Scorer(lm)
+    packed = scorer.score(PREFIX, options)
+    assert packed == pytest.approx(scorer.score_naive(PREFIX, options), abs=1e-4)
+    assert packed[7] == pytest.approx(packed[0], abs=1e-6)
+    # Shared tokens are pushed once: the forward holds one position per distinct tree node.
+    scorer.stats.reset()
+    scorer.score(PREFIX, options)
+    tok = lm.tokenizer
+    nodes = len(build_trie([(encode(tok, [c]), encode(tok, [t])) for c, t in options]))
+    flat = sum(len(encode(tok, [c])) + len(encode(tok, [t])) for c, t in options)
+    assert scorer.stats.tokens == nodes < flat / 2
+
+
+def test_rows_of_different_prefixes_pack_alike(lm: LM) -> None:
+    """Padding rows (shorter prefixes, smaller trees) in one batch must not leak into scores."""
+    requests = [(PREFIX, [("", " watch"), ("", " skip")]),
+                ("Short.", [("a much longer context line here\n", text.then_line("next"))]),
+                (PREFIX + "[2] Heat (1995)\n", [(text.rating_stem(2), r) for r in text.RATINGS])]
+    scorer = Scorer(lm)
+    together = scorer.score_many(requests)
+    for (prefix, options), got in zip(requests, together, strict=True):
+        np.testing.assert_allclose(got, scorer.score_naive(prefix, options), atol=1e-4)
