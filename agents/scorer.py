@@ -2,7 +2,8 @@
 
 A decision scores a handful of short candidate lines after one long shared prefix. The prefix's
 KV cache is computed once (and reused by any later prefix that extends it), and all candidates
-are scored in one batched forward over it.
+are packed as one token tree (``agents.packing``) scored in one row over it; the rows of many
+prefixes share a batched forward.
 """
 
 from __future__ import annotations

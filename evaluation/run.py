@@ -131,11 +131,12 @@ class EvaluateRunConfig(BaseModel):
         return [m for m in self.methods.split(",") if m]
 
 
-# Seconds per item decision on an idle 2-core CPU (bf16 SmolLM2-135M, merged LoRA): the
-# per-method seconds in the cost section of `alignuser evaluate --preset quick` over the
-# decisions counted below (zero-shot 42 s for ~96, AlignUSER 142 s for ~176), and the fixed cost
-# of loading the data and fitting the baselines.
-SECONDS_PER_DECISION = {"policy": 0.45, "world_model": 0.65}
+# Seconds per item decision on an idle 2-core CPU (bf16 SmolLM2-135M, merged LoRA, options
+# packed as token trees): the policy-only agent's 4,074 s for the 15,400 decisions of
+# `alignuser evaluate --preset full --methods sft --simulator sft` (lists, held-out pages and
+# 250 sessions), and the full agent's 6.4-7.8 s per 20-item list in `bench/bench_engine.py`;
+# plus the fixed cost of loading the data and fitting the baselines.
+SECONDS_PER_DECISION = {"policy": 0.27, "world_model": 0.35}
 SETUP_SECONDS = 30.0
 
 
