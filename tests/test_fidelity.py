@@ -314,6 +314,35 @@ def test_fit_calibrates_on_merged_weights_and_saves_the_trained_adapter(
     assert all(torch.allclose(saved[k].float(), lora[k].float(), atol=1e-2) for k in lora)
 
 
+def test_a_trained_adapter_is_recalibrated_into_its_manifest(prepared: Prepared,
+                                                             tmp_path: Path) -> None:
+    """``python -m training.calibrate``: an adapter whose manifest lost its offsets (trained
+    before calibration, or before the decision step changed) gets them back, fitted as training
+    fits them, and the agent then decides with them; the rest of the manifest is kept."""
+    from peft import PeftModel
+
+    from training.calibrate import calibrate_checkpoint
+    from training.pipeline import fit
+
+    cfg = TrainConfig(stage="policy", cr_steps=1, batch_size=1, eval_every=1, save_every=1,
+                      dtype="float32", save_dtype="float32", device="cpu", seed=0)
+    out = tmp_path / "out"
+    fitted = fit(cfg, prepared, out, progress=False, lm=tiny_lm())["calibration"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "calibration": None}))
+    assert Calibration.of_checkpoint(out) == Calibration()
+    lm = tiny_lm()
+    lm.model = PeftModel.from_pretrained(lm.model, out).merge_and_unload()
+    refit = calibrate_checkpoint(prepared, out, world_model=False, lm=lm)
+    after = json.loads((out / "manifest.json").read_text())
+    assert after["calibration"] == refit and after["config"] == manifest["config"]
+    assert refit["fitted_on"]["pages"] == len(prepared.calib)
+    for key in ("watch_offset", "then_offset", "list_offset"):
+        assert refit[key] == pytest.approx(fitted[key], abs=1e-3)
+    assert Calibration.of_checkpoint(out).watch_offset == pytest.approx(fitted["watch_offset"],
+                                                                        abs=1e-3)
+
+
 def test_prepared_training_examples_hold_no_held_out_rating(small_world: World,
                                                             prepared: Prepared) -> None:
     split = small_world.split

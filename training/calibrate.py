@@ -3,11 +3,20 @@
 The class-balanced loss leaves watch/skip log-odds centred near even odds; one offset per
 decision restores the base rates seen on held-out validation pages (watch ratio, exit share),
 and one more tunes watch/skip on validation 1:1 lists as the baselines' thresholds are.
+
+``python -m training.calibrate PREPARED CHECKPOINT`` refits the offsets of an adapter that is
+already trained (one trained before calibration existed, or before the decision step changed)
+and writes them into its manifest.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -61,3 +70,46 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
         if 0 < y.sum() < len(y):
             report["list_auc"] = round(float(roc_auc_score(y, np.concatenate(scores))), 4)
     return {**cal.model_dump(), "fitted_on": report}
+
+
+def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool,
+                         device: str = "auto", lm: Any = None) -> dict:
+    """Fit ``checkpoint``'s offsets on ``prep``'s validation pages and lists (a ``Prepared``
+    from ``alignuser train --prepare-only``) with its merged weights, as training does, and
+    store them in its manifest; ``lm`` replaces loading it (tests)."""
+    from agents.llm import load_lm
+    from agents.scorer import Scorer
+
+    checkpoint = Path(checkpoint)
+    lm = lm or load_lm(adapter=checkpoint, device=device)
+    t0 = time.perf_counter()
+    cal = calibrate(Scorer(lm, cache_size=128), prep.calib, world_model=world_model,
+                    perceiver=prep.perceiver, personas=prep.personas, histories=prep.histories,
+                    valid_lists=prep.valid_lists)
+    cal["seconds"] = round(time.perf_counter() - t0, 1)
+    path = checkpoint / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**manifest, "calibration": cal}, indent=2))
+    return cal
+
+
+def main(argv: list[str] | None = None) -> int:
+    from simulator.runs import read_pickle
+
+    ap = argparse.ArgumentParser(description="Refit a trained adapter's log-odds offsets on "
+                                 "validation and write them into its manifest.")
+    ap.add_argument("prepared", help="file written by alignuser train --prepare-only")
+    ap.add_argument("checkpoint", help="adapter folder whose manifest.json gets the offsets")
+    ap.add_argument("--world-model", action=argparse.BooleanOptionalAction, default=True,
+                    help="decide with the world model's expected ratings, as the full and "
+                    "world model + policy agents do (--no-world-model: policy-only adapters)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    args = ap.parse_args(argv)
+    cal = calibrate_checkpoint(read_pickle(args.prepared), args.checkpoint,
+                               world_model=args.world_model, device=args.device)
+    print(json.dumps(cal))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
