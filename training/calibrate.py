@@ -79,6 +79,7 @@ def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool
     store them in its manifest; ``lm`` replaces loading it (tests)."""
     from agents.llm import load_lm
     from agents.scorer import Scorer
+    from simulator.runs import write_atomic
 
     checkpoint = Path(checkpoint)
     lm = lm or load_lm(adapter=checkpoint, device=device)
@@ -89,7 +90,7 @@ def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool
     cal["seconds"] = round(time.perf_counter() - t0, 1)
     path = checkpoint / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
-    path.write_text(json.dumps({**manifest, "calibration": cal}, indent=2))
+    write_atomic(path, json.dumps({**manifest, "calibration": cal}, indent=2))
     return cal
 
 
@@ -105,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                     "world model + policy agents do (--no-world-model: policy-only adapters)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     args = ap.parse_args(argv)
+    if not (Path(args.checkpoint) / "adapter_config.json").is_file():
+        ap.error(f"{args.checkpoint} is not an adapter folder (no adapter_config.json)")
+    if not Path(args.prepared).is_file():
+        ap.error(f"{args.prepared}: no such file")
     cal = calibrate_checkpoint(read_pickle(args.prepared), args.checkpoint,
                                world_model=args.world_model, device=args.device)
     print(json.dumps(cal))
