@@ -100,3 +100,18 @@ def rate_offset(scores: np.ndarray, rate: float) -> float:
     if len(scores) == 0:
         return 0.0
     return float(-np.quantile(np.asarray(scores), 1 - min(max(rate, 0.0), 1.0)))
+
+
+def sampled_rate_offset(scores: np.ndarray, rate: float, temperature: float) -> float:
+    """The offset whose sampled choices, taken with probability sigmoid((score + offset) / T),
+    take a share ``rate`` on average (``rate_offset`` is its greedy counterpart)."""
+    from scipy.optimize import brentq
+    from scipy.special import expit
+
+    s = np.asarray(scores, dtype=float)
+    if len(s) == 0:
+        return 0.0
+    rate = min(max(rate, 1e-6), 1 - 1e-6)
+    margin = 40.0 * temperature  # expit(+-40) is 1 or 0 to double precision
+    return float(brentq(lambda o: expit((s + o) / temperature).mean() - rate,
+                        -s.max() - margin, -s.min() + margin, xtol=1e-6))

@@ -42,6 +42,23 @@ class Calibration(BaseModel):
     list_offset: float | None = Field(None, description="watch/skip offset for 1:m lists, "
                                       "tuned like the baselines' threshold on validation 1:1 "
                                       "lists; None = watch_offset")
+    sampled_watch_offset: float | None = Field(
+        None, description="watch offset when choices are sampled (temperature > 0): a score "
+        "near 0 is taken half the time, so matching the humans' ratio needs another offset than "
+        "the greedy one; None = watch_offset")
+    sampled_then_offset: float | None = Field(None, description="next/exit offset when sampled; "
+                                              "None = then_offset")
+    sampled_temperature: float = Field(1.0, gt=0, description="temperature the sampled offsets "
+                                       "were fitted at")
+
+    def offsets(self, temperature: float) -> tuple[float, float]:
+        """(watch, exit) offsets for a decision rule: greedy (temperature 0) or sampled."""
+        if temperature <= 0:
+            return self.watch_offset, self.then_offset
+        return (self.watch_offset if self.sampled_watch_offset is None
+                else self.sampled_watch_offset,
+                self.then_offset if self.sampled_then_offset is None
+                else self.sampled_then_offset)
 
     @classmethod
     def of_checkpoint(cls, path: str | Path | None) -> Calibration:
@@ -92,7 +109,8 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
     the rating it expects per slot and puts it in the context; ``watch_offset`` overrides the
     calibration's (1:m lists); ``then=False`` stops after watch/skip (lists need no more)."""
     cal = calibration or Calibration()
-    offset = cal.watch_offset if watch_offset is None else watch_offset
+    rule_offset, then_offset = cal.offsets(temperature)
+    offset = rule_offset if watch_offset is None else watch_offset
     inputs = list(inputs)
     if world_model:
         preds = expected_ratings_many(scorer, [(_prefix(i), len(i.items)) for i in inputs])
@@ -116,7 +134,7 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
             for i, tail, (_, w) in zip(inputs, tails, chosen, strict=True)]
     thens = score_many(scorer, [(_prefix(i), [(ctx, text.then_line(t)) for t in text.THEN])
                                 for i, ctx in zip(inputs, ctxs, strict=True)])
-    exit_scores = [float(lp[1] - lp[0]) + cal.then_offset for lp in thens]
+    exit_scores = [float(lp[1] - lp[0]) + then_offset for lp in thens]
     goes = [text.THEN[1] if _yes(e, temperature, rng) else text.THEN[0]
             for e, rng in zip(exit_scores, rngs, strict=True)]
     # Ratings only after the next/exit actually taken: one more batched call, half the lines.

@@ -20,7 +20,14 @@ import pytest
 import torch
 
 from agents import prompts, text
-from agents.browse import accuracy_offset, browse, list_scores, pages_of, rate_offset
+from agents.browse import (
+    accuracy_offset,
+    browse,
+    list_scores,
+    pages_of,
+    rate_offset,
+    sampled_rate_offset,
+)
 from agents.decide import Calibration, decide
 from agents.llm import tiny_lm
 from agents.policy import DecisionInput, LLMPolicy
@@ -122,6 +129,22 @@ def test_offset_helpers() -> None:
     assert pages_of(list(range(10))) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
+def test_sampled_offsets_match_the_expected_sampled_rate() -> None:
+    """Sampling takes a slot with probability sigmoid(score / T): the greedy (quantile) offset
+    would overshoot a low ratio when many scores sit near 0, the sampled offset does not."""
+    scores = np.random.default_rng(0).normal(-0.5, 1.0, 400)
+    for rate, temp in ((0.27, 1.0), (0.5, 0.5), (0.05, 2.0)):
+        off = sampled_rate_offset(scores, rate, temp)
+        assert np.mean(1 / (1 + np.exp(-(scores + off) / temp))) == pytest.approx(rate, abs=1e-4)
+    greedy = rate_offset(scores, 0.27)
+    assert np.mean(1 / (1 + np.exp(-(scores + greedy)))) > 0.27 + 0.05
+    assert sampled_rate_offset(np.array([]), 0.3, 1.0) == 0.0
+    cal = Calibration(watch_offset=1.0, then_offset=2.0, sampled_watch_offset=-1.0,
+                      sampled_then_offset=-2.0)
+    assert cal.offsets(0.0) == (1.0, 2.0) and cal.offsets(1.0) == (-1.0, -2.0)
+    assert Calibration(watch_offset=1.0, then_offset=2.0).offsets(1.0) == (1.0, 2.0)
+
+
 def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer) -> None:
     """Fitted on validation pages, the offsets make the greedy agent watch and exit at the
     humans' rates on those pages (up to one slot / one page of quantile rounding)."""
@@ -140,6 +163,14 @@ def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer)
     sim_exit = np.mean([d.action.then == "exit" for d in decisions])
     assert sim_exit == pytest.approx(fitted["fitted_on"]["human_exit_share"],
                                      abs=1 / len(trs) + 1e-9)
+    # A sampling agent uses the sampled offsets: its expected watch ratio is the humans'.
+    sampled = decide(scorer, [t.decision_input() for t in trs], calibration=cal, temperature=1.0)
+    p_watch = [1 / (1 + np.exp(-v)) for d in sampled for v in d.watch_scores.values()]
+    assert np.mean(p_watch) == pytest.approx(fitted["fitted_on"]["human_watch_ratio"], abs=1e-3)
+    for d, g in zip(sampled, decisions, strict=True):
+        for slot, v in d.watch_scores.items():
+            assert v - g.watch_scores[slot] == pytest.approx(
+                cal.sampled_watch_offset - cal.watch_offset, abs=1e-5)
 
 
 # --- class balance and the weighted loss --------------------------------------------------------

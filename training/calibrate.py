@@ -22,10 +22,10 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from agents.browse import accuracy_offset, list_scores, pages_of, rate_offset
+from agents.browse import accuracy_offset, list_scores, pages_of, rate_offset, sampled_rate_offset
 from agents.decide import Calibration, decide_chunked
 from agents.perception import Perceiver
-from agents.policy import DecisionInput
+from agents.policy import DEFAULT_TEMPERATURE, DecisionInput
 from agents.transition import Transition
 
 
@@ -47,12 +47,19 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
     human_watch = np.asarray([int(s in t.ratings) for t in valid_trs
                               for s in range(1, len(t.items) + 1)])
     human_exit = np.asarray([t.then == "exit" for t in valid_trs], dtype=float)
-    cal = Calibration(watch_offset=rate_offset(watch, float(human_watch.mean())))
+    rate, temp = float(human_watch.mean()), DEFAULT_TEMPERATURE
+    # Greedy replays take a slot when its score is positive; a browsing agent samples, so its
+    # offset makes the mean probability the humans' ratio instead.
+    cal = Calibration(watch_offset=rate_offset(watch, rate),
+                      sampled_watch_offset=sampled_rate_offset(watch, rate, temp),
+                      sampled_temperature=temp)
     # next/exit is scored after the chosen slots, so fit its offset on the calibrated choices.
     decisions = _decide(scorer, inputs, "calibrate exit", world_model=world_model,
                         calibration=cal)
     exits = np.asarray([d.exit_score for d in decisions])
     cal.then_offset = rate_offset(exits, float(human_exit.mean()))
+    # Read after the greedy choices: the sampled exit offset is fitted on the same scores.
+    cal.sampled_then_offset = sampled_rate_offset(exits, float(human_exit.mean()), temp)
     report = {"pages": len(valid_trs), "human_watch_ratio": round(float(human_watch.mean()), 4),
               "human_exit_share": round(float(human_exit.mean()), 4),
               "world_model": world_model}
