@@ -225,5 +225,5 @@ def metrics_table(per_rec: dict[str, dict[str, float]], title: str) -> Table:
     for rec, m in per_rec.items():
         table.add_row(rec, str(m["sessions"]), f"{m['watch_ratio']:.3f}",
                       f"{m['likes_per_page']:.2f}", f"{m['exit_page']:.2f}",
-                      f"{m['mean_rating']:.2f}", f"{m['satisfaction']:.1f}")
+                      f"{m['mean_rating']:.2f}", f"{m['satisfaction']:.2f}")
     return table

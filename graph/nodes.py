@@ -150,10 +150,12 @@ def interview(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, An
                                       session=session_summary(len(state["pages"]), watched))
     if rt.scorer is None:
         likes = sum(r >= 4 for r in watched)
-        return {"satisfaction": int(np.clip(1 + round(9 * likes / max(len(state["pages"]), 1)
-                                                      / 2), 1, 10)),
+        return {"satisfaction": float(np.clip(1 + round(9 * likes / max(len(state["pages"]), 1)
+                                                        / 2), 1, 10)),
                 "interview": "no language model: satisfaction from likes per page"}
     options = [(prompts.SATISFACTION_TAIL, str(k)) for k in range(1, 11)]
-    score = int(round(expected_value(rt.scorer.score(prompt, options), range(1, 11))))
+    # The expectation, not its rounding: an untrained interview keeps its mass on a few
+    # answers, and rounding would hide how the answer moves with the session.
+    score = round(expected_value(rt.scorer.score(prompt, options), range(1, 11)), 2)
     reason = rt.reason_model.complete(prompt, 40) if rt.reason_model else ""
     return {"satisfaction": score, "interview": reason.strip()}

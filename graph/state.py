@@ -30,7 +30,7 @@ class AgentState(TypedDict, total=False):
     human_action: dict[str, Any] | None
     done: bool
     end: str
-    satisfaction: int
+    satisfaction: float
     interview: str
     pages: Annotated[list[dict[str, Any]], operator.add]
 

@@ -44,7 +44,7 @@ class SessionRecord(BaseModel):
     recommender: str
     pages: list[PageRecord]
     end: str | None = Field(None, description="exit or max_pages")
-    satisfaction: int | None = None
+    satisfaction: float | None = None
     interview: str = ""
 
     def ratings(self) -> list[int]:
