@@ -368,7 +368,8 @@ def test_a_trained_adapter_is_recalibrated_into_its_manifest(prepared: Prepared,
     after = json.loads((out / "manifest.json").read_text())
     assert after["calibration"] == refit and after["config"] == manifest["config"]
     assert refit["fitted_on"]["pages"] == len(prepared.calib)
-    for key in ("watch_offset", "then_offset", "list_offset"):
+    for key in ("watch_offset", "then_offset", "list_offset", "sampled_watch_offset",
+                "sampled_then_offset"):
         assert refit[key] == pytest.approx(fitted[key], abs=1e-3)
     assert Calibration.of_checkpoint(out).watch_offset == pytest.approx(fitted["watch_offset"],
                                                                         abs=1e-3)
