@@ -20,6 +20,7 @@ validation when a checkpoint is trained and stored in its manifest.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -52,13 +53,27 @@ class Calibration(BaseModel):
                                        "were fitted at")
 
     def offsets(self, temperature: float) -> tuple[float, float]:
-        """(watch, exit) offsets for a decision rule: greedy (temperature 0) or sampled."""
+        """(watch, exit) offsets for a decision rule: greedy (temperature 0) or sampled.
+
+        The rate-matching offset moves continuously from the greedy one at T = 0 to the sampled
+        one at ``sampled_temperature``; in between it is interpolated linearly in T (a first-
+        order approximation: refit with ``training.calibrate`` for exact rates). Above the
+        fitted temperature the sampled offsets are kept, with a warning that rates will drift.
+        """
         if temperature <= 0:
             return self.watch_offset, self.then_offset
-        return (self.watch_offset if self.sampled_watch_offset is None
-                else self.sampled_watch_offset,
-                self.then_offset if self.sampled_then_offset is None
-                else self.sampled_then_offset)
+        sampled = (self.watch_offset if self.sampled_watch_offset is None
+                   else self.sampled_watch_offset,
+                   self.then_offset if self.sampled_then_offset is None
+                   else self.sampled_then_offset)
+        if temperature > self.sampled_temperature:
+            warnings.warn(f"offsets were calibrated at temperature {self.sampled_temperature:g}"
+                          f"; at {temperature:g} watch and exit rates are not calibrated",
+                          stacklevel=2)
+            return sampled
+        w = temperature / self.sampled_temperature
+        return ((1 - w) * self.watch_offset + w * sampled[0],
+                (1 - w) * self.then_offset + w * sampled[1])
 
     @classmethod
     def of_checkpoint(cls, path: str | Path | None) -> Calibration:

@@ -143,6 +143,11 @@ def test_sampled_offsets_match_the_expected_sampled_rate() -> None:
                       sampled_then_offset=-2.0)
     assert cal.offsets(0.0) == (1.0, 2.0) and cal.offsets(1.0) == (-1.0, -2.0)
     assert Calibration(watch_offset=1.0, then_offset=2.0).offsets(1.0) == (1.0, 2.0)
+    # Between greedy and the fitted temperature the offsets are interpolated; above it they
+    # stay at the sampled ones and a warning says the rates are no longer calibrated.
+    assert cal.offsets(0.25) == pytest.approx((0.5, 1.0))
+    with pytest.warns(UserWarning, match="calibrated at temperature 1"):
+        assert cal.offsets(1.5) == (-1.0, -2.0)
 
 
 def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer) -> None:

@@ -224,12 +224,11 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
                                   cfg.cr_steps, out / "stage_policy", valid_policy,
                                   resume, progress, stop_after)
     if cfg.stage in ("cr", "all"):
-        crs, _ = _cr_pools(model, lm, cfg, prep, prep.cr, out, progress)
         pols, balance = class_balance(_with_predictions(model, lm, wm_trs))
         pools = {"policy": pols, "wm": [t.wm_example() for t in wm_trs]}
         weights = {"policy": 1.0, "wm": cfg.lambda_wm, "cr": cfg.lambda_cr}
-        if cfg.lambda_cr > 0:
-            pools["cr"] = crs
+        if cfg.lambda_cr > 0:  # with λ_CR = 0 the reflections would go unused: not generated
+            pools["cr"], _ = _cr_pools(model, lm, cfg, prep, prep.cr, out, progress)
         result["cr"] = _stage(model, lm, cfg, pools, weights, cfg.cr_steps, out / "stage_cr",
                               valid_policy, resume, progress, stop_after)
     model.eval()
