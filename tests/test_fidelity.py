@@ -380,6 +380,24 @@ def test_a_trained_adapter_is_recalibrated_into_its_manifest(prepared: Prepared,
                                                                         abs=1e-3)
 
 
+@pytest.mark.parametrize("lambda_cr", [0.0, 1.0])
+def test_counterfactuals_are_generated_only_when_their_loss_is_weighted(
+        prepared: Prepared, tmp_path: Path, lambda_cr: float) -> None:
+    """The world model + policy ablation (λ_CR = 0) trains without reflections, so none are
+    generated for it; the full method (λ_CR > 0) writes one per counterfactual transition."""
+    from training.pipeline import fit
+
+    cfg = TrainConfig(stage="all", wm_steps=1, cr_steps=1, batch_size=1, eval_every=1, save_every=1,
+                      lambda_cr=lambda_cr, dtype="float32", device="cpu", seed=0)
+    out = tmp_path / "out"
+    fit(cfg, prepared, out, progress=False, lm=tiny_lm())
+    cache = out / "counterfactuals.jsonl"
+    if lambda_cr == 0:
+        assert not cache.exists() and not (out / "reflections_sample.json").exists()
+    else:
+        assert len(cache.read_text().splitlines()) == len(prepared.cr) > 0
+
+
 def test_prepared_training_examples_hold_no_held_out_rating(small_world: World,
                                                             prepared: Prepared) -> None:
     split = small_world.split
