@@ -114,8 +114,10 @@ def _stage(model, lm: LM, cfg: TrainConfig, pools: Mapping[str, Sequence[Example
 
 
 def _cr_pools(model, lm: LM, cfg: TrainConfig, data: Prepared, trs: Sequence[Transition],
-              out: Path, progress: bool) -> tuple[list[Example], list[Example]]:
-    """Counterfactual and prediction-aware policy examples, cached so a resume skips them."""
+              out: Path, progress: bool) -> list[Example]:
+    """Counterfactual examples, cached so a resume skips them. Each cached row also keeps the
+    step's prediction-aware policy examples; training builds those for every transition
+    itself (``_with_predictions``), so they are not read back."""
     cache = out / "counterfactuals.jsonl"
     done: list[dict] = []
     if cache.exists():
@@ -134,12 +136,10 @@ def _cr_pools(model, lm: LM, cfg: TrainConfig, data: Prepared, trs: Sequence[Tra
             fh.flush()
             done.append(row)
     crs = [Example("cr", tuple(r["cr"][0]), r["cr"][1], r["meta"]) for r in done]
-    pols = [Example("policy", tuple(seg), target, meta)
-            for r in done for seg, target, meta in r["policy"]]
     sample = [reflection_record(tr, r["reflection"]) for tr, r in zip(trs, done[:20],
                                                                       strict=False)]
     (out / "reflections_sample.json").write_text(json.dumps(sample, indent=1))
-    return crs, pols
+    return crs
 
 
 @dataclass
@@ -228,7 +228,7 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
         pools = {"policy": pols, "wm": [t.wm_example() for t in wm_trs]}
         weights = {"policy": 1.0, "wm": cfg.lambda_wm, "cr": cfg.lambda_cr}
         if cfg.lambda_cr > 0:  # with λ_CR = 0 the reflections would go unused: not generated
-            pools["cr"], _ = _cr_pools(model, lm, cfg, prep, prep.cr, out, progress)
+            pools["cr"] = _cr_pools(model, lm, cfg, prep, prep.cr, out, progress)
         result["cr"] = _stage(model, lm, cfg, pools, weights, cfg.cr_steps, out / "stage_cr",
                               valid_policy, resume, progress, stop_after)
     model.eval()
