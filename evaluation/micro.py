@@ -139,7 +139,7 @@ def page_metrics(world: World, trs: Sequence[Transition], outputs: Mapping[str, 
             scored = [{"score": p["watch_scores"][k] if k in p["watch_scores"]
                        else p["watch_scores"][str(k)], "watched": int(k in tr.ratings), **f}
                       for tr, p in zip(trs, pages, strict=True)
-                      for k, f in enumerate(_features(tr), 1)]
+                      for k, f in enumerate(slot_features(tr), 1)]
             if scored:
                 from evaluation.run import explain
 
@@ -152,15 +152,21 @@ def page_metrics(world: World, trs: Sequence[Transition], outputs: Mapping[str, 
     return out
 
 
-def _features(tr: Transition) -> list[dict]:
-    """What the agent perceived per slot, for regressing its scores on it."""
+def slot_features(tr: Transition) -> list[dict]:
+    """What the agent perceived per slot, for regressing its scores on it. ``page_mates_match``
+    (the other slots' mean match) measures how much a slot's answer leans on its neighbours:
+    a slot of a list is as likely chosen whatever sits beside it, so a score that falls when
+    the neighbours match well ranks items of different pages against each other with an
+    offset."""
+    matches = [float(v.match or 0) for v in tr.views]
     return [{"popularity": np.log1p(v.popularity), "mean_rating": v.mean_rating or 0.0,
-             "match": float(v.match or 0), "close_watched": float(v.close_watched),
+             "match": matches[k], "close_watched": float(v.close_watched),
              "close_rating": float(v.close_rating or 0.0),
              "n_evidence": len(v.evidence),
              "evidence_rating": np.mean([e.rating for e in v.evidence]) if v.evidence else 0.0,
-             "max_similarity": max((e.similarity for e in v.evidence), default=0.0)}
-            for v in tr.views]
+             "max_similarity": max((e.similarity for e in v.evidence), default=0.0),
+             "page_mates_match": (sum(matches) - matches[k]) / max(len(matches) - 1, 1)}
+            for k, v in enumerate(tr.views)]
 
 
 def baseline_actions(trs: Sequence[Transition], watch: Callable[[Transition], set[int]],

@@ -218,4 +218,5 @@ def explain(scored: Sequence[dict]) -> pd.DataFrame:
                           {"popularity": ["popularity"], "mean rating": ["mean_rating"],
                            "collaborative match": ["match", "close_watched", "close_rating"],
                            "similar titles": ["n_evidence", "evidence_rating",
-                                              "max_similarity"]})
+                                              "max_similarity"],
+                           "other items on the page": ["page_mates_match"]})

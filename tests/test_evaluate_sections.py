@@ -21,6 +21,7 @@ from agents.llm import tiny_lm
 from agents.scorer import ScorerStats
 from agents.world import World
 from alignuser.cli import main
+from evaluation.micro import slot_features
 from evaluation.outputs import METHODS, EvalBundle, method_outputs
 from evaluation.parts import Parts
 from evaluation.run import EvalConfig, score
@@ -241,9 +242,19 @@ def test_the_attribution_explains_the_most_trained_agent_in_the_run(
     metrics = score(small_world, quick_bundle, outputs, EvalConfig.quick(), tmp_path,
                     {"seed": 0}, log=lambda m: None, sections=["next_action"])
     assert metrics["explain"]["note"].startswith(f"regression of {METHODS['sft'].label}'s")
-    assert {r["group"] for r in metrics["explain"]["rows"]} >= {"popularity",
-                                                                 "collaborative match"}
+    assert {r["group"] for r in metrics["explain"]["rows"]} >= {
+        "popularity", "collaborative match", "other items on the page"}
     del outputs["sft"]
     metrics = score(small_world, quick_bundle, outputs, EvalConfig.quick(), tmp_path,
                     {"seed": 0}, log=lambda m: None, sections=["next_action"])
     assert "explain" not in metrics
+
+
+def test_the_attribution_measures_the_pull_of_the_page_mates(quick_bundle: EvalBundle) -> None:
+    """Each slot's neighbours feature is the other slots' mean match, never its own."""
+    tr = next(t for t in quick_bundle.pages if len({v.match for v in t.views}) > 1)
+    rows = slot_features(tr)
+    m = [float(v.match or 0) for v in tr.views]
+    for k, row in enumerate(rows):
+        assert row["match"] == m[k]
+        assert row["page_mates_match"] == pytest.approx((sum(m) - m[k]) / (len(m) - 1))

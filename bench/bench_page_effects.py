@@ -1,0 +1,108 @@
+"""Where an agent's list ranking is lost: inside a page or between pages.
+
+A 1:m list is shown in pages of 4 and each item is scored in its page's context, while AUC
+compares every positive with every negative of the person's list. This reads a finished
+evaluate run's list answers and, per method and ratio, splits each user's (positive, negative)
+pairs into those on the same page and those on different pages and reports how often each
+kind is ordered correctly, beside the item's match number alone; and how much a score falls
+when the page-mates match well (a least-squares slope on the other slots' mean match, relative
+to the slope on the item's own match; the lists' own labels give the same ratio from a logistic
+regression, which is what the lists reward).
+
+``python bench/bench_page_effects.py BUNDLE RUN`` where BUNDLE comes from the run's own
+command with ``--prepare-only BUNDLE`` (the same lists) and RUN is its output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from agents.browse import pages_of
+from simulator.runs import read_pickle
+
+
+def list_frame(bundle, m: int) -> pd.DataFrame:
+    """One row per list item: user, page, label, match and the page-mates' mean match."""
+    rows = []
+    for user, items, labels in bundle.lists[m]:
+        match = bundle.perceiver.similarity.match_percentiles(bundle.histories.get(user, {}))
+        k = 0
+        for p, page in enumerate(pages_of(items)):
+            ms = [float(match.get(i, 0)) for i in page]
+            for x in ms:
+                mates = (sum(ms) - x) / max(len(ms) - 1, 1)
+                rows.append({"user": user, "page": p, "label": int(labels[k]), "match": x,
+                             "mates": mates})
+                k += 1
+    return pd.DataFrame(rows)
+
+
+def concordance(frame: pd.DataFrame, col: str) -> dict[str, float]:
+    """Mean per-user AUC, and the share of same-page and cross-page pairs ordered right."""
+    same, cross, aucs = [0.0, 0], [0.0, 0], []
+    for _, g in frame.groupby("user"):
+        y, s, pg = g["label"].to_numpy(), g[col].to_numpy(), g["page"].to_numpy()
+        if 0 < y.sum() < len(y):
+            aucs.append(roc_auc_score(y, s))
+        pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+        right = (s[pos][:, None] > s[neg][None, :]) + 0.5 * (s[pos][:, None] == s[neg][None, :])
+        on_page = pg[pos][:, None] == pg[neg][None, :]
+        same[0] += right[on_page].sum()
+        same[1] += on_page.sum()
+        cross[0] += right[~on_page].sum()
+        cross[1] += (~on_page).sum()
+    return {"auc": float(np.mean(aucs)), "same_page": same[0] / max(same[1], 1),
+            "cross_page": cross[0] / max(cross[1], 1), "same_pairs": same[1],
+            "cross_pairs": cross[1]}
+
+
+def mates_ratio(frame: pd.DataFrame, col: str) -> float:
+    """Slope on the page-mates' mean match over the slope on the item's own match."""
+    x = np.column_stack([np.ones(len(frame)), frame["match"], frame["mates"]])
+    beta, *_ = np.linalg.lstsq(x, frame[col].to_numpy(), rcond=None)
+    return float(beta[2] / beta[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", help="file from the run's command with --prepare-only")
+    ap.add_argument("run", help="the evaluate run's output folder")
+    args = ap.parse_args()
+    bundle = read_pickle(args.bundle)
+    answers = {f.stem.removeprefix("outputs-"): pickle.loads(f.read_bytes())
+               for f in sorted((Path(args.run) / "parts").glob("outputs-*.pkl"))}
+    console = Console()
+    for m in sorted(bundle.lists):
+        frame = list_frame(bundle, m)
+        lr = LogisticRegression(max_iter=1000).fit(frame[["match", "mates"]], frame["label"])
+        table = Table(title=f"1:{m} lists, {frame['user'].nunique()} users: pairs ordered "
+                            "right (the lists' labels reward a page-mates/own ratio of "
+                            f"{lr.coef_[0][1] / lr.coef_[0][0]:+.2f})")
+        for col in ("scorer", "AUC", "same page", "different pages", "page-mates / own"):
+            table.add_column(col)
+        rows = {"match number alone": frame["match"]}
+        for name, out in answers.items():
+            scores = out.get("lists", {}).get(m)
+            if scores is not None:
+                rows[name] = np.concatenate([np.asarray(s, dtype=float) for s in scores])
+        for name, values in rows.items():
+            frame["score"] = values
+            c = concordance(frame, "score")
+            table.add_row(name, f"{c['auc']:.3f}", f"{c['same_page']:.3f}",
+                          f"{c['cross_page']:.3f}", f"{mates_ratio(frame, 'score'):+.2f}")
+        console.print(table)
+        console.print(f"pairs per list: {c['same_pairs'] / frame['user'].nunique():.1f} on the "
+                      f"same page, {c['cross_pairs'] / frame['user'].nunique():.1f} across pages")
+
+
+if __name__ == "__main__":
+    main()
