@@ -76,9 +76,10 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
 
     Each list ratio and each other kind is handed to ``commit`` (the answers so far) as soon as
     it is done, and what ``kept`` (such answers from an interrupted run) already holds is not
-    computed again: an hours-long method loses at most one part to a kill."""
+    computed again: an hours-long method loses at most one part to a kill. A kind kept empty
+    (answers of a run that did not ask for it) is computed."""
     t0 = time.perf_counter()
-    kept = dict(kept or {})
+    kept = {k: v for k, v in (kept or {}).items() if k not in OUTPUT_KINDS or v}
     offset = cal.list_offset if cal.list_offset is not None else cal.watch_offset
     out: dict[str, Any] = {"lists": dict(kept.get("lists", {})), "calibration": cal.model_dump(),
                            **{k: kept[k] for k in ("pages", "ratings", "next_state", "sessions")

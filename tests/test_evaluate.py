@@ -213,6 +213,11 @@ def test_a_method_cut_short_keeps_its_finished_parts(bundle: EvalBundle) -> None
     for out in (got, whole):
         out.pop("seconds"), out.pop("tokens")
     assert got == whole
+    # answers of a run that did not ask for the pages hold them empty: they are computed
+    got = method_outputs(METHODS["zero_shot"], HashScorer(), Calibration(), cut,
+                         kept={**commits[1], "pages": [], "ratings": []})
+    got.pop("seconds"), got.pop("tokens")
+    assert got["pages"] and got == whole
 
 
 def test_parts_hold_a_partial_method_until_its_answers_are_whole(tmp_path: Path) -> None:
