@@ -9,8 +9,11 @@ when the page-mates match well (a least-squares slope on the other slots' mean m
 to the slope on the item's own match; the lists' own labels give the same ratio from a logistic
 regression, which is what the lists reward).
 
-``python bench/bench_page_effects.py BUNDLE RUN`` where BUNDLE comes from the run's own
-command with ``--prepare-only BUNDLE`` (the same lists) and RUN is its output folder.
+``python bench/bench_page_effects.py BUNDLE RUN [--prepared FILE]`` where BUNDLE comes from
+the run's own command with ``--prepare-only BUNDLE`` (the same lists) and RUN is its output
+folder. With ``--prepared`` (a file from ``alignuser train --prepare-only``) it also compares
+the held-out test pages with the validation pages the offsets were calibrated on: the watch
+ratio, and the match number of the items the humans watched and skipped there.
 """
 
 from __future__ import annotations
@@ -72,15 +75,35 @@ def mates_ratio(frame: pd.DataFrame, col: str) -> float:
     return float(beta[2] / beta[1])
 
 
+def page_shift(named: dict[str, list]) -> Table:
+    """Held-out pages by where they come from: the humans' watch ratio and exit share, and the
+    match number of what they watched and skipped."""
+    table = Table(title="held-out pages: the humans' rates and the match they perceived")
+    for col in ("pages", "n", "watch ratio", "exit share", "match, watched", "match, skipped",
+                "watched with match >= 80"):
+        table.add_column(col)
+    for name, trs in named.items():
+        slots = [(k in tr.ratings, float(v.match or 0)) for tr in trs
+                 for k, v in enumerate(tr.views, 1)]
+        seen = np.asarray([m for w, m in slots if w])
+        skipped = np.asarray([m for w, m in slots if not w])
+        table.add_row(name, str(len(trs)), f"{len(seen) / len(slots):.3f}",
+                      f"{np.mean([tr.then == 'exit' for tr in trs]):.3f}", f"{seen.mean():.1f}",
+                      f"{skipped.mean():.1f}", f"{(seen >= 80).mean():.2f}")
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", help="file from the run's command with --prepare-only")
     ap.add_argument("run", help="the evaluate run's output folder")
+    ap.add_argument("--prepared", help="file from alignuser train --prepare-only: compare the "
+                    "held-out pages with its calibration pages")
     args = ap.parse_args()
     bundle = read_pickle(args.bundle)
     answers = {f.stem.removeprefix("outputs-"): pickle.loads(f.read_bytes())
                for f in sorted((Path(args.run) / "parts").glob("outputs-*.pkl"))}
-    console = Console()
+    console = Console(width=120)
     for m in sorted(bundle.lists):
         frame = list_frame(bundle, m)
         lr = LogisticRegression(max_iter=1000).fit(frame[["match", "mates"]], frame["label"])
@@ -102,6 +125,10 @@ def main() -> None:
         console.print(table)
         console.print(f"pairs per list: {c['same_pairs'] / frame['user'].nunique():.1f} on the "
                       f"same page, {c['cross_pairs'] / frame['user'].nunique():.1f} across pages")
+    if args.prepared:
+        prep = read_pickle(args.prepared)
+        console.print(page_shift({"test (this run's)": bundle.pages,
+                                  "validation (calibration)": prep.calib}))
 
 
 if __name__ == "__main__":
