@@ -154,10 +154,9 @@ def page_metrics(world: World, trs: Sequence[Transition], outputs: Mapping[str, 
 
 def slot_features(tr: Transition) -> list[dict]:
     """What the agent perceived per slot, for regressing its scores on it. ``page_mates_match``
-    (the other slots' mean match) measures how much a slot's answer leans on its neighbours:
-    a slot of a list is as likely chosen whatever sits beside it, so a score that falls when
-    the neighbours match well ranks items of different pages against each other with an
-    offset."""
+    (the other slots' mean match) measures how much a slot's answer leans on its neighbours: a
+    score that falls when the neighbours match well shifts whole pages against each other,
+    which a list's AUC, comparing items across pages, pays for."""
     matches = [float(v.match or 0) for v in tr.views]
     return [{"popularity": np.log1p(v.popularity), "mean_rating": v.mean_rating or 0.0,
              "match": matches[k], "close_watched": float(v.close_watched),
