@@ -30,6 +30,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from agents.browse import pages_of
+from evaluation.micro import page_mates
 from simulator.runs import read_pickle
 
 
@@ -41,8 +42,7 @@ def list_frame(bundle, m: int) -> pd.DataFrame:
         k = 0
         for p, page in enumerate(pages_of(items)):
             ms = [float(match.get(i, 0)) for i in page]
-            for x in ms:
-                mates = (sum(ms) - x) / max(len(ms) - 1, 1)
+            for x, mates in zip(ms, page_mates(ms), strict=True):
                 rows.append({"user": user, "page": p, "label": int(labels[k]), "match": x,
                              "mates": mates})
                 k += 1
@@ -93,6 +93,17 @@ def page_shift(named: dict[str, list]) -> Table:
     return table
 
 
+def _load(ap: argparse.ArgumentParser, path: str, field: str, what: str):
+    """A pickled input, or a one-line error (exit 2) when it is not the kind asked for."""
+    try:
+        obj = read_pickle(path)
+    except Exception as exc:  # any unreadable file is the same user error
+        ap.error(f"{path} is not {what}: {type(exc).__name__}")
+    if not hasattr(obj, field):
+        ap.error(f"{path} is not {what}")
+    return obj
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", help="file from the run's command with --prepare-only")
@@ -100,9 +111,17 @@ def main() -> None:
     ap.add_argument("--prepared", help="file from alignuser train --prepare-only: compare the "
                     "held-out pages with its calibration pages")
     args = ap.parse_args()
-    bundle = read_pickle(args.bundle)
+    for path in (args.bundle, args.prepared):
+        if path is not None and not Path(path).is_file():
+            ap.error(f"{path}: no such file")
     answers = {f.stem.removeprefix("outputs-"): pickle.loads(f.read_bytes())
                for f in sorted((Path(args.run) / "parts").glob("outputs-*.pkl"))}
+    if not answers:
+        ap.error(f"{args.run}: no parts/outputs-*.pkl (not a finished evaluate run)")
+    bundle = _load(ap, args.bundle, "lists", "an evaluation bundle (alignuser evaluate "
+                   "--prepare-only)")
+    prep = None if args.prepared is None else _load(
+        ap, args.prepared, "calib", "a prepared file (alignuser train --prepare-only)")
     console = Console(width=120)
     for m in sorted(bundle.lists):
         frame = list_frame(bundle, m)
@@ -117,6 +136,9 @@ def main() -> None:
             scores = out.get("lists", {}).get(m)
             if scores is not None:
                 rows[name] = np.concatenate([np.asarray(s, dtype=float) for s in scores])
+                if len(rows[name]) != len(frame):
+                    ap.error(f"{name}'s 1:{m} answers hold {len(rows[name])} items, the "
+                             f"bundle's lists {len(frame)}: not the run's bundle")
         for name, values in rows.items():
             frame["score"] = values
             c = concordance(frame, "score")
@@ -125,8 +147,7 @@ def main() -> None:
         console.print(table)
         console.print(f"pairs per list: {c['same_pairs'] / frame['user'].nunique():.1f} on the "
                       f"same page, {c['cross_pairs'] / frame['user'].nunique():.1f} across pages")
-    if args.prepared:
-        prep = read_pickle(args.prepared)
+    if prep is not None:
         console.print(page_shift({"test (this run's)": bundle.pages,
                                   "validation (calibration)": prep.calib}))
 

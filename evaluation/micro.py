@@ -158,14 +158,21 @@ def slot_features(tr: Transition) -> list[dict]:
     score that falls when the neighbours match well shifts whole pages against each other,
     which a list's AUC, comparing items across pages, pays for."""
     matches = [float(v.match or 0) for v in tr.views]
+    mates = page_mates(matches)
     return [{"popularity": np.log1p(v.popularity), "mean_rating": v.mean_rating or 0.0,
              "match": matches[k], "close_watched": float(v.close_watched),
              "close_rating": float(v.close_rating or 0.0),
              "n_evidence": len(v.evidence),
              "evidence_rating": np.mean([e.rating for e in v.evidence]) if v.evidence else 0.0,
              "max_similarity": max((e.similarity for e in v.evidence), default=0.0),
-             "page_mates_match": (sum(matches) - matches[k]) / max(len(matches) - 1, 1)}
+             "page_mates_match": mates[k]}
             for k, v in enumerate(tr.views)]
+
+
+def page_mates(values: Sequence[float]) -> list[float]:
+    """Each slot's mean over the other slots of its page (0 on a page of one)."""
+    total = sum(values)
+    return [(total - x) / max(len(values) - 1, 1) for x in values]
 
 
 def baseline_actions(trs: Sequence[Transition], watch: Callable[[Transition], set[int]],
