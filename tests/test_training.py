@@ -27,7 +27,7 @@ from training.counterfactual import sample_alternatives
 from training.pipeline import _peft, train_data
 from training.rollout import fingerprint
 from training.teacher import GroundedTeacher, Option
-from training.trainer import Schedule, train_loop, validation_loss
+from training.trainer import Schedule, _lr, train_loop, validation_loss
 
 VIEWS = (
     ItemView(id=10, title="Heat", year=1995, genres=("Action", "Crime"), popularity=80,
@@ -109,15 +109,19 @@ def test_batched_losses_equal_one_at_a_time() -> None:
     assert float(alone[0]) == pytest.approx(float(manual), abs=1e-4)
 
 
-def test_a_page_trained_from_one_forward_equals_its_examples_alone() -> None:
-    """Packing a page's examples (shared head, tails over its KV cache) must give each example
-    the loss and gradient it has when trained alone."""
+def test_pages_trained_from_one_forward_equal_their_examples_alone() -> None:
+    """Packing pages' examples (heads in one padded forward, each page's tails as a tree over
+    its KV cache) must give each example the loss and gradient it has when trained alone."""
     model, lm = _peft_lm()
     model.eval()  # LoRA dropout off: it would draw different masks in the two computations
     page = [*_transition({1: 4, 3: 5}, "next").policy_examples(),
             _transition({2: 3}, "exit").wm_example()]
-    mixed = [*page, EXAMPLES[1], _pool("cr", 1)[0]]  # plus an example sharing nothing
-    assert [len(u) for u in units(mixed)] == [len(page), 1, 1]
+    # A second, shorter page: the step's heads are padded to the longest in one forward.
+    short = Transition(user=6, persona=PERSONA, views=VIEWS[:2], session=(), page=2,
+                       max_pages=5, ratings={2: 5}, then="next", next_views=VIEWS[:1],
+                       items=tuple(v.id for v in VIEWS[:2])).policy_examples()
+    mixed = [*page, EXAMPLES[1], *short, _pool("cr", 1)[0]]  # and examples sharing nothing
+    assert [len(u) for u in units(mixed)] == [len(page), 1, len(short), 1]
     lora = [p for p in model.parameters() if p.requires_grad]
 
     def losses_and_grads(pack: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -377,3 +381,13 @@ def test_padded_batch_losses_equal_one_by_one() -> None:
         alone = torch.cat([example_losses(lm.model, collate([r], pad)) for r in rows])
     assert torch.allclose(batch, alone, atol=1e-5)
     assert torch.isfinite(batch).all()
+
+
+def test_a_stage_cut_by_its_time_budget_has_annealed() -> None:
+    """The cosine decays over the steps or the time budget, whichever is further along."""
+    assert _lr(0, 100, 1e-3, 10) == pytest.approx(1e-4)  # warm-up by steps either way
+    assert _lr(0, 100, 1e-3, 10, spent=0.9) == pytest.approx(1e-4)
+    assert _lr(10, 100, 1e-3, 10) == pytest.approx(1e-3)
+    assert _lr(10, 100, 1e-3, 10, spent=0.5) == pytest.approx(5e-4)
+    assert _lr(10, 100, 1e-3, 10, spent=1.2) == pytest.approx(0.0, abs=1e-12)
+    assert _lr(55, 100, 1e-3, 10, spent=0.1) == pytest.approx(5e-4)  # steps further along

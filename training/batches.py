@@ -4,9 +4,11 @@ A page yields one watch/skip example per slot, one next/exit + ratings example, 
 example and sometimes a counterfactual one: all start with the same persona and page blocks
 (``Example.segments[:2]``, ~450 tokens) and differ only in a short tail and target (~10 tokens).
 Training each alone pushes the page through the model a dozen times; here the page goes through
-once, its KV cache is shared by every tail (exactly as ``agents.scorer`` scores them at run time),
-and gradients flow back through the shared cache. Each example's loss is the same number as
-when it is trained alone (``tests/test_training.py`` checks losses and gradients).
+once, and its tails and targets follow as one token tree over its KV cache (``agents.packing``,
+as ``agents.scorer`` scores them at run time); gradients flow back through the shared cache.
+A step's pages go through together: their heads in one padded forward, their trees in a second,
+so a step costs two forwards, not two per page. Each example's loss is the same number as when
+it is trained alone (``tests/test_training.py`` checks losses and gradients).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from agents.llm import cache_arg, encode, output_cache
-from agents.scorer import expanded_cache
 from agents.transition import Example
 
 IGNORE = -100
@@ -86,47 +87,90 @@ def units(examples: Sequence[Example]) -> list[list[int]]:
 
 
 def _branch(tokenizer, ex: Example) -> tuple[list[int], list[int]]:
-    """Tail + target ids after the head, labels masking the tail (as ``tokenize`` does)."""
-    context = encode(tokenizer, list(ex.segments[2:]))
+    """Tail and target ids after the head."""
     target = encode(tokenizer, [ex.target])
     if tokenizer.eos_token_id is not None:
         target = target + [tokenizer.eos_token_id]
-    return context + target, [IGNORE] * len(context) + target
+    return encode(tokenizer, list(ex.segments[2:])), target
 
 
-def _shared_losses(model, tokenizer, group: Sequence[Example], max_len: int
-                   ) -> tuple[torch.Tensor, int]:
-    """Per-example losses of one page's examples from one head forward; also tokens pushed."""
+# Head positions per batched forward: a step's pages go through in as few forwards as this
+# allows (one per page left the GPU idle between small kernels: ~0.3-0.5 s per page on an H200).
+_HEAD_TOKENS = 32768
+
+
+def _pages_losses(model, tokenizer, pages: Sequence[Sequence[Example]], max_len: int
+                  ) -> tuple[list[torch.Tensor], int]:
+    """Per-example losses of several pages: their heads in one right-padded forward, then
+    every page's tails and targets as one token tree (``agents.packing``) over its head's KV in
+    a second forward. Also the token positions pushed."""
+    from transformers import DynamicCache
+
+    from agents.packing import build_trie, tree_inputs
+
     device = next(model.parameters()).device
-    branches = [_branch(tokenizer, ex) for ex in group]
-    width = max(len(ids) for ids, _ in branches)
-    head_ids = encode(tokenizer, list(group[0].segments[:2]))
-    head_ids = head_ids[max(0, len(head_ids) - max(1, max_len - width)):]
-    p, n = len(head_ids), len(branches)
+    tries, heads = [], []
+    for group in pages:
+        branches = [_branch(tokenizer, ex) for ex in group]
+        width = max(len(c) + len(t) for c, t in branches)
+        head_ids = encode(tokenizer, list(group[0].segments[:2]))
+        heads.append(head_ids[max(0, len(head_ids) - max(1, max_len - width)):])
+        tries.append(build_trie(branches))
+    p = max(len(h) for h in heads)
+    ids = torch.zeros((len(heads), p), dtype=torch.long)
+    mask = torch.zeros((len(heads), p), dtype=torch.long)
+    for r, h in enumerate(heads):
+        ids[r, :len(h)] = torch.tensor(h)
+        mask[r, :len(h)] = 1
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
-    out = decoder(input_ids=torch.tensor([head_ids], device=device), use_cache=True)
-    kv = tuple((k, v) for k, v, *_ in output_cache(out))
-    ids = torch.zeros((n, width), dtype=torch.long)
-    labels = torch.full((n, width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((n, p + width), dtype=torch.long)
-    mask[:, :p] = 1
-    for r, (i, lab) in enumerate(branches):
-        ids[r, :len(i)] = torch.tensor(i)
-        labels[r, :len(lab)] = torch.tensor(lab)
-        mask[r, p:p + len(i)] = 1
-    cache = expanded_cache(model.config, kv, n)
-    hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
-                     position_ids=torch.arange(p, p + width, device=device).expand(n, -1),
-                     use_cache=True, **{cache_arg(model): cache}).last_hidden_state
-    # Branch token j is predicted by branch position j - 1, and token 0 by the head's last one.
-    first = out.last_hidden_state[:, -1:].expand(n, 1, -1)
-    pred = torch.cat([first, hidden[:, :-1]], dim=1)
-    labels = labels.to(device)
-    sel = labels != IGNORE
-    logits = lm_head(pred[sel]).float()
-    ce = torch.nn.functional.cross_entropy(logits, labels[sel], reduction="none")
-    sums = ce.new_zeros(n).index_add(0, sel.nonzero()[:, 0], ce)
-    return sums / sel.sum(1).clamp(min=1), p + sum(len(i) for i, _ in branches)
+    out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
+    cache = DynamicCache(ddp_cache_data=[(k, v) for k, v, *_ in output_cache(out)],
+                         config=model.config)
+    lens = [len(h) for h in heads]
+    tree_ids, positions, tree_mask = tree_inputs(tries, lens, p, out.last_hidden_state.dtype)
+    hidden = decoder(input_ids=tree_ids.to(device), attention_mask=tree_mask.to(device),
+                     position_ids=positions.to(device), use_cache=True,
+                     **{cache_arg(model): cache}).last_hidden_state
+    # A target node is predicted by its parent's row, or by the head's last position.
+    rows, cols, tokens, owner = [], [], [], []
+    n_examples = 0
+    for r, trie in enumerate(tries):
+        for path in trie.targets:
+            for node in path:
+                parent = trie.parents[node]
+                rows.append(r)
+                cols.append(p + parent if parent >= 0 else lens[r] - 1)
+                tokens.append(trie.tokens[node])
+                owner.append(n_examples)
+            n_examples += 1
+    states = torch.cat([out.last_hidden_state, hidden], dim=1)
+    pick = states[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+    ce = torch.nn.functional.cross_entropy(lm_head(pick).float(),
+                                           torch.tensor(tokens, device=device), reduction="none")
+    who = torch.tensor(owner, device=device)
+    losses = (ce.new_zeros(n_examples).index_add(0, who, ce)
+              / torch.bincount(who, minlength=n_examples).clamp(min=1))
+    per_page, start = [], 0
+    for trie in tries:
+        per_page.append(losses[start:start + len(trie.targets)])
+        start += len(trie.targets)
+    return per_page, sum(lens) + sum(len(t) for t in tries)
+
+
+def _head_chunks(groups: Sequence[Sequence[Example]]) -> list[list[int]]:
+    """Consecutive page indices whose padded heads fit ``_HEAD_TOKENS`` (by character count,
+    ~4 per token, so no page is tokenised twice)."""
+    chunks: list[list[int]] = []
+    widest = 0
+    for i, group in enumerate(groups):
+        size = sum(len(s) for s in group[0].segments[:2]) // 4 + 1
+        if chunks and max(widest, size) * (len(chunks[-1]) + 1) <= _HEAD_TOKENS:
+            chunks[-1].append(i)
+            widest = max(widest, size)
+        else:
+            chunks.append([i])
+            widest = size
+    return chunks
 
 
 def packed_losses(model, tokenizer, examples: Sequence[Example], max_len: int,
@@ -139,14 +183,20 @@ def packed_losses(model, tokenizer, examples: Sequence[Example], max_len: int,
     losses: list[torch.Tensor | None] = [None] * len(examples)
     alone: list[int] = []
     tokens = 0
+    shared: list[list[int]] = []
     for group in units(examples) if pack else [[i] for i in range(len(examples))]:
-        if len(group) < 2:
+        if len(group) > 1:
+            shared.append(group)
+        else:
             alone += group
-            continue
-        values, pushed = _shared_losses(model, tokenizer, [examples[i] for i in group], max_len)
+    for chunk in _head_chunks([[examples[i] for i in g] for g in shared]):
+        groups = [shared[c] for c in chunk]
+        values, pushed = _pages_losses(model, tokenizer,
+                                       [[examples[i] for i in g] for g in groups], max_len)
         tokens += pushed
-        for i, v in zip(group, values, strict=True):
-            losses[i] = v
+        for group, vals in zip(groups, values, strict=True):
+            for i, v in zip(group, vals, strict=True):
+                losses[i] = v
     if alone:
         batch = collate([tokenize(tokenizer, examples[i], max_len) for i in alone], pad)
         tokens += int(batch["attention_mask"].sum())

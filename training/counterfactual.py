@@ -13,9 +13,9 @@ import numpy as np
 from tqdm import tqdm
 
 from agents import prompts
-from agents.policy import LLMPolicy, OptionScorer
+from agents.policy import Decision, LLMPolicy, OptionScorer
 from agents.transition import Example, Transition
-from agents.world_model import Generator, expected_ratings, predict_next_state
+from agents.world_model import Generator, expected_ratings_many, predict_next_state
 from training.teacher import Option, Teacher
 
 Key = tuple[tuple[int, ...], str]
@@ -37,8 +37,12 @@ def sample_alternatives(policy: LLMPolicy, tr: Transition, k: int, seed: int,
     One pass of the (greedy) policy gives each slot's watch log-odds and P(next)/P(exit);
     alternatives are drawn from those per-line distributions (a product approximation of the
     policy's joint, costing one decision instead of one per draw)."""
+    return _alternatives(policy.decide(tr.decision_input(seed=seed)), tr, k, seed, tries)
+
+
+def _alternatives(d: Decision, tr: Transition, k: int, seed: int, tries: int = 4) -> list[Key]:
+    """``sample_alternatives`` from a decision already made on ``tr``'s page."""
     human: Key = (tuple(sorted(tr.ratings)), tr.then)
-    d = policy.decide(tr.decision_input(seed=seed))
     p_watch = 1 / (1 + np.exp(-np.asarray([d.watch_scores.get(s, 0.0)
                                            for s in range(1, len(tr.items) + 1)])))
     p_next = d.then_probs[0] if d.then_probs else 0.5
@@ -71,17 +75,26 @@ def _option(key: Key, tr: Transition, expected: Mapping[int, float],
 
 def build_counterfactual(trs: Sequence[Transition], scorer: OptionScorer, teacher: Teacher,
                          liked: Mapping[int, Sequence[str]], k: int = 3, seed: int = 0,
-                         generator: Generator | None = None,
-                         progress: bool = True) -> Iterable[tuple[Example, list[Example], str]]:
-    """Yield (cr example, policy examples with predictions, reflection) per transition."""
+                         generator: Generator | None = None, progress: bool = True,
+                         chunk: int = 32) -> Iterable[tuple[Example, list[Example], str]]:
+    """Yield (cr example, policy examples with predictions, reflection) per transition.
+
+    ``chunk`` transitions at a time share batched forwards for their expected ratings and
+    their policy decisions (one transition per call left a GPU idle: 2.4 steps/s on an H200)."""
     policy = LLMPolicy(scorer, name="current", temperature=0.0)
-    for tr in tqdm(trs, desc="counterfactuals", unit="step", disable=not progress):
-        expected = expected_ratings(scorer, tr.prefix, len(tr.items))
-        human = _option((tuple(sorted(tr.ratings)), tr.then), tr, expected, generator)
-        alts = [_option(key, tr, expected, generator)
-                for key in sample_alternatives(policy, tr, k, seed)]
-        reflection = teacher.reflect(tr.views, liked.get(tr.user, ()), human, alts, tr.persona)
-        yield tr.cr_example(reflection, expected), tr.policy_examples(expected), reflection
+    with tqdm(total=len(trs), desc="counterfactuals", unit="step", disable=not progress) as bar:
+        for start in range(0, len(trs), chunk):
+            part = trs[start:start + chunk]
+            expects = expected_ratings_many(scorer, [(tr.prefix, len(tr.items)) for tr in part])
+            decisions = policy.decide_many([tr.decision_input(seed=seed) for tr in part])
+            for tr, expected, d in zip(part, expects, decisions, strict=True):
+                human = _option((tuple(sorted(tr.ratings)), tr.then), tr, expected, generator)
+                alts = [_option(key, tr, expected, generator)
+                        for key in _alternatives(d, tr, k, seed)]
+                reflection = teacher.reflect(tr.views, liked.get(tr.user, ()), human, alts,
+                                             tr.persona)
+                bar.update()
+                yield tr.cr_example(reflection, expected), tr.policy_examples(expected), reflection
 
 
 def reflection_record(tr: Transition, reflection: str) -> dict:

@@ -66,10 +66,12 @@ class Schedule:
         return out
 
 
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
+def _lr(step: int, total: int, base: float, warmup: int, spent: float = 0.0) -> float:
+    """Warm-up, then a cosine decay over the steps or over ``spent``, the share of this run's
+    time budget used, whichever is further along: a stage cut by its budget has annealed."""
     if step < warmup:
         return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = max((step - warmup) / max(1, total - warmup), spent)
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -145,8 +147,9 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
         if stop_after is not None and step >= stop_after:
             break
         examples = sched.batch(step)
+        spent = (time.perf_counter() - t0) / time_budget if time_budget else 0.0
         for g in opt.param_groups:
-            g["lr"] = _lr(step, steps, lr, warmup)
+            g["lr"] = _lr(step, steps, lr, warmup, spent)
         losses, pushed = packed_losses(model, tokenizer, examples, max_len, pack)
         loss = weighted_loss(losses, [ex.kind for ex in examples], weights,
                              [ex.weight for ex in examples])
