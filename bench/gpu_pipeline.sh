@@ -15,6 +15,10 @@
 # Back here: merge the answers into one pickle and `alignuser evaluate --outputs FILE`.
 # DEADLINE (epoch seconds) stops starting new work that would not finish before it.
 set -euo pipefail
+case ${1:-} in
+  stage|probe|train|eval) [ $# -eq 2 ] || { echo "usage: $0 $1 OUT" >&2; exit 2; };;
+  *) echo "usage: $0 stage|probe|train|eval OUT (got '${1:-}')" >&2; exit 2;;
+esac
 phase=$1; out=$2
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 ALIGNUSER_CACHE=/tmp/alignuser-cache
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -79,7 +83,6 @@ elif [ "$phase" = eval ]; then
     w=$m; case $m in full_*) w=full;; esac
     if [ ! -f "$runs/$w/manifest.json" ]; then echo "skip $m: no $runs/$w"; continue; fi
     if [ "$(left)" -lt "${MIN_LEFT:-60}" ]; then echo "skip $m: $(left) s left"; continue; fi
-    # shellcheck disable=SC2046
     time timeout "$(( $(left) - 15 ))" python3 -m evaluation.outputs "$bundle" \
       "$answers/$m.pkl" --methods "$m" --device "$device" --adapter "$w=$runs/$w" \
       || echo "$m: stopped ($?)"

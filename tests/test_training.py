@@ -120,8 +120,10 @@ def test_pages_trained_from_one_forward_equal_their_examples_alone() -> None:
     short = Transition(user=6, persona=PERSONA, views=VIEWS[:2], session=(), page=2,
                        max_pages=5, ratings={2: 5}, then="next", next_views=VIEWS[:1],
                        items=tuple(v.id for v in VIEWS[:2])).policy_examples()
-    mixed = [*page, EXAMPLES[1], *short, _pool("cr", 1)[0]]  # and examples sharing nothing
-    assert [len(u) for u in units(mixed)] == [len(page), 1, len(short), 1]
+    # Targets right after the head (an empty tail) are predicted by the head's last position.
+    bare = [Example("policy", (*short[0].segments[:2], ""), t) for t in ("[1] watch\n", "x\n")]
+    mixed = [*page, EXAMPLES[1], *short, *bare, _pool("cr", 1)[0]]  # and ones sharing nothing
+    assert [len(u) for u in units(mixed)] == [len(page), 1, len(short) + len(bare), 1]
     lora = [p for p in model.parameters() if p.requires_grad]
 
     def losses_and_grads(pack: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:

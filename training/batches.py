@@ -26,10 +26,7 @@ IGNORE = -100
 def tokenize(tokenizer, ex: Example, max_len: int) -> tuple[list[int], list[int]]:
     """Input ids and labels (prompt masked); the prompt is cut from the left to fit."""
     prompt = encode(tokenizer, list(ex.segments))
-    target = encode(tokenizer, [ex.target])
-    if tokenizer.eos_token_id is not None:
-        target = target + [tokenizer.eos_token_id]
-    target = target[:max_len - 1]
+    target = _target(tokenizer, ex)[:max_len - 1]
     prompt = prompt[max(0, len(prompt) - (max_len - len(target))):]
     return prompt + target, [IGNORE] * len(prompt) + target
 
@@ -86,12 +83,15 @@ def units(examples: Sequence[Example]) -> list[list[int]]:
     return out
 
 
+def _target(tokenizer, ex: Example) -> list[int]:
+    """The target's ids, closed by EOS where the tokenizer has one."""
+    target = encode(tokenizer, [ex.target])
+    return target + [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else target
+
+
 def _branch(tokenizer, ex: Example) -> tuple[list[int], list[int]]:
     """Tail and target ids after the head."""
-    target = encode(tokenizer, [ex.target])
-    if tokenizer.eos_token_id is not None:
-        target = target + [tokenizer.eos_token_id]
-    return encode(tokenizer, list(ex.segments[2:])), target
+    return encode(tokenizer, list(ex.segments[2:])), _target(tokenizer, ex)
 
 
 # Head positions per batched forward: a step's pages go through in as few forwards as this
@@ -131,7 +131,9 @@ def _pages_losses(model, tokenizer, pages: Sequence[Sequence[Example]], max_len:
     hidden = decoder(input_ids=tree_ids.to(device), attention_mask=tree_mask.to(device),
                      position_ids=positions.to(device), use_cache=True,
                      **{cache_arg(model): cache}).last_hidden_state
-    # A target node is predicted by its parent's row, or by the head's last position.
+    # A target node is predicted by its parent's row, or (column ``width``, appended) by the
+    # head's last position.
+    width = hidden.shape[1]
     rows, cols, tokens, owner = [], [], [], []
     n_examples = 0
     for r, trie in enumerate(tries):
@@ -139,11 +141,13 @@ def _pages_losses(model, tokenizer, pages: Sequence[Sequence[Example]], max_len:
             for node in path:
                 parent = trie.parents[node]
                 rows.append(r)
-                cols.append(p + parent if parent >= 0 else lens[r] - 1)
+                cols.append(parent if parent >= 0 else width)
                 tokens.append(trie.tokens[node])
                 owner.append(n_examples)
             n_examples += 1
-    states = torch.cat([out.last_hidden_state, hidden], dim=1)
+    last = out.last_hidden_state[torch.arange(len(lens), device=device),
+                                 torch.tensor(lens, device=device) - 1]
+    states = torch.cat([hidden, last[:, None]], dim=1)
     pick = states[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
     ce = torch.nn.functional.cross_entropy(lm_head(pick).float(),
                                            torch.tensor(tokens, device=device), reduction="none")
