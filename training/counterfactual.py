@@ -76,8 +76,8 @@ def _option(key: Key, tr: Transition, expected: Mapping[int, float],
 def build_counterfactual(trs: Sequence[Transition], scorer: OptionScorer, teacher: Teacher,
                          liked: Mapping[int, Sequence[str]], k: int = 3, seed: int = 0,
                          generator: Generator | None = None, progress: bool = True,
-                         chunk: int = 32) -> Iterable[tuple[Example, list[Example], str]]:
-    """Yield (cr example, policy examples with predictions, reflection) per transition.
+                         chunk: int = 32) -> Iterable[tuple[Example, str]]:
+    """Yield (cr example, reflection) per transition.
 
     ``chunk`` transitions at a time share batched forwards for their expected ratings and
     their policy decisions (one transition per call ran 2.4 transitions/s on an H200)."""
@@ -94,7 +94,7 @@ def build_counterfactual(trs: Sequence[Transition], scorer: OptionScorer, teache
                 reflection = teacher.reflect(tr.views, liked.get(tr.user, ()), human, alts,
                                              tr.persona)
                 bar.update()
-                yield tr.cr_example(reflection, expected), tr.policy_examples(expected), reflection
+                yield tr.cr_example(reflection, expected), reflection
 
 
 def reflection_record(tr: Transition, reflection: str) -> dict:

@@ -115,9 +115,8 @@ def _stage(model, lm: LM, cfg: TrainConfig, pools: Mapping[str, Sequence[Example
 
 def _cr_pools(model, lm: LM, cfg: TrainConfig, data: Prepared, trs: Sequence[Transition],
               out: Path, progress: bool) -> list[Example]:
-    """Counterfactual examples, cached so a resume skips them. Each cached row also keeps the
-    step's prediction-aware policy examples; training builds those for every transition
-    itself (``_with_predictions``), so they are not read back."""
+    """Counterfactual examples, cached so a resume skips them (the prediction-aware policy
+    examples are built for every transition by ``_with_predictions``, not here)."""
     cache = out / "counterfactuals.jsonl"
     done: list[dict] = []
     if cache.exists():
@@ -127,11 +126,9 @@ def _cr_pools(model, lm: LM, cfg: TrainConfig, data: Prepared, trs: Sequence[Tra
     teacher = make_teacher(cfg.teacher, lm, cfg.teacher_model)
     generator = scorer if cfg.wm_generate else None
     with cache.open("a") as fh:
-        for cr, pol, refl in build_counterfactual(trs[len(done):], scorer, teacher, data.liked,
-                                                  cfg.k, cfg.seed, generator, progress):
-            row = {"cr": [list(cr.segments), cr.target],
-                   "policy": [[list(e.segments), e.target, e.meta] for e in pol],
-                   "reflection": refl, "meta": cr.meta}
+        for cr, refl in build_counterfactual(trs[len(done):], scorer, teacher, data.liked,
+                                             cfg.k, cfg.seed, generator, progress):
+            row = {"cr": [list(cr.segments), cr.target], "reflection": refl, "meta": cr.meta}
             fh.write(json.dumps(row) + "\n")
             fh.flush()
             done.append(row)
