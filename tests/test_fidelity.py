@@ -1,7 +1,7 @@
-"""What keeps the agent faithful to held-out humans: the calibrated offsets (stored in a
-checkpoint, applied in ``agents.decide``), class-balanced policy examples, no held-out rating in
-any training example, batched scoring equal to one-by-one scoring, and lockstep browsing that
-stops at an exit. The signal check on training pages is in ``test_signal.py``.
+"""What keeps training faithful to held-out humans: class-balanced policy examples, no
+held-out rating in any training example, calibration fitted when a checkpoint is trained.
+Offsets are tested in ``test_calibration.py``, batched decisions in ``test_decisions.py``,
+the signal check on training pages in ``test_signal.py``.
 
 Worlds are the 40-user ml-100k ``small_world`` (conftest); models are tiny random Llamas.
 """
@@ -9,33 +9,20 @@ Worlds are the 40-user ml-100k ``small_world`` (conftest); models are tiny rando
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from agents import prompts, text
-from agents.browse import (
-    accuracy_offset,
-    browse,
-    list_scores,
-    pages_of,
-    rate_offset,
-    sampled_rate_offset,
-)
-from agents.decide import Calibration, decide
+from agents.decide import Calibration
 from agents.llm import tiny_lm
-from agents.policy import DecisionInput, LLMPolicy
-from agents.scorer import Scorer
-from agents.text import Evidence, ItemView
 from agents.transition import Transition, transitions
 from agents.world import World
-from training.calibrate import calibrate
+from tests.pages import VIEWS
 from training.config import TrainConfig
 from training.pipeline import Prepared, prepare, train_data
 from training.rollout import class_balance
@@ -44,146 +31,11 @@ from training.trainer import weighted_loss
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def scorer() -> Scorer:
-    return Scorer(tiny_lm(seed=4), cache_size=256)
-
-
 def _pairs(frame: pd.DataFrame) -> set[tuple[int, int]]:
     return {(int(u), int(i)) for u, i in zip(frame["user"], frame["item"], strict=True)}
 
 
-def _inputs(world: World, n: int = 3, pages: int = 1) -> list[DecisionInput]:
-    """Pages of train-history items that the users did not rate, rendered as the agent sees
-    them (persona, facts, personal evidence)."""
-    users = sorted(world.histories)[:n]
-    catalogue = sorted(world.ds.items)
-    out = []
-    for k, u in enumerate(users):
-        unseen = [i for i in catalogue if i not in world.histories[u]]
-        for p in range(1, pages + 1):
-            items = unseen[7 * k + 4 * p: 7 * k + 4 * p + 4]
-            views = world.perceiver.page(items, world.histories[u])
-            out.append(DecisionInput(user=u, page=p, items=items, persona_text=world.personas[u],
-                                     page_text=text.page_prompt(p, 5, views), seed=3))
-    return out
-
-
-# --- calibration --------------------------------------------------------------------------------
-
-def test_calibration_round_trips_through_the_manifest(tmp_path: Path) -> None:
-    cal = Calibration(watch_offset=1.25, then_offset=-0.5, list_offset=0.75)
-    manifest = {"base_model": "tiny", "calibration": {**cal.model_dump(), "seconds": 3.1,
-                                                      "fitted_on": {"pages": 12}}}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    assert Calibration.of_checkpoint(tmp_path) == cal
-    assert Calibration.of_checkpoint(str(tmp_path)) == cal
-    # No checkpoint, no manifest, or a manifest from before calibration: no offsets.
-    assert Calibration.of_checkpoint(None) == Calibration()
-    assert Calibration.of_checkpoint(tmp_path / "missing") == Calibration()
-    (tmp_path / "old").mkdir()
-    (tmp_path / "old" / "manifest.json").write_text(json.dumps({"base_model": "tiny"}))
-    assert Calibration.of_checkpoint(tmp_path / "old") == Calibration()
-    assert Calibration().list_offset is None
-
-
-def test_offsets_change_decisions(small_world: World, scorer: Scorer) -> None:
-    inputs = _inputs(small_world)
-    plain = decide(scorer, inputs)
-    eager = decide(scorer, inputs, calibration=Calibration(watch_offset=100.0))
-    shy = decide(scorer, inputs, calibration=Calibration(watch_offset=-100.0))
-    for inp, p, e, s in zip(inputs, plain, eager, shy, strict=True):
-        assert list(e.action.watched) == inp.items and not s.action.watched
-        assert set(e.action.watched.values()) <= {1, 2, 3, 4, 5}
-        # The offset is added to the raw log-odds: slots are scored after the page alone.
-        for slot, v in p.watch_scores.items():
-            assert e.watch_scores[slot] == pytest.approx(v + 100.0, abs=1e-6)
-            assert s.watch_scores[slot] == pytest.approx(v - 100.0, abs=1e-6)
-    # An explicit watch_offset overrides the calibration's (1:m lists).
-    over = decide(scorer, inputs, calibration=Calibration(watch_offset=100.0),
-                  watch_offset=-100.0, then=False)
-    assert all(not d.action.watched and not d.rating_probs for d in over)
-    # then_offset decides next/exit.
-    leave = decide(scorer, inputs, calibration=Calibration(then_offset=100.0))
-    stay = decide(scorer, inputs, calibration=Calibration(then_offset=-100.0))
-    assert {d.action.then for d in leave} == {"exit"} and {d.action.then for d in stay} == {"next"}
-    for d, p in zip(leave, plain, strict=True):
-        assert d.exit_score == pytest.approx(p.exit_score + 100.0, abs=1e-6)
-        assert d.then_probs[1] == pytest.approx(1.0)
-    # The policy object applies the calibration it holds.
-    policy = LLMPolicy(scorer, temperature=0.0, calibration=Calibration(watch_offset=100.0))
-    assert list(policy.decide(inputs[0]).action.watched) == inputs[0].items
-
-
-def test_offset_helpers() -> None:
-    scores = np.array([-2.0, -1.0, 0.5, 1.0, 3.0, 4.0, -3.0, 2.0])
-    for rate in (0.25, 0.5, 0.75):
-        assert np.mean(scores + rate_offset(scores, rate) > 0) == pytest.approx(rate, abs=0.13)
-    assert rate_offset(np.array([]), 0.3) == 0.0
-    assert np.all(scores + rate_offset(scores, 0.0) <= 0)
-    assert np.all(scores + rate_offset(scores, 1.0) >= 0)
-    labels = [[0, 0, 1, 1], [0, 1, 1, 1]]
-    lists = [np.array([-3.0, -2.0, -1.0, 0.5]), np.array([-2.5, -0.5, 1.0, 2.0])]
-    off = accuracy_offset(lists, labels)
-    assert np.mean((np.concatenate(lists) + off > 0) == np.concatenate(labels).astype(bool)) == 1
-    assert pages_of(list(range(10))) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-
-
-def test_sampled_offsets_match_the_expected_sampled_rate() -> None:
-    """Sampling takes a slot with probability sigmoid(score / T): the greedy (quantile) offset
-    would overshoot a low ratio when many scores sit near 0, the sampled offset does not."""
-    scores = np.random.default_rng(0).normal(-0.5, 1.0, 400)
-    for rate, temp in ((0.27, 1.0), (0.5, 0.5), (0.05, 2.0)):
-        off = sampled_rate_offset(scores, rate, temp)
-        assert np.mean(1 / (1 + np.exp(-(scores + off) / temp))) == pytest.approx(rate, abs=1e-4)
-    greedy = rate_offset(scores, 0.27)
-    assert np.mean(1 / (1 + np.exp(-(scores + greedy)))) > 0.27 + 0.05
-    assert sampled_rate_offset(np.array([]), 0.3, 1.0) == 0.0
-    cal = Calibration(watch_offset=1.0, then_offset=2.0, sampled_watch_offset=-1.0,
-                      sampled_then_offset=-2.0)
-    assert cal.offsets(0.0) == (1.0, 2.0) and cal.offsets(1.0) == (-1.0, -2.0)
-    assert Calibration(watch_offset=1.0, then_offset=2.0).offsets(1.0) == (1.0, 2.0)
-    # Between greedy and the fitted temperature the offsets are interpolated; above it they
-    # stay at the sampled ones and a warning says the rates are no longer calibrated.
-    assert cal.offsets(0.25) == pytest.approx((0.5, 1.0))
-    with pytest.warns(UserWarning, match="calibrated at temperature 1"):
-        assert cal.offsets(1.5) == (-1.0, -2.0)
-
-
-def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer) -> None:
-    """Fitted on validation pages, the offsets make the greedy agent watch and exit at the
-    humans' rates on those pages (up to one slot / one page of quantile rounding)."""
-    trajs = small_world.trajectories("valid", users=sorted(small_world.histories)[:6],
-                                     progress=False)
-    trs = transitions(trajs, small_world, full_history=True)[:12]
-    fitted = calibrate(scorer, trs, world_model=False)
-    cal = Calibration.model_validate(fitted)
-    assert fitted["fitted_on"]["pages"] == len(trs) and cal.list_offset is None
-    slots = sum(len(t.items) for t in trs)
-    decisions = decide(scorer, [t.decision_input() for t in trs], calibration=cal)
-    sim_watch = sum(len(d.action.watched) for d in decisions) / slots
-    assert sim_watch == pytest.approx(fitted["fitted_on"]["human_watch_ratio"],
-                                      abs=1 / slots + 1e-9)
-    # then_offset is fitted on exit scores that follow the calibrated watch choices, as here.
-    sim_exit = np.mean([d.action.then == "exit" for d in decisions])
-    assert sim_exit == pytest.approx(fitted["fitted_on"]["human_exit_share"],
-                                     abs=1 / len(trs) + 1e-9)
-    # A sampling agent uses the sampled offsets: its expected watch ratio is the humans'.
-    sampled = decide(scorer, [t.decision_input() for t in trs], calibration=cal, temperature=1.0)
-    p_watch = [1 / (1 + np.exp(-v)) for d in sampled for v in d.watch_scores.values()]
-    assert np.mean(p_watch) == pytest.approx(fitted["fitted_on"]["human_watch_ratio"], abs=1e-3)
-    for d, g in zip(sampled, decisions, strict=True):
-        for slot, v in d.watch_scores.items():
-            assert v - g.watch_scores[slot] == pytest.approx(
-                cal.sampled_watch_offset - cal.watch_offset, abs=1e-5)
-
-
 # --- class balance and the weighted loss --------------------------------------------------------
-
-VIEWS = tuple(ItemView(id=i, title=f"Film {i}", year=1990 + i, genres=("Drama",), popularity=i,
-                       evidence=[Evidence(title="Old", rating=4, similarity=0.3)] if i == 2
-                       else []) for i in range(1, 5))
-
 
 def _transition(ratings: dict[int, int], then: str = "next") -> Transition:
     return Transition(user=1, persona="You are user 1.\n", views=VIEWS, session=(), page=1,
@@ -425,178 +277,3 @@ def test_prepared_training_examples_hold_no_held_out_rating(small_world: World,
     assert prepared.data_hashes["split"] == {
         "protocol": split.config.describe(),
         **{p: split.fingerprint(p) for p in ("train", "valid", "test")}}
-
-
-# --- batched scoring equals one-by-one scoring --------------------------------------------------
-
-def test_score_many_equals_score(small_world: World) -> None:
-    lm = tiny_lm(seed=5)
-    assert lm.dtype == torch.float32
-    inputs = _inputs(small_world, n=2)
-    long_prefix = prompts.persona_block(inputs[0].persona_text) + inputs[0].page_text
-    other = prompts.persona_block(inputs[1].persona_text) + inputs[1].page_text
-    opts = [(prompts.policy_tail(), text.slot_line(1, text.WATCH)),
-            (prompts.policy_tail(), text.slot_line(3, text.SKIP)),
-            (prompts.policy_tail() + text.render_choices(4, [1, 2]) + text.then_line("next"),
-             text.rating_line(2, 5)),
-            ("", "then: exit\n"),
-            ("", "A much longer target of several words\n")]
-    requests = [("Short prefix.\n", opts[:2]), (long_prefix, opts), (other, opts[1:4]),
-                (long_prefix, opts[2:]), ("Short prefix.\n", [])]
-    batched = Scorer(lm, cache_size=2, batch_tokens=64).score_many(requests)  # many chunks
-    one = Scorer(lm)
-    assert [len(r) for r in batched] == [len(o) for _, o in requests]
-    for (prefix, options), got in zip(requests, batched, strict=True):
-        np.testing.assert_allclose(got, one.score(prefix, options), atol=2e-4)
-        np.testing.assert_allclose(got, one.score_naive(prefix, options), atol=2e-4)
-    with pytest.raises(ValueError, match="empty"):
-        one.score_many([("", opts[:1])])
-
-
-def test_decide_on_a_batch_equals_decide_alone(small_world: World) -> None:
-    lm = tiny_lm(seed=6)
-    inputs = _inputs(small_world, n=3, pages=2)
-    cal = Calibration(watch_offset=0.4, then_offset=-0.2)
-    for world_model in (False, True):
-        together = decide(Scorer(lm, cache_size=64), inputs, world_model=world_model,
-                          calibration=cal, temperature=0.7)
-        assert any(d.action.watched for d in together)  # ratings are compared too
-        for inp, d in zip(inputs, together, strict=True):
-            alone = decide(Scorer(lm), [inp], world_model=world_model, calibration=cal,
-                           temperature=0.7)[0]
-            assert d.action == alone.action
-            assert d.predictions == pytest.approx(alone.predictions, abs=0.011)
-            assert bool(d.predictions) is world_model
-            for s, v in alone.watch_scores.items():
-                assert d.watch_scores[s] == pytest.approx(v, abs=1e-3)
-            assert d.exit_score == pytest.approx(alone.exit_score, abs=1e-3)
-            assert sorted(d.rating_probs) == sorted(inp.items.index(i) + 1
-                                                    for i in d.action.watched)
-            for s, probs in alone.rating_probs.items():
-                assert d.rating_probs[s] == pytest.approx(probs, abs=1e-3)
-
-
-def test_decide_scores_next_exit_and_ratings_as_the_full_texts_do(small_world: World) -> None:
-    """Ratings are scored over a prefix that extends the page by the choices and next/exit; the
-    probabilities must be those of the plain texts, scored with no cache at all."""
-    lm = tiny_lm(seed=3)
-    inputs = _inputs(small_world, n=2, pages=1)
-    cal = Calibration(watch_offset=100.0)  # every slot watched: every rating line is scored
-    for d, inp in zip(decide(Scorer(lm), inputs, calibration=cal), inputs, strict=True):
-        slots = sorted(d.watch_scores)
-        prefix = prompts.prefix(inp.persona_text, inp.page_text)
-        ctx = prompts.policy_tail() + text.render_choices(len(slots), slots)
-        ref = Scorer(lm)
-        then = ref.score_naive(prefix, [(ctx, text.then_line(t)) for t in text.THEN])
-        assert d.then_probs[1] == pytest.approx(1 / (1 + math.exp(then[0] - then[1])),
-                                                abs=2e-4)
-        ctx += text.then_line(d.action.then)
-        for s in slots:
-            lp = np.asarray(ref.score_naive(prefix, [(ctx, text.rating_line(s, r))
-                                                     for r in text.RATINGS]))
-            want = np.exp(lp - lp.max()) / np.exp(lp - lp.max()).sum()
-            np.testing.assert_allclose(d.rating_probs[s], want, atol=2e-4)
-
-
-class Options:
-    """A scorer that keeps every (prefix, options) request and scores by length."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, list[tuple[str, str]]]] = []
-
-    def score_many(self, requests):
-        self.requests += [(p, list(o)) for p, o in requests]
-        return [[-float(len(c + line)) for c, line in o] for _, o in requests]
-
-
-def test_decide_scores_each_slot_after_the_text_it_was_trained_on() -> None:
-    views = tuple(v.model_copy(update={"match": 10 * s, "close_watched": s})
-                  for s, v in enumerate(VIEWS, 1))
-    tr = Transition(user=1, persona="You are user 1.\n", views=views, session=(), page=2,
-                    max_pages=5, ratings={2: 5}, then="next", next_views=None,
-                    items=tuple(v.id for v in views))
-    preds = {1: 3.5, 2: 4.25, 3: 2.0, 4: 1.0}
-    rec = Options()
-    decide(rec, [tr.decision_input().model_copy(update={"predictions": preds})])
-    scored = {line: prefix + ctx for prefix, opts in rec.requests for ctx, line in opts
-              if line.endswith((" watch\n", " skip\n"))}
-    trained = {e.target: "".join(e.segments) for e in tr.policy_examples(preds)[:4]}
-    assert len(trained) == 4 and all(scored[line] == ctx for line, ctx in trained.items())
-    assert "[3] Film 3 (1993): match 30/100, you watched 3 of its 20 closest; you expect to " \
-           "rate 2.0\n" in trained[text.slot_line(3, text.SKIP)]
-
-
-# --- lockstep browsing --------------------------------------------------------------------------
-
-class Recording:
-    """A scorer wrapper that keeps every prefix scored."""
-
-    def __init__(self, inner: Scorer) -> None:
-        self.inner, self.prefixes = inner, []
-
-    def score_many(self, requests):
-        self.prefixes += [p for p, _ in requests]
-        return self.inner.score_many(requests)
-
-
-def _sessions(world: World, n_pages: int = 3) -> list[tuple[int, list[list[int]]]]:
-    out = []
-    for k, u in enumerate(sorted(world.histories)[:2]):
-        unseen = [i for i in sorted(world.ds.items) if i not in world.histories[u]]
-        out.append((u, pages_of(unseen[10 * k: 10 * k + 4 * n_pages])))
-    return out
-
-
-def test_browse_stops_a_session_at_exit(small_world: World, scorer: Scorer) -> None:
-    w = small_world
-    sessions = _sessions(w)
-    kw = dict(world_model=False, temperature=0.0)
-    leave = browse(scorer, w.perceiver, w.personas, w.histories, sessions,
-                   calibration=Calibration(then_offset=100.0), **kw)
-    assert [len(run) for run in leave] == [1, 1]
-    assert all(run[0].action.then == "exit" for run in leave)
-    stay = browse(scorer, w.perceiver, w.personas, w.histories, sessions,
-                  calibration=Calibration(then_offset=-100.0), **kw)
-    assert [len(run) for run in stay] == [3, 3]
-    # exits=False browses every page whatever the agent says (1:m lists).
-    listed = browse(scorer, w.perceiver, w.personas, w.histories, sessions,
-                    calibration=Calibration(then_offset=100.0), exits=False, **kw)
-    assert [len(run) for run in listed] == [3, 3]
-    assert all(d.action.then == "exit" for run in listed for d in run)
-    for run, (_, pages) in zip(listed, sessions, strict=True):
-        for d, page in zip(run, pages, strict=True):
-            assert set(d.action.watched) <= set(page) and sorted(d.watch_scores) == [1, 2, 3, 4]
-
-
-def test_browse_carries_the_session_into_later_pages(small_world: World,
-                                                     scorer: Scorer) -> None:
-    w = small_world
-    sessions = _sessions(w, n_pages=2)
-    rec = Recording(scorer)
-    runs = browse(rec, w.perceiver, w.personas, w.histories, sessions, world_model=False,
-                  calibration=Calibration(watch_offset=100.0, then_offset=-100.0))
-    assert all(list(run[0].action.watched) == pages[0]
-               for run, (_, pages) in zip(runs, sessions, strict=True))
-    page2 = [p for p in rec.prefixes if "Page 2 of at most 2." in p]
-    assert page2
-    for (u, pages), run in zip(sessions, runs, strict=True):
-        first = [w.ds.items[i].title for i in pages[0]]
-        mine = [p for p in page2 if p.startswith(prompts.persona_block(w.personas[u]))]
-        line = "Watched this session: " + "; ".join(
-            f"{t} {run[0].action.watched[i]}/5" for t, i in zip(first, pages[0], strict=True))
-        assert mine and all(line + ".\n" in p for p in mine)
-        # What was watched on page 1 is evidence on page 2 (history plus this session).
-        assert run[1].watch_scores and len(run) == 2
-
-
-def test_list_scores_browse_every_page_with_the_offset(small_world: World,
-                                                       scorer: Scorer) -> None:
-    w = small_world
-    lists = [(u, [i for p in pages for i in p][:4]) for u, pages in _sessions(w, n_pages=1)]
-    base = list_scores(scorer, w.perceiver, w.personas, w.histories, lists, world_model=False)
-    shifted = list_scores(scorer, w.perceiver, w.personas, w.histories, lists,
-                          world_model=False, offset=1.5)
-    assert [len(s) for s in base] == [4, 4]
-    for b, s in zip(base, shifted, strict=True):
-        np.testing.assert_allclose(s - b, 1.5, atol=1e-9)
-    assert all(math.isfinite(x) for s in base for x in s)

@@ -1,0 +1,142 @@
+"""Calibrated offsets: stored in a checkpoint's manifest, applied in ``agents.decide``, and
+fitted so that greedy and sampling agents take the humans' rates.
+
+Worlds are the 40-user ml-100k ``small_world`` (conftest); models are tiny random Llamas.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agents.browse import (
+    accuracy_offset,
+    pages_of,
+    rate_offset,
+    sampled_rate_offset,
+)
+from agents.decide import Calibration, decide
+from agents.llm import tiny_lm
+from agents.policy import LLMPolicy
+from agents.scorer import Scorer
+from agents.transition import transitions
+from agents.world import World
+from tests.pages import page_inputs
+from training.calibrate import calibrate
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def scorer() -> Scorer:
+    return Scorer(tiny_lm(seed=4), cache_size=256)
+
+
+def test_calibration_round_trips_through_the_manifest(tmp_path: Path) -> None:
+    cal = Calibration(watch_offset=1.25, then_offset=-0.5, list_offset=0.75)
+    manifest = {"base_model": "tiny", "calibration": {**cal.model_dump(), "seconds": 3.1,
+                                                      "fitted_on": {"pages": 12}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert Calibration.of_checkpoint(tmp_path) == cal
+    assert Calibration.of_checkpoint(str(tmp_path)) == cal
+    # No checkpoint, no manifest, or a manifest from before calibration: no offsets.
+    assert Calibration.of_checkpoint(None) == Calibration()
+    assert Calibration.of_checkpoint(tmp_path / "missing") == Calibration()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps({"base_model": "tiny"}))
+    assert Calibration.of_checkpoint(tmp_path / "old") == Calibration()
+    assert Calibration().list_offset is None
+
+
+def test_offsets_change_decisions(small_world: World, scorer: Scorer) -> None:
+    inputs = page_inputs(small_world)
+    plain = decide(scorer, inputs)
+    eager = decide(scorer, inputs, calibration=Calibration(watch_offset=100.0))
+    shy = decide(scorer, inputs, calibration=Calibration(watch_offset=-100.0))
+    for inp, p, e, s in zip(inputs, plain, eager, shy, strict=True):
+        assert list(e.action.watched) == inp.items and not s.action.watched
+        assert set(e.action.watched.values()) <= {1, 2, 3, 4, 5}
+        # The offset is added to the raw log-odds: slots are scored after the page alone.
+        for slot, v in p.watch_scores.items():
+            assert e.watch_scores[slot] == pytest.approx(v + 100.0, abs=1e-6)
+            assert s.watch_scores[slot] == pytest.approx(v - 100.0, abs=1e-6)
+    # An explicit watch_offset overrides the calibration's (1:m lists).
+    over = decide(scorer, inputs, calibration=Calibration(watch_offset=100.0),
+                  watch_offset=-100.0, then=False)
+    assert all(not d.action.watched and not d.rating_probs for d in over)
+    # then_offset decides next/exit.
+    leave = decide(scorer, inputs, calibration=Calibration(then_offset=100.0))
+    stay = decide(scorer, inputs, calibration=Calibration(then_offset=-100.0))
+    assert {d.action.then for d in leave} == {"exit"} and {d.action.then for d in stay} == {"next"}
+    for d, p in zip(leave, plain, strict=True):
+        assert d.exit_score == pytest.approx(p.exit_score + 100.0, abs=1e-6)
+        assert d.then_probs[1] == pytest.approx(1.0)
+    # The policy object applies the calibration it holds.
+    policy = LLMPolicy(scorer, temperature=0.0, calibration=Calibration(watch_offset=100.0))
+    assert list(policy.decide(inputs[0]).action.watched) == inputs[0].items
+
+
+def test_offset_helpers() -> None:
+    scores = np.array([-2.0, -1.0, 0.5, 1.0, 3.0, 4.0, -3.0, 2.0])
+    for rate in (0.25, 0.5, 0.75):
+        assert np.mean(scores + rate_offset(scores, rate) > 0) == pytest.approx(rate, abs=0.13)
+    assert rate_offset(np.array([]), 0.3) == 0.0
+    assert np.all(scores + rate_offset(scores, 0.0) <= 0)
+    assert np.all(scores + rate_offset(scores, 1.0) >= 0)
+    labels = [[0, 0, 1, 1], [0, 1, 1, 1]]
+    lists = [np.array([-3.0, -2.0, -1.0, 0.5]), np.array([-2.5, -0.5, 1.0, 2.0])]
+    off = accuracy_offset(lists, labels)
+    assert np.mean((np.concatenate(lists) + off > 0) == np.concatenate(labels).astype(bool)) == 1
+    assert pages_of(list(range(10))) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_sampled_offsets_match_the_expected_sampled_rate() -> None:
+    """Sampling takes a slot with probability sigmoid(score / T): the greedy (quantile) offset
+    would overshoot a low ratio when many scores sit near 0, the sampled offset does not."""
+    scores = np.random.default_rng(0).normal(-0.5, 1.0, 400)
+    for rate, temp in ((0.27, 1.0), (0.5, 0.5), (0.05, 2.0)):
+        off = sampled_rate_offset(scores, rate, temp)
+        assert np.mean(1 / (1 + np.exp(-(scores + off) / temp))) == pytest.approx(rate, abs=1e-4)
+    greedy = rate_offset(scores, 0.27)
+    assert np.mean(1 / (1 + np.exp(-(scores + greedy)))) > 0.27 + 0.05
+    assert sampled_rate_offset(np.array([]), 0.3, 1.0) == 0.0
+    cal = Calibration(watch_offset=1.0, then_offset=2.0, sampled_watch_offset=-1.0,
+                      sampled_then_offset=-2.0)
+    assert cal.offsets(0.0) == (1.0, 2.0) and cal.offsets(1.0) == (-1.0, -2.0)
+    assert Calibration(watch_offset=1.0, then_offset=2.0).offsets(1.0) == (1.0, 2.0)
+    # Between greedy and the fitted temperature the offsets are interpolated; above it they
+    # stay at the sampled ones and a warning says the rates are no longer calibrated.
+    assert cal.offsets(0.25) == pytest.approx((0.5, 1.0))
+    with pytest.warns(UserWarning, match="calibrated at temperature 1"):
+        assert cal.offsets(1.5) == (-1.0, -2.0)
+
+
+def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer) -> None:
+    """Fitted on validation pages, the offsets make the greedy agent watch and exit at the
+    humans' rates on those pages (up to one slot / one page of quantile rounding)."""
+    trajs = small_world.trajectories("valid", users=sorted(small_world.histories)[:6],
+                                     progress=False)
+    trs = transitions(trajs, small_world, full_history=True)[:12]
+    fitted = calibrate(scorer, trs, world_model=False)
+    cal = Calibration.model_validate(fitted)
+    assert fitted["fitted_on"]["pages"] == len(trs) and cal.list_offset is None
+    slots = sum(len(t.items) for t in trs)
+    decisions = decide(scorer, [t.decision_input() for t in trs], calibration=cal)
+    sim_watch = sum(len(d.action.watched) for d in decisions) / slots
+    assert sim_watch == pytest.approx(fitted["fitted_on"]["human_watch_ratio"],
+                                      abs=1 / slots + 1e-9)
+    # then_offset is fitted on exit scores that follow the calibrated watch choices, as here.
+    sim_exit = np.mean([d.action.then == "exit" for d in decisions])
+    assert sim_exit == pytest.approx(fitted["fitted_on"]["human_exit_share"],
+                                     abs=1 / len(trs) + 1e-9)
+    # A sampling agent uses the sampled offsets: its expected watch ratio is the humans'.
+    sampled = decide(scorer, [t.decision_input() for t in trs], calibration=cal, temperature=1.0)
+    p_watch = [1 / (1 + np.exp(-v)) for d in sampled for v in d.watch_scores.values()]
+    assert np.mean(p_watch) == pytest.approx(fitted["fitted_on"]["human_watch_ratio"], abs=1e-3)
+    for d, g in zip(sampled, decisions, strict=True):
+        for slot, v in d.watch_scores.items():
+            assert v - g.watch_scores[slot] == pytest.approx(
+                cal.sampled_watch_offset - cal.watch_offset, abs=1e-5)

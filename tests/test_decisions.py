@@ -1,0 +1,208 @@
+"""Batched scoring equals one-by-one scoring, decisions score each line after the text it
+was trained on, and lockstep browsing stops at an exit and carries a session on.
+
+Worlds are the 40-user ml-100k ``small_world`` (conftest); models are tiny random Llamas.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from agents import prompts, text
+from agents.browse import (
+    browse,
+    list_scores,
+    pages_of,
+)
+from agents.decide import Calibration, decide
+from agents.llm import tiny_lm
+from agents.scorer import Scorer
+from agents.transition import Transition
+from agents.world import World
+from tests.pages import VIEWS, page_inputs
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def scorer() -> Scorer:
+    return Scorer(tiny_lm(seed=4), cache_size=256)
+
+
+# --- batched scoring equals one-by-one scoring --------------------------------------------------
+
+def test_score_many_equals_score(small_world: World) -> None:
+    lm = tiny_lm(seed=5)
+    assert lm.dtype == torch.float32
+    inputs = page_inputs(small_world, n=2)
+    long_prefix = prompts.persona_block(inputs[0].persona_text) + inputs[0].page_text
+    other = prompts.persona_block(inputs[1].persona_text) + inputs[1].page_text
+    opts = [(prompts.policy_tail(), text.slot_line(1, text.WATCH)),
+            (prompts.policy_tail(), text.slot_line(3, text.SKIP)),
+            (prompts.policy_tail() + text.render_choices(4, [1, 2]) + text.then_line("next"),
+             text.rating_line(2, 5)),
+            ("", "then: exit\n"),
+            ("", "A much longer target of several words\n")]
+    requests = [("Short prefix.\n", opts[:2]), (long_prefix, opts), (other, opts[1:4]),
+                (long_prefix, opts[2:]), ("Short prefix.\n", [])]
+    batched = Scorer(lm, cache_size=2, batch_tokens=64).score_many(requests)  # many chunks
+    one = Scorer(lm)
+    assert [len(r) for r in batched] == [len(o) for _, o in requests]
+    for (prefix, options), got in zip(requests, batched, strict=True):
+        np.testing.assert_allclose(got, one.score(prefix, options), atol=2e-4)
+        np.testing.assert_allclose(got, one.score_naive(prefix, options), atol=2e-4)
+    with pytest.raises(ValueError, match="empty"):
+        one.score_many([("", opts[:1])])
+
+
+def test_decide_on_a_batch_equals_decide_alone(small_world: World) -> None:
+    lm = tiny_lm(seed=6)
+    inputs = page_inputs(small_world, n=3, pages=2)
+    cal = Calibration(watch_offset=0.4, then_offset=-0.2)
+    for world_model in (False, True):
+        together = decide(Scorer(lm, cache_size=64), inputs, world_model=world_model,
+                          calibration=cal, temperature=0.7)
+        assert any(d.action.watched for d in together)  # ratings are compared too
+        for inp, d in zip(inputs, together, strict=True):
+            alone = decide(Scorer(lm), [inp], world_model=world_model, calibration=cal,
+                           temperature=0.7)[0]
+            assert d.action == alone.action
+            assert d.predictions == pytest.approx(alone.predictions, abs=0.011)
+            assert bool(d.predictions) is world_model
+            for s, v in alone.watch_scores.items():
+                assert d.watch_scores[s] == pytest.approx(v, abs=1e-3)
+            assert d.exit_score == pytest.approx(alone.exit_score, abs=1e-3)
+            assert sorted(d.rating_probs) == sorted(inp.items.index(i) + 1
+                                                    for i in d.action.watched)
+            for s, probs in alone.rating_probs.items():
+                assert d.rating_probs[s] == pytest.approx(probs, abs=1e-3)
+
+
+def test_decide_scores_next_exit_and_ratings_as_the_full_texts_do(small_world: World) -> None:
+    """Ratings are scored over a prefix that extends the page by the choices and next/exit; the
+    probabilities must be those of the plain texts, scored with no cache at all."""
+    lm = tiny_lm(seed=3)
+    inputs = page_inputs(small_world, n=2, pages=1)
+    cal = Calibration(watch_offset=100.0)  # every slot watched: every rating line is scored
+    for d, inp in zip(decide(Scorer(lm), inputs, calibration=cal), inputs, strict=True):
+        slots = sorted(d.watch_scores)
+        prefix = prompts.prefix(inp.persona_text, inp.page_text)
+        ctx = prompts.policy_tail() + text.render_choices(len(slots), slots)
+        ref = Scorer(lm)
+        then = ref.score_naive(prefix, [(ctx, text.then_line(t)) for t in text.THEN])
+        assert d.then_probs[1] == pytest.approx(1 / (1 + math.exp(then[0] - then[1])),
+                                                abs=2e-4)
+        ctx += text.then_line(d.action.then)
+        for s in slots:
+            lp = np.asarray(ref.score_naive(prefix, [(ctx, text.rating_line(s, r))
+                                                     for r in text.RATINGS]))
+            want = np.exp(lp - lp.max()) / np.exp(lp - lp.max()).sum()
+            np.testing.assert_allclose(d.rating_probs[s], want, atol=2e-4)
+
+
+class Options:
+    """A scorer that keeps every (prefix, options) request and scores by length."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def score_many(self, requests):
+        self.requests += [(p, list(o)) for p, o in requests]
+        return [[-float(len(c + line)) for c, line in o] for _, o in requests]
+
+
+def test_decide_scores_each_slot_after_the_text_it_was_trained_on() -> None:
+    views = tuple(v.model_copy(update={"match": 10 * s, "close_watched": s})
+                  for s, v in enumerate(VIEWS, 1))
+    tr = Transition(user=1, persona="You are user 1.\n", views=views, session=(), page=2,
+                    max_pages=5, ratings={2: 5}, then="next", next_views=None,
+                    items=tuple(v.id for v in views))
+    preds = {1: 3.5, 2: 4.25, 3: 2.0, 4: 1.0}
+    rec = Options()
+    decide(rec, [tr.decision_input().model_copy(update={"predictions": preds})])
+    scored = {line: prefix + ctx for prefix, opts in rec.requests for ctx, line in opts
+              if line.endswith((" watch\n", " skip\n"))}
+    trained = {e.target: "".join(e.segments) for e in tr.policy_examples(preds)[:4]}
+    assert len(trained) == 4 and all(scored[line] == ctx for line, ctx in trained.items())
+    assert "[3] Film 3 (1993): match 30/100, you watched 3 of its 20 closest; you expect to " \
+           "rate 2.0\n" in trained[text.slot_line(3, text.SKIP)]
+
+
+# --- lockstep browsing --------------------------------------------------------------------------
+
+class Recording:
+    """A scorer wrapper that keeps every prefix scored."""
+
+    def __init__(self, inner: Scorer) -> None:
+        self.inner, self.prefixes = inner, []
+
+    def score_many(self, requests):
+        self.prefixes += [p for p, _ in requests]
+        return self.inner.score_many(requests)
+
+
+def _sessions(world: World, n_pages: int = 3) -> list[tuple[int, list[list[int]]]]:
+    out = []
+    for k, u in enumerate(sorted(world.histories)[:2]):
+        unseen = [i for i in sorted(world.ds.items) if i not in world.histories[u]]
+        out.append((u, pages_of(unseen[10 * k: 10 * k + 4 * n_pages])))
+    return out
+
+
+def test_browse_stops_a_session_at_exit(small_world: World, scorer: Scorer) -> None:
+    w = small_world
+    sessions = _sessions(w)
+    kw = dict(world_model=False, temperature=0.0)
+    leave = browse(scorer, w.perceiver, w.personas, w.histories, sessions,
+                   calibration=Calibration(then_offset=100.0), **kw)
+    assert [len(run) for run in leave] == [1, 1]
+    assert all(run[0].action.then == "exit" for run in leave)
+    stay = browse(scorer, w.perceiver, w.personas, w.histories, sessions,
+                  calibration=Calibration(then_offset=-100.0), **kw)
+    assert [len(run) for run in stay] == [3, 3]
+    # exits=False browses every page whatever the agent says (1:m lists).
+    listed = browse(scorer, w.perceiver, w.personas, w.histories, sessions,
+                    calibration=Calibration(then_offset=100.0), exits=False, **kw)
+    assert [len(run) for run in listed] == [3, 3]
+    assert all(d.action.then == "exit" for run in listed for d in run)
+    for run, (_, pages) in zip(listed, sessions, strict=True):
+        for d, page in zip(run, pages, strict=True):
+            assert set(d.action.watched) <= set(page) and sorted(d.watch_scores) == [1, 2, 3, 4]
+
+
+def test_browse_carries_the_session_into_later_pages(small_world: World,
+                                                     scorer: Scorer) -> None:
+    w = small_world
+    sessions = _sessions(w, n_pages=2)
+    rec = Recording(scorer)
+    runs = browse(rec, w.perceiver, w.personas, w.histories, sessions, world_model=False,
+                  calibration=Calibration(watch_offset=100.0, then_offset=-100.0))
+    assert all(list(run[0].action.watched) == pages[0]
+               for run, (_, pages) in zip(runs, sessions, strict=True))
+    page2 = [p for p in rec.prefixes if "Page 2 of at most 2." in p]
+    assert page2
+    for (u, pages), run in zip(sessions, runs, strict=True):
+        first = [w.ds.items[i].title for i in pages[0]]
+        mine = [p for p in page2 if p.startswith(prompts.persona_block(w.personas[u]))]
+        line = "Watched this session: " + "; ".join(
+            f"{t} {run[0].action.watched[i]}/5" for t, i in zip(first, pages[0], strict=True))
+        assert mine and all(line + ".\n" in p for p in mine)
+        # What was watched on page 1 is evidence on page 2 (history plus this session).
+        assert run[1].watch_scores and len(run) == 2
+
+
+def test_list_scores_browse_every_page_with_the_offset(small_world: World,
+                                                       scorer: Scorer) -> None:
+    w = small_world
+    lists = [(u, [i for p in pages for i in p][:4]) for u, pages in _sessions(w, n_pages=1)]
+    base = list_scores(scorer, w.perceiver, w.personas, w.histories, lists, world_model=False)
+    shifted = list_scores(scorer, w.perceiver, w.personas, w.histories, lists,
+                          world_model=False, offset=1.5)
+    assert [len(s) for s in base] == [4, 4]
+    for b, s in zip(base, shifted, strict=True):
+        np.testing.assert_allclose(s - b, 1.5, atol=1e-9)
+    assert all(math.isfinite(x) for s in base for x in s)
