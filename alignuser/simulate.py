@@ -13,6 +13,10 @@ from rich.table import Table
 
 from alignuser.checks import check_adapter
 from alignuser.config import LLM_POLICIES, SimulateConfig, World, world_for
+from evaluation.macro import per_user_outcome
+from evaluation.metrics import best_choice
+from evaluation.plots import plot_session_outcomes
+from evaluation.report import _png
 from graph.build import policy_scorer
 from graph.context import settings_deps
 from graph.deps import AgentDeps
@@ -154,10 +158,17 @@ def simulate(cfg: SimulateConfig, output: str | Path | None = None,
         write_atomic(run_dir / "sessions.jsonl", "".join(s.line() + "\n" for s in sessions))
         metrics = {"per_recommender": session_metrics(sessions), "wall_seconds":
                    round(time.perf_counter() - t0, 1), "model": model_name}
+        if (choice := ship_choice(sessions, cfg.seed)) is not None:
+            metrics["would_ship"] = choice
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_atomic(run_dir / "sessions_by_recommender.png", _png(plot_session_outcomes(
+            [{"recommender": rec, **m, "pages_per_session": m["exit_page"]}
+             for rec, m in metrics["per_recommender"].items()])))
         update_manifest(run_dir, wall_seconds=metrics["wall_seconds"], model=model_name)
         log.path.unlink(missing_ok=True)
     console.print(metrics_table(metrics["per_recommender"], f"{cfg.policy} agents"))
+    if "would_ship" in metrics:
+        console.print(ship_line(metrics["would_ship"]))
     console.print(f"run directory: {final}  ({metrics['wall_seconds']} s)")
     return final
 
@@ -227,3 +238,23 @@ def metrics_table(per_rec: dict[str, dict[str, float]], title: str) -> Table:
                       f"{m['likes_per_page']:.2f}", f"{m['exit_page']:.2f}",
                       f"{m['mean_rating']:.2f}", f"{m['satisfaction']:.2f}")
     return table
+
+
+def ship_choice(sessions: list[SessionRecord], seed: int) -> dict[str, Any] | None:
+    """The recommender this population would ship on likes per page, with the CI of its mean,
+    its lead over the runner-up (the same agents browse every recommender, so paired) and how
+    often it stays first when the agents are resampled, as ``alignuser evaluate``'s report
+    opens; None with one recommender or fewer than 2 agents."""
+    per_user = per_user_outcome([s.json_form() for s in sessions])
+    if per_user.shape[1] < 2 or len(per_user) < 2:
+        return None
+    return best_choice(per_user, seed=seed)
+
+
+def ship_line(choice: dict[str, Any]) -> str:
+    lo, hi = choice["ci"]
+    lead_lo, lead_hi = choice["lead_ci"]
+    return (f"would ship {choice['recommender']}: likes/page {choice['mean']:.2f} "
+            f"[{lo:.2f}, {hi:.2f}], {choice['lead']:+.2f} [{lead_lo:+.2f}, {lead_hi:+.2f}] over "
+            f"{choice['runner_up']}, first in {choice['p_first']:.0%} of resamples of the "
+            f"{choice['n_users']} agents (95% bootstrap CIs)")

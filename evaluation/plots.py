@@ -22,6 +22,8 @@ def plot_session_outcomes(rows: Sequence[Mapping[str, Any]]) -> Figure:
         ax.bar(frame["recommender"].astype(str), frame[col].to_numpy(dtype=float),
                color="tab:blue")
         ax.set_title(col.replace("_", " "))
+        if col in ("watch_ratio", "exit_share"):
+            ax.set_ylim(0, 1)  # shares: an empty bar reads as 0, not as a missing panel
         ax.tick_params(axis="x", labelrotation=45)
     return fig
 

@@ -85,8 +85,9 @@ def run_population(app: Any, runtimes: Mapping[str, AgentDeps], users: Iterable[
 
 def session_metrics(sessions: Iterable[SessionRecord | Mapping[str, Any]]
                     ) -> dict[str, dict[str, float]]:
-    """Per recommender: watch ratio, likes (rating >= 4) per page, mean exit page, satisfaction,
-    and the pages a policy answered with its default action (``Decision.fallback``)."""
+    """Per recommender: watch ratio, likes (rating >= 4) per page, mean exit page, the share of
+    sessions that ended by exit, satisfaction, and the pages a policy answered with its default
+    action (``Decision.fallback``)."""
     by_rec: dict[str, list[SessionRecord]] = {}
     for s in as_records(sessions):
         by_rec.setdefault(s.recommender, []).append(s)
@@ -101,6 +102,7 @@ def session_metrics(sessions: Iterable[SessionRecord | Mapping[str, Any]]
             "watch_ratio": len(ratings) / shown if shown else 0.0,
             "likes_per_page": sum(r >= 4 for r in ratings) / pages if pages else 0.0,
             "exit_page": float(np.mean([len(s.pages) for s in rows])),
+            "exit_share": float(np.mean([s.end == "exit" for s in rows])),
             "mean_rating": float(np.mean(ratings)) if ratings else float("nan"),
             "satisfaction": float(np.mean(sats)) if sats else float("nan"),
             "fallback_pages": sum(p.fallback is not None for s in rows for p in s.pages),
