@@ -13,6 +13,7 @@ from simulator.readers import load_dataset
 from simulator.split import Split, make_split
 
 if TYPE_CHECKING:
+    from agents.scorer import Scorer
     from agents.world import World
 
 
@@ -69,6 +70,15 @@ def tiny_dataset() -> Dataset:
             for u in range(1, 7) for k in range(6)]
     ratings = pd.DataFrame(rows, columns=["user", "item", "rating", "timestamp"])
     return validate("tiny", users, items, ratings)
+
+
+@pytest.fixture(scope="module")
+def scorer() -> Scorer:
+    """A tiny random Llama's scorer for a module's decision tests (a module may define its own)."""
+    from agents.llm import tiny_lm
+    from agents.scorer import Scorer
+
+    return Scorer(tiny_lm(seed=4), cache_size=256)
 
 
 @pytest.fixture(scope="module")

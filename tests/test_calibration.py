@@ -19,7 +19,6 @@ from agents.browse import (
     sampled_rate_offset,
 )
 from agents.decide import Calibration, decide
-from agents.llm import tiny_lm
 from agents.policy import LLMPolicy
 from agents.scorer import Scorer
 from agents.transition import transitions
@@ -28,11 +27,6 @@ from tests.pages import page_inputs
 from training.calibrate import calibrate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def scorer() -> Scorer:
-    return Scorer(tiny_lm(seed=4), cache_size=256)
 
 
 def test_calibration_round_trips_through_the_manifest(tmp_path: Path) -> None:

@@ -28,11 +28,6 @@ from tests.pages import VIEWS, page_inputs
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def scorer() -> Scorer:
-    return Scorer(tiny_lm(seed=4), cache_size=256)
-
-
 # --- batched scoring equals one-by-one scoring --------------------------------------------------
 
 def test_score_many_equals_score(small_world: World) -> None:
