@@ -154,7 +154,8 @@ def simulate(cfg: SimulateConfig, output: str | Path | None = None,
                                      for p in ("train", "valid", "test")}},
                            users=users,
                            recommender_specs={recommender_label(r): r for r in cfg.recommenders})
-        sessions, model_name = run_sessions(cfg, world, users, run_dir, finished, log.commit)
+        sessions, model_name, scorer = run_sessions(cfg, world, users, run_dir, finished,
+                                                    log.commit)
         write_atomic(run_dir / "sessions.jsonl", "".join(s.line() + "\n" for s in sessions))
         metrics = {"per_recommender": session_metrics(sessions), "wall_seconds":
                    round(time.perf_counter() - t0, 1), "model": model_name}
@@ -164,24 +165,34 @@ def simulate(cfg: SimulateConfig, output: str | Path | None = None,
         write_atomic(run_dir / "sessions_by_recommender.png", _png(plot_session_outcomes(
             [{"recommender": rec, **m, "pages_per_session": m["exit_page"]}
              for rec, m in metrics["per_recommender"].items()])))
-        update_manifest(run_dir, wall_seconds=metrics["wall_seconds"], model=model_name)
+        cost = scoring_cost(scorer, [s for s in sessions
+                                     if thread_id(s.recommender, s.user) not in finished])
+        update_manifest(run_dir, wall_seconds=metrics["wall_seconds"], model=model_name,
+                        scoring=cost)
         log.path.unlink(missing_ok=True)
     console.print(metrics_table(metrics["per_recommender"], f"{cfg.policy} agents"))
     if "would_ship" in metrics:
         console.print(ship_line(metrics["would_ship"]))
+    if cost is not None:
+        console.print(f"scored {cost['token_positions']:,} token positions in "
+                      f"{cost['forwards']:,} forwards for {cost['pages']:,} pages "
+                      f"({cost['token_positions_per_page']:,.0f} and "
+                      f"{cost['forwards_per_page']:.1f} a page)")
     console.print(f"run directory: {final}  ({metrics['wall_seconds']} s)")
     return final
 
 
 def run_sessions(cfg: SimulateConfig, world: World, users: list[int], run_dir: Path,
                  finished: dict[str, SessionRecord], commit: Callable[[SessionRecord], None]
-                 ) -> tuple[list[SessionRecord], str | None]:
-    """Every session in job order, on the configured backend; new ones are committed as they
-    end. Unfinished agents' traces and memories are cleared first, so they start afresh."""
+                 ) -> tuple[list[SessionRecord], str | None, Any]:
+    """Every session in job order, on the configured backend, with the model's name and the
+    local scorer (None on Ray, whose scorers live in the actors, or without an LLM); new
+    sessions are committed as they end. Unfinished agents' traces and memories are cleared
+    first, so they start afresh."""
     if cfg.backend == "ray":
         from alignuser.ray_backend import run_on_ray
 
-        return run_on_ray(cfg, users, run_dir, finished, commit)
+        return *run_on_ray(cfg, users, run_dir, finished, commit), None
     scorer, model_name = load_scorer(cfg)
     memory = make_memory(cfg.memory, run_dir / "memory" if cfg.memory == "chroma" else None)
     runtimes = build_runtimes(cfg, world, users, scorer, memory)
@@ -194,7 +205,20 @@ def run_sessions(cfg: SimulateConfig, world: World, users: list[int], run_dir: P
         app = build_graph(cfg.memory, cfg.world_model, checkpointer=saver)
         sessions = run_population(app, runtimes, users, concurrency=cfg.concurrency,
                                   finished=finished, on_done=commit)
-    return sessions, model_name
+    return sessions, model_name, scorer
+
+
+def scoring_cost(scorer: Any, sessions: list[SessionRecord]) -> dict[str, Any] | None:
+    """What this process's sessions cost the model: forwards and token positions pushed (the
+    compute-bound part on a CPU), in all and per page; None without a local LLM scorer."""
+    stats = getattr(scorer, "stats", None)
+    if stats is None:
+        return None
+    pages = sum(len(s.pages) for s in sessions)
+    return {"forwards": stats.forwards, "token_positions": stats.tokens, "pages": pages,
+            "forwards_per_page": stats.forwards / pages if pages else 0.0,
+            "token_positions_per_page": stats.tokens / pages if pages else 0.0,
+            "note": "sessions run by this process (a resumed run's earlier ones not counted)"}
 
 
 def recorded_config(run: str | Path) -> dict[str, Any]:

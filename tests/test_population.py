@@ -48,3 +48,28 @@ def test_one_recommender_ships_nothing(tmp_path: Path) -> None:
                  "--pages", "2", "--output", str(run)]) == 0
     assert "would_ship" not in json.loads((run / "metrics.json").read_text())
     assert (run / "sessions_by_recommender.png").is_file()
+
+
+def test_an_llm_run_records_what_it_cost_the_model(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from agents.llm import tiny_lm
+
+    lm = tiny_lm(seed=2)
+    lm.model.save_pretrained(tmp_path / "tiny")
+    lm.tokenizer.save_pretrained(tmp_path / "tiny")
+    run = tmp_path / "run"
+    assert main(["simulate", "--policy", "zero_shot", "--model", str(tmp_path / "tiny"),
+                 "--no-memory", "--agents", "2", "--recommenders", "pop", "--pages", "2",
+                 "--device", "cpu", "--output", str(run)]) == 0
+    out = capsys.readouterr().out
+    cost = json.loads((run / "manifest.json").read_text())["scoring"]
+    pages = sum(len(json.loads(line)["pages"])
+                for line in (run / "sessions.jsonl").read_text().splitlines())
+    assert cost["pages"] == pages >= 2
+    assert 0 < cost["forwards"] < cost["token_positions"]
+    assert cost["token_positions_per_page"] == pytest.approx(cost["token_positions"] / pages)
+    assert f"{cost['forwards']:,} forwards for {pages:,} pages" in out
+    random_run = tmp_path / "random"
+    assert main(["simulate", "--policy", "random", "--agents", "2", "--recommenders", "pop",
+                 "--output", str(random_run)]) == 0
+    assert json.loads((random_run / "manifest.json").read_text())["scoring"] is None
