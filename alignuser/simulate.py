@@ -16,7 +16,7 @@ from alignuser.config import LLM_POLICIES, SimulateConfig, World, world_for
 from evaluation.macro import per_user_outcome
 from evaluation.metrics import best_choice
 from evaluation.plots import plot_session_outcomes
-from evaluation.report import _png
+from evaluation.report import png_bytes
 from graph.build import policy_scorer
 from graph.context import settings_deps
 from graph.deps import AgentDeps
@@ -162,7 +162,7 @@ def simulate(cfg: SimulateConfig, output: str | Path | None = None,
         if (choice := ship_choice(sessions, cfg.seed)) is not None:
             metrics["would_ship"] = choice
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        write_atomic(run_dir / "sessions_by_recommender.png", _png(plot_session_outcomes(
+        write_atomic(run_dir / "sessions_by_recommender.png", png_bytes(plot_session_outcomes(
             [{"recommender": rec, **m, "pages_per_session": m["exit_page"]}
              for rec, m in metrics["per_recommender"].items()])))
         cost = scoring_cost(scorer, [s for s in sessions

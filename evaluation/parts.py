@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from evaluation.report import _png
+from evaluation.report import png_bytes
 from evaluation.sections import Result
 from simulator.runs import write_atomic
 
@@ -87,7 +87,7 @@ class Parts:
         names = {}
         for key, fig in result.plots.items():
             names[key] = f"section-{name}--{re.sub(r'[^A-Za-z0-9_-]', '_', key)}.png"
-            write_atomic(self.dir / names[key], _png(fig))
+            write_atomic(self.dir / names[key], png_bytes(fig))
         text = json.dumps({"metrics": result.metrics, "plots": names}, default=_plain, indent=1)
         write_atomic(self.dir / f"section-{name}.json", text)
         return Result(json.loads(text)["metrics"], {k: (self.dir / png).read_bytes()

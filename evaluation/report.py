@@ -194,7 +194,9 @@ def _setup_blocks(value: Any) -> list[Block]:
     return [("table", (["field", "value"], rows))]
 
 
-def _png(fig: Any) -> bytes:
+def png_bytes(fig: Any) -> bytes:
+    """A figure as PNG bytes (already rendered bytes pass through): reports, section parts and
+    simulate runs save their plots the same way."""
     if isinstance(fig, bytes | bytearray):
         return bytes(fig)
     FigureCanvasAgg(fig)
@@ -275,7 +277,7 @@ def write_report(metrics: Mapping[str, Any], out_dir: Path,
     images: dict[str, tuple[str, str, bytes]] = {}
     for key, fig in (plots or {}).items():
         name = re.sub(r"[^A-Za-z0-9_-]", "_", key) + ".png"
-        data = _png(fig)
+        data = png_bytes(fig)
         (out_dir / name).write_bytes(data)
         paths[name] = out_dir / name
         images[key] = (key, name, data)

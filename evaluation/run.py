@@ -21,7 +21,7 @@ from agents.world import World
 from evaluation.metrics import explain_scores
 from evaluation.outputs import METHODS, EvalBundle
 from evaluation.parts import Parts
-from evaluation.report import _png, write_report
+from evaluation.report import png_bytes, write_report
 from evaluation.sections import REGISTRY, Context, held_out, pick, select
 from simulator.custom import SPEC_HELP, check_recommenders
 from simulator.env import MAX_PAGES
@@ -205,7 +205,7 @@ def score(world: World, bundle: EvalBundle, outputs: Mapping[str, Any], cfg: Eva
             if parts is not None:
                 result = parts.save_section(name, result)
         metrics |= result.metrics
-        plots |= {key: _png(fig) for key, fig in result.plots.items()}  # rendered once
+        plots |= {key: png_bytes(fig) for key, fig in result.plots.items()}  # rendered once
         write_report(metrics, out_dir, plots)
     metrics["setup"]["scoring_wall_time_s"] = round(time.perf_counter() - t0, 1)
     write_report(metrics, out_dir, plots)
