@@ -13,7 +13,7 @@ from rich.table import Table
 
 from alignuser.checks import check_adapter
 from alignuser.config import LLM_POLICIES, SimulateConfig, World, world_for
-from evaluation.macro import per_user_outcome
+from evaluation.macro import per_user_outcome, satisfaction_link
 from evaluation.metrics import best_choice
 from evaluation.plots import plot_session_outcomes
 from evaluation.report import png_bytes
@@ -161,6 +161,8 @@ def simulate(cfg: SimulateConfig, output: str | Path | None = None,
                    round(time.perf_counter() - t0, 1), "model": model_name}
         if (choice := ship_choice(sessions, cfg.seed)) is not None:
             metrics["would_ship"] = choice
+        if (link := satisfaction_link(sessions, cfg.seed)) is not None:
+            metrics["satisfaction_vs_likes"] = link
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         write_atomic(run_dir / "sessions_by_recommender.png", png_bytes(plot_session_outcomes(
             [{"recommender": rec, **m, "pages_per_session": m["exit_page"]}
@@ -173,6 +175,10 @@ def simulate(cfg: SimulateConfig, output: str | Path | None = None,
     console.print(metrics_table(metrics["per_recommender"], f"{cfg.policy} agents"))
     if "would_ship" in metrics:
         console.print(ship_line(metrics["would_ship"]))
+    if "satisfaction_vs_likes" in metrics:
+        link = metrics["satisfaction_vs_likes"]
+        console.print(f"satisfaction vs likes per page over {link['n']:,} sessions: Spearman "
+                      f"{link['rho']:.2f} [{link['ci'][0]:.2f}, {link['ci'][1]:.2f}]")
     if cost is not None:
         console.print(f"scored {cost['token_positions']:,} token positions in "
                       f"{cost['forwards']:,} forwards for {cost['pages']:,} pages "

@@ -24,6 +24,7 @@ from evaluation.metrics import (
     discriminator_auc,
     distribution_distance,
     rank_agreement_boot,
+    spearman_ci,
 )
 from simulator.sessions import PageRecord, SessionRecord
 from simulator.trajectories import Trajectory
@@ -76,6 +77,18 @@ def by_recommender(sessions: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[
                      "exit_share": float(np.mean([s["end"] == "exit" for s in ss]))
                      if ss else 0.0})
     return rows
+
+
+def satisfaction_link(sessions: Sequence[SessionRecord], seed: int = 0) -> dict[str, Any] | None:
+    """Whether the interview's satisfaction follows what the session held: Spearman's rho of
+    each session's satisfaction with its likes per page, with a bootstrap CI over sessions;
+    None when fewer than 3 sessions were interviewed or either side is constant."""
+    rows = [(s.satisfaction, sum(p.liked() for p in s.pages) / len(s.pages))
+            for s in sessions if s.satisfaction is not None and s.pages]
+    if not rows:
+        return None
+    sat, likes = zip(*rows, strict=True)
+    return spearman_ci(sat, likes, seed=seed)
 
 
 def session_features(sessions: Sequence[Mapping[str, Any]]) -> np.ndarray:

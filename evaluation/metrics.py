@@ -229,6 +229,20 @@ def best_choice(per_user: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
     return out
 
 
+def spearman_ci(x: Sequence[float], y: Sequence[float], n_boot: int = 1000, seed: int = 0,
+                level: float = 0.95) -> dict[str, float] | None:
+    """Spearman's rho of paired values with a percentile bootstrap CI (pairs resampled); None
+    with fewer than 3 pairs or a constant side, where no order can agree."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    boot = []
+    for idx in rng.integers(0, a.size, (n_boot, a.size)):
+        boot.append(_tau_rho(a[idx], b[idx])[1])
+    return {"rho": _tau_rho(a, b)[1], "ci": _ci(np.asarray(boot), level), "n": int(a.size)}
+
+
 def paired_diff_ci(a: Sequence[float], b: Sequence[float], n_boot: int = 1000, seed: int = 0,
                    level: float = 0.95) -> dict[str, float]:
     """Mean of per-user a - b with a percentile bootstrap CI (users are the unit of sampling)."""

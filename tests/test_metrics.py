@@ -26,6 +26,7 @@ from evaluation.metrics import (
     rank_agreement_boot,
     read_ab_results,
     rmse_mae,
+    spearman_ci,
 )
 from simulator.lists import LIST_SIZES, discrimination_lists
 
@@ -260,3 +261,17 @@ def test_best_choice_names_the_winner_and_never_a_tie() -> None:
     assert tie["lead"] == 0.0 and tie["p_first"] == 0.0  # first by column order only
     with pytest.raises(ValueError, match="needs >= 2 users"):
         best_choice(frame.iloc[:1])
+
+
+def test_spearman_ci() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=400)
+    tied = spearman_ci(x, 3 * x + 1)
+    assert tied is not None and tied["rho"] == pytest.approx(1.0) and tied["n"] == 400
+    assert tied["ci"] == pytest.approx([1.0, 1.0])
+    covered = [spearman_ci(a, b, n_boot=200, seed=k) for k, (a, b) in
+               enumerate(rng.normal(size=(20, 2, 100)))]  # independent pairs: rho is 0
+    assert sum(c is not None and c["ci"][0] < 0 < c["ci"][1] for c in covered) >= 16
+    some = spearman_ci(x, x + rng.normal(size=400), seed=1)
+    assert some is not None and 0.5 < some["ci"][0] <= some["rho"] <= some["ci"][1] < 0.9
+    assert spearman_ci(x[:2], x[:2]) is None and spearman_ci(x, np.ones(400)) is None

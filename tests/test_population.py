@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import spearmanr
 
 from alignuser.cli import main
 
@@ -40,6 +41,13 @@ def test_simulate_says_which_recommender_it_would_ship(tmp_path: Path,
         assert metrics["per_recommender"][rec]["exit_share"] == pytest.approx(
             np.mean([s["end"] == "exit" for s in rows]))
     assert (run / "sessions_by_recommender.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    link = metrics["satisfaction_vs_likes"]  # each session's answer against its likes per page
+    sats = [s["satisfaction"] for s in sessions]
+    per_page = [sum(r >= 4 for p in s["pages"] for r in p["watched"].values()) / len(s["pages"])
+                for s in sessions]
+    assert link["rho"] == pytest.approx(spearmanr(sats, per_page).statistic)
+    assert link["n"] == 16 and link["rho"] > 0  # without a model it answers from likes per page
+    assert link["ci"][0] <= link["rho"] <= link["ci"][1] and "satisfaction vs likes" in out
 
 
 def test_one_recommender_ships_nothing(tmp_path: Path) -> None:
