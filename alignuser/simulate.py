@@ -285,6 +285,7 @@ def ship_line(choice: dict[str, Any]) -> str:
     lo, hi = choice["ci"]
     lead_lo, lead_hi = choice["lead_ci"]
     return (f"would ship {choice['recommender']}: likes/page {choice['mean']:.2f} "
-            f"[{lo:.2f}, {hi:.2f}], {choice['lead']:+.2f} [{lead_lo:+.2f}, {lead_hi:+.2f}] over "
+            f"[{lo:.2f}, {hi:.2f}] (mean over agents), {choice['lead']:+.2f} "
+            f"[{lead_lo:+.2f}, {lead_hi:+.2f}] over "
             f"{choice['runner_up']}, first in {choice['p_first']:.0%} of resamples of the "
             f"{choice['n_users']} agents (95% bootstrap CIs)")
