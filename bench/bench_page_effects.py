@@ -7,7 +7,9 @@ pairs into those on the same page and those on different pages and reports how o
 kind is ordered correctly, beside the item's match number alone; and how much a score falls
 when the page-mates match well (a least-squares slope on the other slots' mean match, relative
 to the slope on the item's own match; the lists' own labels give the same ratio from a logistic
-regression, which is what the lists reward).
+regression, which is what the lists reward). It also asks whether a score knows anything its
+perceived numbers do not: a logistic regression on the numbers alone and on the numbers plus
+the score, each fit on four fifths of the users and scored on the others (5 folds).
 
 ``python bench/bench_page_effects.py BUNDLE RUN [--prepared FILE]`` where BUNDLE comes from
 the run's own command with ``--prepare-only BUNDLE`` (the same lists) and RUN is its output
@@ -31,6 +33,7 @@ from sklearn.metrics import roc_auc_score
 
 from agents.browse import pages_of
 from evaluation.micro import page_mates
+from memory.evidence import FEATURE_NAMES
 from simulator.runs import read_pickle
 
 
@@ -47,6 +50,32 @@ def list_frame(bundle, m: int) -> pd.DataFrame:
                              "mates": mates})
                 k += 1
     return pd.DataFrame(rows)
+
+
+def numbers_frame(bundle, m: int) -> pd.DataFrame:
+    """The perceived numbers of every list item, in ``list_frame``'s row order."""
+    sim = bundle.perceiver.similarity
+    rows = []
+    for user, items, _ in bundle.lists[m]:
+        history = bundle.histories.get(user, {})
+        match = sim.match_percentiles(history)
+        rows += [sim.features(i, history, match) for i in items]
+    return pd.DataFrame(rows)[list(FEATURE_NAMES)]
+
+
+def cv_auc(x: np.ndarray, frame: pd.DataFrame, folds: int = 5, seed: int = 0) -> float:
+    """Mean per-user AUC of a logistic regression on ``x``, each user scored by a fit on the
+    other folds' users."""
+    users = frame["user"].to_numpy()
+    order = np.unique(users)
+    np.random.default_rng(seed).shuffle(order)
+    pred = np.zeros(len(frame))
+    for fold in np.array_split(order, folds):
+        test = np.isin(users, fold)
+        fit = LogisticRegression(max_iter=2000).fit(x[~test], frame["label"][~test])
+        pred[test] = fit.decision_function(x[test])
+    frame = frame.assign(cv=pred)
+    return concordance(frame, "cv")["auc"]
 
 
 def concordance(frame: pd.DataFrame, col: str) -> dict[str, float]:
@@ -147,6 +176,17 @@ def main() -> None:
         console.print(table)
         console.print(f"pairs per list: {c['same_pairs'] / frame['user'].nunique():.1f} on the "
                       f"same page, {c['cross_pairs'] / frame['user'].nunique():.1f} across pages")
+        numbers = numbers_frame(bundle, m).to_numpy(dtype=float)
+        added = Table(title=f"1:{m} lists: what a score adds to the perceived numbers (logistic "
+                            "regression, 5 folds of users)")
+        for col in ("inputs", "AUC"):
+            added.add_column(col)
+        added.add_row("the numbers alone", f"{cv_auc(numbers, frame):.3f}")
+        for name, values in rows.items():
+            if name != "match number alone":
+                added.add_row(f"the numbers + {name}",
+                              f"{cv_auc(np.column_stack([numbers, values]), frame):.3f}")
+        console.print(added)
     if prep is not None:
         console.print(page_shift({"test (this run's)": bundle.pages,
                                   "validation (calibration)": prep.calib}))
