@@ -33,6 +33,7 @@ from sklearn.metrics import roc_auc_score
 
 from agents.browse import pages_of
 from evaluation.micro import page_mates
+from evaluation.signal import list_features
 from memory.evidence import FEATURE_NAMES
 from simulator.runs import read_pickle
 
@@ -50,17 +51,6 @@ def list_frame(bundle, m: int) -> pd.DataFrame:
                              "mates": mates})
                 k += 1
     return pd.DataFrame(rows)
-
-
-def numbers_frame(bundle, m: int) -> pd.DataFrame:
-    """The perceived numbers of every list item, in ``list_frame``'s row order."""
-    sim = bundle.perceiver.similarity
-    rows = []
-    for user, items, _ in bundle.lists[m]:
-        history = bundle.histories.get(user, {})
-        match = sim.match_percentiles(history)
-        rows += [sim.features(i, history, match) for i in items]
-    return pd.DataFrame(rows)[list(FEATURE_NAMES)]
 
 
 def cv_auc(x: np.ndarray, frame: pd.DataFrame, folds: int = 5, seed: int = 0) -> float:
@@ -176,7 +166,8 @@ def main() -> None:
         console.print(table)
         console.print(f"pairs per list: {c['same_pairs'] / frame['user'].nunique():.1f} on the "
                       f"same page, {c['cross_pairs'] / frame['user'].nunique():.1f} across pages")
-        numbers = numbers_frame(bundle, m).to_numpy(dtype=float)
+        numbers = list_features(bundle.perceiver.similarity, bundle.histories,
+                                bundle.lists[m])[list(FEATURE_NAMES)].to_numpy(dtype=float)
         added = Table(title=f"1:{m} lists: what a score adds to the perceived numbers (logistic "
                             "regression, 5 folds of users)")
         for col in ("inputs", "AUC"):

@@ -20,7 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from agents.world import World
-from memory.evidence import FEATURE_NAMES
+from memory.evidence import FEATURE_NAMES, ItemSimilarity
 from simulator.trajectories import Trajectory, TrajectoryConfig, experienced
 
 
@@ -50,12 +50,15 @@ def page_features(world: World, trajs: Sequence[Trajectory]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def list_features(world: World, lists) -> pd.DataFrame:
+def list_features(similarity: ItemSimilarity, histories: Mapping[int, Mapping[int, float]],
+                  lists) -> pd.DataFrame:
+    """One row per list item: the cues perceived from the person's history, and its label.
+    Takes the similarity and histories, not a World, so an evaluation bundle can use it too."""
     rows = []
     for user, items, labels in lists:
-        history = world.histories.get(user, {})
-        match = world.similarity.match_percentiles(history)
-        rows += [{**world.similarity.features(i, history, match), "label": int(y)}
+        history = histories.get(user, {})
+        match = similarity.match_percentiles(history)
+        rows += [{**similarity.features(i, history, match), "label": int(y)}
                  for i, y in zip(items, labels, strict=True)]
     return pd.DataFrame(rows)
 
@@ -70,7 +73,8 @@ def signal_table(world: World, cfg: TrajectoryConfig | None = None, *, users: in
     chosen = sorted(int(u) for u in rng.choice(pool, size=min(users, len(pool)), replace=False))
     trajs = world.trajectories("train", cfg=cfg, users=chosen, progress=progress)
     pages = page_features(world, trajs)
-    lists = list_features(world, [row for row in valid if row[0] in set(chosen)])
+    lists = list_features(world.similarity, world.histories,
+                          [row for row in valid if row[0] in set(chosen)])
     out = pd.DataFrame({
         "feature": list(FEATURE_NAMES),
         "train_pages": [_auc(pages["label"], pages[f]) for f in FEATURE_NAMES],
@@ -91,7 +95,8 @@ def inverted(table: pd.DataFrame, margin: float = 0.0) -> list[str]:
 
 
 def _valid_lists(world: World, seed: int) -> list[tuple[Sequence[int], pd.DataFrame]]:
-    return [(labels, list_features(world, [(u, items, labels)])[list(FEATURE_NAMES)])
+    return [(labels, list_features(world.similarity, world.histories,
+                                   [(u, items, labels)])[list(FEATURE_NAMES)])
             for u, items, labels in world.lists("valid", 1, None, seed)]
 
 
