@@ -17,6 +17,7 @@ from agents.scorer import Scorer
 from alignuser.cli import build_parser, simulate_config
 from alignuser.config import SimulateConfig, World
 from alignuser.simulate import build_runtimes
+from graph import engine
 from graph.graph import build_graph
 from graph.runner import run_population
 from memory.store import NoMemory
@@ -105,6 +106,22 @@ def test_progress_bar_shows_decisions_per_second(small_world: World,
     sessions = run_population(build_graph("none", "off"), runtimes, users)
     err = capsys.readouterr().err
     assert len(sessions) == 3 and "3/3" in err and "decisions/s" in err
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_heap_is_trimmed_after_every_agent(small_world: World, concurrency: int,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    trims: list[int] = []
+    real = engine.trim_heap
+    monkeypatch.setattr(engine, "trim_heap", lambda: trims.append(1) or real())
+    cfg = SimulateConfig(policy="random", recommenders=["pop"], memory="none",
+                         world_model="off", pages=2, checkpoint=None)
+    users = small_world.sample_users(4, seed=0)
+    runtimes = build_runtimes(cfg, small_world, users, None, NoMemory())
+    sessions = run_population(build_graph("none", "off"), runtimes, users, progress=False,
+                              concurrency=concurrency)
+    assert len(sessions) == len(trims) == 4
+    assert isinstance(real(), bool)  # glibc trims (True); elsewhere it is a no-op (False)
 
 
 def test_merged_lora_scores_like_the_adapter(tmp_path: Path) -> None:
