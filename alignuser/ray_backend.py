@@ -43,6 +43,7 @@ class SimulateWorker:
 
     def run(self, recommender: str, user: int) -> tuple[dict[str, Any], bytes, dict | None]:
         """The session, its traces database and its memories."""
+        from graph.engine import trim_heap
         from graph.graph import build_graph
         from graph.runner import run_agent
 
@@ -54,6 +55,7 @@ class SimulateWorker:
             traces = (job / TRACE_FILE).read_bytes()
         finally:
             shutil.rmtree(job, ignore_errors=True)
+            trim_heap()  # as the local runner does after every agent
         export = getattr(self.memory, "export", None)
         memories = export(thread_id(recommender, user)) if export else None
         return session.json_form(), traces, memories

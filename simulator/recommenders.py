@@ -19,6 +19,8 @@ appear on a page. Ties, and items a model cannot score, fall back to popularity,
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
@@ -26,6 +28,8 @@ from typing import Protocol
 
 import numpy as np
 import pandas as pd
+import torch
+from lenskit import parallel
 from lenskit.als import ImplicitMFScorer
 from lenskit.basic import PopScorer, RandomSelector
 from lenskit.data import Dataset as LKDataset
@@ -44,6 +48,22 @@ Chosen on ml-100k so that one watched item moves the next BPR page about as much
 moves an ALS page: the next top-10 with and without the watched item share about 94% of items."""
 _SESSION_CACHE = 512
 _EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@functools.cache
+def keep_torch_threads() -> None:
+    """Configure LensKit's parallelism once per process, before its first training.
+
+    Left to its defaults, LensKit's first training sets torch's intra-op threads (and the BLAS
+    threads) to its ``backend_threads``, cores // its worker threads: 1 on a 2-core machine.
+    Every later LLM forward in the process (simulate with itemknn or bpr pages, evaluate's
+    baselines) then ran on one core of two. Its backend threads are torch's current count
+    instead, unless ``LK_NUM_BACKEND_THREADS`` sets them."""
+    if "LK_NUM_BACKEND_THREADS" in os.environ:
+        return
+    with warnings.catch_warnings():  # interop threads cannot change once torch has used them
+        warnings.simplefilter("ignore", RuntimeWarning)
+        parallel.initialize(backend_threads=torch.get_num_threads())
 
 
 class Recommender(Protocol):
@@ -105,6 +125,7 @@ class LensKitRecommender:
         self._seen_count: dict[int, int] = {}
         self._sessions: OrderedDict[tuple[int, tuple[int, ...]],
                                     tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        keep_torch_threads()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             warnings.simplefilter("ignore", FutureWarning)

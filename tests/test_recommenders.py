@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -176,3 +180,26 @@ def test_unknown_name_lists_known_ones() -> None:
 def test_rank_before_fit_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="not fitted"):
         make_recommender("pop").rank(1, 10)
+
+
+_THREADS_AFTER_FIT = """
+import numpy as np, pandas as pd, torch
+torch.set_num_threads(3)
+from simulator.recommenders import make_recommender
+rng = np.random.default_rng(0)
+frame = pd.DataFrame({"user": rng.integers(0, 40, 600), "item": rng.integers(0, 60, 600),
+                      "rating": rng.integers(1, 6, 600), "timestamp": np.arange(600)})
+frame = frame.drop_duplicates(["user", "item"])
+for name in ("itemknn", "bpr"):
+    make_recommender(name).fit(frame)
+print(torch.get_num_threads())
+"""
+
+
+def test_fitting_lenskit_models_keeps_torch_threads() -> None:
+    """LensKit's default first-training setup cuts torch to cores // its threads (1 on two
+    cores), which halved every LLM forward of a simulate run with itemknn pages."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LK_NUM")}
+    out = subprocess.run([sys.executable, "-c", _THREADS_AFTER_FIT], capture_output=True,
+                         text=True, env=env, timeout=300, check=True)
+    assert out.stdout.split()[-1] == "3"
