@@ -42,6 +42,7 @@ from simulator.recommenders import (
     RECOMMENDERS,
     LensKitRecommender,
     Recommender,
+    keep_torch_threads,
     make_recommender,
 )
 
@@ -120,6 +121,7 @@ def recommender_label(spec: str) -> str:
 
 def load_recommender(spec: str, reactive: bool = True, seed: int = 0) -> Recommender:
     """An unfitted recommender for any spec; call ``fit(train)`` before ranking."""
+    keep_torch_threads()  # before a user's own object trains LensKit models in its fit
     s = parse_spec(spec)
     if s.kind == "builtin":
         return make_recommender(s.text, reactive=reactive, seed=seed)
