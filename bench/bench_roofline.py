@@ -17,6 +17,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,6 +69,35 @@ def page_forward(model: torch.nn.Module, reps: int = 3) -> float:
         return BATCH * (PREFIX + TAIL) / _seconds(page, reps)
 
 
+@dataclass
+class Bound:
+    """A page's per-token FLOPs in two parts and the rate each part runs at on this machine."""
+
+    lin: float  # GFLOP/s of the weights' matmuls
+    att: float  # GFLOP/s of the attention kernel
+    lin_flop: float
+    att_flop: float
+    mean_ctx: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1 / (self.lin_flop / (self.lin * 1e9) + self.att_flop / (self.att * 1e9))
+
+
+def page_bound(model: torch.nn.Module, dtype: torch.dtype) -> Bound:
+    """Per token: the weights at the matmul rate, attention over the mean context of a page's
+    positions (prefix positions see half the prefix on average, scored lines all of it)."""
+    cfg = model.config
+    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
+    weights = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    mean_ctx = (PREFIX * PREFIX / 2 + TAIL * (PREFIX + TAIL / 2)) / (PREFIX + TAIL)
+    return Bound(lin=linear_gflops(hidden, cfg.intermediate_size, dtype),
+                 att=attention_gflops(cfg.num_attention_heads, hidden // cfg.num_attention_heads,
+                                      dtype),
+                 lin_flop=2 * weights, att_flop=4 * mean_ctx * hidden * layers,
+                 mean_ctx=mean_ctx)
+
+
 def run_rate(run: Path) -> tuple[float, int] | None:
     """(token positions a second, pages) of a simulate run, from its manifest."""
     manifest = json.loads((run / "manifest.json").read_text())
@@ -86,16 +116,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     lm = load_lm()
-    cfg, dtype = lm.model.config, lm.dtype
-    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
-    weights = sum(p.numel() for n, p in lm.model.named_parameters() if "embed" not in n)
-    lin = linear_gflops(hidden, cfg.intermediate_size, dtype)
-    att = attention_gflops(cfg.num_attention_heads, hidden // cfg.num_attention_heads, dtype)
-    # Per token: weights at the matmul rate; attention over the mean context of a page's
-    # positions (prefix positions see half the prefix on average, scored lines all of it).
-    mean_ctx = (PREFIX * PREFIX / 2 + TAIL * (PREFIX + TAIL / 2)) / (PREFIX + TAIL)
-    lin_flop, att_flop = 2 * weights, 4 * mean_ctx * hidden * layers
-    bound = 1 / (lin_flop / (lin * 1e9) + att_flop / (att * 1e9))
+    b = page_bound(lm.model, lm.dtype)
+    lin, att, lin_flop, att_flop, mean_ctx = b.lin, b.att, b.lin_flop, b.att_flop, b.mean_ctx
+    dtype, bound = lm.dtype, b.tokens_per_s
     measured = page_forward(lm.model)
     con = Console()
     t = Table(title=f"this machine, {torch.get_num_threads()} torch threads, {dtype}, "
