@@ -34,10 +34,12 @@ class Perceiver:
                 for j, sim, r in self.similarity.similar_in_history(item_id, history,
                                                                     self.k_evidence)]
 
-    def with_evidence(self, views: Sequence[ItemView],
-                      history: Mapping[int, float]) -> list[ItemView]:
-        """Add the personal evidence: similar past titles and the collaborative match."""
-        match = self.similarity.match_percentiles(history)
+    def with_evidence(self, views: Sequence[ItemView], history: Mapping[int, float],
+                      without: int | None = None) -> list[ItemView]:
+        """Add the personal evidence: similar past titles and the collaborative match.
+        ``without``: the train user whose own ratings the match must not have seen (their
+        training pages, ``ItemSimilarity.history_scores``)."""
+        match = self.similarity.match_percentiles(history, without)
         out = []
         for v in views:
             n, mean = self.similarity.closest_watched(v.id, history)
@@ -46,5 +48,6 @@ class Perceiver:
                 "close_watched": n, "close_rating": None if mean is None else round(mean, 1)}))
         return out
 
-    def page(self, item_ids: Sequence[int], history: Mapping[int, float]) -> list[ItemView]:
-        return self.with_evidence([self.facts(i) for i in item_ids], history)
+    def page(self, item_ids: Sequence[int], history: Mapping[int, float],
+             without: int | None = None) -> list[ItemView]:
+        return self.with_evidence([self.facts(i) for i in item_ids], history, without)

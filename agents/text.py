@@ -39,7 +39,8 @@ class ItemView(BaseModel):
     mean_rating: float | None = None
     evidence: list[Evidence] = Field(default_factory=list)
     match: int | None = Field(None, description="0-100: how strongly the item matches this "
-                              "person's history (item-kNN score percentile); None = not perceived")
+                              "person's history (collaborative score percentile, memory.evidence); "
+                              "None = not perceived")
     close_watched: int = Field(0, description="of the item's 20 closest items, how many the "
                                "person watched")
     close_rating: float | None = Field(None, description="their mean rating of those")

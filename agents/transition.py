@@ -100,7 +100,8 @@ def transitions(trajs: Iterable[Trajectory], world: World, max_pages: int = MAX_
                 full_history: bool = False) -> list[Transition]:
     """Render each step of each trajectory. Persona and evidence come from the train ratings
     entered before the session; ``full_history`` uses the whole train split instead (right for
-    held-out trajectories, which all come after the train period)."""
+    held-out trajectories, which all come after the train period). A train trajectory's match
+    comes from a fit without the person's own ratings, which hold its labels."""
     perceiver = world.perceiver
     by_user = {int(u): g for u, g in world.split.train.groupby("user")}
     out: list[Transition] = []
@@ -114,7 +115,8 @@ def transitions(trajs: Iterable[Trajectory], world: World, max_pages: int = MAX_
         session: list[tuple[int, int]] = []
         for k, step in enumerate(t.steps):
             history = {**past, **dict(session)}
-            views = tuple(perceiver.page(step.items, history))
+            views = tuple(perceiver.page(step.items, history,
+                                         None if full_history else t.user))
             nxt: Step | None = t.steps[k + 1] if k + 1 < len(t.steps) else None
             next_views = None if nxt is None else tuple(perceiver.facts(i) for i in nxt.items)
             slots = {i: s for s, i in enumerate(step.items, 1)}

@@ -42,8 +42,9 @@ def feature_frame(world: World, user: int, items: Sequence[int]) -> pd.DataFrame
 
 
 def baseline_scorers(world: World, valid_lists, seed: int = 0) -> dict[str, ItemScorer]:
-    """Random, popularity, ItemKNN and BPR scores, and a logistic regression on the numeric
-    evidence the agent perceives (fit on validation lists: the bar an LLM must clear)."""
+    """Random, popularity, ItemKNN, BPR and EASE scores, and a logistic regression on the
+    numeric evidence the agent perceives (fit on validation lists: the bar an LLM must clear).
+    EASE is here because the agent's match percentile is EASE's score (``memory.evidence``)."""
     counts = world.split.train["item"].value_counts()
     rng_seed = [seed]
 
@@ -65,7 +66,7 @@ def baseline_scorers(world: World, valid_lists, seed: int = 0) -> dict[str, Item
         return lr.decision_function(feature_frame(world, user, items))
 
     return {"random": rand, "popularity": pop, "itemknn": rec("itemknn"), "bpr": rec("bpr"),
-            "feature regression": features_lr}
+            "ease": rec("ease"), "feature regression": features_lr}
 
 
 def _threshold(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from agents.world import World
     from evaluation.run import EvalConfig
 
-BASELINE_PAIRS = ("popularity", "itemknn", "bpr", "feature regression")
+BASELINE_PAIRS = ("popularity", "itemknn", "bpr", "ease", "feature regression")
 
 
 @dataclass

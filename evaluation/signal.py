@@ -30,7 +30,8 @@ def _auc(labels: Sequence[int], values: Sequence[float]) -> float:
 
 def page_features(world: World, trajs: Sequence[Trajectory]) -> pd.DataFrame:
     """One row per page slot: the cues perceived from the ratings before the session plus
-    this session's earlier watches (as in training), and whether the person watched it."""
+    this session's earlier watches (as in training: the match without the person's own
+    ratings), and whether the person watched it."""
     train = world.split.train
     by_user = {int(u): g for u, g in train.groupby("user")}
     rows = []
@@ -42,7 +43,7 @@ def page_features(world: World, trajs: Sequence[Trajectory]) -> pd.DataFrame:
         session: dict[int, float] = {}
         for step in t.steps:
             history = {**past, **session}
-            match = world.similarity.match_percentiles(history)
+            match = world.similarity.match_percentiles(history, without=t.user)
             for item in step.items:
                 rows.append({**world.similarity.features(item, history, match),
                              "label": int(item in step.watched)})

@@ -4,7 +4,8 @@ Simulated users ask for one page at a time, so every recommender answers ``rank(
 session)``. In *reactive* mode (the default) a page is recomputed from the user's training
 history plus the items watched earlier in this session, so an action changes what comes next:
 
-- ``itemknn``, ``userknn``: the session items join the history in the LensKit ``RecQuery``.
+- ``itemknn``, ``userknn``, ``ease``: the session items join the history in the LensKit
+  ``RecQuery``.
 - ``als``: LensKit's ImplicitMF folds the extended history into a fresh user embedding; it always
   folds in (also without a session) so a page changes only because of what was watched.
 - ``bpr``: LensKit's FlexMF cannot fold in a history (it scores by trained user row only), so
@@ -35,12 +36,15 @@ from lenskit.basic import PopScorer, RandomSelector
 from lenskit.data import Dataset as LKDataset
 from lenskit.data import ItemList, RecQuery, from_interactions_df
 from lenskit.flexmf import FlexMFImplicitScorer
-from lenskit.knn import ItemKNNScorer, UserKNNScorer
+from lenskit.knn import EASEScorer, ItemKNNScorer, UserKNNScorer
 from lenskit.training import TrainingOptions
 
-RECOMMENDERS: tuple[str, ...] = ("random", "pop", "itemknn", "userknn", "als", "bpr")
+RECOMMENDERS: tuple[str, ...] = ("random", "pop", "itemknn", "userknn", "als", "bpr", "ease")
 KNN_NEIGHBOURS = 20
 ALS_FACTORS = 50
+EASE_REGULARIZATION = 1000.0
+"""EASE's L2 weight: the value the agent's match percentile uses (``memory.evidence``), chosen
+there on ml-100k validation lists."""
 SESSION_WEIGHT = 0.25
 """Weight of the session item-kNN term in the BPR blend, in units of the user's BPR score spread.
 
@@ -328,6 +332,17 @@ class BPRRecommender(LensKitRecommender):
         return base + SESSION_WEIGHT * np.nan_to_num(np.asarray(near, dtype=np.float64))
 
 
+class EASERecommender(LensKitRecommender):
+    """EASE (Steck, 2019): closed-form item-item weights; history and session both count."""
+
+    def _train(self, data: LKDataset, options: TrainingOptions) -> None:
+        self._scorer = EASEScorer(regularization=EASE_REGULARIZATION)
+        self._scorer.train(data, options)
+
+    def _raw_scores(self, user: int, session: np.ndarray) -> np.ndarray:
+        return self._scorer(self._session_query(user, session), self._catalog).scores()
+
+
 _BUILTINS: dict[str, type[LensKitRecommender]] = {
     "random": RandomRecommender,
     "pop": PopRecommender,
@@ -335,6 +350,7 @@ _BUILTINS: dict[str, type[LensKitRecommender]] = {
     "userknn": UserKNNRecommender,
     "als": ALSRecommender,
     "bpr": BPRRecommender,
+    "ease": EASERecommender,
 }
 
 

@@ -30,7 +30,7 @@ from evaluation.run import EvalConfig, build_bundle, score
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BASELINES = {"random", "popularity", "itemknn", "bpr", "feature regression"}
+BASELINES = {"random", "popularity", "itemknn", "bpr", "ease", "feature regression"}
 
 
 class HashScorer:

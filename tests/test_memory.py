@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from memory.evidence import FEATURE_NAMES, ItemSimilarity
+from memory.evidence import FEATURE_NAMES, MATCH_LAMBDA, ItemSimilarity
 from memory.store import ChromaMemory, Memory, NoMemory, default_embedder, make_memory
 
 # Users 1-4 x items 10, 20, 30. Binary item vectors over users (1, 2, 3, 4):
@@ -63,7 +63,7 @@ def test_features_keys_and_values() -> None:
 
 
 def test_match_percentiles_and_closest_watched_by_hand() -> None:
-    sim = ItemSimilarity.fit(HAND)
+    sim = ItemSimilarity.fit(HAND, match_lambda=None)  # the summed-cosine match
     # item-kNN scores for history {20}: the row of 20, i.e. 10 -> 2/3, 20 -> 0, 30 -> 1/sqrt(6).
     np.testing.assert_allclose(sim.history_scores({20: 4.0}), [COS_10_20, 0.0, COS_20_30],
                                rtol=1e-6)
@@ -83,6 +83,72 @@ def test_match_percentiles_and_closest_watched_by_hand() -> None:
     cold = sim.features(99, {20: 4.0, 30: 2.0})
     assert cold["match"] == 0.0 and cold["close_watched"] == 0.0
     assert cold["close_rating"] == pytest.approx(3.0)  # falls back like sim_weighted_rating
+
+
+def test_ease_match_by_hand() -> None:
+    # Binary X (users 1-4 x items 10, 20, 30); EASE: P = (X'X + lam I)^-1, B = -P / diag(P).
+    x = np.array([[1, 1, 0], [1, 1, 1], [1, 0, 1], [0, 1, 0]], dtype=float)
+    lam = 2.0
+    p = np.linalg.inv(x.T @ x + lam * np.eye(3))
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0.0)
+    sim = ItemSimilarity.fit(HAND, match_lambda=lam)
+    np.testing.assert_allclose(sim.history_scores({20: 4.0}), b[1], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(sim.history_scores({20: 4.0, 30: 1.0, 99: 3.0}), b[1] + b[2],
+                               rtol=1e-5, atol=1e-7)
+    ranks = np.argsort(np.argsort(b[1], kind="stable"), kind="stable")
+    assert sim.match_percentiles({20: 4.0}) == {
+        i: int(np.floor(100 * np.sum(b[1] < b[1][k]) / 3)) for k, i in enumerate((10, 20, 30))}
+    assert ranks[0] > ranks[2]  # 10 (2 co-watchers with 20) above 30 (1)
+    assert sim.features(10, {20: 4.0})["match"] == 66.0
+    with pytest.raises(ValueError, match="positive"):
+        ItemSimilarity.fit(HAND, match_lambda=0.0)
+
+
+def test_ease_without_a_person_equals_a_fit_without_their_ratings(split100k) -> None:
+    """The rank-one downdate is exact: scoring without user u equals refitting without u."""
+    train = split100k.train
+    sim = ItemSimilarity.fit(train)
+    counts = train["item"].value_counts()
+    shared = train.groupby("user")["item"].agg(lambda s: bool((counts[s] > 1).all()))
+    for user in shared[shared].index[:3]:  # a refit without them keeps the same catalogue
+        own = train[train["user"] == user]
+        refit = ItemSimilarity.fit(train[train["user"] != user])
+        history = {int(i): 3.0 for i in own["item"].iloc[:40]}
+        np.testing.assert_allclose(sim.history_scores(history, without=user),
+                                   refit.history_scores(history), rtol=1e-6, atol=1e-8)
+        a, b = sim.match_percentiles(history, without=user), refit.match_percentiles(history)
+        pa, pb = (np.array([p[i] for i in sorted(p)]) for p in (a, b))
+        assert a.keys() == b.keys() and np.corrcoef(pa, pb)[0, 1] > 0.9999  # near-ties swap
+        assert not np.allclose(sim.history_scores(history), refit.history_scores(history))
+    # Someone with no train ratings: nothing to take out.
+    h = {1: 4.0, 50: 3.0}
+    np.testing.assert_array_equal(sim.history_scores(h, without=10**9), sim.history_scores(h))
+
+
+def test_ease_match_agrees_with_lenskit_on_ml100k(split100k) -> None:
+    """The closed form against LensKit's EASEScorer, fitted on the same train split."""
+    import warnings
+
+    from lenskit.data import from_interactions_df
+    from lenskit.knn import EASEScorer
+
+    from simulator.recommenders import keep_torch_threads
+
+    train = split100k.train
+    sim = ItemSimilarity.fit(train)
+    keep_torch_threads()  # LensKit's first training must not cut this process's torch threads
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        data = from_interactions_df(train[["user", "item", "rating", "timestamp"]].copy())
+    lk = EASEScorer(regularization=MATCH_LAMBDA)
+    lk.train(data)
+    order = lk.items.numbers(sim.items)
+    history = {int(i): 4.0 for i in train.loc[train["user"] == 1, "item"]}
+    q = np.zeros(len(sim.items), dtype=np.float32)
+    q[np.searchsorted(sim.items, sorted(history))] = 1.0
+    np.testing.assert_allclose(sim.history_scores(history), (q @ lk.weights[order][:, order]),
+                               rtol=1e-3, atol=1e-5)
 
 
 def test_neighbours_agree_with_dense_cosine_on_ml100k(split100k) -> None:
