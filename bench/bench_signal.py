@@ -1,18 +1,26 @@
 """What the training pages can teach: scorers of the perceived cues (a logistic regression and
 gradient-boosted trees) fit on train-page slots, scored on validation 1:1 lists; per history
-threshold (``TrainConfig.min_history``) or, with ``--exposures``, per filler mixture
-(``TrajectoryConfig.exposure``). ``python bench/bench_signal.py [--users 400]
-[--min-history 0,1,3,5,10,20] [--exposures]``."""
+threshold (``TrainConfig.min_history``), with ``--exposures`` per filler mixture
+(``TrajectoryConfig.exposure``), with ``--match`` per match variant (and its leak on training
+pages), with ``--lambdas`` the match alone on validation lists per EASE weight.
+``python bench/bench_signal.py [--users 400] [--min-history 0,1,3,5,10,20]
+[--exposures | --match | --lambdas 500,1000,2000]``."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable, Sequence
 
+from bench_population import table
 from rich.console import Console
-from rich.table import Table
 
 from agents.world import load_world
-from evaluation.signal import exposure_regression, page_regression
+from evaluation.signal import (
+    exposure_regression,
+    match_lambdas,
+    match_regression,
+    page_regression,
+)
 from training.config import TrainConfig
 
 # Filler mixtures compared by --exposures: the recommender picks of the earlier default, fewer
@@ -30,21 +38,35 @@ MIXTURES = {
 }
 
 
+def _show(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    Console().print(table(title, list(columns), [list(r) for r in rows]))
+
+
+def _pages_title(table, min_history: int, what: str) -> str:
+    return (f"{what} ({table.attrs['users']} users, visits with >= {min_history} earlier "
+            f"ratings) -> {table.attrs['lists']} validation 1:1 lists")
+
+
 def _exposures(users: int, seed: int, min_history: int) -> None:
     table = exposure_regression(load_world(), MIXTURES, users=users, min_history=min_history,
                                 seed=seed)
-    out = Table(title=f"fit on train pages ({table.attrs['users']} users, visits with >= "
-                      f"{min_history} earlier ratings) -> {table.attrs['lists']} validation "
-                      "1:1 lists")
-    for col in ("fillers", "slots", "watch ratio", "watched at match 80-89 / 90-94 / 95+",
-                "regression AUC", "trees AUC"):
-        out.add_column(col, justify="right")
-    for r in table.itertuples():
-        out.add_row(r.exposure, f"{r.slots:,}", f"{r.watch_ratio:.3f}",
-                    f"{r.watch_match_80_90:.2f} / {r.watch_match_90_95:.2f} / "
-                    f"{r.watch_match_95_101:.2f}",
-                    f"{r.valid_list_auc:.3f}", f"{r.valid_list_auc_trees:.3f}")
-    Console().print(out)
+    _show(_pages_title(table, min_history, "fit on train pages"),
+          ("fillers", "slots", "watch ratio", "watched at match 80-89 / 90-94 / 95+",
+           "regression AUC", "trees AUC"),
+          ((r.exposure, f"{r.slots:,}", f"{r.watch_ratio:.3f}",
+            f"{r.watch_match_80_90:.2f} / {r.watch_match_90_95:.2f} / "
+            f"{r.watch_match_95_101:.2f}", f"{r.valid_list_auc:.3f}",
+            f"{r.valid_list_auc_trees:.3f}") for r in table.itertuples()))
+
+
+def _matches(users: int, seed: int, min_history: int) -> None:
+    table = match_regression(load_world(), users=users, min_history=min_history, seed=seed)
+    _show(_pages_title(table, min_history, "the match on train pages, scorers fit on them"),
+          ("match", "slots", "match AUC, train pages", "match AUC, lists", "regression AUC",
+           "trees AUC"),
+          ((r.match, f"{r.slots:,}", f"{r.train_page_auc:.3f}", f"{r.valid_list_match_auc:.3f}",
+            f"{r.valid_list_auc:.3f}", f"{r.valid_list_auc_trees:.3f}")
+           for r in table.itertuples()))
 
 
 def _thresholds(text: str) -> list[int]:
@@ -65,24 +87,35 @@ def main() -> None:
                          "--exposures the first, default the training default")
     ap.add_argument("--exposures", action="store_true",
                     help="compare filler mixtures instead of history thresholds")
+    ap.add_argument("--lambdas", type=lambda t: [float(x) for x in t.split(",")],
+                    default=None, help="comma-separated EASE weights: the match alone on "
+                    "validation 1:1 lists for each, and for the summed cosine")
+    ap.add_argument("--match", action="store_true",
+                    help="compare match variants (summed cosine, EASE with and without the "
+                    "person's own row) instead of history thresholds")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
+    if args.lambdas:
+        table = match_lambdas(load_world(), args.lambdas, seed=args.seed)
+        _show(f"the match alone on {table['lists'].iloc[0]} validation 1:1 lists",
+              ("match", "mean per-user AUC"),
+              ((r.match, f"{r.valid_list_match_auc:.3f}") for r in table.itertuples()))
+        return
+    if args.match:
+        _matches(args.users, args.seed, args.min_history[0] if args.min_history
+                 else TrainConfig().min_history)
+        return
     if args.exposures:
         _exposures(args.users, args.seed, args.min_history[0] if args.min_history
                    else TrainConfig().min_history)
         return
     table = page_regression(load_world(), users=args.users, seed=args.seed,
                             min_histories=args.min_history or [0, 1, 3, 5, 10, 20])
-    out = Table(title=f"fit on train pages ({table.attrs['users']} users) -> "
-                      f"{table.attrs['lists']} validation 1:1 lists; the match cue alone: "
-                      f"{table.attrs['match_alone']:.3f}")
-    for col in ("earlier ratings >=", "visits", "slots", "regression AUC", "trees AUC"):
-        out.add_column(col, justify="right")
-    for r in table.itertuples():
-        out.add_row(str(r.min_history), f"{r.visits:,}", f"{r.slots:,}",
-                    f"{r.valid_list_auc:.3f}", f"{r.valid_list_auc_trees:.3f}")
-    Console().print(out)
-
+    _show(f"fit on train pages ({table.attrs['users']} users) -> {table.attrs['lists']} "
+          f"validation 1:1 lists; the match cue alone: {table.attrs['match_alone']:.3f}",
+          ("earlier ratings >=", "visits", "slots", "regression AUC", "trees AUC"),
+          ((str(r.min_history), f"{r.visits:,}", f"{r.slots:,}", f"{r.valid_list_auc:.3f}",
+            f"{r.valid_list_auc_trees:.3f}") for r in table.itertuples()))
 
 if __name__ == "__main__":
     main()

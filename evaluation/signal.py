@@ -28,10 +28,13 @@ def _auc(labels: Sequence[int], values: Sequence[float]) -> float:
     return float(roc_auc_score(labels, values)) if len(set(labels)) > 1 else float("nan")
 
 
-def page_features(world: World, trajs: Sequence[Trajectory]) -> pd.DataFrame:
+def page_features(world: World, trajs: Sequence[Trajectory],
+                  similarity: ItemSimilarity | None = None,
+                  leave_out: bool = True) -> pd.DataFrame:
     """One row per page slot: the cues perceived from the ratings before the session plus
-    this session's earlier watches (as in training: the match without the person's own
-    ratings), and whether the person watched it."""
+    this session's earlier watches (as in training: with ``leave_out``, the match without the
+    person's own ratings), and whether the person watched it."""
+    sim = similarity or world.similarity
     train = world.split.train
     by_user = {int(u): g for u, g in train.groupby("user")}
     rows = []
@@ -43,9 +46,9 @@ def page_features(world: World, trajs: Sequence[Trajectory]) -> pd.DataFrame:
         session: dict[int, float] = {}
         for step in t.steps:
             history = {**past, **session}
-            match = world.similarity.match_percentiles(history, without=t.user)
+            match = sim.match_percentiles(history, without=t.user if leave_out else None)
             for item in step.items:
-                rows.append({**world.similarity.features(item, history, match),
+                rows.append({**sim.features(item, history, match),
                              "label": int(item in step.watched)})
             session.update({i: float(r) for i, r in step.watched.items()})
     return pd.DataFrame(rows)
@@ -95,8 +98,9 @@ def inverted(table: pd.DataFrame, margin: float = 0.0) -> list[str]:
     return bad
 
 
-def _valid_lists(world: World, seed: int) -> list[tuple[Sequence[int], pd.DataFrame]]:
-    return [(labels, list_features(world.similarity, world.histories,
+def _valid_lists(world: World, seed: int, similarity: ItemSimilarity | None = None
+                 ) -> list[tuple[Sequence[int], pd.DataFrame]]:
+    return [(labels, list_features(similarity or world.similarity, world.histories,
                                    [(u, items, labels)])[list(FEATURE_NAMES)])
             for u, items, labels in world.lists("valid", 1, None, seed)]
 
@@ -172,3 +176,44 @@ def exposure_regression(world: World, exposures: Mapping[str, Mapping[str, float
     out = pd.DataFrame(rows)
     out.attrs.update(users=len(chosen), lists=len(valid))
     return out
+
+
+def match_regression(world: World, *, users: int, min_history: int,
+                     seed: int = 0) -> pd.DataFrame:
+    """Which match to perceive, and the leak on training pages. A train page's labels are in
+    its person's own train row, so a match fitted with that row scores them above what any
+    held-out item gets. Per variant: the match's AUC on train-page slots beside validation 1:1
+    lists (the gap is the leak), and the two scorers fit on the slots, scored on the lists."""
+    chosen = _sample_users(world, users, seed)
+    kept = experienced(world.trajectories("train", users=chosen, progress=False),
+                       world.split.train, min_history)
+    cosine = ItemSimilarity.fit(world.split.train, match_lambda=None)
+    rows = []
+    for name, sim, leave_out in (("summed cosine, the person's row in the fit", cosine, False),
+                                 ("EASE, the person's row in the fit", world.similarity, False),
+                                 ("EASE, without the person's row (default)", world.similarity,
+                                  True)):
+        pages = page_features(world, kept, sim, leave_out)
+        valid = _valid_lists(world, seed, sim)
+        rows.append({"match": name, "slots": len(pages),
+                     "train_page_auc": _auc(pages["label"], pages["match"]),
+                     "valid_list_match_auc": float(np.mean([_auc(y, x["match"])
+                                                            for y, x in valid])),
+                     **_fit_and_score(pages, valid)})
+    out = pd.DataFrame(rows)
+    out.attrs.update(users=len(chosen), lists=len(valid))
+    return out
+
+
+def match_lambdas(world: World, lambdas: Sequence[float], seed: int = 0) -> pd.DataFrame:
+    """The match alone (mean per-user AUC) on every validation 1:1 list, per EASE weight and
+    for the summed cosine: how ``memory.evidence.MATCH_LAMBDA`` is chosen."""
+    rows = []
+    for lam in [None, *lambdas]:
+        sim = ItemSimilarity.fit(world.split.train, match_lambda=lam)
+        valid = _valid_lists(world, seed, sim)
+        rows.append({"match": "summed cosine" if lam is None else f"EASE, lambda {lam:g}",
+                     "lists": len(valid),
+                     "valid_list_match_auc": float(np.mean([_auc(y, x["match"])
+                                                            for y, x in valid]))})
+    return pd.DataFrame(rows)

@@ -11,6 +11,7 @@ baseline and the regression that explains the agent's scores, so all three see i
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -23,10 +24,10 @@ FEATURE_NAMES: tuple[str, ...] = ("popularity", "mean_rating", "max_sim", "mean_
 TOP_SIMILAR = 3
 CLOSEST = 20  # an item's closest neighbours whose watching (and ratings) the agent perceives
 MATCH_LAMBDA = 1000.0
-"""EASE's L2 weight behind the match percentile. Chosen on ml-100k validation 1:1 lists (200
-lists, seed 1; the match alone, mean per-user AUC): 500 .870, 1000 .873, 2000 .867; the summed
-cosine it replaced, .861."""
-MAX_EASE_ITEMS = 20_000  # the dense item x item weights: 1.6 GB of float32 at this size
+"""EASE's L2 weight behind the match percentile. Chosen on ml-100k's 375 validation 1:1 lists
+(the match alone, mean per-user AUC; ``bench/bench_signal.py --lambdas``): 300 .865, 500 .869,
+1000 .871, 2000 .867, 3000 .862; the summed cosine it replaced, .857."""
+MAX_EASE_ITEMS = 10_000  # EASE keeps a dense item x item inverse: 800 MB of float64 at this size
 _MATCH_DECIMALS = 7
 # Dense similarity rows computed per block are bounded to about this many floats (128 MB).
 _BLOCK_CELLS = 1 << 24
@@ -74,7 +75,10 @@ class ItemSimilarity:
         x = sparse.csc_matrix((np.ones(len(pairs), dtype=np.float32), (u_idx, i_idx)),
                               shape=(len(users), len(ids)))
         self._nbrs = _top_neighbours(x, n_neighbours)
-        if match_lambda is not None and len(ids) <= MAX_EASE_ITEMS:
+        if match_lambda is not None and len(ids) > MAX_EASE_ITEMS:
+            warnings.warn(f"{len(ids):,} items: above {MAX_EASE_ITEMS:,}, the match is the summed "
+                          "cosine, not EASE (its dense inverse would not fit)", stacklevel=2)
+        elif match_lambda is not None:
             rows = x.tocsr()
             self._ease = EaseMatch.fit(x, match_lambda, {
                 int(u): rows.indices[rows.indptr[k]:rows.indptr[k + 1]].copy()

@@ -25,7 +25,7 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -268,15 +268,25 @@ class PopRecommender(LensKitRecommender):
         return self._all
 
 
-class ItemKNNRecommender(LensKitRecommender):
-    """Implicit item-item kNN; the session joins the history through ``RecQuery``."""
+class _QueryRecommender(LensKitRecommender):
+    """A LensKit scorer that reads history and session from one ``RecQuery``."""
+
+    def _new_scorer(self) -> Any:
+        raise NotImplementedError
 
     def _train(self, data: LKDataset, options: TrainingOptions) -> None:
-        self._scorer = ItemKNNScorer(k=KNN_NEIGHBOURS, feedback="implicit")
+        self._scorer = self._new_scorer()
         self._scorer.train(data, options)
 
     def _raw_scores(self, user: int, session: np.ndarray) -> np.ndarray:
         return self._scorer(self._session_query(user, session), self._catalog).scores()
+
+
+class ItemKNNRecommender(_QueryRecommender):
+    """Implicit item-item kNN; the session joins the history through ``RecQuery``."""
+
+    def _new_scorer(self) -> Any:
+        return ItemKNNScorer(k=KNN_NEIGHBOURS, feedback="implicit")
 
 
 class UserKNNRecommender(LensKitRecommender):
@@ -293,15 +303,11 @@ class UserKNNRecommender(LensKitRecommender):
         return self._scorer(RecQuery(user_id=user, history_items=items), self._catalog).scores()
 
 
-class ALSRecommender(LensKitRecommender):
+class ALSRecommender(_QueryRecommender):
     """Implicit-feedback ALS (Hu et al.) with the user embedding folded in from history+session."""
 
-    def _train(self, data: LKDataset, options: TrainingOptions) -> None:
-        self._scorer = ImplicitMFScorer(embedding_size=ALS_FACTORS)
-        self._scorer.train(data, options)
-
-    def _raw_scores(self, user: int, session: np.ndarray) -> np.ndarray:
-        return self._scorer(self._session_query(user, session), self._catalog).scores()
+    def _new_scorer(self) -> Any:
+        return ImplicitMFScorer(embedding_size=ALS_FACTORS)
 
 
 class BPRRecommender(LensKitRecommender):
@@ -332,15 +338,11 @@ class BPRRecommender(LensKitRecommender):
         return base + SESSION_WEIGHT * np.nan_to_num(np.asarray(near, dtype=np.float64))
 
 
-class EASERecommender(LensKitRecommender):
+class EASERecommender(_QueryRecommender):
     """EASE (Steck, 2019): closed-form item-item weights; history and session both count."""
 
-    def _train(self, data: LKDataset, options: TrainingOptions) -> None:
-        self._scorer = EASEScorer(regularization=EASE_REGULARIZATION)
-        self._scorer.train(data, options)
-
-    def _raw_scores(self, user: int, session: np.ndarray) -> np.ndarray:
-        return self._scorer(self._session_query(user, session), self._catalog).scores()
+    def _new_scorer(self) -> Any:
+        return EASEScorer(regularization=EASE_REGULARIZATION)
 
 
 _BUILTINS: dict[str, type[LensKitRecommender]] = {

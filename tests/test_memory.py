@@ -105,6 +105,17 @@ def test_ease_match_by_hand() -> None:
         ItemSimilarity.fit(HAND, match_lambda=0.0)
 
 
+def test_a_catalogue_too_large_for_ease_falls_back_to_cosine_with_a_warning(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import memory.evidence as evidence
+
+    monkeypatch.setattr(evidence, "MAX_EASE_ITEMS", 2)
+    with pytest.warns(UserWarning, match="summed cosine"):
+        sim = ItemSimilarity.fit(HAND)
+    np.testing.assert_allclose(sim.history_scores({20: 4.0}), [COS_10_20, 0.0, COS_20_30],
+                               rtol=1e-6)
+
+
 def test_ease_without_a_person_equals_a_fit_without_their_ratings(split100k) -> None:
     """The rank-one downdate is exact: scoring without user u equals refitting without u."""
     train = split100k.train

@@ -97,3 +97,26 @@ def test_training_pages_perceive_a_match_fitted_without_the_person(small_world: 
     tr = transitions(held, world, full_history=True)[0]
     full = world.similarity.match_percentiles(world.histories[held[0].user])
     assert [v.match for v in tr.views] == [full.get(i, 0) for i in held[0].steps[0].items]
+
+
+def test_match_variants_show_the_leak_of_the_persons_own_row(small_world: World) -> None:
+    from evaluation.signal import match_regression
+
+    table = match_regression(small_world, users=20, min_history=1, seed=0).set_index("match")
+    assert len(table) == 3 and (table["slots"] > 500).all(), table.to_string()
+    with_row = table.loc["EASE, the person's row in the fit"]
+    without = table.loc["EASE, without the person's row (default)"]
+    # Same pages and lists: only the training-page match differs.
+    assert with_row["valid_list_match_auc"] == without["valid_list_match_auc"]
+    assert with_row["train_page_auc"] > without["train_page_auc"] + 0.02, table.to_string()
+    aucs = table[["train_page_auc", "valid_list_match_auc", "valid_list_auc"]]
+    assert aucs.apply(lambda c: c.between(0.5, 1)).all().all(), table.to_string()
+
+
+def test_match_lambdas_lists_the_cosine_and_each_weight(small_world: World) -> None:
+    from evaluation.signal import match_lambdas
+
+    table = match_lambdas(small_world, [10.0, 1000.0], seed=0)
+    assert list(table["match"]) == ["summed cosine", "EASE, lambda 10", "EASE, lambda 1000"]
+    assert table["valid_list_match_auc"].between(0.5, 1).all(), table.to_string()
+    assert table["valid_list_match_auc"].nunique() == 3  # each weight gives its own ranking
