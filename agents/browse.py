@@ -28,9 +28,14 @@ def browse(scorer, perceiver: Perceiver, personas: Mapping[int, str],
            sessions: Sequence[tuple[int, Sequence[Sequence[int]]]], *, world_model: bool = True,
            evidence: bool = True, calibration: Calibration | None = None,
            watch_offset: float | None = None, exits: bool = True, temperature: float = 0.0,
-           seed: int = 0, chunk: int = 256,
+           seed: int = 0, chunk: int = 64,
            progress: Callable[[int], None] | None = None) -> list[list[Decision]]:
-    """Every (user, pages) session's decisions, page by page, until exit or its last page."""
+    """Every (user, pages) session's decisions, page by page, until exit or its last page.
+
+    ``chunk`` sessions are decided per call. Each call keeps its pages' prompts cached until it
+    returns, and a batched forward takes at most 64 rows anyway: 100 test lists by the
+    policy-only agent took 217 s and peaked at 9.9 GB with 64, 243 s and 12.2 GB with 256
+    (``bench/bench_list_memory.py``)."""
     out: list[list[Decision]] = []
     for start in range(0, len(sessions), chunk):
         part = sessions[start:start + chunk]

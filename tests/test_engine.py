@@ -196,3 +196,26 @@ def test_chunked_decisions_equal_one_call_and_report_every_page(small_world: Wor
         assert a.watch_scores.keys() == b.watch_scores.keys()
         for s in a.watch_scores:
             assert a.watch_scores[s] == pytest.approx(b.watch_scores[s], abs=SCORE_TOL)
+
+
+def test_browse_chunks_do_not_change_a_session(small_world: World) -> None:
+    """``browse`` decides ``chunk`` sessions per call (memory); the chunk size must not change
+    any session's decisions, exits included."""
+    from agents.browse import browse, pages_of
+
+    users = sorted(small_world.histories)[:5]
+    sessions = []
+    for k, u in enumerate(users):
+        unseen = [i for i in sorted(small_world.ds.items) if i not in small_world.histories[u]]
+        sessions.append((u, pages_of(unseen[12 * k: 12 * k + 12])))
+    kw = dict(world_model=False, exits=True)
+    one = browse(Scorer(tiny_lm(seed=6)), small_world.perceiver, small_world.personas,
+                 small_world.histories, sessions, chunk=64, **kw)
+    two = browse(Scorer(tiny_lm(seed=6)), small_world.perceiver, small_world.personas,
+                 small_world.histories, sessions, chunk=2, **kw)
+    assert [[d.action for d in run] for run in one] == [[d.action for d in run] for run in two]
+    assert [len(run) for run in one] == [len(run) for run in two]
+    for ra, rb in zip(one, two, strict=True):
+        for a, b in zip(ra, rb, strict=True):
+            for s in a.watch_scores:
+                assert a.watch_scores[s] == pytest.approx(b.watch_scores[s], abs=SCORE_TOL)
