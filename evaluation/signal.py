@@ -111,6 +111,11 @@ def _sample_users(world: World, users: int, seed: int) -> list[int]:
     return sorted(int(u) for u in rng.choice(pool, size=min(users, len(pool)), replace=False))
 
 
+def _match_alone(valid) -> float:
+    """Mean per-user AUC of the match number alone on prepared validation lists."""
+    return float(np.mean([_auc(y, x["match"]) for y, x in valid]))
+
+
 def _fit_and_score(pages: pd.DataFrame, valid) -> dict[str, float]:
     """Mean per-user validation-list AUC of two scorers fit on the page slots: a logistic
     regression, and gradient-boosted trees, which, like an LLM reading the numbers, can learn a
@@ -153,7 +158,7 @@ def page_regression(world: World, cfg: TrajectoryConfig | None = None, *, users:
                      **_fit_and_score(pages, valid)})
     out = pd.DataFrame(rows)
     out.attrs.update(users=len(chosen), lists=len(valid),
-                     match_alone=float(np.mean([_auc(y, x["match"]) for y, x in valid])))
+                     match_alone=_match_alone(valid))
     return out
 
 
@@ -188,17 +193,17 @@ def match_regression(world: World, *, users: int, min_history: int,
     kept = experienced(world.trajectories("train", users=chosen, progress=False),
                        world.split.train, min_history)
     cosine = ItemSimilarity.fit(world.split.train, match_lambda=None)
+    lists = {id(sim): _valid_lists(world, seed, sim) for sim in (cosine, world.similarity)}
     rows = []
     for name, sim, leave_out in (("summed cosine, the person's row in the fit", cosine, False),
                                  ("EASE, the person's row in the fit", world.similarity, False),
                                  ("EASE, without the person's row (default)", world.similarity,
                                   True)):
         pages = page_features(world, kept, sim, leave_out)
-        valid = _valid_lists(world, seed, sim)
+        valid = lists[id(sim)]
         rows.append({"match": name, "slots": len(pages),
                      "train_page_auc": _auc(pages["label"], pages["match"]),
-                     "valid_list_match_auc": float(np.mean([_auc(y, x["match"])
-                                                            for y, x in valid])),
+                     "valid_list_match_auc": _match_alone(valid),
                      **_fit_and_score(pages, valid)})
     out = pd.DataFrame(rows)
     out.attrs.update(users=len(chosen), lists=len(valid))
@@ -213,7 +218,5 @@ def match_lambdas(world: World, lambdas: Sequence[float], seed: int = 0) -> pd.D
         sim = ItemSimilarity.fit(world.split.train, match_lambda=lam)
         valid = _valid_lists(world, seed, sim)
         rows.append({"match": "summed cosine" if lam is None else f"EASE, lambda {lam:g}",
-                     "lists": len(valid),
-                     "valid_list_match_auc": float(np.mean([_auc(y, x["match"])
-                                                            for y, x in valid]))})
+                     "lists": len(valid), "valid_list_match_auc": _match_alone(valid)})
     return pd.DataFrame(rows)

@@ -79,10 +79,7 @@ class ItemSimilarity:
             warnings.warn(f"{len(ids):,} items: above {MAX_EASE_ITEMS:,}, the match is the summed "
                           "cosine, not EASE (its dense inverse would not fit)", stacklevel=2)
         elif match_lambda is not None:
-            rows = x.tocsr()
-            self._ease = EaseMatch.fit(x, match_lambda, {
-                int(u): rows.indices[rows.indptr[k]:rows.indptr[k + 1]].copy()
-                for k, u in enumerate(users)})
+            self._ease = EaseMatch.fit(x, match_lambda, users)
 
         stats = train.groupby("item")["rating"].agg(["size", "mean"]).reindex(ids)
         self._count = stats["size"].to_numpy(dtype=np.int64)
@@ -222,30 +219,33 @@ class EaseMatch:
     Leave-one-person-out for training pages: their labels (the items watched in the session)
     sit in X's row of the same person, so a fit that saw that row scores them far above what a
     held-out item gets (on 400 train users' pages the match's AUC was 0.900 with the row, 0.815
-    with their fold of users left out, against 0.871 on validation lists). Removing one row is a
-    rank-one downdate of P (Sherman–Morrison), exact and O(items × history) per page.
+    without it, against 0.871 on validation lists: ``bench/bench_signal.py --match``).
+    Removing one row is a rank-one downdate of P (Sherman–Morrison), exact and
+    O(items × history) per page.
 
     LensKit's ``EASEScorer`` fits the same B (``tests/test_memory.py`` compares them); it is not
     used here because its first training sets LensKit's process-wide parallelism (torch at one
     thread, see ``simulator.recommenders.keep_torch_threads``) and it has no downdate."""
 
-    def __init__(self, inv: np.ndarray, rows: Mapping[int, np.ndarray]) -> None:
-        self._inv, self._diag, self._rows = inv, np.diag(inv).copy(), rows
+    def __init__(self, inv: np.ndarray, x: sparse.csr_matrix, users: np.ndarray) -> None:
+        self._inv, self._diag = inv, np.diag(inv).copy()
+        self._x, self._row_of = x, {int(u): k for k, u in enumerate(users)}
 
     @classmethod
-    def fit(cls, x: sparse.spmatrix, lam: float, rows: Mapping[int, np.ndarray]) -> EaseMatch:
-        """``x`` users × items (binary); ``rows`` each user's item columns (for ``without``)."""
+    def fit(cls, x: sparse.spmatrix, lam: float, users: np.ndarray) -> EaseMatch:
+        """``x`` users × items (binary), its rows the train ``users`` (kept for ``without``)."""
         if lam <= 0:
             raise ValueError("match_lambda must be positive")
         gram = (x.T @ x).toarray().astype(np.float64)
         gram[np.diag_indices_from(gram)] += lam
-        return cls(np.linalg.inv(gram), rows)
+        return cls(np.linalg.inv(gram), x.tocsr(), users)
 
     def scores(self, idx: list[int], without: int | None = None) -> np.ndarray:
         """Scores of every item for the history columns ``idx``, from a fit without the train
         row of user ``without`` (None, or a user with no train row: the full fit)."""
         inv_rows, diag = self._inv[idx].sum(axis=0), self._diag
-        out_row = None if without is None else self._rows.get(int(without))
+        k = None if without is None else self._row_of.get(int(without))
+        out_row = None if k is None else self._x.indices[self._x.indptr[k]:self._x.indptr[k + 1]]
         if out_row is not None and len(out_row):
             v = self._inv[:, out_row].sum(axis=1)  # P x for the removed row x
             scale = 1.0 / (1.0 - float(v[out_row].sum()))
