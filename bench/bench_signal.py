@@ -2,9 +2,10 @@
 gradient-boosted trees) fit on train-page slots, scored on validation 1:1 lists; per history
 threshold (``TrainConfig.min_history``), with ``--exposures`` per filler mixture
 (``TrajectoryConfig.exposure``), with ``--match`` per match variant (and its leak on training
-pages), with ``--lambdas`` the match alone on validation lists per EASE weight.
-``python bench/bench_signal.py [--users 400] [--min-history 0,1,3,5,10,20]
-[--exposures | --match | --lambdas 500,1000,2000]``."""
+pages), with ``--page-counts`` per page composition (how many of the human's items a page
+holds, and the page-mates' pull it teaches), with ``--lambdas`` the match alone on validation
+lists per EASE weight. ``python bench/bench_signal.py [--users 400] [--min-history
+0,1,3,5,10,20] [--exposures | --match | --page-counts | --lambdas 500,1000,2000]``."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from evaluation.signal import (
     exposure_regression,
     match_lambdas,
     match_regression,
+    page_count_regression,
     page_regression,
 )
 from training.config import TrainConfig
@@ -36,6 +38,11 @@ MIXTURES = {
     "uniform .9, popular .1 (default)": {"uniform": .9, "popular": .1},
     "uniform 1": {"uniform": 1.0},
 }
+
+# Page compositions compared by --page-counts: the earlier cap at 2 of the human's items a page,
+# and each slot independently the human's (the default; the same 1.15 items a page on average).
+COUNTS = {"0 / 1 / 2 of 4 at .20 / .45 / .35": {"watch_probs": (0.2, 0.45, 0.35)},
+          "each slot independently, .2875 (default)": {"watch_probs": None}}
 
 
 def _show(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
@@ -67,6 +74,22 @@ def _matches(users: int, seed: int, min_history: int) -> None:
           ((r.match, f"{r.slots:,}", f"{r.train_page_auc:.3f}", f"{r.valid_list_match_auc:.3f}",
             f"{r.valid_list_auc:.3f}", f"{r.valid_list_auc_trees:.3f}")
            for r in table.itertuples()))
+    cues = ("max_sim", "n_similar", "close_watched", "popularity")
+    _show("the other cues' AUC on the same train pages", ("match", *cues),
+          ((r.match, *(f"{getattr(r, 'train_page_auc_' + c):.3f}" for c in cues))
+           for r in table.itertuples()))
+
+
+def _page_counts(users: int, seed: int, min_history: int) -> None:
+    table = page_count_regression(load_world(), COUNTS, users=users, min_history=min_history,
+                                  seed=seed)
+    _show(_pages_title(table, min_history, "fit on train pages")
+          + f"; the lists' own page-mate pull {table.attrs['list_pull']:+.2f}",
+          ("human items a page", "slots", "watch ratio", "page-mate pull learned",
+           "regression AUC", "regression + page-mates AUC", "trees + page-mates AUC"),
+          ((r.pages, f"{r.slots:,}", f"{r.watch_ratio:.3f}", f"{r.pull:+.2f}",
+            f"{r.valid_list_auc_own:.3f}", f"{r.valid_list_auc_mates:.3f}",
+            f"{r.valid_list_auc_trees:.3f}") for r in table.itertuples()))
 
 
 def _thresholds(text: str) -> list[int]:
@@ -93,6 +116,9 @@ def main() -> None:
     ap.add_argument("--match", action="store_true",
                     help="compare match variants (summed cosine, EASE with and without the "
                     "person's own row) instead of history thresholds")
+    ap.add_argument("--page-counts", action="store_true",
+                    help="compare page compositions (how many of the human's items a page "
+                    "holds) instead of history thresholds")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     if args.lambdas:
@@ -104,6 +130,10 @@ def main() -> None:
     if args.match:
         _matches(args.users, args.seed, args.min_history[0] if args.min_history
                  else TrainConfig().min_history)
+        return
+    if args.page_counts:
+        _page_counts(args.users, args.seed, args.min_history[0] if args.min_history
+                     else TrainConfig().min_history)
         return
     if args.exposures:
         _exposures(args.users, args.seed, args.min_history[0] if args.min_history

@@ -21,6 +21,7 @@ from sklearn.metrics import roc_auc_score
 
 from agents.world import World
 from memory.evidence import FEATURE_NAMES, ItemSimilarity
+from simulator.env import PAGE_SIZE
 from simulator.trajectories import Trajectory, TrajectoryConfig, experienced
 
 
@@ -33,11 +34,11 @@ def page_features(world: World, trajs: Sequence[Trajectory],
                   leave_out: bool = True) -> pd.DataFrame:
     """One row per page slot: the cues perceived from the ratings before the session plus
     this session's earlier watches (as in training: with ``leave_out``, the match without the
-    person's own ratings), and whether the person watched it."""
+    person's own ratings), whether the person watched it, and which page it was on."""
     sim = similarity or world.similarity
     train = world.split.train
     by_user = {int(u): g for u, g in train.groupby("user")}
-    rows = []
+    rows, pages = [], []
     for t in trajs:
         g = by_user.get(t.user)
         past = {} if g is None else dict(zip(g.loc[g["timestamp"] < t.start, "item"].astype(int),
@@ -49,7 +50,8 @@ def page_features(world: World, trajs: Sequence[Trajectory],
             match = sim.match_percentiles(history, without=t.user if leave_out else None)
             for item in step.items:
                 rows.append({**sim.features(item, history, match),
-                             "label": int(item in step.watched)})
+                             "label": int(item in step.watched), "page": len(pages)})
+            pages.append(step)
             session.update({i: float(r) for i, r in step.watched.items()})
     return pd.DataFrame(rows)
 
@@ -58,12 +60,15 @@ def list_features(similarity: ItemSimilarity, histories: Mapping[int, Mapping[in
                   lists) -> pd.DataFrame:
     """One row per list item: the cues perceived from the person's history, and its label.
     Takes the similarity and histories, not a World, so an evaluation bundle can use it too."""
-    rows = []
+    rows, pages = [], 0
     for user, items, labels in lists:
         history = histories.get(user, {})
         match = similarity.match_percentiles(history)
-        rows += [{**similarity.features(i, history, match), "label": int(y)}
-                 for i, y in zip(items, labels, strict=True)]
+        # Shown in pages of PAGE_SIZE, in list order (agents.browse).
+        rows += [{**similarity.features(i, history, match), "label": int(y),
+                  "page": pages + k // PAGE_SIZE}
+                 for k, (i, y) in enumerate(zip(items, labels, strict=True))]
+        pages += -(-len(items) // PAGE_SIZE)
     return pd.DataFrame(rows)
 
 
@@ -183,26 +188,111 @@ def exposure_regression(world: World, exposures: Mapping[str, Mapping[str, float
     return out
 
 
+MATES = "mates_match"
+
+
+def with_mates(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` plus each slot's page-mates' mean match (a slot alone on its page: its own)."""
+    group = frame.groupby("page")["match"]
+    total, n = group.transform("sum"), group.transform("size")
+    out = frame.copy()
+    out[MATES] = ((total - frame["match"]) / (n - 1).clip(lower=1)).where(n > 1, frame["match"])
+    return out
+
+
+def _pull(frame: pd.DataFrame) -> float:
+    """A logistic fit's weight on the page-mates' match, per unit of the item's own."""
+    cols = [*FEATURE_NAMES, MATES]
+    coef = dict(zip(cols, LogisticRegression(max_iter=2000).fit(frame[cols], frame["label"])
+                    .coef_[0], strict=True))
+    return float(coef[MATES] / coef["match"])
+
+
+def page_count_regression(world: World, counts: Mapping[str, Mapping], *, users: int,
+                          min_history: int, seed: int = 0) -> pd.DataFrame:
+    """How many of the human's items a training page holds (``TrajectoryConfig.slot_share`` or
+    ``watch_probs``, given per construction in ``counts``). A scorer that sees the whole page,
+    as the agent does, learns from pages capped at 2 of the human's items that a well-matching
+    page-mate makes a slot likelier a filler. Per construction: a logistic regression fit on the
+    train-page slots without and with the page-mates' mean match, and trees with it, scored on
+    validation 1:1 lists shown in pages of 4; and the pull the fit learns (its weight on the
+    page-mates' match per unit of the item's own), beside the pull the lists themselves have."""
+    valid = [(labels, with_mates(list_features(world.similarity, world.histories,
+                                               [(u, items, labels)])))
+             for u, items, labels in world.lists("valid", 1, None, seed)]
+    chosen = _sample_users(world, users, seed)
+    own, mates = list(FEATURE_NAMES), [*FEATURE_NAMES, MATES]
+    rows = []
+    for name, overrides in counts.items():
+        cfg = TrajectoryConfig.model_validate({**world.trajectory_config.model_dump(),
+                                               **overrides})
+        kept = experienced(world.trajectories("train", cfg=cfg, users=chosen, progress=False),
+                           world.split.train, min_history)
+        pages = with_mates(page_features(world, kept))
+        row = {"pages": name, "slots": len(pages), "watch_ratio": float(pages["label"].mean()),
+               "pull": _pull(pages)}
+        for tag, cols in (("own", own), ("mates", mates)):
+            lr = LogisticRegression(max_iter=2000).fit(pages[cols], pages["label"])
+            row[f"valid_list_auc_{tag}"] = float(np.mean([_auc(y, lr.decision_function(x[cols]))
+                                                          for y, x in valid]))
+        gb = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05,
+                                            random_state=0).fit(pages[mates], pages["label"])
+        row["valid_list_auc_trees"] = float(np.mean([_auc(y, gb.predict_proba(x[mates])[:, 1])
+                                                     for y, x in valid]))
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out.attrs.update(users=len(chosen), lists=len(valid),
+                     list_pull=_pull(pd.concat([x for _, x in valid], ignore_index=True)))
+    return out
+
+
+def refit_page_features(world: World, trajs: Sequence[Trajectory]) -> pd.DataFrame:
+    """``page_features`` with every cue leave-one-person-out: each person's slots read
+    neighbours, popularity and mean ratings refitted on the train split without their rows
+    (the match from EASE's exact downdate, as in training). The measure of what the cosine
+    cues' own leak is worth; training keeps the full cosine fit (see ``match_regression``)."""
+    train = world.split.train
+    by_user: dict[int, list[Trajectory]] = {}
+    for t in trajs:
+        by_user.setdefault(t.user, []).append(t)
+    parts = []
+    for user, own in by_user.items():
+        refit = ItemSimilarity.fit(train[train["user"] != user], match_lambda=None)
+        pages = page_features(world, own, refit, leave_out=False)
+        pages["match"] = page_features(world, own)["match"].to_numpy()
+        parts.append(pages)
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
 def match_regression(world: World, *, users: int, min_history: int,
                      seed: int = 0) -> pd.DataFrame:
     """Which match to perceive, and the leak on training pages. A train page's labels are in
     its person's own train row, so a match fitted with that row scores them above what any
     held-out item gets. Per variant: the match's AUC on train-page slots beside validation 1:1
-    lists (the gap is the leak), and the two scorers fit on the slots, scored on the lists."""
+    lists (the gap is the leak), and the two scorers fit on the slots, scored on the lists.
+    The last variant also takes the person's row out of the cosine cues, popularity and mean
+    rating (``refit_page_features``)."""
     chosen = _sample_users(world, users, seed)
     kept = experienced(world.trajectories("train", users=chosen, progress=False),
                        world.split.train, min_history)
     cosine = ItemSimilarity.fit(world.split.train, match_lambda=None)
     lists = {id(sim): _valid_lists(world, seed, sim) for sim in (cosine, world.similarity)}
+    variants = (
+        ("summed cosine, the person's row in the fit", cosine,
+         page_features(world, kept, cosine, leave_out=False)),
+        ("EASE, the person's row in the fit", world.similarity,
+         page_features(world, kept, leave_out=False)),
+        ("EASE, without the person's row (default)", world.similarity,
+         page_features(world, kept)),
+        ("every cue without the person's row", world.similarity,
+         refit_page_features(world, kept)))
     rows = []
-    for name, sim, leave_out in (("summed cosine, the person's row in the fit", cosine, False),
-                                 ("EASE, the person's row in the fit", world.similarity, False),
-                                 ("EASE, without the person's row (default)", world.similarity,
-                                  True)):
-        pages = page_features(world, kept, sim, leave_out)
+    for name, sim, pages in variants:
         valid = lists[id(sim)]
         rows.append({"match": name, "slots": len(pages),
                      "train_page_auc": _auc(pages["label"], pages["match"]),
+                     **{f"train_page_auc_{f}": _auc(pages["label"], pages[f])
+                        for f in ("max_sim", "n_similar", "close_watched", "popularity")},
                      "valid_list_match_auc": _match_alone(valid),
                      **_fit_and_score(pages, valid)})
     out = pd.DataFrame(rows)

@@ -2,8 +2,9 @@
 
 MovieLens records when ratings were entered, not what a person was shown, so we rebuild the pages:
 each logged session (split on a timestamp gap) is cut into visits of at most ``max_pages`` pages;
-each page holds 0–2 of the human's next items at seeded positions, and its other slots are
-*exposure fillers* drawn, slot by slot, from a configurable mixture (``TrajectoryConfig.exposure``):
+each slot of a page is, independently, one of the human's next items
+(``TrajectoryConfig.slot_share``), at seeded positions, and its other slots are *exposure
+fillers* drawn, slot by slot, from a configurable mixture (``TrajectoryConfig.exposure``):
 never-rated items uniformly, never-rated items weighted by popularity, and the picks of several
 recommenders. Fillers from one recommender alone teach the inverse of preference: its picks are
 more popular and more like the person's history than what the person chose (``alignuser data
@@ -26,19 +27,29 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field, field_validator
+from scipy.stats import binom
 from tqdm import tqdm
 
 from simulator.env import MAX_PAGES, PAGE_SIZE, PageAction, PageEnv, PageSource, recommender_pages
+
+SLOT_SHARE = 0.2875
 
 
 class TrajectoryConfig(BaseModel):
     gap_minutes: float = Field(30, description="a gap longer than this starts a new session")
     page_size: int = Field(PAGE_SIZE, description="items per page (Agent4Rec's 4)")
     max_pages: int = Field(MAX_PAGES, description="pages per visit before the human must leave")
-    watch_probs: tuple[float, ...] = Field(
-        (0.2, 0.45, 0.35),
-        description="probability that a page holds 0, 1, 2, ... of the human's items; "
-                    "mean 1.15 items per 4-item page (Agent4Rec measured a 0.32 watch ratio)")
+    slot_share: float = Field(
+        SLOT_SHARE, gt=0, lt=1,
+        description="probability that a slot holds one of the human's items, each slot "
+                    "independently (Binomial(page_size, share) items a page): 0.2875 is 1.15 "
+                    "items a 4-item page (Agent4Rec measured a 0.32 watch ratio). Independent "
+                    "slots make a slot's page-mates say nothing of whether it was chosen; pages "
+                    "capped at 0-2 of the human's items made a well-matching page-mate a sign "
+                    "of a filler (`python bench/bench_signal.py --page-counts`)")
+    watch_probs: tuple[float, ...] | None = Field(
+        None, description="probability that a page holds 0, 1, 2, ... of the human's items, "
+                          "overriding slot_share (e.g. 0.2,0.45,0.35: at most 2 a page)")
     max_visits_per_user: int | None = Field(
         None, description="keep at most this many visits per user (the earliest); None = all")
     seed: int = Field(0, description="seeds page positions, items per page and fillers")
@@ -58,6 +69,14 @@ class TrajectoryConfig(BaseModel):
         if not v or any(x < 0 for x in v.values()) or sum(v.values()) <= 0:
             raise ValueError("exposure shares must be >= 0 and sum to more than 0")
         return v
+
+    def count_probs(self) -> np.ndarray:
+        """Probability of 0, 1, ... of the human's items on a page."""
+        if self.watch_probs is not None:
+            probs = np.asarray(self.watch_probs, dtype=float)
+        else:
+            probs = binom.pmf(np.arange(self.page_size + 1), self.page_size, self.slot_share)
+        return probs / probs.sum()
 
     def recommenders(self) -> list[str]:
         """The recommenders the exposure mixture draws from."""
@@ -137,8 +156,7 @@ def sessions(ratings: pd.DataFrame, gap_minutes: float) -> Iterator[tuple[int, i
 
 def plan_visits(n_items: int, cfg: TrajectoryConfig, rng: np.random.Generator) -> list[list[int]]:
     """How many of the human's items go on each page, visit by visit."""
-    probs = np.asarray(cfg.watch_probs, dtype=float)
-    probs = probs / probs.sum()
+    probs = cfg.count_probs()
     visits, left = [], n_items
     while left > 0:
         pages: list[int] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
 
 from agents.world import World
@@ -103,12 +104,18 @@ def test_match_variants_show_the_leak_of_the_persons_own_row(small_world: World)
     from evaluation.signal import match_regression
 
     table = match_regression(small_world, users=20, min_history=1, seed=0).set_index("match")
-    assert len(table) == 3 and (table["slots"] > 500).all(), table.to_string()
+    assert len(table) == 4 and (table["slots"] > 500).all(), table.to_string()
     with_row = table.loc["EASE, the person's row in the fit"]
     without = table.loc["EASE, without the person's row (default)"]
+    refit = table.loc["every cue without the person's row"]
     # Same pages and lists: only the training-page match differs.
     assert with_row["valid_list_match_auc"] == without["valid_list_match_auc"]
     assert with_row["train_page_auc"] > without["train_page_auc"] + 0.02, table.to_string()
+    # The refit variant keeps the default's match and takes the row out of the cosine cues,
+    # which then separate the person's choices less well.
+    assert refit["train_page_auc"] == without["train_page_auc"]
+    for cue in ("max_sim", "n_similar", "close_watched"):
+        assert refit[f"train_page_auc_{cue}"] < without[f"train_page_auc_{cue}"], cue
     aucs = table[["train_page_auc", "valid_list_match_auc", "valid_list_auc"]]
     assert aucs.apply(lambda c: c.between(0.5, 1)).all().all(), table.to_string()
 
@@ -120,3 +127,20 @@ def test_match_lambdas_lists_the_cosine_and_each_weight(small_world: World) -> N
     assert list(table["match"]) == ["summed cosine", "EASE, lambda 10", "EASE, lambda 1000"]
     assert table["valid_list_match_auc"].between(0.5, 1).all(), table.to_string()
     assert table["valid_list_match_auc"].nunique() == 3  # each weight gives its own ranking
+
+
+def test_page_count_regression_compares_constructions_on_the_same_lists(
+        small_world: World) -> None:
+    from evaluation.signal import page_count_regression
+
+    table = page_count_regression(
+        small_world, {"capped": {"watch_probs": (0.2, 0.45, 0.35)},
+                      "independent": {"watch_probs": None}},
+        users=40, min_history=1, seed=0).set_index("pages")
+    assert list(table.index) == ["capped", "independent"]
+    assert (table["slots"] > 500).all() and table["slots"].nunique() == 2, table.to_string()
+    cols = ["valid_list_auc_own", "valid_list_auc_mates", "valid_list_auc_trees"]
+    assert table[cols].apply(lambda c: c.between(0.5, 1)).all().all(), table.to_string()
+    assert np.isfinite(table["pull"]).all() and np.isfinite(table.attrs["list_pull"])
+    # The page-mates' column changes what the regression sees.
+    assert (table["valid_list_auc_own"] != table["valid_list_auc_mates"]).any()

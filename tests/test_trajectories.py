@@ -344,3 +344,38 @@ def test_trajectory_stats_on_a_hand_example() -> None:
                      "ratings_hist": {"1": 1, "2": 0, "3": 0, "4": 1, "5": 1}}
     empty = trajectory_stats([])
     assert empty["visits"] == 0 and empty["watch_ratio"] == 0.0
+
+
+def test_slots_hold_the_humans_items_independently_by_default() -> None:
+    from scipy.stats import binom
+
+    cfg = TrajectoryConfig()
+    probs = cfg.count_probs()
+    assert np.allclose(probs, binom.pmf(range(5), 4, cfg.slot_share))
+    assert abs(probs @ np.arange(5) - 1.15) < 1e-9  # 1.15 of the human's items a 4-item page
+    capped = TrajectoryConfig(watch_probs=(0.2, 0.45, 0.35)).count_probs()
+    assert np.allclose(capped, [0.2, 0.45, 0.35])
+    counts = [n for s in range(200) for v in plan_visits(12, cfg, np.random.default_rng(s))
+              for n in v]
+    assert max(counts) >= 3  # no cap at 2: a page can hold 3 or 4 of the human's items
+
+
+def _mates_label_corr(world, cfg: TrajectoryConfig) -> float:
+    own, mates = [], []
+    for t in world.trajectories("train", cfg=cfg, progress=False):
+        for step in t.steps:
+            labels = [int(i in step.watched) for i in step.items]
+            for y in labels:
+                own.append(y)
+                mates.append((sum(labels) - y) / max(len(labels) - 1, 1))
+    return float(np.corrcoef(own, mates)[0, 1])
+
+
+def test_independent_slots_leave_page_mates_uninformative(small_world) -> None:
+    """Capped at 2 of the human's items a page, a slot's label falls with its page-mates'
+    (the construction teaches a pull); with independent slots it barely does (only a visit's
+    last page, cut to the items left, ties them)."""
+    capped = _mates_label_corr(small_world, TrajectoryConfig(watch_probs=(0.2, 0.45, 0.35)))
+    independent = _mates_label_corr(small_world, TrajectoryConfig())
+    assert capped < -0.15, capped
+    assert abs(independent) < 0.06, independent
