@@ -20,6 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from agents.world import World
+from evaluation.micro import page_mates
 from memory.evidence import FEATURE_NAMES, ItemSimilarity
 from simulator.env import PAGE_SIZE
 from simulator.trajectories import Trajectory, TrajectoryConfig, experienced
@@ -192,11 +193,10 @@ MATES = "mates_match"
 
 
 def with_mates(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` plus each slot's page-mates' mean match (a slot alone on its page: its own)."""
-    group = frame.groupby("page")["match"]
-    total, n = group.transform("sum"), group.transform("size")
+    """``frame`` plus each slot's page-mates' mean match (``evaluation.micro.page_mates``)."""
     out = frame.copy()
-    out[MATES] = ((total - frame["match"]) / (n - 1).clip(lower=1)).where(n > 1, frame["match"])
+    out[MATES] = frame.groupby("page")["match"].transform(
+        lambda m: page_mates(list(m)))
     return out
 
 
