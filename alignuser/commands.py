@@ -157,6 +157,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import platform
     import shlex
     import sys
+    import time
+
+    started = time.perf_counter()
 
     from evaluation.outputs import all_outputs
     from evaluation.parts import Parts
@@ -269,7 +272,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                      "judge_model": run.judge_model or "local base model",
                      "skipped_methods": skipped or "none", "sections": ", ".join(sections)}
             score(world, bundle, outputs, cfg, out, setup, log=log, sections=sections,
-                  parts=parts, make_judge=make_judge)
+                  parts=parts, make_judge=make_judge, started=started)
     except BaseException:
         if any(p.name.endswith(f"-{os.getpid()}") for p in
                final.parent.glob(f".{final.name}.incomplete-*")):

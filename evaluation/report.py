@@ -63,7 +63,7 @@ _SECTION_SPECS: tuple[tuple[str, str, str], ...] = (
     ("paired", "Paired differences", "Per-user paired differences with bootstrap CIs."),
 )
 SECTIONS: tuple[str, ...] = tuple(title for _, title, _ in _SECTION_SPECS)
-SETUP_FIELDS = ("machine", "command", "wall_time_s", "dataset", "split", "seed", "checkpoint")
+SETUP_FIELDS = ("machine", "command", "wall_time_s", "dataset", "split", "seed", "checkpoints")
 _SMALL_JUDGE_B = 30.0  # judges below this many billion parameters get the caveat
 
 Block = tuple[str, Any]  # ("p"|"warn"|"table"|"img", payload)

@@ -186,12 +186,13 @@ def build_bundle(world: World, cfg: EvalConfig) -> EvalBundle:
 def score(world: World, bundle: EvalBundle, outputs: Mapping[str, Any], cfg: EvalConfig,
           out_dir: Path, setup: Mapping[str, Any], judge_scorer=None,
           log: Callable[[str], None] = print, *, sections: Sequence[str] | None = None,
-          parts: Parts | None = None, make_judge: Callable[[], Any] | None = None
-          ) -> dict[str, Any]:
+          parts: Parts | None = None, make_judge: Callable[[], Any] | None = None,
+          started: float | None = None) -> dict[str, Any]:
     """Metrics of every method from its answers, beside the baselines: one registered section
     (``evaluation.sections``) after another, the report rewritten as each finishes. With
     ``parts``, each section is committed there and one already committed is read back instead
-    of computed (a resumed run)."""
+    of computed (a resumed run). ``started`` (a ``time.perf_counter`` reading) records the
+    invocation's wall time, answers included (a resumed run counts only its own)."""
     t0 = time.perf_counter()
     metrics: dict[str, Any] = {"setup": dict(setup)}
     plots: dict[str, Any] = {}
@@ -208,6 +209,8 @@ def score(world: World, bundle: EvalBundle, outputs: Mapping[str, Any], cfg: Eva
         plots |= {key: png_bytes(fig) for key, fig in result.plots.items()}  # rendered once
         write_report(metrics, out_dir, plots)
     metrics["setup"]["scoring_wall_time_s"] = round(time.perf_counter() - t0, 1)
+    if started is not None:
+        metrics["setup"]["wall_time_s"] = round(time.perf_counter() - started, 1)
     write_report(metrics, out_dir, plots)
     return metrics
 

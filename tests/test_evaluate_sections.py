@@ -187,7 +187,7 @@ def _write_atomic_dataset(world: World, folder: Path) -> Path:
 def _comparable(run: Path) -> dict:
     """metrics.json less what differs between any two runs: wall times and command lines."""
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("command", "scoring_wall_time_s"):
+    for key in ("command", "scoring_wall_time_s", "wall_time_s"):
         metrics["setup"].pop(key)
     for cost in metrics["cost"].values():
         cost.pop("seconds")
@@ -229,6 +229,10 @@ def test_a_killed_evaluate_resumes_to_the_uninterrupted_metrics(small_world: Wor
     assert "zero-shot: answers kept from the interrupted run" in resumed.stdout
     assert (tmp_path / "killed" / "parts" / "outputs-zero_shot.pkl").read_bytes() == kept
     assert not list(tmp_path.glob(".killed.incomplete-*"))
+    setup = json.loads((tmp_path / "whole" / "metrics.json").read_text())["setup"]
+    # The invocation's wall time covers loading and the answers, not only the scoring.
+    assert setup["wall_time_s"] > setup["scoring_wall_time_s"] >= 0, setup
+    assert "not recorded" not in (tmp_path / "whole" / "report.md").read_text()
     got, want = _comparable(tmp_path / "killed"), _comparable(tmp_path / "whole")
     assert got["discrimination"]["rows"] and "next_action" in got
     assert got == want

@@ -33,7 +33,7 @@ def _metrics() -> dict[str, Any]:
     return {
         "setup": {"machine": "ci box (2 cores)", "command": "alignuser eval --dataset ml-100k",
                   "wall_time_s": 42.5, "dataset": "ml-100k", "split": "leave-last-20%",
-                  "seed": 0, "checkpoint": "runs/ckpt-1"},
+                  "seed": 0, "checkpoints": {"full": "runs/ckpt-1"}},
         "discrimination": [{"method": m, "m": r, "accuracy": 0.7, "precision": 0.71,
                             "recall": 0.69, "f1": 0.7} for m in ("popularity", "alignuser")
                            for r in (1, 2, 3, 9)],
