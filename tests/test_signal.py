@@ -66,7 +66,10 @@ def test_recommender_fillers_make_the_best_matches_look_skipped(small_world: Wor
         table.loc["itemknn", "watch_match_95_101"] + 0.1, table.to_string()
     rates = table.loc["default", ["watch_match_80_90", "watch_match_90_95",
                                   "watch_match_95_101"]]
-    assert rates.iloc[-1] == rates.max(), table.to_string()
+    # No dip at the top: the best-matching bin is watched at least as often as the others, up to
+    # about one slot of the few dozen a bin holds on this 20-user fixture.
+    assert rates.iloc[-1] >= rates.max() - 0.02, table.to_string()
+    assert rates.iloc[-1] > rates.iloc[0] + 0.1, table.to_string()
     aucs = table[["valid_list_auc", "valid_list_auc_trees"]]
     assert aucs.loc["default"].between(0.5, 1).all(), table.to_string()
     # Fit on ItemKNN's fillers, the regression ranks validation lists worse than on the default.
