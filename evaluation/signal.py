@@ -12,6 +12,7 @@ slots on training pages beside the AUC of held-out positives vs never-rated item
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import groupby
 
 import numpy as np
 import pandas as pd
@@ -39,7 +40,7 @@ def page_features(world: World, trajs: Sequence[Trajectory],
     sim = similarity or world.similarity
     train = world.split.train
     by_user = {int(u): g for u, g in train.groupby("user")}
-    rows, pages = [], []
+    rows, page = [], 0
     for t in trajs:
         g = by_user.get(t.user)
         past = {} if g is None else dict(zip(g.loc[g["timestamp"] < t.start, "item"].astype(int),
@@ -51,8 +52,8 @@ def page_features(world: World, trajs: Sequence[Trajectory],
             match = sim.match_percentiles(history, without=t.user if leave_out else None)
             for item in step.items:
                 rows.append({**sim.features(item, history, match),
-                             "label": int(item in step.watched), "page": len(pages)})
-            pages.append(step)
+                             "label": int(item in step.watched), "page": page})
+            page += 1
             session.update({i: float(r) for i, r in step.watched.items()})
     return pd.DataFrame(rows)
 
@@ -246,22 +247,22 @@ def page_count_regression(world: World, counts: Mapping[str, Mapping], *, users:
     return out
 
 
-def refit_page_features(world: World, trajs: Sequence[Trajectory]) -> pd.DataFrame:
-    """``page_features`` with every cue leave-one-person-out: each person's slots read
-    neighbours, popularity and mean ratings refitted on the train split without their rows
-    (the match from EASE's exact downdate, as in training). The measure of what the cosine
-    cues' own leak is worth; training keeps the full cosine fit (see ``match_regression``)."""
+def refit_page_features(world: World, trajs: Sequence[Trajectory],
+                        pages: pd.DataFrame) -> pd.DataFrame:
+    """``pages`` (``page_features(world, trajs)``) with every other cue leave-one-person-out:
+    each person's slots read neighbours, popularity and mean ratings refitted on the train split
+    without their rows; the match (already EASE's exact downdate) and page ids are kept. The
+    measure of what the cosine cues' own leak is worth; training keeps the full cosine fit (see
+    ``match_regression``). One refit per run of a person's trajectories (once per person when
+    they come grouped, as ``World.trajectories`` gives them)."""
     train = world.split.train
-    by_user: dict[int, list[Trajectory]] = {}
-    for t in trajs:
-        by_user.setdefault(t.user, []).append(t)
-    parts = []
-    for user, own in by_user.items():
-        refit = ItemSimilarity.fit(train[train["user"] != user], match_lambda=None)
-        pages = page_features(world, own, refit, leave_out=False)
-        pages["match"] = page_features(world, own)["match"].to_numpy()
-        parts.append(pages)
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    parts = [page_features(world, list(run), ItemSimilarity.fit(train[train["user"] != user],
+                                                                match_lambda=None),
+                           leave_out=False)
+             for user, run in groupby(trajs, key=lambda t: t.user)]
+    out = pd.concat(parts, ignore_index=True) if parts else pages.iloc[:0].copy()
+    out[["match", "page"]] = pages[["match", "page"]].to_numpy()
+    return out
 
 
 def match_regression(world: World, *, users: int, min_history: int,
@@ -277,15 +278,15 @@ def match_regression(world: World, *, users: int, min_history: int,
                        world.split.train, min_history)
     cosine = ItemSimilarity.fit(world.split.train, match_lambda=None)
     lists = {id(sim): _valid_lists(world, seed, sim) for sim in (cosine, world.similarity)}
+    default = page_features(world, kept)
     variants = (
         ("summed cosine, the person's row in the fit", cosine,
          page_features(world, kept, cosine, leave_out=False)),
         ("EASE, the person's row in the fit", world.similarity,
          page_features(world, kept, leave_out=False)),
-        ("EASE, without the person's row (default)", world.similarity,
-         page_features(world, kept)),
+        ("EASE, without the person's row (default)", world.similarity, default),
         ("every cue without the person's row", world.similarity,
-         refit_page_features(world, kept)))
+         refit_page_features(world, kept, default)))
     rows = []
     for name, sim, pages in variants:
         valid = lists[id(sim)]
