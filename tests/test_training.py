@@ -157,7 +157,7 @@ def test_a_few_steps_lower_the_loss(tmp_path: Path) -> None:
 
 def test_a_stage_ends_with_its_best_validation_weights(tmp_path: Path) -> None:
     model, lm = _peft_lm()
-    losses = iter([3.0, 1.0, 2.0])  # validation at steps 2, 4, 6: the best is step 4's
+    losses = iter([5.0, 3.0, 1.0, 2.0])  # validation at steps 0, 2, 4, 6: the best is step 4's
     cfg = TrainConfig(batch_size=2, max_len=512, lr=1e-2, warmup=1, save_every=100,
                       eval_every=2, patience=5)
     out = train_loop(model, lm.tokenizer, {"policy": EXAMPLES}, {"policy": 1.0}, steps=6,
@@ -174,6 +174,43 @@ def test_a_stage_ends_with_its_best_validation_weights(tmp_path: Path) -> None:
         key = next(k for k in best if k.endswith(name.split("base_model.", 1)[-1]))
         assert torch.allclose(kept[name], best[key].to(kept[name].dtype), atol=1e-6)
     assert any(not torch.allclose(best[k], final[k]) for k in best)  # steps 5-6 moved on
+
+
+def test_a_stage_no_step_improves_ends_on_its_starting_weights(tmp_path: Path) -> None:
+    """The starting weights are validated first: when every later validation is worse (a
+    stage that only harms the policy it continues) the stage ends where it began."""
+    model, lm = _peft_lm()
+    start = _lora_state(model)
+    losses = iter([1.0, 2.0, 3.0])  # steps 0, 2, 4
+    cfg = TrainConfig(batch_size=2, max_len=512, lr=1e-2, warmup=1, save_every=100,
+                      eval_every=2, patience=5)
+    out = train_loop(model, lm.tokenizer, {"policy": EXAMPLES}, {"policy": 1.0}, steps=4,
+                     out_dir=tmp_path, cfg=cfg, validate=lambda: next(losses), progress=False)
+    assert out["kept_step"] == 0 and out["best_valid"] == 1.0 and out["steps"] == 4
+    assert [h["step"] for h in out["history"] if "valid" in h] == [0, 2, 4]
+    from safetensors.torch import load_file
+
+    trained = load_file(str(tmp_path / "checkpoint" / "adapter_model.safetensors"))  # step 4
+    assert any(float(v.abs().sum()) > 0 for k, v in trained.items() if "lora_B" in k)
+    kept = _lora_state(model)
+    assert all(torch.equal(kept[k], start[k]) for k in start)  # lora_B back to its zeros
+
+
+def test_a_stage_cut_by_its_budget_validates_its_last_step(tmp_path: Path) -> None:
+    """A budget that ends the stage before its first ``eval_every`` still validates where it
+    stopped, so the kept weights were checked; the loss curve skips the step-0 record."""
+    from training.pipeline import _plot_curves
+
+    model, lm = _peft_lm()
+    losses = iter([2.0, 1.0])
+    cfg = TrainConfig(batch_size=2, max_len=512, lr=1e-2, warmup=1, save_every=100,
+                      eval_every=50, time_budget_s=1e-9)
+    out = train_loop(model, lm.tokenizer, {"policy": EXAMPLES}, {"policy": 1.0}, steps=100,
+                     out_dir=tmp_path, cfg=cfg, validate=lambda: next(losses), progress=False)
+    assert out["steps"] == 1 and out["kept_step"] == 1 and out["best_valid"] == 1.0
+    assert out["history"][0] == {"step": 0, "valid": 2.0}
+    _plot_curves({"policy": out}, tmp_path)
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0
 
 
 def _lora_state(model: Any) -> dict[str, torch.Tensor]:

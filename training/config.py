@@ -56,7 +56,8 @@ class TrainConfig(BaseModel):
     wm_transitions: int = Field(2000, ge=1, description="train transitions sampled for stage 1")
     cr_transitions: int = Field(100, ge=1, description="train transitions given counterfactuals")
     valid_examples: int = Field(24, ge=0, description="validation examples for early stopping")
-    eval_every: int = Field(40, ge=1, description="steps between validation losses")
+    eval_every: int = Field(40, ge=1, description="steps between validation losses (the "
+                            "starting weights and a stage's last step are validated too)")
     patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
     save_every: int = Field(20, ge=1, description="steps between resumable checkpoints")
     grad_checkpointing: bool = Field(False, description="trade ~30%% speed for ~45%% less RAM")

@@ -289,7 +289,8 @@ def _plot_curves(result: Mapping[str, dict], out: Path) -> None:
                              squeeze=False)
     for ax, (stage, res) in zip(axes[0], result.items(), strict=False):
         hist = res["history"]
-        ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], lw=0.8, label="train")
+        seen = [h for h in hist if "loss" in h]  # step 0: the starting weights' validation
+        ax.plot([h["step"] for h in seen], [h["loss"] for h in seen], lw=0.8, label="train")
         val = [h for h in hist if "valid" in h]
         ax.plot([h["step"] for h in val], [h["valid"] for h in val], "o-", label="validation")
         ax.set_title(f"stage {stage}")

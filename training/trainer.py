@@ -137,6 +137,24 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
                               else (0, [], NOTHING_SPENT))
     best = min((h["valid"] for h in history if "valid" in h), default=float("inf"))
     bad = 0
+
+    def check(rec: dict) -> None:
+        """Validate the weights as they are now; keep them in ``best/`` when they are best."""
+        nonlocal best, bad
+        model.eval()
+        rec["valid"] = round(validate(), 4)
+        model.train()
+        if rec["valid"] < best:
+            best, bad = rec["valid"], 0
+            model.save_pretrained(out_dir / "best")
+        else:
+            bad += 1
+
+    if validate is not None and not history:
+        # The starting weights are a candidate too: a stage that only makes them worse on
+        # validation (too few steps, too hot a rate) ends where it began.
+        history.append({"step": start})
+        check(history[-1])
     # Gradient checkpointing turns the KV cache off, and a shared page needs it.
     pack = not any(getattr(model, a, False) for a in ("is_activation_checkpointing",
                                                       "is_gradient_checkpointing"))
@@ -162,28 +180,19 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
         for kind in dict.fromkeys(ex.kind for ex in examples):
             sel = [i for i, ex in enumerate(examples) if ex.kind == kind]
             rec[f"loss_{kind}"] = round(float(losses[sel].detach().mean()), 4)
-        if validate is not None and (step + 1) % eval_every == 0:
-            model.eval()
-            rec["valid"] = round(validate(), 4)
-            model.train()
-            if rec["valid"] < best:
-                best, bad = rec["valid"], 0
-                model.save_pretrained(out_dir / "best")
-            else:
-                bad += 1
+        over = time_budget is not None and time.perf_counter() - t0 > time_budget
+        # A stage's last step is validated too, so one cut by its budget before its first
+        # ``eval_every`` does not end on weights nobody checked.
+        if validate is not None and ((step + 1) % eval_every == 0 or step + 1 == steps or over):
+            check(rec)
         history.append(rec)
         tps = tokens / (time.perf_counter() - t0)
         bar.set_postfix(loss=rec["loss"], tok_s=f"{tps:.0f}")
-        if (step + 1) % save_every == 0 or step + 1 == steps:
+        if (step + 1) % save_every == 0 or step + 1 == steps or over:
             _save(model, opt, ckpt, step + 1, history,
                   {"seconds": before["seconds"] + time.perf_counter() - t0,
                    "tokens": before["tokens"] + tokens})
-        if validate is not None and bad >= patience:
-            break
-        if time_budget is not None and time.perf_counter() - t0 > time_budget:
-            _save(model, opt, ckpt, step + 1, history,
-                  {"seconds": before["seconds"] + time.perf_counter() - t0,
-                   "tokens": before["tokens"] + tokens})
+        if over or (validate is not None and bad >= patience):
             break
     model.eval()
     kept = _keep_best(model, out_dir / "best", history)
