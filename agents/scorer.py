@@ -44,8 +44,12 @@ _HEAD_ROWS = 1024  # hidden rows per fp32 head matmul (1024 x vocab x 4 bytes: ~
 
 
 # A page prompt's KV is ~10 MB (SmolLM2-135M, ~430 tokens): the LRU is bounded in bytes as well
-# as entries, so a large cache_size cannot grow past the machine's memory.
-CACHE_BYTES = 4 << 30
+# as entries, so a large cache_size cannot grow past the machine's memory. A batched step needs
+# its own pages' prompts and the previous page's (the persona it extends): ~1.3 GB for 64 lists.
+# 100 lists pushed the same tokens under 4, 2 and 1.5 GiB, peaking at 10.1, 9.0 and 8.2 GB
+# (``bench/bench_list_memory.py``); 2 GiB leaves room for the 100 longer held-out pages that
+# ``decide_chunked`` keeps at once.
+CACHE_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)

@@ -201,12 +201,15 @@ def with_mates(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _pull(frame: pd.DataFrame) -> float:
+def _pull_of(lr: LogisticRegression, cols: Sequence[str]) -> float:
     """A logistic fit's weight on the page-mates' match, per unit of the item's own."""
-    cols = [*FEATURE_NAMES, MATES]
-    coef = dict(zip(cols, LogisticRegression(max_iter=2000).fit(frame[cols], frame["label"])
-                    .coef_[0], strict=True))
+    coef = dict(zip(cols, lr.coef_[0], strict=True))
     return float(coef[MATES] / coef["match"])
+
+
+def _pull(frame: pd.DataFrame) -> float:
+    cols = [*FEATURE_NAMES, MATES]
+    return _pull_of(LogisticRegression(max_iter=2000).fit(frame[cols], frame["label"]), cols)
 
 
 def page_count_regression(world: World, counts: Mapping[str, Mapping], *, users: int,
@@ -231,11 +234,12 @@ def page_count_regression(world: World, counts: Mapping[str, Mapping], *, users:
                            world.split.train, min_history)
         pages = with_mates(page_features(world, kept))
         row = {"pages": name, "slots": len(pages), "watch_ratio": float(pages["label"].mean()),
-               "pull": _pull(pages)}
+               "pull": np.nan}
         for tag, cols in (("own", own), ("mates", mates)):
             lr = LogisticRegression(max_iter=2000).fit(pages[cols], pages["label"])
             row[f"valid_list_auc_{tag}"] = float(np.mean([_auc(y, lr.decision_function(x[cols]))
                                                           for y, x in valid]))
+        row["pull"] = _pull_of(lr, mates)  # the fit with the page-mates' match
         gb = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05,
                                             random_state=0).fit(pages[mates], pages["label"])
         row["valid_list_auc_trees"] = float(np.mean([_auc(y, gb.predict_proba(x[mates])[:, 1])
