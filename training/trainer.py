@@ -137,6 +137,8 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
                               else (0, [], NOTHING_SPENT))
     best = min((h["valid"] for h in history if "valid" in h), default=float("inf"))
     bad = 0
+    # The clock starts before the step-0 validation: it is part of what the stage costs.
+    t0, tokens = time.perf_counter(), 0
 
     def check(rec: dict) -> None:
         """Validate the weights as they are now; keep them in ``best/`` when they are best."""
@@ -160,7 +162,6 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
                                                       "is_gradient_checkpointing"))
     model.train()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", disable=not progress)
-    t0, tokens = time.perf_counter(), 0
     for step in bar:
         if stop_after is not None and step >= stop_after:
             break
