@@ -166,6 +166,7 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
         if stop_after is not None and step >= stop_after:
             break
         examples = sched.batch(step)
+        began = time.perf_counter()
         spent = (time.perf_counter() - t0) / time_budget if time_budget else 0.0
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warmup, spent)
@@ -177,7 +178,9 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         tokens += pushed
-        rec = {"step": step + 1, "loss": round(float(loss.detach()), 4)}
+        # Per-step tokens and seconds show where a stage slows down (a long page, a busy CPU).
+        rec = {"step": step + 1, "loss": round(float(loss.detach()), 4), "tokens": pushed,
+               "s": round(time.perf_counter() - began, 2)}
         for kind in dict.fromkeys(ex.kind for ex in examples):
             sel = [i for i, ex in enumerate(examples) if ex.kind == kind]
             rec[f"loss_{kind}"] = round(float(losses[sel].detach().mean()), 4)
