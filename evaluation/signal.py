@@ -233,13 +233,13 @@ def page_count_regression(world: World, counts: Mapping[str, Mapping], *, users:
         kept = experienced(world.trajectories("train", cfg=cfg, users=chosen, progress=False),
                            world.split.train, min_history)
         pages = with_mates(page_features(world, kept))
-        row = {"pages": name, "slots": len(pages), "watch_ratio": float(pages["label"].mean()),
-               "pull": np.nan}
+        row = {"pages": name, "slots": len(pages), "watch_ratio": float(pages["label"].mean())}
         for tag, cols in (("own", own), ("mates", mates)):
             lr = LogisticRegression(max_iter=2000).fit(pages[cols], pages["label"])
             row[f"valid_list_auc_{tag}"] = float(np.mean([_auc(y, lr.decision_function(x[cols]))
                                                           for y, x in valid]))
-        row["pull"] = _pull_of(lr, mates)  # the fit with the page-mates' match
+            if tag == "mates":
+                row["pull"] = _pull_of(lr, cols)
         gb = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05,
                                             random_state=0).fit(pages[mates], pages["label"])
         row["valid_list_auc_trees"] = float(np.mean([_auc(y, gb.predict_proba(x[mates])[:, 1])

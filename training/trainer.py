@@ -167,7 +167,7 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
             break
         examples = sched.batch(step)
         began = time.perf_counter()
-        spent = (time.perf_counter() - t0) / time_budget if time_budget else 0.0
+        spent = (began - t0) / time_budget if time_budget else 0.0
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warmup, spent)
         losses, pushed = packed_losses(model, tokenizer, examples, max_len, pack)
