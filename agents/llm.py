@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from agents.attention import use_grouped_attention
 from simulator.readers import cache_root
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -192,6 +193,7 @@ def load_lm(
     with _offline():
         tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, local_files_only=True)
+        use_grouped_attention(model, resolve_device(device))
         name = base.name
         if adapter_dir is not None:
             from peft import PeftModel
@@ -230,6 +232,7 @@ def tiny_lm(seed: int = 0, layers: int = 2, hidden: int = 64) -> LM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
+    use_grouped_attention(model)
     model.eval()
     return LM(model=model, tokenizer=tokenizer, name=f"tiny-llama-{layers}x{hidden}-s{seed}")
 

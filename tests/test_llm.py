@@ -224,12 +224,33 @@ def test_load_lm_round_trip(lm: LM, tmp_path: Path) -> None:
     folder = tmp_path / "tiny"
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
-    loaded = load_lm(folder, dtype="fp32")
+    loaded = load_lm(folder, dtype="fp32", device="cpu")
     assert loaded.name == "tiny" and loaded.dtype == torch.float32
+    assert loaded.model.config._attn_implementation == "sdpa_gqa"
     assert not loaded.model.training
     assert Scorer(loaded).score(PREFIX, OPTIONS) == pytest.approx(
         Scorer(lm).score(PREFIX, OPTIONS), abs=1e-5
     )
+
+
+def test_grouped_attention_scores_as_repeated_heads() -> None:
+    """The CPU attention (``agents.attention``) passes grouped key/value heads to the kernel
+    instead of copying them per query head: a padded tree batch over cached prefixes scores
+    the same either way, and a CPU load switches to it."""
+    from agents.attention import NAME, use_grouped_attention
+
+    grouped = tiny_lm(seed=5)
+    assert grouped.model.config._attn_implementation == NAME
+    requests = [(PREFIX, OPTIONS), (PREFIX + "2. Heat (1995)\n", OPTIONS[:2]),
+                ("A much shorter one.", OPTIONS[2:])]
+    ours = Scorer(grouped).score_many(requests)
+    grouped.model.set_attn_implementation("sdpa")
+    assert grouped.model.config._attn_implementation == "sdpa"
+    theirs = Scorer(grouped).score_many(requests)
+    assert [x for r in ours for x in r] == pytest.approx([x for r in theirs for x in r],
+                                                        abs=1e-5)
+    grouped.model.set_attn_implementation("eager")
+    assert not use_grouped_attention(grouped.model)  # only sdpa is switched
 
 
 def test_peft_adapter_loads_and_changes_scores(tmp_path: Path) -> None:
