@@ -9,7 +9,9 @@ when the page-mates match well (a least-squares slope on the other slots' mean m
 to the slope on the item's own match; the lists' own labels give the same ratio from a logistic
 regression, which is what the lists reward). It also asks whether a score knows anything its
 perceived numbers do not: a logistic regression on the numbers alone and on the numbers plus
-the score, each fit on four fifths of the users and scored on the others (5 folds).
+the score, each fit on four fifths of the users and scored on the others (5 folds). Last, what
+an offset can do for F1: each scorer's per-user mean F1 at its own cut beside the best F1 of any
+single cut, searched on the lists' own labels (a bound no calibration can pass).
 
 ``python bench/bench_page_effects.py BUNDLE RUN [--prepared FILE]`` where BUNDLE comes from
 the run's own command with ``--prepare-only BUNDLE`` (the same lists) and RUN is its output
@@ -29,7 +31,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import f1_score, roc_auc_score
 
 from agents.browse import pages_of
 from evaluation.micro import page_mates
@@ -53,9 +55,10 @@ def list_frame(bundle, m: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def cv_auc(x: np.ndarray, frame: pd.DataFrame, folds: int = 5, seed: int = 0) -> float:
-    """Mean per-user AUC of a logistic regression on ``x``, each user scored by a fit on the
-    other folds' users."""
+def cv_scores(x: np.ndarray, frame: pd.DataFrame, folds: int = 5, seed: int = 0
+              ) -> np.ndarray:
+    """A logistic regression's log-odds on ``x``, each user scored by a fit on the other
+    folds' users."""
     users = frame["user"].to_numpy()
     order = np.unique(users)
     np.random.default_rng(seed).shuffle(order)
@@ -64,8 +67,27 @@ def cv_auc(x: np.ndarray, frame: pd.DataFrame, folds: int = 5, seed: int = 0) ->
         test = np.isin(users, fold)
         fit = LogisticRegression(max_iter=2000).fit(x[~test], frame["label"][~test])
         pred[test] = fit.decision_function(x[test])
-    frame = frame.assign(cv=pred)
-    return concordance(frame, "cv")["auc"]
+    return pred
+
+
+def cv_auc(x: np.ndarray, frame: pd.DataFrame) -> float:
+    """Mean per-user AUC of ``cv_scores``."""
+    return concordance(frame.assign(cv=cv_scores(x, frame)), "cv")["auc"]
+
+
+def mean_f1(frame: pd.DataFrame, col: str, cut: float) -> float:
+    """Per-user mean F1 of ``score > cut``, as the evaluation reports it."""
+    return float(np.mean([f1_score(g["label"], g[col] > cut, zero_division=0)
+                          for _, g in frame.groupby("user")]))
+
+
+def f1_bound(frame: pd.DataFrame, col: str) -> tuple[float, float]:
+    """The best per-user mean F1 of any one cut for all lists, searched on these lists' own
+    labels (no offset fitted elsewhere can beat it), and the share of items it says yes to."""
+    cuts = np.quantile(frame[col], np.linspace(0.02, 0.98, 97))
+    f1s = [mean_f1(frame, col, c) for c in cuts]
+    best = int(np.argmax(f1s))
+    return f1s[best], float((frame[col] > cuts[best]).mean())
 
 
 def concordance(frame: pd.DataFrame, col: str) -> dict[str, float]:
@@ -172,12 +194,23 @@ def main() -> None:
                             "regression, 5 folds of users)")
         for col in ("inputs", "AUC"):
             added.add_column(col)
-        added.add_row("the numbers alone", f"{cv_auc(numbers, frame):.3f}")
+        frame["regression"] = cv_scores(numbers, frame)
+        added.add_row("the numbers alone", f"{concordance(frame, 'regression')['auc']:.3f}")
         for name, values in rows.items():
             if name != "match number alone":
                 added.add_row(f"the numbers + {name}",
                               f"{cv_auc(np.column_stack([numbers, values]), frame):.3f}")
         console.print(added)
+        bound = Table(title=f"1:{m} lists: F1 at the scorer's own cut, and the best of any one "
+                            "cut chosen on these lists' labels")
+        for col in ("scorer", "F1 at its cut (0)", "best F1 of any cut", "says yes to"):
+            bound.add_column(col)
+        for name, values in {**rows, "regression on the numbers": frame["regression"]}.items():
+            frame["score"] = values
+            own = "" if name == "match number alone" else f"{mean_f1(frame, 'score', 0.0):.3f}"
+            best, share = f1_bound(frame, "score")
+            bound.add_row(name, own, f"{best:.3f}", f"{share:.2f}")
+        console.print(bound)
     if prep is not None:
         console.print(page_shift({"test (this run's)": bundle.pages,
                                   "validation (calibration)": prep.calib}))

@@ -1,6 +1,8 @@
 """Seconds and tokens per optimizer step of the policy objective, a step's pages trained from
-two forwards (packed: heads, then each page's tails as a tree) or each example alone:
-``python bench/bench_training.py PREPARED [--pages 2] [--steps 3] [--device cuda] [--model DIR]``
+two forwards (packed: heads, then each page's tails as a tree), the same with the heads run
+without gradient (detached, ``TrainConfig.detach_head``) or each example alone:
+``python bench/bench_training.py PREPARED [--pages 2] [--steps 3] [--modes packed,detached,alone]
+[--device cuda] [--model DIR]``
 (PREPARED from ``alignuser train --prepare-only``). ``--model`` takes any HF folder, e.g. the
 base's config.json and tokenizer with random weights, so a GPU box can be timed before the
 base model's weights reach it (``bench/gpu_pipeline.sh probe``)."""
@@ -26,6 +28,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--model", default="default", help="base model folder (default: SmolLM2)")
+    ap.add_argument("--modes", default="packed,detached,alone")
     args = ap.parse_args()
     prep = read_pickle(args.prepared)
     cfg = TrainConfig()
@@ -35,13 +38,15 @@ def main() -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     print("| mode | examples/step | tokens/step | s/step | examples/s | tokens/s |")
     print("|---|---|---|---|---|---|")
-    for pack in (True, False):
+    for mode in args.modes.split(","):
+        pack, detach = mode != "alone", mode == "detached"
         times, tokens, n = [], 0, 0
         for step in range(-1, args.steps):  # step -1 warms up (allocator, kernels) untimed
             pages = prep.train[(step + 1) * args.pages:(step + 2) * args.pages]
             examples = [e for t in pages for e in t.policy_examples()]
             t0 = time.perf_counter()
-            losses, pushed = packed_losses(model, lm.tokenizer, examples, cfg.max_len, pack)
+            losses, pushed = packed_losses(model, lm.tokenizer, examples, cfg.max_len, pack,
+                                           detach)
             opt.zero_grad()
             losses.mean().backward()
             opt.step()
@@ -51,7 +56,6 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
                 tokens, n = tokens + pushed, n + len(examples)
         s = sum(times)
-        mode = "packed" if pack else "alone"
         print(f"| {mode} | {n / args.steps:.0f} | {tokens / args.steps:.0f} | "
               f"{s / args.steps:.1f} | {n / s:.2f} | {tokens / s:.0f} |")
 

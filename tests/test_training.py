@@ -142,6 +142,41 @@ def test_pages_trained_from_one_forward_equal_their_examples_alone() -> None:
     assert n_packed < n_alone / 2  # the page went through once, not once per example
 
 
+def test_a_detached_head_gives_the_same_losses_and_learns_from_the_tails(tmp_path: Path
+                                                                         ) -> None:
+    """``detach_head``: the same loss values, gradients only through the tails and targets
+    (so different from the full ones, and not zero), and training still lowers the loss."""
+    model, lm = _peft_lm()
+    model.eval()
+    page = [*_transition({1: 4, 3: 5}, "next").policy_examples(),
+            _transition({2: 3}, "exit").wm_example()]
+    lora = [p for p in model.parameters() if p.requires_grad]
+
+    def run(detach: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        losses, _ = packed_losses(model, lm.tokenizer, page, 1024, True, detach)
+        losses.sum().backward()
+        return losses.detach(), [p.grad.clone() for p in lora]
+
+    full, g_full = run(False)
+    cut, g_cut = run(True)
+    assert torch.allclose(full, cut, atol=1e-5)
+    assert any(float(g.abs().sum()) > 0 for g in g_cut)
+    assert max(float((a - b).abs().max()) for a, b in zip(g_full, g_cut, strict=True)) > 1e-4
+
+    fresh, _ = _peft_lm()
+    shared = page[:-1]  # one page's watch/skip and next/exit examples: one head
+    assert [len(u) for u in units(shared)] == [len(shared)]
+    pools, weights = {"policy": shared}, {"policy": 1.0}
+    before = validation_loss(fresh, lm.tokenizer, shared, weights, 512)
+    cfg = TrainConfig(batch_size=1, max_len=512, lr=1e-2, warmup=1, save_every=100,
+                      detach_head=True)
+    train_loop(fresh, lm.tokenizer, pools, weights, steps=8, out_dir=tmp_path, cfg=cfg,
+               progress=False)
+    after = validation_loss(fresh, lm.tokenizer, shared, weights, 512)
+    assert after < before - 0.2, (before, after)
+
+
 def test_a_few_steps_lower_the_loss(tmp_path: Path) -> None:
     model, lm = _peft_lm()
     pools, weights = {"policy": EXAMPLES}, {"policy": 1.0}

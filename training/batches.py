@@ -99,11 +99,12 @@ def _branch(tokenizer, ex: Example) -> tuple[list[int], list[int]]:
 _HEAD_TOKENS = 32768
 
 
-def _pages_losses(model, tokenizer, pages: Sequence[Sequence[Example]], max_len: int
-                  ) -> tuple[list[torch.Tensor], int]:
+def _pages_losses(model, tokenizer, pages: Sequence[Sequence[Example]], max_len: int,
+                  detach_head: bool = False) -> tuple[list[torch.Tensor], int]:
     """Per-example losses of several pages: their heads in one right-padded forward, then
     every page's tails and targets as one token tree (``agents.packing``) over its head's KV in
-    a second forward. Also the token positions pushed."""
+    a second forward. Also the token positions pushed. ``detach_head`` runs the heads without
+    gradient (see ``packed_losses``)."""
     from transformers import DynamicCache
 
     from agents.packing import build_trie, tree_inputs
@@ -123,7 +124,8 @@ def _pages_losses(model, tokenizer, pages: Sequence[Sequence[Example]], max_len:
         ids[r, :len(h)] = torch.tensor(h)
         mask[r, :len(h)] = 1
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
-    out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_head):
+        out = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True)
     cache = DynamicCache(ddp_cache_data=[(k, v) for k, v, *_ in output_cache(out)],
                          config=model.config)
     lens = [len(h) for h in heads]
@@ -178,10 +180,15 @@ def _head_chunks(groups: Sequence[Sequence[Example]]) -> list[list[int]]:
 
 
 def packed_losses(model, tokenizer, examples: Sequence[Example], max_len: int,
-                  pack: bool = True) -> tuple[torch.Tensor, int]:
+                  pack: bool = True, detach_head: bool = False) -> tuple[torch.Tensor, int]:
     """Mean target-token cross-entropy per example, in ``examples``' order, with each page's
     shared head computed once; also the number of token positions pushed through the model.
-    Examples that share nothing (or all, when ``pack`` is off) go through one padded batch."""
+    Examples that share nothing (or all, when ``pack`` is off) go through one padded batch.
+
+    ``detach_head`` computes the shared heads without gradient: the losses are the same
+    numbers, but the weights learn only through the tails and targets (the cue line that
+    restates an item's numbers sits in its tail), and a head costs one forward instead of a
+    forward and a backward (truncated backpropagation at the page boundary)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     losses: list[torch.Tensor | None] = [None] * len(examples)
@@ -196,7 +203,8 @@ def packed_losses(model, tokenizer, examples: Sequence[Example], max_len: int,
     for chunk in _head_chunks([[examples[i] for i in g] for g in shared]):
         groups = [shared[c] for c in chunk]
         values, pushed = _pages_losses(model, tokenizer,
-                                       [[examples[i] for i in g] for g in groups], max_len)
+                                       [[examples[i] for i in g] for g in groups], max_len,
+                                       detach_head)
         tokens += pushed
         for group, vals in zip(groups, values, strict=True):
             for i, v in zip(group, vals, strict=True):

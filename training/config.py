@@ -61,6 +61,9 @@ class TrainConfig(BaseModel):
     patience: int = Field(3, ge=1, description="evaluations without improvement before stopping")
     save_every: int = Field(20, ge=1, description="steps between resumable checkpoints")
     grad_checkpointing: bool = Field(False, description="trade ~30%% speed for ~45%% less RAM")
+    detach_head: bool = Field(False, description="no gradient through a page's shared persona "
+                              "and page blocks: the weights learn only from the lines after "
+                              "them, and a step costs about half (training.batches)")
     dtype: Literal["auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16"] = Field(
         "auto", description="auto (bf16 when the CPU has it), bfloat16, float32")
     calibration_pages: int = Field(400, ge=0, description="validation pages that fit the watch and "

@@ -170,7 +170,8 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
         spent = (began - t0) / time_budget if time_budget else 0.0
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warmup, spent)
-        losses, pushed = packed_losses(model, tokenizer, examples, max_len, pack)
+        losses, pushed = packed_losses(model, tokenizer, examples, max_len, pack,
+                                       cfg.detach_head)
         loss = weighted_loss(losses, [ex.kind for ex in examples], weights,
                              [ex.weight for ex in examples])
         opt.zero_grad(set_to_none=True)
