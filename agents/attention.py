@@ -4,9 +4,10 @@ transformers' ``sdpa`` attention repeats each key/value head once per query head
 (``repeat_kv``) whenever a mask is passed, and every scoring forward passes one (padding, the
 option tree). On SmolLM2-135M (9 query heads, 3 key/value heads) that copies every cached
 prefix three times per layer per forward. PyTorch's CPU kernel takes the grouped heads
-directly (``enable_gqa``): the same output, about 2.5x faster attention on a page-sized batch
-(``bench/bench_attention.py``). CUDA's fused kernels refuse a mask with grouped heads and fall
-back to the slow math kernel, so this is used on the CPU only.
+directly (``enable_gqa``): the same output, and the kernel 1.6x faster on a page-sized batch
+on an idle 2-core CPU (``bench/bench_attention.py``; the full agent's lists 9% faster).
+CUDA's fused kernels refuse a mask with grouped heads and fall back to the slow math kernel,
+so this is used on the CPU only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def _forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
              scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any
              ) -> tuple[torch.Tensor, None]:
     """``sdpa`` attention with the key/value heads passed grouped, not repeated."""
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        raise ValueError(f"{NAME} attention supports neither softcap nor a position bias; "
+                         "load the model with attn_implementation='eager'")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
     out = torch.nn.functional.scaled_dot_product_attention(
