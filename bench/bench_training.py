@@ -30,6 +30,10 @@ def main() -> None:
     ap.add_argument("--model", default="default", help="base model folder (default: SmolLM2)")
     ap.add_argument("--modes", default="packed,detached,alone")
     args = ap.parse_args()
+    modes = args.modes.split(",")
+    unknown = sorted(set(modes) - {"packed", "detached", "alone"})
+    if unknown:
+        ap.error(f"--modes: unknown {', '.join(unknown)}; use packed, detached and/or alone")
     prep = read_pickle(args.prepared)
     cfg = TrainConfig()
     lm = load_lm(args.model, dtype=cfg.dtype, device=args.device)
@@ -38,7 +42,7 @@ def main() -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     print("| mode | examples/step | tokens/step | s/step | examples/s | tokens/s |")
     print("|---|---|---|---|---|---|")
-    for mode in args.modes.split(","):
+    for mode in modes:
         pack, detach = mode != "alone", mode == "detached"
         times, tokens, n = [], 0, 0
         for step in range(-1, args.steps):  # step -1 warms up (allocator, kernels) untimed
