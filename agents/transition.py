@@ -72,14 +72,15 @@ class Transition:
     def policy_examples(self, predictions: Mapping[int, float] | None = None) -> list[Example]:
         """The human's action as the agent decides it (``agents.decide``): one example per
         slot's watch/skip line after the page and the slot's cue line, and one for next/exit +
-        ratings after the choices. Slot examples carry ``meta['line']`` for class balancing."""
+        ratings after the choices. Slot examples carry ``meta['line']`` and ``meta['slot']``
+        for class balancing and the within-page ranking loss."""
         preds = dict(predictions or {})
         inp = self.decision_input().model_copy(update={"predictions": preds})
         head = (prompts.persona_block(self.persona), inp.page_text)
         tail = prompts.policy_tail(text.render_predictions(preds))
         meta = {"user": self.user, "page": self.page}
         out = [Example("policy", (*head, tail + inp.cue(s)), text.slot_line(s, c),
-                       {**meta, "line": c})
+                       {**meta, "line": c, "slot": s})
                for s in range(1, len(self.views) + 1)
                for c in [text.WATCH if s in self.ratings else text.SKIP]]
         out.append(Example("policy", (*head, tail + text.render_choices(

@@ -49,8 +49,8 @@ def main() -> None:
             pages = prep.train[(step + 1) * args.pages:(step + 2) * args.pages]
             examples = [e for t in pages for e in t.policy_examples()]
             t0 = time.perf_counter()
-            losses, pushed = packed_losses(model, lm.tokenizer, examples, cfg.max_len, pack,
-                                           detach)
+            losses, pushed, _ = packed_losses(model, lm.tokenizer, examples, cfg.max_len, pack,
+                                              detach)
             opt.zero_grad()
             losses.mean().backward()
             opt.step()

@@ -14,9 +14,11 @@ it is trained alone (``tests/test_training.py`` checks losses and gradients).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 
+from agents import text
 from agents.llm import cache_arg, encode, output_cache
 from agents.transition import Example
 
@@ -89,6 +91,28 @@ def _target(tokenizer, ex: Example) -> list[int]:
     return target + [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else target
 
 
+class Packed(NamedTuple):
+    """Per-example losses in the examples' order, the token positions pushed, and each watch/
+    skip line's margin (logit of "watch" minus "skip" where the two lines part: the log-odds
+    the agent decides by, up to the ~0 tail after the answer word); NaN for other examples."""
+
+    losses: torch.Tensor
+    tokens: int
+    margins: torch.Tensor
+
+
+def _answer(tokenizer, ex: Example, target: list[int]) -> tuple[int, int, int] | None:
+    """Where a watch/skip line's target parts from the other answer's line: (position, watch
+    id, skip id); None for any other example."""
+    line, slot = ex.meta.get("line"), ex.meta.get("slot")
+    if line is None or slot is None:
+        return None
+    other = encode(tokenizer, [text.slot_line(slot, text.SKIP if line == text.WATCH
+                                              else text.WATCH)])
+    k = next(i for i, (a, b) in enumerate(zip(target, other, strict=False)) if a != b)
+    return (k, target[k], other[k]) if line == text.WATCH else (k, other[k], target[k])
+
+
 def _branch(tokenizer, ex: Example) -> tuple[list[int], list[int]]:
     """Tail and target ids after the head."""
     return encode(tokenizer, list(ex.segments[2:])), _target(tokenizer, ex)
@@ -100,19 +124,20 @@ _HEAD_TOKENS = 32768
 
 
 def _pages_losses(model, tokenizer, pages: Sequence[Sequence[Example]], max_len: int,
-                  detach_head: bool = False) -> tuple[list[torch.Tensor], int]:
+                  detach_head: bool = False) -> tuple[list[torch.Tensor], int, list[torch.Tensor]]:
     """Per-example losses of several pages: their heads in one right-padded forward, then
     every page's tails and targets as one token tree (``agents.packing``) over its head's KV in
-    a second forward. Also the token positions pushed. ``detach_head`` runs the heads without
-    gradient (see ``packed_losses``)."""
+    a second forward. Also the token positions pushed, and per-example margins (``Packed``).
+    ``detach_head`` runs the heads without gradient (see ``packed_losses``)."""
     from transformers import DynamicCache
 
     from agents.packing import build_trie, tree_inputs
 
     device = next(model.parameters()).device
-    tries, heads = [], []
+    tries, heads, answers = [], [], []
     for group in pages:
         branches = [_branch(tokenizer, ex) for ex in group]
+        answers += [_answer(tokenizer, ex, t) for ex, (_, t) in zip(group, branches, strict=True)]
         width = max(len(c) + len(t) for c, t in branches)
         head_ids = encode(tokenizer, list(group[0].segments[:2]))
         heads.append(head_ids[max(0, len(head_ids) - max(1, max_len - width)):])
@@ -137,10 +162,14 @@ def _pages_losses(model, tokenizer, pages: Sequence[Sequence[Example]], max_len:
     # head's last position.
     width = hidden.shape[1]
     rows, cols, tokens, owner = [], [], [], []
+    where: dict[int, int] = {}  # example -> its answer's row in ``pick``
     n_examples = 0
     for r, trie in enumerate(tries):
         for path in trie.targets:
-            for node in path:
+            answer = answers[n_examples]
+            for j, node in enumerate(path):
+                if answer is not None and j == answer[0]:
+                    where[n_examples] = len(rows)
                 parent = trie.parents[node]
                 rows.append(r)
                 cols.append(parent if parent >= 0 else width)
@@ -151,16 +180,25 @@ def _pages_losses(model, tokenizer, pages: Sequence[Sequence[Example]], max_len:
                                  torch.tensor(lens, device=device) - 1]
     states = torch.cat([hidden, last[:, None]], dim=1)
     pick = states[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
-    ce = torch.nn.functional.cross_entropy(lm_head(pick).float(),
-                                           torch.tensor(tokens, device=device), reduction="none")
+    logits = lm_head(pick).float()
+    ce = torch.nn.functional.cross_entropy(logits, torch.tensor(tokens, device=device),
+                                           reduction="none")
     who = torch.tensor(owner, device=device)
     losses = (ce.new_zeros(n_examples).index_add(0, who, ce)
               / torch.bincount(who, minlength=n_examples).clamp(min=1))
-    per_page, start = [], 0
+    margins = ce.new_full((n_examples,), float("nan"))
+    if where:
+        idx = torch.tensor(list(where), device=device)
+        at = torch.tensor(list(where.values()), device=device)
+        watch = torch.tensor([answers[i][1] for i in where], device=device)
+        skip = torch.tensor([answers[i][2] for i in where], device=device)
+        margins = margins.index_put((idx,), logits[at, watch] - logits[at, skip])
+    per_page, per_margins, start = [], [], 0
     for trie in tries:
         per_page.append(losses[start:start + len(trie.targets)])
+        per_margins.append(margins[start:start + len(trie.targets)])
         start += len(trie.targets)
-    return per_page, sum(lens) + sum(len(t) for t in tries)
+    return per_page, sum(lens) + sum(len(t) for t in tries), per_margins
 
 
 def _head_chunks(groups: Sequence[Sequence[Example]]) -> list[list[int]]:
@@ -180,7 +218,7 @@ def _head_chunks(groups: Sequence[Sequence[Example]]) -> list[list[int]]:
 
 
 def packed_losses(model, tokenizer, examples: Sequence[Example], max_len: int,
-                  pack: bool = True, detach_head: bool = False) -> tuple[torch.Tensor, int]:
+                  pack: bool = True, detach_head: bool = False) -> Packed:
     """Mean target-token cross-entropy per example, in ``examples``' order, with each page's
     shared head computed once; also the number of token positions pushed through the model.
     Examples that share nothing (or all, when ``pack`` is off) go through one padded batch.
@@ -192,6 +230,7 @@ def packed_losses(model, tokenizer, examples: Sequence[Example], max_len: int,
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     losses: list[torch.Tensor | None] = [None] * len(examples)
+    margins: list[torch.Tensor | None] = [None] * len(examples)
     alone: list[int] = []
     tokens = 0
     shared: list[list[int]] = []
@@ -202,17 +241,20 @@ def packed_losses(model, tokenizer, examples: Sequence[Example], max_len: int,
             alone += group
     for chunk in _head_chunks([[examples[i] for i in g] for g in shared]):
         groups = [shared[c] for c in chunk]
-        values, pushed = _pages_losses(model, tokenizer,
-                                       [[examples[i] for i in g] for g in groups], max_len,
-                                       detach_head)
+        values, pushed, margin = _pages_losses(model, tokenizer,
+                                               [[examples[i] for i in g] for g in groups],
+                                               max_len, detach_head)
         tokens += pushed
-        for group, vals in zip(groups, values, strict=True):
-            for i, v in zip(group, vals, strict=True):
-                losses[i] = v
+        for group, vals, ms in zip(groups, values, margin, strict=True):
+            for i, v, m in zip(group, vals, ms, strict=True):
+                losses[i], margins[i] = v, m
     if alone:
         batch = collate([tokenize(tokenizer, examples[i], max_len) for i in alone], pad)
         tokens += int(batch["attention_mask"].sum())
         for i, v in zip(alone, example_losses(model, {k: t.to(device) for k, t in batch.items()}),
                         strict=True):
             losses[i] = v
-    return torch.stack([v for v in losses if v is not None]), tokens
+    out = torch.stack([v for v in losses if v is not None])
+    nan = out.new_tensor(float("nan"))
+    # Examples scored alone have no page to rank within (a slot line always has one).
+    return Packed(out, tokens, torch.stack([nan if m is None else m for m in margins]))

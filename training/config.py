@@ -64,6 +64,10 @@ class TrainConfig(BaseModel):
     detach_head: bool = Field(False, description="no gradient through a page's shared persona "
                               "and page blocks: the weights learn only from the lines after "
                               "them, and a step costs about half (training.batches)")
+    pair_weight: float = Field(0.0, ge=0, description="weight of a within-page ranking loss "
+                               "on the watch/skip log-odds (training.trainer.pair_loss): per-user "
+                               "AUC only ranks a person's items, and this term ignores a page's "
+                               "level; 0 = off")
     dtype: Literal["auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16"] = Field(
         "auto", description="auto (bf16 when the CPU has it), bfloat16, float32")
     calibration_pages: int = Field(400, ge=0, description="validation pages that fit the watch and "

@@ -106,7 +106,8 @@ def _stage(model, lm: LM, cfg: TrainConfig, pools: Mapping[str, Sequence[Example
         model.enable_input_require_grads()
 
     def validate() -> float:
-        return validation_loss(model, lm.tokenizer, valid, weights, cfg.max_len)
+        return validation_loss(model, lm.tokenizer, valid, weights, cfg.max_len,
+                               pair_weight=cfg.pair_weight)
 
     return train_loop(model, lm.tokenizer, pools, weights, steps, out, cfg, resume=resume,
                       validate=validate if valid else None, stop_after=stop_after,

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from agents import text
 from agents.transition import Example
-from training.batches import packed_losses, units
+from training.batches import head, packed_losses, units
 from training.config import TrainConfig
 
 
@@ -34,6 +35,25 @@ def weighted_loss(losses: torch.Tensor, kinds: Sequence[str],
         sel = torch.tensor([k == kind for k in kinds], device=losses.device)
         total = total + weights.get(kind, 1.0) * (losses[sel] * w[sel]).sum() / w[sel].sum()
     return total
+
+
+def pair_loss(margins: torch.Tensor, examples: Sequence[Example]) -> torch.Tensor:
+    """Mean softplus(m_skipped - m_watched) over the (watched, skipped) slot pairs of each page.
+
+    Per-user AUC asks only that a person's watched items rank above their skipped ones; this
+    term rewards exactly that and is blind to a page's overall level, which the class-balanced
+    lines and the calibrated offsets set. Zero when no page holds both answers."""
+    page = {k: i for i, k in enumerate(dict.fromkeys(head(ex) for ex in examples))}
+    g = torch.tensor([page[head(ex)] for ex in examples], device=margins.device)
+    line = [ex.meta.get("line") for ex in examples]
+    pos = torch.tensor([x == text.WATCH for x in line], device=margins.device)
+    neg = torch.tensor([x == text.SKIP for x in line], device=margins.device)
+    pairs = (pos[:, None] & neg[None, :] & (g[:, None] == g[None, :])
+             & ~torch.isnan(margins)[:, None] & ~torch.isnan(margins)[None, :])
+    if not bool(pairs.any()):
+        return margins.new_zeros(())
+    m = torch.nan_to_num(margins)
+    return torch.nn.functional.softplus(m[None, :] - m[:, None])[pairs].mean()
 
 
 @dataclass
@@ -170,10 +190,13 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
         spent = (began - t0) / time_budget if time_budget else 0.0
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warmup, spent)
-        losses, pushed = packed_losses(model, tokenizer, examples, max_len, pack,
-                                       cfg.detach_head)
+        losses, pushed, margins = packed_losses(model, tokenizer, examples, max_len, pack,
+                                                cfg.detach_head)
         loss = weighted_loss(losses, [ex.kind for ex in examples], weights,
                              [ex.weight for ex in examples])
+        ranked = pair_loss(margins, examples) if cfg.pair_weight else None
+        if ranked is not None:
+            loss = loss + cfg.pair_weight * ranked
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -185,6 +208,8 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
         for kind in dict.fromkeys(ex.kind for ex in examples):
             sel = [i for i, ex in enumerate(examples) if ex.kind == kind]
             rec[f"loss_{kind}"] = round(float(losses[sel].detach().mean()), 4)
+        if ranked is not None:
+            rec["loss_pair"] = round(float(ranked.detach()), 4)
         over = time_budget is not None and time.perf_counter() - t0 > time_budget
         # A stage's last step is validated too, so one cut by its budget before its first
         # ``eval_every`` does not end on weights nobody checked.
@@ -211,14 +236,19 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
 
 
 def validation_loss(model, tokenizer, examples: Sequence[Example], weights: Mapping[str, float],
-                    max_len: int, batch_size: int = 4) -> float:
-    """Kind-weighted mean loss; a page's examples are scored together from one forward."""
-    total = []
+                    max_len: int, batch_size: int = 4, pair_weight: float = 0.0) -> float:
+    """Kind-weighted mean loss, plus ``pair_weight`` times the pages' mean ``pair_loss`` (the
+    objective training minimises); a page's examples are scored together from one forward."""
+    total, pairs = [], []
     groups = [[examples[i] for i in u] for u in units(examples)]
     with torch.no_grad():
         for i in range(0, len(groups), batch_size):
             chunk = [ex for g in groups[i:i + batch_size] for ex in g]
-            losses, _ = packed_losses(model, tokenizer, chunk, max_len)
+            losses, _, margins = packed_losses(model, tokenizer, chunk, max_len)
             total += [weights.get(ex.kind, 1.0) * float(v) for ex, v in zip(chunk, losses,
                                                                             strict=True)]
-    return float(np.mean(total)) if total else float("nan")
+            if pair_weight:
+                pairs.append(float(pair_loss(margins, chunk)))
+    if not total:
+        return float("nan")
+    return float(np.mean(total)) + (pair_weight * float(np.mean(pairs)) if pairs else 0.0)
