@@ -58,8 +58,11 @@ def browse(scorer, perceiver: Perceiver, personas: Mapping[int, str],
                 idx.append(k)
             if not inputs:
                 break
+            # Without exits, a page no session goes on from needs only its watch/skip lines.
+            last = all(p == len(part[k][1]) for k in idx)
             decisions = decide(scorer, inputs, world_model=world_model, temperature=temperature,
-                               calibration=calibration, watch_offset=watch_offset)
+                               calibration=calibration, watch_offset=watch_offset,
+                               then=exits or not last, exits=exits)
             for k, d in zip(idx, decisions, strict=True):
                 done[k].append(d)
                 watched[k] += list(d.action.watched.items())

@@ -11,37 +11,17 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 
+from agents.kvcache import Prefix, ScorerStats, expanded_cache
 from agents.llm import LM, cache_arg, encode, output_cache
 from agents.packing import Trie, build_trie, tree_inputs
 
-
-@dataclass
-class ScorerStats:
-    """Plain counters so benchmarks can report forwards per decision and cache behaviour."""
-
-    calls: int = 0
-    forwards: int = 0
-    tokens: int = 0  # token positions pushed through forwards (batch x length)
-    options: int = 0
-    prefix_hits: int = 0  # exact prefix found in the LRU
-    prefix_extends: int = 0  # a cached prefix's leading tokens were reused
-    prefix_misses: int = 0
-    reused_tokens: int = 0
-
-    def reset(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, 0)
-
-
-KV = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 _KEY = 8  # leading tokens a cached prefix must share to be extended in a batched call
+_SHARED = 32  # leading tokens uncached prefixes of one call must share to compute them once
 _HEAD_ROWS = 1024  # hidden rows per fp32 head matmul (1024 x vocab x 4 bytes: ~200 MB)
-
 
 # A page prompt's KV is ~10 MB (SmolLM2-135M, ~430 tokens): the LRU is bounded in bytes as well
 # as entries, so a large cache_size cannot grow past the machine's memory. A batched step needs
@@ -50,38 +30,6 @@ _HEAD_ROWS = 1024  # hidden rows per fp32 head matmul (1024 x vocab x 4 bytes: ~
 # (``bench/bench_list_memory.py``); 2 GiB leaves room for the 100 longer held-out pages that
 # ``decide_chunked`` keeps at once.
 CACHE_BYTES = 2 << 30
-
-
-@dataclass(frozen=True)
-class _Prefix:
-    ids: tuple[int, ...]
-    kv: KV  # per layer, batch 1, never mutated
-    next_logprobs: torch.Tensor  # fp32 log-probs of the token after the prefix
-
-    @property
-    def nbytes(self) -> int:
-        return self.next_logprobs.nbytes + sum(k.nbytes + v.nbytes for k, v in self.kv)
-
-
-def expanded_cache(config: Any, kv: KV, batch: int, length: int | None = None) -> Any:
-    """A fresh cache over batch-expanded views of the first ``length`` cached positions. The
-    forward's ``update`` concatenates into new tensors, so stored entries are never written.
-    Views go into plain DynamicLayers directly because the public ``ddp_cache_data`` route
-    copies them once more (~0.2 s per 30-option decision); other layer kinds take that route."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    views = [
-        (k[:, :, :length].expand(batch, -1, -1, -1), v[:, :, :length].expand(batch, -1, -1, -1))
-        for k, v in kv
-    ]
-    cache = DynamicCache(config=config)
-    if len(cache.layers) != len(views) or any(type(x) is not DynamicLayer for x in cache.layers):
-        return DynamicCache(ddp_cache_data=views, config=config)
-    for layer, (k, v) in zip(cache.layers, views, strict=True):
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
-    return cache
 
 
 class Scorer:
@@ -100,7 +48,7 @@ class Scorer:
         self.batch_tokens = batch_tokens or (65536 if gpu else 4096)
         self.max_rows = 1024 if gpu else 64
         self.stats = ScorerStats()
-        self._cache: OrderedDict[str, _Prefix] = OrderedDict()
+        self._cache: OrderedDict[str, Prefix] = OrderedDict()
         self._cached_bytes = 0
         self._head: torch.Tensor | None = None
 
@@ -131,7 +79,7 @@ class Scorer:
             self._head = self.lm.model.get_output_embeddings().weight.float()
         return torch.log_softmax(hidden.float() @ self._head.T, -1)
 
-    def _prefix(self, text: str) -> _Prefix:
+    def _prefix(self, text: str) -> Prefix:
         ids = encode(self.lm.tokenizer, [text])
         if not ids:
             raise ValueError("prefix must not be empty: the first target token needs context")
@@ -181,7 +129,7 @@ class Scorer:
             start += n
         return out
 
-    def _prefixes_batched(self, prefixes: dict[str, list[int]]) -> dict[str, _Prefix]:
+    def _prefixes_batched(self, prefixes: dict[str, list[int]]) -> dict[str, Prefix]:
         """Right-padded batched prefix forwards; each prefix's KV is kept unpadded. A prefix
         that shares its leading tokens with a cached one (the persona, from this user's
         previous page) starts from that entry's KV, so only its new tokens are computed."""
@@ -189,8 +137,8 @@ class Scorer:
         self.stats.prefix_hits += len(found)
         todo = [t for t in prefixes if t not in found]
         groups: dict[tuple[int, int], list[str]] = {}
-        bases: dict[int, _Prefix] = {}
-        index: dict[tuple[int, ...], list[_Prefix]] = {}
+        bases: dict[int, Prefix] = {}
+        index: dict[tuple[int, ...], list[Prefix]] = {}
         for entry in self._cache.values():
             index.setdefault(entry.ids[:_KEY], []).append(entry)
         for t in todo:
@@ -205,6 +153,12 @@ class Scorer:
             else:
                 bases[id(base)] = base
             groups.setdefault((id(base) if base else 0, start), []).append(t)
+        for entry, texts in self._shared_starts({t: prefixes[t] for t in groups.pop((0, 0), [])}):
+            if entry is None:
+                groups.setdefault((0, 0), []).extend(texts)
+            else:
+                bases[id(entry)] = entry
+                groups[(id(entry), len(entry.ids))] = texts
         for (key, start), texts in groups.items():
             texts.sort(key=lambda t: -len(prefixes[t]))
             found.update(self._extend_batched(bases.get(key), start,
@@ -220,8 +174,33 @@ class Scorer:
             self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
         return found
 
-    def _extend_batched(self, base: _Prefix | None, start: int,
-                        prefixes: dict[str, list[int]]) -> dict[str, _Prefix]:
+    def _shared_starts(self, prefixes: dict[str, list[int]]
+                       ) -> list[tuple[Prefix | None, list[str]]]:
+        """Uncached prefixes that share at least ``_SHARED`` leading tokens (a list's pages:
+        one persona, several pages) grouped, with that shared start computed once, in one
+        batched forward for all groups, as a base each group extends; the rest under None.
+        The base is not cached: the pages that extend it are."""
+        order = sorted(prefixes, key=lambda t: prefixes[t])  # shared starts sort together
+        runs: list[tuple[list[int], list[str]]] = []
+        for t in order:
+            ids = prefixes[t]
+            if runs:
+                start, texts = runs[-1]
+                shared = min(len(os.path.commonprefix([start, ids])), len(ids) - 1)
+                if shared >= _SHARED:
+                    runs[-1] = (start[:shared], [*texts, t])
+                    continue
+            runs.append((ids[:len(ids) - 1], [t]))
+        alone = [t for start, texts in runs if len(texts) == 1 for t in texts]
+        starts = sorted(((f"\0{k}", start) for k, (start, texts) in enumerate(runs)
+                         if len(texts) > 1), key=lambda kv: -len(kv[1]))  # longest first
+        entries = self._extend_batched(None, 0, dict(starts)) if starts else {}
+        out: list[tuple[Prefix | None, list[str]]] = [(None, alone)] if alone else []
+        return out + [(entries[f"\0{k}"], texts) for k, (_, texts) in enumerate(runs)
+                      if len(texts) > 1]
+
+    def _extend_batched(self, base: Prefix | None, start: int,
+                        prefixes: dict[str, list[int]]) -> dict[str, Prefix]:
         """Prefixes that all begin with ``base``'s first ``start`` tokens (none: ``start`` 0),
         longest first, in right-padded batches over the base's KV."""
         device = self.lm.device
@@ -262,10 +241,10 @@ class Scorer:
                 n_tok = len(prefixes[t])
                 kv = tuple((k[row:row + 1, :, :n_tok].clone(), v[row:row + 1, :, :n_tok].clone())
                            for k, v in layers)
-                out[t] = _Prefix(tuple(prefixes[t]), kv, logprobs[row].clone())
+                out[t] = Prefix(tuple(prefixes[t]), kv, logprobs[row].clone())
         return out
 
-    def _trees_batched(self, rows: list[tuple[int, _Prefix, Trie]]) -> list[list[float]]:
+    def _trees_batched(self, rows: list[tuple[int, Prefix, Trie]]) -> list[list[float]]:
         """One padded forward over rows of different prefixes: each row's prefix KV
         right-padded to the longest, its option tree after it under an ancestor mask."""
         from transformers import DynamicCache

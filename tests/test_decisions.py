@@ -159,11 +159,18 @@ def test_browse_stops_a_session_at_exit(small_world: World, scorer: Scorer) -> N
     stay = browse(scorer, w.perceiver, w.personas, w.histories, sessions,
                   calibration=Calibration(then_offset=-100.0), **kw)
     assert [len(run) for run in stay] == [3, 3]
-    # exits=False browses every page whatever the agent says (1:m lists).
+    # exits=False browses every page whatever the agent would say (1:m lists): next/exit is
+    # not asked, and the session goes on to the next page.
+    scorer.stats.reset()
     listed = browse(scorer, w.perceiver, w.personas, w.histories, sessions,
                     calibration=Calibration(then_offset=100.0), exits=False, **kw)
     assert [len(run) for run in listed] == [3, 3]
-    assert all(d.action.then == "exit" for run in listed for d in run)
+    assert all(d.action.then == "next" and d.exit_score is None and not d.then_probs
+               for run in listed for d in run)
+    # Per page: watch/skip lines, then ratings where something was watched; nothing else
+    # (the last page: watch/skip only).
+    watched = sum(1 for run in listed for d in run[:-1] if d.action.watched)
+    assert scorer.stats.calls == 3 * 2 + watched
     for run, (_, pages) in zip(listed, sessions, strict=True):
         for d, page in zip(run, pages, strict=True):
             assert set(d.action.watched) <= set(page) and sorted(d.watch_scores) == [1, 2, 3, 4]

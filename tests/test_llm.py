@@ -194,6 +194,31 @@ def test_score_many_extends_cached_prefixes_with_the_same_numbers(lm: LM) -> Non
         assert scores == pytest.approx(reference.score_naive(prefix, options), abs=1e-4)
 
 
+def test_one_call_computes_the_persona_its_pages_share_once(lm: LM) -> None:
+    """A list's pages arrive in one call with nothing cached: the persona they share goes
+    through the model once, as a base each page extends; every score equals the uncached
+    reference, and fewer token positions are pushed than page by page."""
+    personas = [f"You are user {u}, a {20 + u}-year-old. " + "You like sci-fi and long films. "
+                * 6 + "\n" for u in range(2)]
+    pages = [f"Page {p}:\n1. Alien (1979)\n2. {t}\n" for p, t in ((1, "Heat (1995)"),
+                                                                  (2, "Fargo (1996)"),
+                                                                  (3, "Casino (1995)"))]
+    requests = [(who + page, OPTIONS) for who in personas for page in pages]
+    shared = len(encode(lm.tokenizer, [personas[0] + "Page "]))
+    assert shared > 40
+    scorer = Scorer(lm)
+    got = scorer.score_many(requests)
+    assert scorer.stats.prefix_extends == 6
+    assert scorer.stats.reused_tokens >= 6 * (shared - 2)
+    alone = Scorer(lm)
+    for request in requests:  # a new scorer per page: nothing to share
+        alone.clear()
+        alone.score_many([request])
+    assert scorer.stats.tokens < alone.stats.tokens - 3 * (shared - 2)
+    for (prefix, options), scores in zip(requests, got, strict=True):
+        assert scores == pytest.approx(Scorer(lm).score_naive(prefix, options), abs=1e-4)
+
+
 def test_generate_many_equals_generate(lm: LM) -> None:
     prompts = ["Tell me about movies.", "Hi", "A much longer prompt about a person who likes "
                "science fiction films and dislikes musicals.\n"]
