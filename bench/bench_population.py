@@ -4,12 +4,14 @@ meet in lockstep batches; wall time and peak RSS as the population grows; tokens
 two-part page bound of ``bench_roofline.py``; the merged vs the unmerged adapter. Writes one PNG.
 
     python bench/bench_population.py [--agents 1,8] [--llm-pages 1] [--sizes 10,30,100]
+        [--memory chroma|none]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +33,7 @@ from alignuser.config import SimulateConfig, World, world_for
 from alignuser.simulate import build_runtimes
 from graph.graph import build_graph
 from graph.runner import run_population
-from memory.store import NoMemory
+from memory.store import make_memory
 
 ADAPTER = "checkpoints/alignuser-ml100k"
 console = Console()
@@ -74,12 +76,18 @@ def peak_rss() -> Iterator[list[float]]:
 
 
 def population(world: World, users: list[int], scorer: Any, policy: str, pages: int,
-               concurrency: int) -> Run:
-    cfg = SimulateConfig(policy=policy, recommenders=["pop"], memory="none", pages=pages,
+               concurrency: int, memory: str = "none") -> Run:
+    cfg = SimulateConfig(policy=policy, recommenders=["pop"], memory=memory, pages=pages,
                          world_model="on" if scorer is not None else "off", seed=0,
                          checkpoint=ADAPTER)
-    runtimes = build_runtimes(cfg, world, users, scorer, NoMemory())
-    app = build_graph("none", cfg.world_model)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = make_memory(cfg.memory, Path(tmp) if memory == "chroma" else None)
+        runtimes = build_runtimes(cfg, world, users, scorer, store)
+        app = build_graph(cfg.memory, cfg.world_model)
+        return _timed_run(app, runtimes, users, scorer, concurrency)
+
+
+def _timed_run(app: Any, runtimes: Any, users: list[int], scorer: Any, concurrency: int) -> Run:
     stats = getattr(scorer, "stats", None)
     before = (stats.forwards, stats.tokens) if stats else (0, 0)
     with peak_rss() as rss:
@@ -128,6 +136,8 @@ def main() -> None:
     ap.add_argument("--llm-pages", type=int, default=1, help="most pages per LLM session")
     ap.add_argument("--sizes", default="10,30,100", help="non-LLM population sizes")
     ap.add_argument("--llm-sizes", default="", help="extra LLM population sizes (batched)")
+    ap.add_argument("--memory", choices=["chroma", "none"], default="chroma",
+                    help="the LLM agents' recall node, as `alignuser simulate --memory`")
     ap.add_argument("--png", default="bench/bench_population.png")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -140,21 +150,23 @@ def main() -> None:
     users = world.sample_users(max(counts + [int(x) for x in args.llm_sizes.split(",") if x])
                                + 1, seed=1)
     warm, users = users[:1], users[1:]
-    population(world, warm, Scorer(lm), "aligned", 1, 1)  # recommender and kernels warm
+    mem = args.memory
+    population(world, warm, Scorer(lm), "aligned", 1, 1, mem)  # recommender and kernels warm
 
     # (a) naive vs batched
     naive, batched = {}, {}
     for n in counts:
         naive[n] = timed(f"naive {n}", lambda n=n: population(
-            world, users[:n], Scorer(lm, cache_size=64), "aligned", args.llm_pages, 1))
+            world, users[:n], Scorer(lm, cache_size=64), "aligned", args.llm_pages, 1, mem))
         if n > 1:
             batched[n] = timed(f"batched {n}", lambda n=n: population(
                 world, users[:n], BatchingScorer(Scorer(lm, cache_size=2 * n + 16)), "aligned",
-                args.llm_pages, n))
+                args.llm_pages, n, mem))
         else:
             batched[n] = naive[n]
     console.print(table(
-        f"(a) LLM agents ({lm.name}, {lm.dtype}, {args.llm_pages} page(s) + interview each)",
+        f"(a) LLM agents ({lm.name}, {lm.dtype}, memory {mem}, {args.llm_pages} page(s) + "
+        "interview each)",
         ["agents", "naive decisions/s", "batched decisions/s", "speed-up", "requests/flush",
          "forwards/page naive", "forwards/page batched", "tokens/page naive",
          "tokens/page batched"],
@@ -173,8 +185,8 @@ def main() -> None:
     for n in (int(x) for x in args.llm_sizes.split(",") if x):
         llm_runs[n] = timed(f"LLM {n}", lambda n=n: population(
             world, users[:n], BatchingScorer(Scorer(lm, cache_size=32)), "aligned",
-            args.llm_pages, 8))
-    grow += [(f"aligned LLM, batched, {args.llm_pages} page(s)", n, r)
+            args.llm_pages, 8, mem))
+    grow += [(f"aligned LLM, memory {mem}, batched, {args.llm_pages} page(s)", n, r)
              for n, r in sorted(llm_runs.items())]
     rows = [[kind, str(n), f"{r.seconds:.1f}", f"{r.peak_rss_mb:,.0f}", f"{r.rate:.2f}"]
             for kind, n, r in grow]
