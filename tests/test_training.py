@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,58 +12,29 @@ import pandas as pd
 import pytest
 import torch
 
-from agents import prompts, text
-from agents.llm import LM, encode, tiny_lm
+from agents import text
+from agents.llm import encode, tiny_lm
 from agents.policy import Decision, DecisionInput, LLMPolicy
 from agents.scorer import Scorer
-from agents.text import Evidence, ItemView, PageView
-from agents.transition import Example, Transition
+from agents.transition import Example
 from alignuser.config import World
 from simulator.env import PageAction
 from simulator.trajectories import experienced
-from training.batches import IGNORE, collate, example_losses, packed_losses, tokenize, units
+from tests.training_examples import EXAMPLES, PERSONA, TINY_CFG, VIEWS, peft_lm, pool, transition
+from training.batches import IGNORE, collate, example_losses, tokenize
 from training.config import TrainConfig
 from training.counterfactual import sample_alternatives
-from training.pipeline import _peft, train_data
+from training.pipeline import train_data
 from training.rollout import fingerprint
 from training.teacher import GroundedTeacher, Option
-from training.trainer import Schedule, _lr, pair_loss, train_loop, validation_loss
-
-VIEWS = (
-    ItemView(id=10, title="Heat", year=1995, genres=("Action", "Crime"), popularity=80,
-             mean_rating=3.9, evidence=[Evidence(title="Ronin", rating=4, similarity=0.5),
-                                        Evidence(title="Face/Off", rating=5, similarity=0.4)]),
-    ItemView(id=20, title="Babe", year=1995, genres=("Children's", "Comedy"), popularity=50),
-    ItemView(id=30, title="Fargo", year=1996, genres=("Crime", "Drama"), popularity=300,
-             mean_rating=4.2, evidence=[Evidence(title="Blood Simple", rating=2,
-                                                 similarity=0.3)]),
-    ItemView(id=40, title="Casper", year=1995, genres=("Children's",), popularity=20),
-)
-PERSONA = "You are a 34-year-old engineer. You like Crime and Action films.\n"
-TINY_CFG = TrainConfig(lora_r=4, lora_alpha=8, lora_dropout=0.05, seed=0)
-
+from training.trainer import Schedule, _lr, train_loop, validation_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _example(kind: str, page: int, ratings: dict[int, int], then: str) -> Example:
-    page_text = text.render_page(PageView(page=page, max_pages=5, items=list(VIEWS)))
-    return Example(kind, (prompts.persona_block(PERSONA), page_text, prompts.policy_tail()),
-                   text.render_action(4, ratings, then))
-
-
-EXAMPLES = [_example("policy", 1, {1: 4, 3: 5}, "next"), _example("policy", 2, {}, "exit"),
-            _example("policy", 3, {2: 1}, "next"), _example("policy", 4, {1: 5, 4: 2}, "exit")]
 
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
     return tiny_lm().tokenizer
-
-
-def _peft_lm() -> tuple[Any, LM]:
-    lm = tiny_lm(seed=0)
-    return _peft(lm, TINY_CFG), lm
 
 
 # --- tokenisation and losses --------------------------------------------------------------------
@@ -110,158 +80,8 @@ def test_batched_losses_equal_one_at_a_time() -> None:
     assert float(alone[0]) == pytest.approx(float(manual), abs=1e-4)
 
 
-def test_pages_trained_from_one_forward_equal_their_examples_alone() -> None:
-    """Packing pages' examples (heads in one padded forward, each page's tails as a tree over
-    its KV cache) must give each example the loss and gradient it has when trained alone."""
-    model, lm = _peft_lm()
-    model.eval()  # LoRA dropout off: it would draw different masks in the two computations
-    page = [*_transition({1: 4, 3: 5}, "next").policy_examples(),
-            _transition({2: 3}, "exit").wm_example()]
-    # A second, shorter page: the step's heads are padded to the longest in one forward.
-    short = Transition(user=6, persona=PERSONA, views=VIEWS[:2], session=(), page=2,
-                       max_pages=5, ratings={2: 5}, then="next", next_views=VIEWS[:1],
-                       items=tuple(v.id for v in VIEWS[:2])).policy_examples()
-    # Targets right after the head (an empty tail) are predicted by the head's last position.
-    bare = [Example("policy", (*short[0].segments[:2], ""), t) for t in ("[1] watch\n", "x\n")]
-    mixed = [*page, EXAMPLES[1], *short, *bare, _pool("cr", 1)[0]]  # and ones sharing nothing
-    assert [len(u) for u in units(mixed)] == [len(page), 1, len(short) + len(bare), 1]
-    lora = [p for p in model.parameters() if p.requires_grad]
-
-    def losses_and_grads(pack: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model.zero_grad()
-        losses, pushed, _ = packed_losses(model, lm.tokenizer, mixed, 1024, pack)
-        losses.sum().backward()
-        return losses.detach(), [p.grad.clone() for p in lora], pushed
-
-    packed, g_packed, n_packed = losses_and_grads(True)
-    alone, g_alone, n_alone = losses_and_grads(False)
-    assert packed.shape == (len(mixed),)
-    assert torch.allclose(packed, alone, atol=1e-4), (packed, alone)
-    assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-3) for a, b in zip(g_packed, g_alone,
-                                                                          strict=True))
-    assert any(float(g.abs().sum()) > 0 for g in g_packed)
-    assert n_packed < n_alone / 2  # the page went through once, not once per example
-
-
-def test_a_detached_head_gives_the_same_losses_and_learns_from_the_tails(tmp_path: Path
-                                                                         ) -> None:
-    """``detach_head``: the same loss values, gradients only through the tails and targets
-    (so different from the full ones, and not zero), and training still lowers the loss."""
-    model, lm = _peft_lm()
-    model.eval()
-    page = [*_transition({1: 4, 3: 5}, "next").policy_examples(),
-            _transition({2: 3}, "exit").wm_example()]
-    lora = [p for p in model.parameters() if p.requires_grad]
-
-    def run(detach: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model.zero_grad()
-        losses = packed_losses(model, lm.tokenizer, page, 1024, True, detach).losses
-        losses.sum().backward()
-        return losses.detach(), [p.grad.clone() for p in lora]
-
-    full, g_full = run(False)
-    cut, g_cut = run(True)
-    assert torch.allclose(full, cut, atol=1e-5)
-    assert any(float(g.abs().sum()) > 0 for g in g_cut)
-    assert max(float((a - b).abs().max()) for a, b in zip(g_full, g_cut, strict=True)) > 1e-4
-
-    fresh, _ = _peft_lm()
-    shared = page[:-1]  # one page's watch/skip and next/exit examples: one head
-    assert [len(u) for u in units(shared)] == [len(shared)]
-    pools, weights = {"policy": shared}, {"policy": 1.0}
-    before = validation_loss(fresh, lm.tokenizer, shared, weights, 512)
-    cfg = TrainConfig(batch_size=1, max_len=512, lr=1e-2, warmup=1, save_every=100,
-                      detach_head=True)
-    train_loop(fresh, lm.tokenizer, pools, weights, steps=8, out_dir=tmp_path, cfg=cfg,
-               progress=False)
-    after = validation_loss(fresh, lm.tokenizer, shared, weights, 512)
-    assert after < before - 0.2, (before, after)
-
-
-def test_a_slot_margin_is_the_watch_minus_skip_logit_of_its_line_alone() -> None:
-    """``Packed.margins``: for each watch/skip line, the two answers' logit difference where
-    the lines part, as a plain forward of that example's prompt gives it; NaN elsewhere."""
-    model, lm = _peft_lm()
-    model.eval()
-    page = [*_transition({1: 4, 3: 5}, "next").policy_examples(),
-            _transition({2: 3}, "exit").wm_example()]
-    with torch.no_grad():
-        out = packed_losses(model, lm.tokenizer, page, 1024)
-    watch_id = encode(lm.tokenizer, [text.slot_line(1, text.WATCH)])
-    skip_id = encode(lm.tokenizer, [text.slot_line(1, text.SKIP)])
-    k = next(i for i, (a, b) in enumerate(zip(watch_id, skip_id, strict=False)) if a != b)
-    for ex, m in zip(page, out.margins, strict=True):
-        if ex.meta.get("line") is None:
-            assert torch.isnan(m)
-            continue
-        stem = encode(lm.tokenizer, [text.slot_line(ex.meta["slot"], ex.meta["line"])])[:k]
-        ids = torch.tensor([encode(lm.tokenizer, list(ex.segments)) + stem])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, -1].float()
-        assert float(m) == pytest.approx(float(logits[watch_id[k]] - logits[skip_id[k]]),
-                                         abs=1e-3)
-    assert int((~torch.isnan(out.margins)).sum()) == 4
-
-
-def test_pair_loss_ranks_watched_over_skipped_within_a_page_only() -> None:
-    one = _transition({1: 4, 3: 5}, "next").policy_examples()  # slots 1, 3 watched; 2, 4 not
-    other = replace(_transition({2: 3}, "next"), page=2).policy_examples()
-    examples = [*one, *other]
-    m = torch.tensor([2.0, 0.5, 1.0, -1.0, float("nan"),  # page 1, then its next/exit line
-                      9.0, -9.0, 9.0, 9.0, float("nan")])  # page 2: slot 2 watched
-    sp = torch.nn.functional.softplus
-    page1 = [sp(torch.tensor(n - p)) for p in (2.0, 1.0) for n in (0.5, -1.0)]
-    page2 = [sp(torch.tensor(n - (-9.0))) for n in (9.0, 9.0, 9.0)]
-    want = torch.stack(page1 + page2).mean()
-    assert float(pair_loss(m, examples)) == pytest.approx(float(want), rel=1e-5)
-    # A page's level does not matter; only its order does.
-    shifted = m.clone()
-    shifted[:4] += 5.0
-    assert float(pair_loss(shifted, examples)) == pytest.approx(float(want), rel=1e-5)
-    # No page with both answers: nothing to rank.
-    skips = _transition({}, "exit").policy_examples()
-    assert float(pair_loss(torch.zeros(len(skips)), skips)) == 0.0
-
-
-def test_training_with_the_pair_loss_ranks_a_page(tmp_path: Path) -> None:
-    """``pair_weight``: the training objective (and its validation) gains the ranking term,
-    and a few steps order the page's watched slots above its skipped ones."""
-    model, lm = _peft_lm()
-    page = _transition({1: 4, 3: 5}, "next").policy_examples()
-    weights = {"policy": 1.0}
-
-    def rank_loss() -> float:
-        with torch.no_grad():
-            return float(pair_loss(packed_losses(model, lm.tokenizer, page, 512).margins, page))
-
-    plain = validation_loss(model, lm.tokenizer, page, weights, 512)
-    both = validation_loss(model, lm.tokenizer, page, weights, 512, pair_weight=2.0)
-    assert both == pytest.approx(plain + 2.0 * rank_loss(), rel=1e-4)
-    before = rank_loss()
-
-    def trained(pair_weight: float) -> tuple[float, list[float], dict]:
-        nonlocal model
-        model, _ = _peft_lm()
-        cfg = TrainConfig(batch_size=1, max_len=512, lr=1e-2, warmup=1, save_every=100,
-                          pair_weight=pair_weight)
-        out = train_loop(model, lm.tokenizer, {"policy": page}, weights, steps=8,
-                         out_dir=tmp_path / str(pair_weight), cfg=cfg, progress=False)
-        with torch.no_grad():
-            margins = packed_losses(model, lm.tokenizer, page, 512).margins
-        return rank_loss(), margins.tolist(), out
-
-    ranked, m, out = trained(5.0)
-    control, _, plain_out = trained(0.0)
-    assert all("loss_pair" in h for h in out["history"])
-    assert not any("loss_pair" in h for h in plain_out["history"])
-    # The tiny random model barely tells its slots apart (about 0.697 -> 0.694 without the
-    # term); with it, both watched slots (1, 3) rise above both skipped ones (2, 4).
-    assert ranked < min(before, control) - 0.1, (before, control, ranked)
-    assert min(m[0], m[2]) > max(m[1], m[3]), m
-
-
 def test_a_few_steps_lower_the_loss(tmp_path: Path) -> None:
-    model, lm = _peft_lm()
+    model, lm = peft_lm()
     pools, weights = {"policy": EXAMPLES}, {"policy": 1.0}
     before = validation_loss(model, lm.tokenizer, EXAMPLES, weights, 512)
     cfg = TrainConfig(batch_size=2, max_len=512, lr=1e-2, warmup=1, save_every=100)
@@ -275,7 +95,7 @@ def test_a_few_steps_lower_the_loss(tmp_path: Path) -> None:
 
 
 def test_a_stage_ends_with_its_best_validation_weights(tmp_path: Path) -> None:
-    model, lm = _peft_lm()
+    model, lm = peft_lm()
     losses = iter([5.0, 3.0, 1.0, 2.0])  # validation at steps 0, 2, 4, 6: the best is step 4's
     cfg = TrainConfig(batch_size=2, max_len=512, lr=1e-2, warmup=1, save_every=100,
                       eval_every=2, patience=5)
@@ -298,7 +118,7 @@ def test_a_stage_ends_with_its_best_validation_weights(tmp_path: Path) -> None:
 def test_a_stage_no_step_improves_ends_on_its_starting_weights(tmp_path: Path) -> None:
     """The starting weights are validated first: when every later validation is worse (a
     stage that only harms the policy it continues) the stage ends where it began."""
-    model, lm = _peft_lm()
+    model, lm = peft_lm()
     start = _lora_state(model)
     losses = iter([1.0, 2.0, 3.0])  # steps 0, 2, 4
     cfg = TrainConfig(batch_size=2, max_len=512, lr=1e-2, warmup=1, save_every=100,
@@ -320,7 +140,7 @@ def test_a_stage_cut_by_its_budget_validates_its_last_step(tmp_path: Path) -> No
     stopped, so the kept weights were checked; the loss curve skips the step-0 record."""
     from training.pipeline import _plot_curves
 
-    model, lm = _peft_lm()
+    model, lm = peft_lm()
     losses = iter([2.0, 1.0])
     cfg = TrainConfig(batch_size=2, max_len=512, lr=1e-2, warmup=1, save_every=100,
                       eval_every=50, time_budget_s=1e-9)
@@ -344,18 +164,18 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path: Path) -> None
     kw: dict[str, Any] = dict(cfg=TrainConfig(batch_size=2, max_len=512, lr=5e-3, warmup=2,
                                               seed=0, save_every=3), progress=False)
 
-    whole, lm = _peft_lm()
+    whole, lm = peft_lm()
     assert TINY_CFG.lora_dropout > 0  # dropout draws random numbers: the RNG must resume too
     full = train_loop(whole, lm.tokenizer, pools, weights, 6, tmp_path / "a", **kw)
 
-    cut, lm = _peft_lm()
+    cut, lm = peft_lm()
     part = train_loop(cut, lm.tokenizer, pools, weights, 6, tmp_path / "b", stop_after=3, **kw)
     assert part["steps"] == 3
     progress = json.loads((tmp_path / "b" / "checkpoint" / "progress.json").read_text())
     assert progress["step"] == 3
     halfway = _lora_state(cut)
 
-    resumed, lm = _peft_lm()
+    resumed, lm = peft_lm()
     rest = train_loop(resumed, lm.tokenizer, pools, weights, 6, tmp_path / "b", resume=True,
                       **kw)
     def untimed(history: list[dict]) -> list[dict]:
@@ -372,12 +192,8 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path: Path) -> None
 
 # --- the schedule -------------------------------------------------------------------------------
 
-def _pool(kind: str, n: int) -> list[Example]:
-    return [Example(kind, (f"{kind} prompt {i}\n",), f"target {i}\n") for i in range(n)]
-
-
 def test_schedule_batch_is_a_pure_function_of_seed_and_step() -> None:
-    pools = {"policy": _pool("policy", 5), "wm": _pool("wm", 3), "cr": []}
+    pools = {"policy": pool("policy", 5), "wm": pool("wm", 3), "cr": []}
     a, b = Schedule(pools, 3, seed=7), Schedule(pools, 3, seed=7)
     forward = [a.batch(s) for s in range(12)]
     backward = [b.batch(s) for s in reversed(range(12))][::-1]
@@ -482,18 +298,12 @@ def test_grounded_reflection_names_every_option_with_its_numbers() -> None:
     assert "\n" not in refl
 
 
-def _transition(ratings: dict[int, int], then: str) -> Transition:
-    return Transition(user=5, persona=PERSONA, views=VIEWS, session=(), page=1, max_pages=5,
-                      ratings=ratings, then=then, next_views=VIEWS[:2],
-                      items=tuple(v.id for v in VIEWS))
-
-
 @pytest.mark.parametrize("ratings, then, k", [({1: 4}, "next", 3), ({}, "exit", 3),
                                               ({1: 5, 2: 3, 3: 4, 4: 1}, "next", 5)])
 def test_sample_alternatives_are_distinct_and_not_the_human(ratings: dict[int, int], then: str,
                                                             k: int) -> None:
     policy = LLMPolicy(Scorer(tiny_lm(seed=2)), name="current")
-    tr = _transition(ratings, then)
+    tr = transition(ratings, then)
     alts = sample_alternatives(policy, tr, k, seed=0)
     human = (tuple(sorted(ratings)), then)
     assert len(alts) == k and len(set(alts)) == k and human not in alts
@@ -518,7 +328,7 @@ class _Stubborn:
 
 
 def test_alternatives_fall_back_to_one_line_perturbations() -> None:
-    tr = _transition({2: 4}, "next")
+    tr = transition({2: 4}, "next")
     stubborn = _Stubborn(PageAction(watched={20: 4}, then="next"))
     alts = sample_alternatives(stubborn, tr, 4, seed=0, tries=2)  # type: ignore[arg-type]
     assert stubborn.calls == 1, "one policy pass per human step"
@@ -530,7 +340,6 @@ def test_padded_batch_losses_equal_one_by_one() -> None:
     import torch
 
     from agents.llm import tiny_lm
-    from agents.transition import Example
 
     lm = tiny_lm()
     exs = [Example("policy", ("persona\n", "a short page\n", "Your choices:\n"), "[1] watch\n"),
