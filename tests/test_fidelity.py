@@ -250,6 +250,35 @@ def test_counterfactuals_are_generated_only_when_their_loss_is_weighted(
         assert len(cache.read_text().splitlines()) == len(prepared.cr) > 0
 
 
+def test_each_stage_validates_on_the_prompt_it_trains_and_runs_on(
+        prepared: Prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The alignment stage trains (and the agent decides) with the world model's expected
+    ratings in the prompt, so its validation examples carry them too; policy-only SFT's do
+    not. The weights a stage keeps are chosen on this loss."""
+    from training import pipeline
+
+    seen: dict[str, list] = {}
+    real = pipeline._stage
+
+    def spy(model, lm, cfg, pools, weights, steps, out, valid, *rest):
+        seen[out.name] = list(valid)
+        return real(model, lm, cfg, pools, weights, steps, out, valid, *rest)
+
+    monkeypatch.setattr(pipeline, "_stage", spy)
+    for stage in ("policy", "all"):
+        cfg = TrainConfig(stage=stage, wm_steps=1, cr_steps=1, batch_size=1, eval_every=1,
+                          save_every=1, lambda_cr=0.0, dtype="float32", device="cpu", seed=0)
+        pipeline.fit(cfg, prepared, tmp_path / stage, progress=False, lm=tiny_lm())
+    expects = "You expect to rate: "
+    sft, aligned = seen["stage_policy"], seen["stage_cr"]
+    assert len(sft) == len(aligned) > 0
+    assert not any(expects in "".join(e.segments) for e in sft)
+    assert all(expects in e.segments[-1] for e in aligned)
+    # the same pages and answers, only the expectations added
+    assert [e.target for e in aligned] == [e.target for e in sft]
+    assert [e.segments[:2] for e in aligned] == [e.segments[:2] for e in sft]
+
+
 def test_prepared_training_examples_hold_no_held_out_rating(small_world: World,
                                                             prepared: Prepared) -> None:
     split = small_world.split

@@ -209,7 +209,6 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
     lm = lm or load_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
     model = _peft(lm, cfg)
     wm_trs, valid_trs = prep.train, prep.valid
-    valid_policy = [e for t in valid_trs for e in t.policy_examples()]
     result: dict[str, Any] = {}
     balance: dict[str, float] = {}
     if cfg.stage in ("wm", "all"):
@@ -219,7 +218,8 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
     if cfg.stage == "policy":
         pols, balance = class_balance([e for t in wm_trs for e in t.policy_examples()])
         result["policy"] = _stage(model, lm, cfg, {"policy": pols}, {"policy": 1.0},
-                                  cfg.cr_steps, out / "stage_policy", valid_policy,
+                                  cfg.cr_steps, out / "stage_policy",
+                                  [e for t in valid_trs for e in t.policy_examples()],
                                   resume, progress, stop_after)
     if cfg.stage in ("cr", "all"):
         pols, balance = class_balance(_with_predictions(model, lm, wm_trs))
@@ -227,8 +227,11 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
         weights = {"policy": 1.0, "wm": cfg.lambda_wm, "cr": cfg.lambda_cr}
         if cfg.lambda_cr > 0:  # with λ_CR = 0 the reflections would go unused: not generated
             pools["cr"] = _cr_pools(model, lm, cfg, prep, prep.cr, out, progress)
+        # Validated as this agent decides at run time and as it trains here: with the world
+        # model's expectations in the prompt (the weights kept are chosen on this loss).
         result["cr"] = _stage(model, lm, cfg, pools, weights, cfg.cr_steps, out / "stage_cr",
-                              valid_policy, resume, progress, stop_after)
+                              _with_predictions(model, lm, valid_trs), resume, progress,
+                              stop_after)
     model.eval()
     t0 = time.perf_counter()
     from training.calibrate import calibrate
