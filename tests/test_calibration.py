@@ -24,7 +24,7 @@ from agents.scorer import Scorer
 from agents.transition import transitions
 from agents.world import World
 from tests.pages import page_inputs
-from training.calibrate import calibrate
+from training.calibrate import calibrate, digest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -117,6 +117,11 @@ def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer)
     fitted = calibrate(scorer, trs, world_model=False)
     cal = Calibration.model_validate(fitted)
     assert fitted["fitted_on"]["pages"] == len(trs) and cal.list_offset is None
+    # What the offsets were fitted on is fingerprinted: the same pages, the same digest.
+    pages = [[t.user, t.page, list(t.items)] for t in trs]
+    assert fitted["fitted_on"]["pages_digest"] == digest(pages) != digest(pages[1:])
+    assert digest(pages) == digest([[np.int64(u), p, [np.int64(i) for i in it]]
+                                    for u, p, it in pages])
     slots = sum(len(t.items) for t in trs)
     decisions = decide(scorer, [t.decision_input() for t in trs], calibration=cal)
     sim_watch = sum(len(d.action.watched) for d in decisions) / slots
