@@ -11,6 +11,7 @@
 #   bash bench/gpu_pipeline.sh probe OUT    # s/step with random weights (PROBE: the base's
 #                                           # config.json and tokenizer), before the weights come
 #   GGUF="part1 part2" bash bench/gpu_pipeline.sh train OUT  # adapters -> $RUNS, OUT/adapter-*.tgz
+#                                           # (TRAIN="full wm_policy sft": which, in that order)
 #   bash bench/gpu_pipeline.sh eval OUT     # each method's answers -> OUT/answers.tgz
 # Back here: merge the answers into one pickle and `alignuser evaluate --outputs FILE`.
 # DEADLINE (epoch seconds) stops starting new work that would not finish before it.
@@ -55,7 +56,9 @@ mkdir -p "$runs" "$out"
 left() { echo $(( ${DEADLINE:-9999999999} - $(date +%s) )); }
 budget=${BUDGET:-90}  # seconds per training stage (a guard: the step counts end it first)
 steps=${STEPS:-150}
-fit() { python3 -m training.fit_prepared "$prep" "$@" --device "$device"; }
+fit() {  # stopped short of DEADLINE: an unfinished adapter is not shipped
+  timeout "$(( $(left) - 10 ))" python3 -m training.fit_prepared "$prep" "$@" --device "$device"
+}
 ship() {  # the adapter and its manifest, curve and history; the tokenizer is the base's
   tar czf "$out/adapter-$1.tgz" -C "$runs/$1" --exclude='stage_*' --exclude='best' \
     --exclude='*.jsonl' --exclude='tokenizer*' --exclude='vocab.json' --exclude='merges.txt' \
@@ -65,16 +68,29 @@ if [ "$phase" = train ]; then
   flags=(--batch-size "${BATCH:-64}" --eval-every "${EVAL_EVERY:-25}" --patience 4
          --save-every 50 --valid-examples 64 --calibration-pages "${CAL_PAGES:-400}"
          --calibration-lists "${CAL_LISTS:-100}")
-  time fit "$runs/full" --stage all --wm-steps "$((steps / 2))" --cr-steps "$steps" \
-    --time-budget-s "$budget" "${flags[@]}"
-  ship full
-  time fit "$runs/sft" --stage policy --cr-steps "$steps" --time-budget-s "$budget" \
-    "${flags[@]}"
-  ship sft
-  mkdir -p "$runs/wm_policy"
-  time fit "$runs/wm_policy" --stage cr --init-adapter "$runs/full/stage_wm/checkpoint" \
-    --lambda-cr 0 --cr-steps "$steps" --time-budget-s "$budget" "${flags[@]}"
-  ship wm_policy
+  # The full agent first, then the world model + policy ablation (it continues the full
+  # agent's world-model stage), then policy-only SFT; each of TRAIN starts only with MIN_TRAIN
+  # s left before DEADLINE.
+  enough() {
+    case " ${TRAIN:-full wm_policy sft} " in *" $1 "*) ;; *) return 1;; esac
+    [ "$(left)" -ge "${MIN_TRAIN:-150}" ] || { echo "skip $1: $(left) s left"; false; }
+  }
+  if enough full; then
+    time fit "$runs/full" --stage all --wm-steps "$((steps / 2))" --cr-steps "$steps" \
+      --time-budget-s "$budget" "${flags[@]}" && ship full
+  fi
+  wm_init=$runs/full/stage_wm/best
+  [ -f "$wm_init/adapter_config.json" ] || wm_init=$runs/full/stage_wm/checkpoint
+  if [ -f "$wm_init/adapter_config.json" ] && enough wm_policy; then
+    mkdir -p "$runs/wm_policy"
+    time fit "$runs/wm_policy" --stage cr --init-adapter "$wm_init" \
+      --lambda-cr 0 --cr-steps "$steps" --time-budget-s "$budget" "${flags[@]}" \
+      && ship wm_policy
+  fi
+  if enough sft; then
+    time fit "$runs/sft" --stage policy --cr-steps "$steps" --time-budget-s "$budget" \
+      "${flags[@]}" && ship sft
+  fi
 elif [ "$phase" = eval ]; then
   bundle=$(unzipped "${BUNDLE:-.dev/bundle.pkl}")
   answers=/tmp/answers  # outside OUT: only the tarball travels back (OUT returns 8 files)

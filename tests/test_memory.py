@@ -137,6 +137,25 @@ def test_ease_without_a_person_equals_a_fit_without_their_ratings(split100k) -> 
     np.testing.assert_array_equal(sim.history_scores(h, without=10**9), sim.history_scores(h))
 
 
+def test_ease_match_pickles_without_its_inverse_and_scores_the_same(split100k) -> None:
+    """A pickled perceiver travels to other machines (training and evaluation files): it
+    carries X and lambda, not the items-squared inverse, and refits to the same scores."""
+    import pickle
+
+    sim = ItemSimilarity.fit(split100k.train)
+    blob = pickle.dumps(sim)
+    assert len(blob) < 8 * sim._ease._inv.nbytes // 10  # the inverse alone is ~20 MB
+    back = pickle.loads(blob)
+    history = {int(i): 4.0 for i in split100k.train["item"].unique()[:30]}
+    user = int(split100k.train["user"].iloc[0])
+    for without in (None, user):
+        np.testing.assert_allclose(back.history_scores(history, without=without),
+                                   sim.history_scores(history, without=without),
+                                   rtol=1e-9, atol=1e-12)
+        assert (back.match_percentiles(history, without=without)
+                == sim.match_percentiles(history, without=without))
+
+
 def test_ease_match_agrees_with_lenskit_on_ml100k(split100k) -> None:
     """The closed form against LensKit's EASEScorer, fitted on the same train split."""
     import warnings
