@@ -11,7 +11,9 @@
 #   bash bench/gpu_pipeline.sh probe OUT    # s/step with random weights (PROBE: the base's
 #                                           # config.json and tokenizer), before the weights come
 #   GGUF="part1 part2" bash bench/gpu_pipeline.sh train OUT  # adapters -> $RUNS, OUT/adapter-*.tgz
-#                                           # (TRAIN="full wm_policy sft": which, in that order)
+#                                           # (TRAIN="full wm_policy sft": which, in that order;
+#                                           # FULL_INIT=DIR: the full agent continues DIR;
+#                                           # FIT_FLAGS: more TrainConfig flags for every fit)
 #   bash bench/gpu_pipeline.sh eval OUT     # each method's answers -> OUT/answers.tgz
 # Back here: merge the answers into one pickle and `alignuser evaluate --outputs FILE`.
 # DEADLINE (epoch seconds) stops starting new work that would not finish before it.
@@ -57,7 +59,9 @@ left() { echo $(( ${DEADLINE:-9999999999} - $(date +%s) )); }
 budget=${BUDGET:-90}  # seconds per training stage (a guard: the step counts end it first)
 steps=${STEPS:-150}
 fit() {  # stopped short of DEADLINE: an unfinished adapter is not shipped
-  timeout "$(( $(left) - 10 ))" python3 -m training.fit_prepared "$prep" "$@" --device "$device"
+  # shellcheck disable=SC2086
+  timeout "$(( $(left) - 10 ))" python3 -m training.fit_prepared "$prep" "$@" --device "$device" \
+    ${FIT_FLAGS:-}
 }
 ship() {  # the adapter and its manifest, curve and history; the tokenizer is the base's
   tar czf "$out/adapter-$1.tgz" -C "$runs/$1" --exclude='stage_*' --exclude='best' \
@@ -76,8 +80,10 @@ if [ "$phase" = train ]; then
     [ "$(left)" -ge "${MIN_TRAIN:-150}" ] || { echo "skip $1: $(left) s left"; false; }
   }
   if enough full; then
+    # FULL_INIT: continue an adapter (the shipped policy-only SFT, as the shipped recipe does)
     time fit "$runs/full" --stage all --wm-steps "$((steps / 2))" --cr-steps "$steps" \
-      --time-budget-s "$budget" "${flags[@]}" && ship full
+      --time-budget-s "$budget" ${FULL_INIT:+--init-adapter "$FULL_INIT"} "${flags[@]}" \
+      && ship full
   fi
   wm_init=$runs/full/stage_wm/best
   [ -f "$wm_init/adapter_config.json" ] || wm_init=$runs/full/stage_wm/checkpoint
