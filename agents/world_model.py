@@ -31,6 +31,16 @@ def expected_ratings_many(scorer: OptionScorer, pages: Sequence[tuple[str, int]]
     Each slot's action and the "[s] rated" stem are the context after the page prefix, and only
     the five one-digit endings are the targets: the stem's probability is the same for every
     rating, so this equals scoring the five whole lines, at a fraction of the tokens."""
+    return [{s + 1: round(expected_value(row[5 * s:5 * s + 5], range(1, 6)), 2)
+             for s in range(n_slots)}
+            for (_, n_slots), row in zip(pages, score_many(scorer, expectation_requests(pages)),
+                                         strict=True)]
+
+
+def expectation_requests(pages: Sequence[tuple[str, int]]
+                         ) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The scorer requests behind ``expected_ratings_many``: per page, its prefix and the five
+    rating endings of every slot (what a cache of the expectations must be keyed on)."""
     reqs = []
     for prefix, n_slots in pages:
         opts = []
@@ -39,9 +49,7 @@ def expected_ratings_many(scorer: OptionScorer, pages: Sequence[tuple[str, int]]
                    + text.rating_stem(slot))
             opts += [(ctx, text.rating_value(r)) for r in text.RATINGS]
         reqs.append((prefix, opts))
-    return [{s + 1: round(expected_value(row[5 * s:5 * s + 5], range(1, 6)), 2)
-             for s in range(n_slots)}
-            for (_, n_slots), row in zip(pages, score_many(scorer, reqs), strict=True)]
+    return reqs
 
 
 def predict_next_state(gen: Generator, prefix: str, n_slots: int, watched_slots: Sequence[int],

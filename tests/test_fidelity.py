@@ -306,3 +306,33 @@ def test_prepared_training_examples_hold_no_held_out_rating(small_world: World,
     assert prepared.data_hashes["split"] == {
         "protocol": split.config.describe(),
         **{p: split.fingerprint(p) for p in ("train", "valid", "test")}}
+
+
+def test_the_world_models_expectations_are_computed_once_per_weights_and_pages(
+        prepared: Prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The alignment stage's expected ratings are cached by weights and pages: the world model +
+    policy ablation starts from the full agent's world-model weights and reuses them, while new
+    weights or other pages are scored afresh."""
+    import agents.world_model as world_model
+    from training import pipeline
+
+    monkeypatch.setenv("ALIGNUSER_CACHE", str(tmp_path))
+    calls: list[int] = []
+    real = world_model.expected_ratings_many
+
+    def spy(scorer, pages):
+        calls.append(len(pages))
+        return real(scorer, pages)
+
+    monkeypatch.setattr(world_model, "expected_ratings_many", spy)
+    lm = tiny_lm()
+    model = pipeline._peft(lm, TrainConfig(seed=0))
+    trs = prepared.train[:6]
+    first = pipeline._expectations(model, lm, trs)
+    assert calls == [6] and len(first) == 6 and all(first)
+    assert pipeline._expectations(model, lm, trs) == first and calls == [6]  # cached
+    assert pipeline._expectations(model, lm, trs[:3]) == first[:3] and calls == [6, 3]
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.5)
+    pipeline._expectations(model, lm, trs)
+    assert calls == [6, 3, 6]  # new weights: scored again
