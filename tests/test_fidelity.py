@@ -336,3 +336,26 @@ def test_the_world_models_expectations_are_computed_once_per_weights_and_pages(
         next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.5)
     pipeline._expectations(model, lm, trs)
     assert calls == [6, 3, 6]  # new weights: scored again
+
+
+def test_the_ablation_from_the_full_agents_world_model_reuses_its_expectations(
+        prepared: Prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--stage cr --init-adapter FULL/stage_wm/best --lambda-cr 0`` (the world model + policy
+    ablation) scores no page the full agent's alignment stage already scored."""
+    import agents.world_model as world_model
+    from training.pipeline import fit
+
+    monkeypatch.setenv("ALIGNUSER_CACHE", str(tmp_path / "cache"))
+    calls: list[int] = []
+    real = world_model.expected_ratings_many
+    monkeypatch.setattr(world_model, "expected_ratings_many",
+                        lambda scorer, pages: calls.append(len(pages)) or real(scorer, pages))
+    common = dict(wm_steps=2, cr_steps=1, batch_size=1, eval_every=1, save_every=1,
+                  dtype="float32", save_dtype="float32", device="cpu", seed=0)
+    fit(TrainConfig(stage="all", lambda_cr=0.0, **common), prepared, tmp_path / "full",
+        progress=False, lm=tiny_lm())
+    assert sum(calls) >= len(prepared.train) + len(prepared.valid)
+    calls.clear()
+    fit(TrainConfig(stage="cr", lambda_cr=0.0, init_adapter=str(tmp_path / "full/stage_wm/best"),
+                    **common), prepared, tmp_path / "wm_policy", progress=False, lm=tiny_lm())
+    assert calls == []
