@@ -186,10 +186,12 @@ def _with_predictions(model, lm: LM, trs: Sequence[Transition]) -> list[Example]
 def _expectations(model, lm: LM, trs: Sequence[Transition]) -> list[dict[int, float]]:
     """The world model's expected rating of every slot of ``trs``' pages, cached by weights and
     pages: the world model + policy ablation starts from the full agent's world-model weights
-    and would score the same pages again (3 of a 7-minute GPU fit on 5,000 pages), as would a
-    resumed alignment stage."""
+    and would score the same pages again (on a GPU, most of the 3 minutes that a 5,000-page fit
+    spent outside its timed stages), as would a resumed alignment stage. The scoring code is
+    part of the key, so a change to it is never answered from the cache."""
     import hashlib
 
+    from agents import attention, kvcache, packing, policy, scorer, world_model
     from agents.world_model import expectation_requests, expected_ratings_many
     from simulator.readers import cache_root
     from simulator.runs import write_atomic
@@ -197,6 +199,8 @@ def _expectations(model, lm: LM, trs: Sequence[Transition]) -> list[dict[int, fl
     model.eval()
     pages = [(t.prefix, len(t.items)) for t in trs]
     h = hashlib.sha256(f"{lm.name}|{lm.device}|{next(model.parameters()).dtype}".encode())
+    for module in (attention, kvcache, packing, policy, scorer, world_model):
+        h.update(Path(module.__file__).read_bytes())
     base_seen = False
     for name, param in model.named_parameters():
         if "lora_" in name or not base_seen:  # every LoRA weight, and a sample of the base's
@@ -207,11 +211,11 @@ def _expectations(model, lm: LM, trs: Sequence[Transition]) -> list[dict[int, fl
     path = cache_root() / "expectations" / f"{h.hexdigest()[:24]}.json"
     if path.is_file():
         return [{int(k): v for k, v in p.items()} for p in json.loads(path.read_text())]
-    scorer = Scorer(LM(model=model, tokenizer=lm.tokenizer, name=lm.name), cache_size=128)
+    scoring = Scorer(LM(model=model, tokenizer=lm.tokenizer, name=lm.name), cache_size=128)
     out: list[dict[int, float]] = []
     for i in range(0, len(pages), 128):
-        out += expected_ratings_many(scorer, pages[i:i + 128])
-        scorer.clear()
+        out += expected_ratings_many(scoring, pages[i:i + 128])
+        scoring.clear()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(out))
     return out
