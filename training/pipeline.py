@@ -186,8 +186,8 @@ def _with_predictions(model, lm: LM, trs: Sequence[Transition]) -> list[Example]
 def _expectations(model, lm: LM, trs: Sequence[Transition]) -> list[dict[int, float]]:
     """The world model's expected rating of every slot of ``trs``' pages, cached by weights and
     pages: the world model + policy ablation starts from the full agent's world-model weights
-    and would score the same pages again (on a GPU, most of the 3 minutes that a 5,000-page fit
-    spent outside its timed stages), as would a resumed alignment stage. The scoring code is
+    and would score the same pages again (5,000 pages: part of the 3 minutes a GPU fit spent
+    outside its timed stages), as would a resumed alignment stage. The scoring code is
     part of the key, so a change to it is never answered from the cache."""
     import hashlib
 
