@@ -23,6 +23,12 @@ case ${1:-} in
   *) echo "usage: $0 stage|probe|train|eval OUT (got '${1:-}')" >&2; exit 2;;
 esac
 phase=$1; out=$2
+for a in ${TRAIN:-}; do  # a misspelt name would otherwise train nothing, silently
+  case $a in
+    full|wm_policy|sft) ;;
+    *) echo "TRAIN: unknown adapter '$a' (full, wm_policy, sft)" >&2; exit 2;;
+  esac
+done
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 ALIGNUSER_CACHE=/tmp/alignuser-cache
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 wheels=${WHEELS:-.dev/whl}
