@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from agents.kvcache import Prefix, ScorerStats, expanded_cache
+from agents.generation import greedy_many, greedy_one
+from agents.kvcache import Prefix, ScorerStats, expanded_cache, padded_cache
 from agents.llm import LM, cache_arg, encode, output_cache
 from agents.packing import Trie, build_trie, tree_inputs
 
@@ -57,11 +58,6 @@ class Scorer:
         self._cached_bytes = 0
         self._head = None
 
-    def _forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
-        self.stats.forwards += 1
-        self.stats.tokens += input_ids.numel()
-        return self.lm.model(input_ids=input_ids.to(self.lm.device), **kwargs)
-
     def _hidden(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Final hidden states (batch, length, dim): only the rows a score needs go through
         the LM head (``_logprobs``), not every position of the forward."""
@@ -78,6 +74,10 @@ class Scorer:
         if self._head is None:
             self._head = self.lm.model.get_output_embeddings().weight.float()
         return torch.log_softmax(hidden.float() @ self._head.T, -1)
+
+    def prefixes(self, encoded: dict[str, list[int]]) -> dict[str, Prefix]:
+        """The cached KV of each text (given with its token ids), computed in batches."""
+        return self._prefixes_batched(encoded)
 
     def _prefix(self, text: str) -> Prefix:
         ids = encode(self.lm.tokenizer, [text])
@@ -247,26 +247,12 @@ class Scorer:
     def _trees_batched(self, rows: list[tuple[int, Prefix, Trie]]) -> list[list[float]]:
         """One padded forward over rows of different prefixes: each row's prefix KV
         right-padded to the longest, its option tree after it under an ancestor mask."""
-        from transformers import DynamicCache
-
         device = self.lm.device
         p = max(len(e.ids) for _, e, _ in rows)
         ids, positions, mask = tree_inputs([t for _, _, t in rows],
                                            [len(e.ids) for _, e, _ in rows], p,
                                            self.lm.model.dtype)
-        layers = []
-        for li in range(len(rows[0][1].kv)):
-            ks, vs = [], []
-            for _, e, _ in rows:
-                k, v = e.kv[li]
-                pad = p - k.shape[2]
-                if pad:
-                    k = torch.nn.functional.pad(k, (0, 0, 0, pad))
-                    v = torch.nn.functional.pad(v, (0, 0, 0, pad))
-                ks.append(k)
-                vs.append(v)
-            layers.append((torch.cat(ks), torch.cat(vs)))
-        cache = DynamicCache(ddp_cache_data=layers, config=self.lm.model.config)
+        cache = padded_cache(self.lm.model.config, [e for _, e, _ in rows])
         hidden = self._hidden(ids, attention_mask=mask.to(device),
                               position_ids=positions.to(device),
                               **{cache_arg(self.lm.model): cache}, use_cache=True)
@@ -326,57 +312,14 @@ class Scorer:
             scores.append(float(logprobs.gather(-1, tail_ids).sum()))
         return scores
 
-    @torch.inference_mode()
     def generate_many(self, prompts: Sequence[str], max_new_tokens: int = 64,
-                      batch: int = 64) -> list[str]:
-        """Greedy decoding of many prompts (free-text parts, e.g. the world model's next page);
-        each output stops at EOS or the token budget. Only prompts of equal token length share
-        a batch: a left pad is a query row that attends to nothing, which SDPA on CUDA turns
-        into NaN (transformers 5 dropped its guard), so no padding is used at all."""
-        tok = self.lm.tokenizer
-        enc = [encode(tok, [p]) for p in prompts]
-        groups: dict[int, list[int]] = {}
-        for i, e in enumerate(enc):
-            groups.setdefault(len(e), []).append(i)
-        outs: dict[int, str] = {}
-        for width, idx in groups.items():
-            for start in range(0, len(idx), batch):
-                chunk = idx[start:start + batch]
-                ids = torch.tensor([enc[i] for i in chunk], device=self.lm.device)
-                self.stats.calls += len(chunk)
-                gen = self.lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                             max_new_tokens=max_new_tokens, do_sample=False,
-                                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
-                for i, g in zip(chunk, gen, strict=True):
-                    outs[i] = tok.decode(g[width:], skip_special_tokens=True)
-        return [outs[i] for i in range(len(prompts))]
+                      batch: int | None = None) -> list[str]:
+        """Greedy decoding of many prompts (free-text parts, e.g. the world model's next page),
+        ``batch`` prompts of any lengths per batch (default: the scorer's row limit); each
+        output stops at EOS or the token budget (``agents.generation``)."""
+        return greedy_many(self, prompts, max_new_tokens, batch or self.max_rows)
 
-    @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: str | None = None) -> str:
         """Greedy decoding for free-text parts; stops at EOS, at ``stop`` (excluded) or at
         the token budget."""
-        self.stats.calls += 1
-        tokenizer = self.lm.tokenizer
-        ids = encode(tokenizer, [prompt])
-        if not ids:
-            raise ValueError("prompt must not be empty")
-        extra = getattr(getattr(self.lm.model, "generation_config", None), "eos_token_id", None)
-        eos = {tokenizer.eos_token_id, *(extra if isinstance(extra, list) else [extra])}
-        out = self._forward(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-        new: list[int] = []
-        for _ in range(max_new_tokens):
-            token = int(out.logits[0, -1].argmax())
-            if token in eos:
-                break
-            new.append(token)
-            if stop:
-                text = tokenizer.decode(new, skip_special_tokens=True)
-                if stop in text:
-                    return text[: text.index(stop)]
-            if len(new) == max_new_tokens:
-                break
-            position = torch.tensor([[len(ids) + len(new) - 1]], device=self.lm.device)
-            out = self._forward(torch.tensor([[token]]),
-                                **{cache_arg(self.lm.model): output_cache(out)},
-                                position_ids=position, use_cache=True, logits_to_keep=1)
-        return tokenizer.decode(new, skip_special_tokens=True)
+        return greedy_one(self, prompt, max_new_tokens, stop)

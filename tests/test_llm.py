@@ -223,8 +223,38 @@ def test_generate_many_equals_generate(lm: LM) -> None:
     prompts = ["Tell me about movies.", "Hi", "A much longer prompt about a person who likes "
                "science fiction films and dislikes musicals.\n"]
     scorer = Scorer(lm)
-    many = scorer.generate_many(prompts, max_new_tokens=6, batch=2)  # two left-padded batches
-    assert many == [scorer.generate(p, max_new_tokens=6) for p in prompts]
+    alone = [scorer.generate(p, max_new_tokens=6) for p in prompts]
+    # the reference: transformers' own greedy decoding, one unpadded prompt at a time
+    tok = lm.tokenizer
+    for p, text in zip(prompts, alone, strict=True):
+        ids = torch.tensor([encode(tok, [p])])
+        ref = lm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                max_new_tokens=6, do_sample=False,
+                                pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        assert tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True) == text
+    assert scorer.generate_many(prompts, max_new_tokens=6, batch=2) == alone
+    scorer.clear()
+    scorer.stats.reset()
+    # three lengths in one batch: one prefix pass and one forward per new token after the first
+    assert scorer.generate_many(prompts, max_new_tokens=6, batch=3) == alone
+    assert scorer.stats.forwards <= 1 + 5
+    assert len({len(encode(lm.tokenizer, [p])) for p in prompts}) == 3
+
+
+def test_generate_many_stops_each_row_at_its_eos() -> None:
+    lm = tiny_lm()
+    scorer = Scorer(lm)
+    prompts = ["Hello", "A longer prompt that goes on for a while.", "Hi there"]
+    free = scorer.generate_many(prompts, max_new_tokens=5)
+    # the first prompt's first greedy token becomes an end token: that row ends at once
+    first = {p: int(e.next_logprobs.argmax()) for p, e in scorer.prefixes(
+        {p: encode(lm.tokenizer, [p]) for p in prompts}).items()}
+    assert first[prompts[1]] != first[prompts[0]]
+    lm.model.generation_config.eos_token_id = first[prompts[0]]
+    cut = scorer.generate_many(prompts, max_new_tokens=5)
+    assert cut == [scorer.generate(p, max_new_tokens=5) for p in prompts]
+    assert cut[0] == "" != free[0]
+    assert cut[1] != "" and any(c != f for c, f in zip(cut, free, strict=True))
 
 
 def test_generate_stops_at_eos() -> None:
