@@ -24,17 +24,20 @@ def expected_ratings(scorer: OptionScorer, prefix: str, n_slots: int) -> dict[in
     return expected_ratings_many(scorer, [(prefix, n_slots)])[0]
 
 
-def expected_ratings_many(scorer: OptionScorer, pages: Sequence[tuple[str, int]]
+def expected_ratings_many(scorer: OptionScorer, pages: Sequence[tuple[str, int]],
+                          requests: Sequence[tuple[str, list[tuple[str, str]]]] | None = None
                           ) -> list[dict[int, float]]:
-    """``expected_ratings`` for many (prefix, n_slots) pages in one batched call.
+    """``expected_ratings`` for many (prefix, n_slots) pages in one batched call; ``requests``
+    are the pages' ``expectation_requests`` when the caller has built them already.
 
     Each slot's action and the "[s] rated" stem are the context after the page prefix, and only
     the five one-digit endings are the targets: the stem's probability is the same for every
     rating, so this equals scoring the five whole lines, at a fraction of the tokens."""
     return [{s + 1: round(expected_value(row[5 * s:5 * s + 5], range(1, 6)), 2)
              for s in range(n_slots)}
-            for (_, n_slots), row in zip(pages, score_many(scorer, expectation_requests(pages)),
-                                         strict=True)]
+            for (_, n_slots), row in zip(pages, score_many(
+                scorer, expectation_requests(pages) if requests is None else requests),
+                strict=True)]
 
 
 def expectation_requests(pages: Sequence[tuple[str, int]]

@@ -320,9 +320,9 @@ def test_the_world_models_expectations_are_computed_once_per_weights_and_pages(
     calls: list[int] = []
     real = world_model.expected_ratings_many
 
-    def spy(scorer, pages):
+    def spy(scorer, pages, requests=None):
         calls.append(len(pages))
-        return real(scorer, pages)
+        return real(scorer, pages, requests)
 
     monkeypatch.setattr(world_model, "expected_ratings_many", spy)
     lm = tiny_lm()
@@ -349,7 +349,8 @@ def test_the_ablation_from_the_full_agents_world_model_reuses_its_expectations(
     calls: list[int] = []
     real = world_model.expected_ratings_many
     monkeypatch.setattr(world_model, "expected_ratings_many",
-                        lambda scorer, pages: calls.append(len(pages)) or real(scorer, pages))
+                        lambda scorer, pages, requests=None: calls.append(len(pages))
+                        or real(scorer, pages, requests))
     common = dict(wm_steps=2, cr_steps=1, batch_size=1, eval_every=1, save_every=1,
                   dtype="float32", save_dtype="float32", device="cpu", seed=0)
     fit(TrainConfig(stage="all", lambda_cr=0.0, **common), prepared, tmp_path / "full",

@@ -207,14 +207,15 @@ def _expectations(model, lm: LM, trs: Sequence[Transition]) -> list[dict[int, fl
             base_seen = base_seen or "lora_" not in name
             h.update(name.encode())
             h.update(param.detach().flatten()[:1 << 20].float().cpu().numpy().tobytes())
-    h.update(json.dumps(expectation_requests(pages)).encode())
+    requests = expectation_requests(pages)
+    h.update(json.dumps(requests).encode())
     path = cache_root() / "expectations" / f"{h.hexdigest()[:24]}.json"
     if path.is_file():
         return [{int(k): v for k, v in p.items()} for p in json.loads(path.read_text())]
     scoring = Scorer(LM(model=model, tokenizer=lm.tokenizer, name=lm.name), cache_size=128)
     out: list[dict[int, float]] = []
     for i in range(0, len(pages), 128):
-        out += expected_ratings_many(scoring, pages[i:i + 128])
+        out += expected_ratings_many(scoring, pages[i:i + 128], requests[i:i + 128])
         scoring.clear()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(out))
