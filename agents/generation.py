@@ -10,21 +10,25 @@ share a batch, where before only prompts of equal token length could.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from agents.kvcache import Prefix, padded_cache
-from agents.llm import cache_arg, encode
+from agents.llm import LM, cache_arg, encode
+
+if TYPE_CHECKING:
+    from agents.scorer import Scorer
 
 
-def eos_ids(lm) -> set[int]:
+def eos_ids(lm: LM) -> set[int]:
     """The tokens that end a generation: the tokenizer's EOS and the model's."""
     extra = getattr(getattr(lm.model, "generation_config", None), "eos_token_id", None)
     return {lm.tokenizer.eos_token_id, *(extra if isinstance(extra, list) else [extra])} - {None}
 
 
 @torch.inference_mode()
-def _decode(scorer, entries: Sequence[Prefix], max_new_tokens: int, eos: set[int],
+def _decode(scorer: Scorer, entries: Sequence[Prefix], max_new_tokens: int, eos: set[int],
             until: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
     """Greedy tokens after each entry's prompt until EOS, ``until`` (the tokens so far) or
     ``max_new_tokens``; every step's token is read off the fp32 head, as scores are."""
@@ -56,7 +60,8 @@ def _decode(scorer, entries: Sequence[Prefix], max_new_tokens: int, eos: set[int
     return new
 
 
-def greedy_many(scorer, prompts: Sequence[str], max_new_tokens: int, rows: int) -> list[str]:
+def greedy_many(scorer: Scorer, prompts: Sequence[str], max_new_tokens: int,
+                rows: int) -> list[str]:
     """Greedy continuation of every prompt, ``rows`` prompts (longest first) per batch; the
     same text as decoding each prompt alone, up to the summation order of a batched forward."""
     if max_new_tokens < 1:
@@ -77,7 +82,7 @@ def greedy_many(scorer, prompts: Sequence[str], max_new_tokens: int, rows: int) 
     return [out[p] for p in prompts]
 
 
-def greedy_one(scorer, prompt: str, max_new_tokens: int, stop: str | None = None) -> str:
+def greedy_one(scorer: Scorer, prompt: str, max_new_tokens: int, stop: str | None = None) -> str:
     """Greedy continuation of one prompt, cut before ``stop`` when it appears."""
     tok = scorer.lm.tokenizer
     ids = encode(tok, [prompt])
