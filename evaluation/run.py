@@ -149,8 +149,8 @@ def expected_seconds(cfg: EvalConfig, methods: Sequence[str]) -> float:
         decisions = (cfg.users * sum(sum(LIST_SIZES[m]) for m in cfg.ms) + pages * 4)
         if name == cfg.simulator:
             decisions += cfg.sim_users * len(cfg.recommenders) * cfg.session_pages * 4
-            if spec.world_model:  # a generated next state costs about 8 decisions
-                decisions += cfg.next_state * 8
+            if spec.world_model:  # a generated next state, batched: ~0.5 s, 1.5 decisions
+                decisions += cfg.next_state * 1.5
         total += decisions * SECONDS_PER_DECISION[
             "world_model" if spec.world_model else "policy"]
     return total
