@@ -60,16 +60,18 @@ def _decode(scorer: Scorer, entries: Sequence[Prefix], max_new_tokens: int, eos:
     return new
 
 
-def greedy_many(scorer: Scorer, prompts: Sequence[str], max_new_tokens: int,
-                rows: int) -> list[str]:
-    """Greedy continuation of every prompt, ``rows`` prompts (longest first) per batch; the
-    same text as decoding each prompt alone, up to the summation order of a batched forward."""
-    if max_new_tokens < 1:
-        return ["" for _ in prompts]
+def greedy_many(scorer: Scorer, prompts: Sequence[str], max_new_tokens: int, rows: int,
+                stop: str | None = None) -> list[str]:
+    """Greedy continuation of every prompt, ``rows`` prompts (longest first) per batch, each
+    cut before ``stop`` when it appears; the same text as decoding each prompt alone, up to
+    the summation order of a batched forward."""
     tok = scorer.lm.tokenizer
     ids = {p: encode(tok, [p]) for p in prompts}
     if not all(ids.values()):
         raise ValueError("prompt must not be empty")
+    if max_new_tokens < 1:
+        return ["" for _ in prompts]
+    until = None if not stop else (lambda new: stop in tok.decode(new, skip_special_tokens=True))
     order = sorted(ids, key=lambda p: -len(ids[p]))
     eos, out = eos_ids(scorer.lm), {}
     for start in range(0, len(order), rows):
@@ -77,20 +79,7 @@ def greedy_many(scorer: Scorer, prompts: Sequence[str], max_new_tokens: int,
         scorer.stats.calls += len(chunk)
         entries = scorer.prefixes({p: ids[p] for p in chunk})
         for p, new in zip(chunk, _decode(scorer, [entries[p] for p in chunk],
-                                         max_new_tokens, eos), strict=True):
-            out[p] = tok.decode(new, skip_special_tokens=True)
+                                         max_new_tokens, eos, until), strict=True):
+            text = tok.decode(new, skip_special_tokens=True)
+            out[p] = text[:text.index(stop)] if stop and stop in text else text
     return [out[p] for p in prompts]
-
-
-def greedy_one(scorer: Scorer, prompt: str, max_new_tokens: int, stop: str | None = None) -> str:
-    """Greedy continuation of one prompt, cut before ``stop`` when it appears."""
-    tok = scorer.lm.tokenizer
-    ids = encode(tok, [prompt])
-    if not ids:
-        raise ValueError("prompt must not be empty")
-    scorer.stats.calls += 1
-    until = None if not stop else (lambda new: stop in tok.decode(new, skip_special_tokens=True))
-    entry = scorer.prefixes({prompt: ids})[prompt]
-    new = _decode(scorer, [entry], max_new_tokens, eos_ids(scorer.lm), until)[0]
-    out = tok.decode(new, skip_special_tokens=True)
-    return out[:out.index(stop)] if stop and stop in out else out

@@ -3,6 +3,7 @@ views of it, and the counters benchmarks read."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -63,16 +64,19 @@ def expanded_cache(config: Any, kv: KV, batch: int, length: int | None = None) -
     return cache
 
 
-def _room_layer(keys: torch.Tensor, values: torch.Tensor, used: int) -> Any:
-    """A cache layer over ``keys``/``values`` buffers whose first ``used`` positions hold the
-    prompt: each step's new entries are written into the room after them. A DynamicLayer
-    concatenates the whole cache into new tensors every step, which was 60% of a batched
-    decoding step on the CPU (64 prompts of ~650 tokens copy ~1 GB a step)."""
+@functools.cache
+def _room_layer_type() -> type:
+    """A DynamicLayer over preallocated ``keys``/``values`` buffers (``_room``: the full
+    buffers; ``keys``/``values``: the positions filled so far): each step's new entries are
+    written into the room after them. A DynamicLayer concatenates the whole cache into new
+    tensors every step, which was 60% of a batched decoding step on the CPU (64 prompts of
+    ~650 tokens copy ~1 GB a step). Built on first use: transformers loads lazily."""
     from transformers.cache_utils import DynamicLayer
 
     class RoomLayer(DynamicLayer):
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                    **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = self._room
             start = self.keys.shape[-2]
             end = start + key_states.shape[-2]
             if end > keys.shape[-2]:  # out of room: grow as a DynamicLayer does
@@ -82,8 +86,13 @@ def _room_layer(keys: torch.Tensor, values: torch.Tensor, used: int) -> Any:
             self.keys, self.values = keys[:, :, :end], values[:, :, :end]
             return self.keys, self.values
 
-    layer = RoomLayer()
+    return RoomLayer
+
+
+def _room_layer(keys: torch.Tensor, values: torch.Tensor, used: int) -> Any:
+    layer = _room_layer_type()()
     layer.lazy_initialization(keys, values)
+    layer._room = (keys, values)
     layer.keys, layer.values = keys[:, :, :used], values[:, :, :used]
     return layer
 
@@ -105,10 +114,12 @@ def padded_cache(config: Any, entries: Sequence[Prefix], room: int = 0) -> Any:
             ks[row, :, :k.shape[2]] = k[0]
             vs[row, :, :v.shape[2]] = v[0]
         layers.append((ks, vs))
-    cache = DynamicCache(config=config)
-    if not room or len(cache.layers) != len(layers) or any(
-            type(x) is not DynamicLayer for x in cache.layers):
-        return DynamicCache(ddp_cache_data=[(k[:, :, :width], v[:, :, :width])
-                                           for k, v in layers], config=config)
-    cache.layers = [_room_layer(k, v, width) for k, v in layers]
-    return cache
+    if room:
+        cache = DynamicCache(config=config)
+        if len(cache.layers) == len(layers) and all(type(x) is DynamicLayer
+                                                    for x in cache.layers):
+            cache.layers = [_room_layer(k, v, width) for k, v in layers]
+            return cache
+    # no room asked for, or layers of another kind (sliding windows): appends grow the cache
+    return DynamicCache(ddp_cache_data=[(k[:, :, :width], v[:, :, :width]) for k, v in layers],
+                        config=config)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from agents.generation import greedy_many, greedy_one
+from agents.generation import greedy_many
 from agents.kvcache import Prefix, ScorerStats, expanded_cache, padded_cache
 from agents.llm import LM, cache_arg, encode, output_cache
 from agents.packing import Trie, build_trie, tree_inputs
@@ -322,4 +322,4 @@ class Scorer:
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: str | None = None) -> str:
         """Greedy decoding for free-text parts; stops at EOS, at ``stop`` (excluded) or at
         the token budget."""
-        return greedy_one(self, prompt, max_new_tokens, stop)
+        return greedy_many(self, [prompt], max_new_tokens, 1, stop)[0]
