@@ -32,6 +32,8 @@ def main() -> None:
     _, trs = held_out(world, users)
     gen = [tr.prefix + prompts.world_model_tail(text.render_wm_action(
         len(tr.items), sorted(tr.ratings), tr.then)) for tr in trs[:args.prompts]]
+    if not gen:
+        ap.error("no held-out transition to decode: --prompts and --users must be at least 1")
     lm = load_lm(adapter=args.adapter)
     table = Table(title=f"{len(gen)} next-state generations, up to {args.max_new_tokens} new "
                   f"tokens, {lm.device} {lm.dtype}")
