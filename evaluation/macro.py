@@ -32,7 +32,7 @@ from simulator.trajectories import Trajectory
 
 def human_sessions(trajs: Sequence[Trajectory]) -> list[dict[str, Any]]:
     """Held-out human visits in the same (JSON) shape as simulated sessions."""
-    return [SessionRecord(user=t.user, recommender=t.recommender, end="exit",
+    return [SessionRecord(user=t.user, recommender=t.recommender, end=t.end,
                           pages=[PageRecord(page=s.page, items=s.items, then=s.then,
                                             watched=s.watched) for s in t.steps]
                           ).json_form(full=False) for t in trajs]

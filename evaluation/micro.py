@@ -216,10 +216,12 @@ def next_state(generated: Sequence[str], trs: Sequence[Transition],
     for text_out, tr in zip(generated, trs, strict=True):
         truth = truth_state(tr).fields()
         pred = _first_state(text_out).fields()
+        # The visit ends when the action exits or the page is the last one allowed.
+        ends = tr.then == "exit" or tr.page >= tr.max_pages
         guess = NextState(ratings={s: int(round(user_mean.get(tr.user, 3.5)))
-                                   for s in tr.ratings}, ends=tr.then == "exit",
-                          genres=sorted({g for v in tr.views for g in v.genres})
-                          if tr.then == "next" else []).fields()
+                                   for s in tr.ratings}, ends=ends,
+                          genres=[] if ends else sorted({g for v in tr.views
+                                                         for g in v.genres})).fields()
         for k in kinds:
             model_pairs[k].append(({f for f in truth if f[0] == k}, {f for f in pred
                                                                     if f[0] == k}))
@@ -232,5 +234,6 @@ def next_state(generated: Sequence[str], trs: Sequence[Transition],
             for k in ("all", *kinds)]
     return {"rows": rows, "n": len(trs),
             "note": "'all' = ratings, next-page titles and genres (the end flag is given by "
-                    "the action); the next page's titles depend on the recommender, which the "
-                    "state does not show, so titles are hard to predict by construction"}
+                    "the action and the page limit); the next page's titles depend on the "
+                    "recommender, which the state does not show, so titles are hard to predict "
+                    "by construction"}

@@ -10,7 +10,10 @@ recommenders. Fillers from one recommender alone teach the inverse of preference
 more popular and more like the person's history than what the person chose (``alignuser data
 info --trajectories`` prints the check). Every item the user rated in any part of the log is
 masked, so a skipped item is one this person never chose. The human watches exactly their logged
-items with their logged ratings and exits after a visit's last page.
+items with their logged ratings and exits after the last page of a session's last visit; a visit
+cut at ``max_pages`` with more of the session to come ends by the page limit, its last page saying
+``next`` (the person went on: labelling it ``exit`` called half the validation visits exits and
+taught the agent to leave at twice the humans' rate).
 
 Schema (one JSON object per line): ``{user, part, session, visit, start, recommender, steps:
 [{page, items, watched: {item: rating}, then}]}``.
@@ -142,6 +145,11 @@ class Trajectory(BaseModel):
     recommender: str
     steps: list[Step]
 
+    @property
+    def end(self) -> Literal["exit", "max_pages"]:
+        """How the visit ended: the person left, or the page limit cut a longer session."""
+        return "exit" if self.steps and self.steps[-1].then == "exit" else "max_pages"
+
 
 def sessions(ratings: pd.DataFrame, gap_minutes: float) -> Iterator[tuple[int, int, pd.DataFrame]]:
     """Yield (user, session index, rows) from a log in chronological order (ties by item id)."""
@@ -179,11 +187,15 @@ def _human_pages(base: PageSource, plan: list[list[tuple[int, int]]],
     return source
 
 
-def play_visit(env: PageEnv, user: int, plan: list[list[tuple[int, int]]]) -> list[Step]:
-    """Run the human's logged choices through the environment, recording each page."""
+def play_visit(env: PageEnv, user: int, plan: list[list[tuple[int, int]]],
+               leaves: bool = True) -> list[Step]:
+    """Run the human's logged choices through the environment, recording each page. The last
+    page exits when the person ``leaves`` (the session's last visit), else goes on into the
+    page limit."""
     obs, steps = env.reset(user), []
     for p, chunk in enumerate(plan, 1):
-        action = PageAction(watched=dict(chunk), then="exit" if p == len(plan) else "next")
+        then = "exit" if p == len(plan) and leaves else "next"
+        action = PageAction(watched=dict(chunk), then=then)
         steps.append(Step(page=p, items=obs.items, watched=action.watched, then=action.then))
         obs, done, info = env.step(action)
         if done:
@@ -225,7 +237,7 @@ def build_trajectories(ratings: pd.DataFrame, rank: Callable[..., list[int]],
             fill = base if exposure is None else exposure_pages(
                 exposure, cfg.exposure, lambda u: masked.get(u, ()), rng)
             env = PageEnv(_human_pages(fill, plan, rng), cfg.page_size, cfg.max_pages)
-            steps = play_visit(env, user, plan)
+            steps = play_visit(env, user, plan, leaves=pos == len(pairs))
             out.append(Trajectory(user=user, part=part, session=s_idx, visit=v_idx,
                                   start=int(rows["timestamp"].iloc[0]),
                                   recommender=recommender, steps=steps))

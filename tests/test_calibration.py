@@ -127,10 +127,13 @@ def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer)
     sim_watch = sum(len(d.action.watched) for d in decisions) / slots
     assert sim_watch == pytest.approx(fitted["fitted_on"]["human_watch_ratio"],
                                       abs=1 / slots + 1e-9)
-    # then_offset is fitted on exit scores that follow the calibrated watch choices, as here.
-    sim_exit = np.mean([d.action.then == "exit" for d in decisions])
+    # then_offset is fitted on exit scores that follow the calibrated watch choices, as here,
+    # on the pages before the page limit (which ends a visit whatever the agent says).
+    open_pages = [d for d, t in zip(decisions, trs, strict=True) if t.page < t.max_pages]
+    assert 0 < fitted["fitted_on"]["exit_pages"] == len(open_pages) < len(trs)
+    sim_exit = np.mean([d.action.then == "exit" for d in open_pages])
     assert sim_exit == pytest.approx(fitted["fitted_on"]["human_exit_share"],
-                                     abs=1 / len(trs) + 1e-9)
+                                     abs=1 / len(open_pages) + 1e-9)
     # A sampling agent uses the sampled offsets: its expected watch ratio is the humans'.
     sampled = decide(scorer, [t.decision_input() for t in trs], calibration=cal, temperature=1.0)
     p_watch = [1 / (1 + np.exp(-v)) for d in sampled for v in d.watch_scores.values()]

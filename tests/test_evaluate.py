@@ -318,6 +318,10 @@ def test_next_state_f1_of_a_perfect_and_an_empty_world_model(bundle: EvalBundle)
     perfect = [render_next_state(tr.ratings, tr.next_views) for tr in trs]
     res = {r["fields"]: r for r in next_state(perfect, trs, {})["rows"]}
     assert res["all"]["world_model"] == 1.0 and res["end"]["world_model"] == 1.0
+    # The baseline knows what ends a visit: an exit, or the last page the limit allows (a
+    # visit cut there says next).
+    assert any(tr.then == "next" and tr.next_views is None for tr in trs)
+    assert res["end"]["baseline_this_page"] == 1.0
     empty = {r["fields"]: r for r in next_state([""] * len(trs), trs, {})["rows"]}
     assert empty["all"]["world_model"] == 0.0
 

@@ -230,6 +230,13 @@ def test_a_trained_adapter_is_recalibrated_into_its_manifest(prepared: Prepared,
         assert refit[key] == pytest.approx(fitted[key], abs=1e-3)
     assert Calibration.of_checkpoint(out).watch_offset == pytest.approx(fitted["watch_offset"],
                                                                         abs=1e-3)
+    # --no-lists refits the page offsets only: the list offset and its provenance stay.
+    kept = {**refit, "list_offset": 7.5, "fitted_on": {**refit["fitted_on"], "lists": 3}}
+    (out / "manifest.json").write_text(json.dumps({**after, "calibration": kept}))
+    pages_only = calibrate_checkpoint(prepared, out, world_model=False, lm=lm, lists=False)
+    assert pages_only["list_offset"] == 7.5 and pages_only["fitted_on"]["lists"] == 3
+    assert pages_only["watch_offset"] == pytest.approx(refit["watch_offset"], abs=1e-6)
+    assert Calibration.of_checkpoint(out).list_offset == 7.5
 
 
 @pytest.mark.parametrize("lambda_cr", [0.0, 1.0])

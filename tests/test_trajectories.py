@@ -163,13 +163,30 @@ def test_steps_are_well_formed(tiny_trajs) -> None:
         assert t.recommender == "by-id" and t.part == "train"
         assert [s.page for s in t.steps] == list(range(1, len(t.steps) + 1))
         assert 1 <= len(t.steps) <= TINY_CFG.max_pages
-        assert [s.then for s in t.steps] == ["next"] * (len(t.steps) - 1) + ["exit"]
+        assert [s.then for s in t.steps][:-1] == ["next"] * (len(t.steps) - 1)
         shown = [i for s in t.steps for i in s.items]
         assert len(shown) == len(set(shown))  # no item twice within a visit
         for s in t.steps:
             assert 1 <= len(s.items) <= TINY_CFG.page_size
             assert set(s.watched) <= set(s.items)
             assert all(1 <= r <= 5 for r in s.watched.values())
+
+
+def test_a_visit_exits_only_when_its_session_ends(tiny_trajs) -> None:
+    """A session longer than one visit is cut by the page limit: the person went on, so only
+    the last visit of a session ends by exit; the others fill every page and say next."""
+    _, trajs = tiny_trajs
+    last = {}
+    for t in trajs:
+        last[(t.user, t.session)] = max(last.get((t.user, t.session), -1), t.visit)
+    cut = [t for t in trajs if t.visit < last[(t.user, t.session)]]
+    assert cut and len(cut) < len(trajs)  # the fixture holds both kinds
+    for t in trajs:
+        leaves = t.visit == last[(t.user, t.session)]
+        assert t.steps[-1].then == ("exit" if leaves else "next")
+        assert t.end == ("exit" if leaves else "max_pages")
+        if not leaves:
+            assert len(t.steps) == TINY_CFG.max_pages
 
 
 def test_filler_items_are_never_rated_by_the_user(tiny_dataset: Dataset, tiny_trajs) -> None:
@@ -287,7 +304,7 @@ def test_replaying_logged_pages_reproduces_each_trajectory(tiny_trajs) -> None:
             steps.append(Step(page=obs.page, items=obs.items, watched=action.watched,
                               then=action.then))
             obs, done, info = env.step(action)
-        assert steps == t.steps and info["end"] == "exit"
+        assert steps == t.steps and info["end"] == t.end
         actions = human_actions({t.user: t})
         assert [(a.watched, a.then) for a in actions.values()] == [
             (s.watched, s.then) for s in t.steps]

@@ -54,7 +54,9 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
     watch = np.asarray([d.watch_scores[s] for d in decisions for s in d.watch_scores])
     human_watch = np.asarray([int(s in t.ratings) for t in valid_trs
                               for s in range(1, len(t.items) + 1)])
-    human_exit = np.asarray([t.then == "exit" for t in valid_trs], dtype=float)
+    # next/exit changes what happens only before the page limit, which ends a visit anyway.
+    open_pages = np.asarray([t.page < t.max_pages for t in valid_trs])
+    human_exit = np.asarray([t.then == "exit" for t in valid_trs], dtype=float)[open_pages]
     rate, temp = float(human_watch.mean()), DEFAULT_TEMPERATURE
     # Greedy replays take a slot when its score is positive; a browsing agent samples, so its
     # offset makes the mean probability the humans' ratio instead.
@@ -64,12 +66,14 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
     # next/exit is scored after the chosen slots, so fit its offset on the calibrated choices.
     decisions = _decide(scorer, inputs, "calibrate exit", world_model=world_model,
                         calibration=cal)
-    exits = np.asarray([d.exit_score for d in decisions])
-    cal.then_offset = rate_offset(exits, float(human_exit.mean()))
+    exits = np.asarray([d.exit_score for d in decisions])[open_pages]
+    exit_rate = float(human_exit.mean()) if len(human_exit) else 0.0
+    cal.then_offset = rate_offset(exits, exit_rate)
     # Read after the greedy choices: the sampled exit offset is fitted on the same scores.
-    cal.sampled_then_offset = sampled_rate_offset(exits, float(human_exit.mean()), temp)
+    cal.sampled_then_offset = sampled_rate_offset(exits, exit_rate, temp)
     report = {"pages": len(valid_trs), "human_watch_ratio": round(float(human_watch.mean()), 4),
-              "human_exit_share": round(float(human_exit.mean()), 4),
+              "human_exit_share": round(exit_rate, 4),
+              "exit_pages": int(open_pages.sum()),
               "world_model": world_model,
               "pages_digest": digest([[t.user, t.page, list(t.items)] for t in valid_trs])}
     if valid_lists and perceiver is not None and personas and histories is not None:
@@ -90,23 +94,30 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
 
 
 def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool,
-                         device: str = "auto", lm: Any = None) -> dict:
+                         device: str = "auto", lm: Any = None, lists: bool = True) -> dict:
     """Fit ``checkpoint``'s offsets on ``prep``'s validation pages and lists (a ``Prepared``
     from ``alignuser train --prepare-only``) with its merged weights, as training does, and
-    store them in its manifest; ``lm`` replaces loading it (tests)."""
+    store them in its manifest; ``lm`` replaces loading it (tests). Without ``lists`` only the
+    page offsets are refitted: the list offset, and what it was fitted on, stay as they were,
+    so list answers scored with it stay valid."""
     from agents.llm import load_lm
     from agents.scorer import Scorer
     from simulator.runs import write_atomic
 
     checkpoint = Path(checkpoint)
+    path = checkpoint / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
     lm = lm or load_lm(adapter=checkpoint, device=device)
     t0 = time.perf_counter()
     cal = calibrate(Scorer(lm, cache_size=128), prep.calib, world_model=world_model,
                     perceiver=prep.perceiver, personas=prep.personas, histories=prep.histories,
-                    valid_lists=prep.valid_lists)
+                    valid_lists=prep.valid_lists if lists else ())
     cal["seconds"] = round(time.perf_counter() - t0, 1)
-    path = checkpoint / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    if not lists:
+        old = manifest.get("calibration") or {}
+        cal["list_offset"] = old.get("list_offset", 0.0)
+        cal["fitted_on"].update({k: v for k, v in (old.get("fitted_on") or {}).items()
+                                 if k.startswith("list")})
     write_atomic(path, json.dumps({**manifest, "calibration": cal}, indent=2))
     return cal
 
@@ -122,13 +133,18 @@ def main(argv: list[str] | None = None) -> int:
                     help="decide with the world model's expected ratings, as the full and "
                     "world model + policy agents do (--no-world-model: policy-only adapters)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ap.add_argument("--lists", action=argparse.BooleanOptionalAction, default=True,
+                    help="refit the 1:m list offset on the prepared validation lists too "
+                    "(--no-lists: page offsets only; the list offset stays, so 1:m list "
+                    "answers already scored with it stay valid)")
     args = ap.parse_args(argv)
     if not (Path(args.checkpoint) / "adapter_config.json").is_file():
         ap.error(f"{args.checkpoint} is not an adapter folder (no adapter_config.json)")
     if not Path(args.prepared).is_file():
         ap.error(f"{args.prepared}: no such file")
     cal = calibrate_checkpoint(read_pickle(args.prepared), args.checkpoint,
-                               world_model=args.world_model, device=args.device)
+                               world_model=args.world_model, device=args.device,
+                               lists=args.lists)
     print(json.dumps(cal))
     return 0
 
