@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from agents.kvcache import Prefix, padded_cache
-from agents.llm import LM, cache_arg, encode
+from agents.llm import LM, encode
 
 if TYPE_CHECKING:
     from agents.scorer import Scorer
@@ -53,10 +53,8 @@ def _decode(scorer: Scorer, entries: Sequence[Prefix], max_new_tokens: int, eos:
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], 1)
         # A finished row keeps stepping (its tokens are dropped): cheaper than re-slicing
         # every layer's cache whenever one row ends.
-        hidden = scorer._hidden(token[:, None], attention_mask=mask,
-                                position_ids=(lengths + step)[:, None],
-                                **{cache_arg(scorer.lm.model): cache}, use_cache=True)
-        token = scorer._logprobs(hidden[:, -1]).argmax(-1)
+        token = scorer.greedy_step(token, cache, attention_mask=mask,
+                                   position_ids=(lengths + step)[:, None])
     return new
 
 

@@ -75,6 +75,14 @@ class Scorer:
             self._head = self.lm.model.get_output_embeddings().weight.float()
         return torch.log_softmax(hidden.float() @ self._head.T, -1)
 
+    def greedy_step(self, tokens: torch.Tensor, cache: Any, **kwargs: Any) -> torch.Tensor:
+        """One decoding step of a batch (``agents.generation``): push one token per row into
+        ``cache`` and return each row's next greedy token, read off the fp32 head as scores
+        are; ``kwargs`` are the forward's (attention mask, positions)."""
+        hidden = self._hidden(tokens[:, None], **{cache_arg(self.lm.model): cache},
+                              use_cache=True, **kwargs)
+        return self._logprobs(hidden[:, -1]).argmax(-1)
+
     def prefixes(self, encoded: dict[str, list[int]]) -> dict[str, Prefix]:
         """The cached KV of each text (given with its token ids), computed in batches."""
         return self._prefixes_batched(encoded)
