@@ -246,7 +246,8 @@ def build_trajectories(ratings: pd.DataFrame, rank: Callable[..., list[int]],
 
 
 def trajectory_stats(trajs: Iterable[Trajectory]) -> dict[str, float]:
-    """Watch ratio, pages per visit and the ratings histogram, to judge the construction."""
+    """Watch ratio, pages per visit, how visits end and the ratings histogram, to judge the
+    construction."""
     trajs = list(trajs)
     pages = [len(t.steps) for t in trajs]
     shown = sum(len(s.items) for t in trajs for s in t.steps)
@@ -258,6 +259,7 @@ def trajectory_stats(trajs: Iterable[Trajectory]) -> dict[str, float]:
             "pages_per_visit": float(np.mean(pages)) if pages else 0.0,
             "empty_page_share": sum(1 for t in trajs for s in t.steps if not s.watched)
             / max(sum(pages), 1),
+            "exit_share": sum(t.end == "exit" for t in trajs) / max(len(trajs), 1),
             "ratings_hist": hist}
 
 

@@ -353,11 +353,14 @@ def test_trajectory_stats_on_a_hand_example() -> None:
         Step(page=2, items=[5, 6, 7, 8], watched={}, then="exit")])
     b = Trajectory(user=2, session=0, visit=0, recommender="x", steps=[
         Step(page=1, items=[9, 10], watched={9: 1}, then="exit")])
-    stats = trajectory_stats([a, b])
-    assert stats == {"visits": 2, "pages": 3, "watch_ratio": pytest.approx(3 / 10),
-                     "watches_per_page": pytest.approx(1.0),
-                     "pages_per_visit": pytest.approx(1.5),
-                     "empty_page_share": pytest.approx(1 / 3),
+    c = Trajectory(user=3, session=0, visit=0, recommender="x", steps=[  # cut by the limit
+        Step(page=1, items=[11, 12], watched={}, then="next")])
+    stats = trajectory_stats([a, b, c])
+    assert stats == {"visits": 3, "pages": 4, "watch_ratio": pytest.approx(3 / 12),
+                     "watches_per_page": pytest.approx(0.75),
+                     "pages_per_visit": pytest.approx(4 / 3),
+                     "empty_page_share": pytest.approx(2 / 4),
+                     "exit_share": pytest.approx(2 / 3),
                      "ratings_hist": {"1": 1, "2": 0, "3": 0, "4": 1, "5": 1}}
     empty = trajectory_stats([])
     assert empty["visits"] == 0 and empty["watch_ratio"] == 0.0
