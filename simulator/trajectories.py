@@ -13,7 +13,7 @@ masked, so a skipped item is one this person never chose. The human watches exac
 items with their logged ratings and exits after the last page of a session's last visit; a visit
 cut at ``max_pages`` with more of the session to come ends by the page limit, its last page saying
 ``next`` (the person went on: labelling it ``exit`` called half the validation visits exits and
-taught the agent to leave at twice the humans' rate).
+doubled the humans' exit share per page).
 
 Schema (one JSON object per line): ``{user, part, session, visit, start, recommender, steps:
 [{page, items, watched: {item: rating}, then}]}``.
