@@ -75,7 +75,7 @@ def greedy_many(scorer: Scorer, prompts: Sequence[str], max_new_tokens: int, row
     for start in range(0, len(order), rows):
         chunk = order[start:start + rows]
         scorer.stats.calls += len(chunk)
-        entries = scorer.prefixes({p: ids[p] for p in chunk})
+        entries = scorer.prefixes({p: ids[p] for p in chunk}, keep=False)
         for p, new in zip(chunk, _decode(scorer, [entries[p] for p in chunk],
                                          max_new_tokens, eos, until), strict=True):
             text = tok.decode(new, skip_special_tokens=True)

@@ -83,9 +83,11 @@ class Scorer:
                               use_cache=True, **kwargs)
         return self._logprobs(hidden[:, -1]).argmax(-1)
 
-    def prefixes(self, encoded: dict[str, list[int]]) -> dict[str, Prefix]:
-        """The cached KV of each text (given with its token ids), computed in batches."""
-        return self._prefixes_batched(encoded)
+    def prefixes(self, encoded: dict[str, list[int]], keep: bool = True) -> dict[str, Prefix]:
+        """The cached KV of each text (given with its token ids), computed in batches; with
+        ``keep=False`` new ones are not cached (one-off prompts, e.g. a generation's, would
+        evict the personas later pages reuse)."""
+        return self._prefixes_batched(encoded, keep)
 
     def _prefix(self, text: str) -> Prefix:
         ids = encode(self.lm.tokenizer, [text])
@@ -137,7 +139,8 @@ class Scorer:
             start += n
         return out
 
-    def _prefixes_batched(self, prefixes: dict[str, list[int]]) -> dict[str, Prefix]:
+    def _prefixes_batched(self, prefixes: dict[str, list[int]],
+                          keep: bool = True) -> dict[str, Prefix]:
         """Right-padded batched prefix forwards; each prefix's KV is kept unpadded. A prefix
         that shares its leading tokens with a cached one (the persona, from this user's
         previous page) starts from that entry's KV, so only its new tokens are computed."""
@@ -173,6 +176,8 @@ class Scorer:
                                               {t: prefixes[t] for t in texts}))
         for t, entry in found.items():
             if t not in self._cache:
+                if not keep:
+                    continue
                 self._cached_bytes += entry.nbytes
             self._cache[t] = entry
             self._cache.move_to_end(t)

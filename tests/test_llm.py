@@ -239,6 +239,8 @@ def test_generate_many_equals_generate(lm: LM) -> None:
     assert scorer.generate_many(prompts, max_new_tokens=6, batch=3) == alone
     assert scorer.stats.forwards <= 1 + 5
     assert len({len(encode(lm.tokenizer, [p])) for p in prompts}) == 3
+    # one-off prompts are not cached: they would evict the personas later pages reuse
+    assert not scorer._cache and scorer._cached_bytes == 0
 
 
 def test_generate_many_stops_each_row_at_its_eos() -> None:
