@@ -131,12 +131,13 @@ class EvaluateRunConfig(BaseModel):
         return [m for m in self.methods.split(",") if m]
 
 
-# Seconds per item decision on an idle 2-core CPU (bf16 SmolLM2-135M, merged LoRA, options
-# packed as token trees): the policy-only agent's 4,074 s for the 15,400 decisions of
-# `alignuser evaluate --preset full --methods sft --simulator sft` (lists, held-out pages and
-# 250 sessions), and the full agent's 6.4-7.8 s per 20-item list in `bench/bench_engine.py`;
-# plus the fixed cost of loading the data and fitting the baselines.
-SECONDS_PER_DECISION = {"policy": 0.27, "world_model": 0.35}
+# Seconds per item decision on a 2-core CPU (bf16 SmolLM2-135M, merged LoRA, options packed as
+# token trees, pages in lockstep), from `alignuser evaluate --preset full` (runs evalN-200 and
+# evalP-200): 10,400 list and page decisions took 1,538-1,869 s for each policy-only method and
+# 1,544-1,607 s for each with the world model's expectations; the full agent's 2,400 page,
+# 5,000 session and 450 next-state decisions 1,277 s. Plus the fixed cost of loading the data
+# and fitting the baselines.
+SECONDS_PER_DECISION = {"policy": 0.16, "world_model": 0.16}
 SETUP_SECONDS = 30.0
 
 
