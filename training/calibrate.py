@@ -115,7 +115,7 @@ def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool
     cal["seconds"] = round(time.perf_counter() - t0, 1)
     if not lists:
         old = manifest.get("calibration") or {}
-        cal["list_offset"] = old.get("list_offset", 0.0)
+        cal["list_offset"] = old.get("list_offset")  # None: lists use the watch offset
         cal["fitted_on"].update({k: v for k, v in (old.get("fitted_on") or {}).items()
                                  if k.startswith("list")})
     write_atomic(path, json.dumps({**manifest, "calibration": cal}, indent=2))
