@@ -47,6 +47,11 @@ class Transition:
     items: tuple[int, ...]
 
     @property
+    def at_limit(self) -> bool:
+        """The last page a visit may show: it ends here whatever the action says."""
+        return self.page >= self.max_pages
+
+    @property
     def page_text(self) -> str:
         return text.page_prompt(self.page, self.max_pages, self.views, self.session)
 

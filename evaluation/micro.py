@@ -216,8 +216,7 @@ def next_state(generated: Sequence[str], trs: Sequence[Transition],
     for text_out, tr in zip(generated, trs, strict=True):
         truth = truth_state(tr).fields()
         pred = _first_state(text_out).fields()
-        # The visit ends when the action exits or the page is the last one allowed.
-        ends = tr.then == "exit" or tr.page >= tr.max_pages
+        ends = tr.then == "exit" or tr.at_limit
         guess = NextState(ratings={s: int(round(user_mean.get(tr.user, 3.5)))
                                    for s in tr.ratings}, ends=ends,
                           genres=[] if ends else sorted({g for v in tr.views

@@ -134,10 +134,10 @@ class EvaluateRunConfig(BaseModel):
 # Seconds per item decision on a 2-core CPU (bf16 SmolLM2-135M, merged LoRA, options packed as
 # token trees, pages in lockstep), from `alignuser evaluate --preset full` (runs evalN-200 and
 # evalP-200): 10,400 list and page decisions took 1,538-1,869 s for each policy-only method and
-# 1,544-1,607 s for each with the world model's expectations; the full agent's 2,400 page,
-# 5,000 session and 450 next-state decisions 1,277 s. Plus the fixed cost of loading the data
-# and fitting the baselines.
-SECONDS_PER_DECISION = {"policy": 0.16, "world_model": 0.16}
+# 1,544-1,607 s for each with the world model's expectations (the same rate); the full agent's
+# 2,400 page, 5,000 session and 450 next-state decisions 1,277 s. Plus the fixed cost of
+# loading the data and fitting the baselines.
+SECONDS_PER_DECISION = 0.16
 SETUP_SECONDS = 30.0
 
 
@@ -152,8 +152,7 @@ def expected_seconds(cfg: EvalConfig, methods: Sequence[str]) -> float:
             decisions += cfg.sim_users * len(cfg.recommenders) * cfg.session_pages * 4
             if spec.world_model:  # a generated next state, batched: ~0.5 s, 1.5 decisions
                 decisions += cfg.next_state * 1.5
-        total += decisions * SECONDS_PER_DECISION[
-            "world_model" if spec.world_model else "policy"]
+        total += decisions * SECONDS_PER_DECISION
     return total
 
 

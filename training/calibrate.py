@@ -55,7 +55,7 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
     human_watch = np.asarray([int(s in t.ratings) for t in valid_trs
                               for s in range(1, len(t.items) + 1)])
     # next/exit changes what happens only before the page limit, which ends a visit anyway.
-    open_pages = np.asarray([t.page < t.max_pages for t in valid_trs])
+    open_pages = np.asarray([not t.at_limit for t in valid_trs])
     human_exit = np.asarray([t.then == "exit" for t in valid_trs], dtype=float)[open_pages]
     rate, temp = float(human_watch.mean()), DEFAULT_TEMPERATURE
     # Greedy replays take a slot when its score is positive; a browsing agent samples, so its
