@@ -54,7 +54,7 @@ def browse(scorer, perceiver: Perceiver, personas: Mapping[int, str],
                     user=user, page=p, items=list(pages[p - 1]), persona_text=personas[user],
                     page_text=page_prompt(p, len(pages), views, titles, evidence=evidence),
                     cues=page_cues(views, evidence),
-                    seed=seed))
+                    seed=seed, last=p == len(pages)))
                 idx.append(k)
             if not inputs:
                 break

@@ -49,31 +49,40 @@ class Calibration(BaseModel):
         "the greedy one; None = watch_offset")
     sampled_then_offset: float | None = Field(None, description="next/exit offset when sampled; "
                                               "None = then_offset")
+    last_then_offset: float | None = Field(
+        None, description="next/exit offset on a visit's last allowed page, where both end the "
+        "visit and only say whether the session ends there (exit) or would go on (page limit); "
+        "fitted on validation pages at the limit: None = then_offset")
+    sampled_last_then_offset: float | None = Field(None, description="last_then_offset when "
+                                                   "sampled; None = last_then_offset")
     sampled_temperature: float = Field(1.0, gt=0, description="temperature the sampled offsets "
                                        "were fitted at")
 
-    def offsets(self, temperature: float) -> tuple[float, float]:
-        """(watch, exit) offsets for a decision rule: greedy (temperature 0) or sampled.
+    def offsets(self, temperature: float, last: bool = False) -> tuple[float, float]:
+        """(watch, exit) offsets for a decision rule: greedy (temperature 0) or sampled; ``last``:
+        on a visit's last allowed page.
 
         The rate-matching offset moves continuously from the greedy one at T = 0 to the sampled
         one at ``sampled_temperature``; in between it is interpolated linearly in T (a first-
         order approximation: refit with ``training.calibrate`` for exact rates). Above the
         fitted temperature the sampled offsets are kept, with a warning that rates will drift.
         """
+        greedy = (self.watch_offset, self.then_offset)
+        sampled = (greedy[0] if self.sampled_watch_offset is None else self.sampled_watch_offset,
+                   greedy[1] if self.sampled_then_offset is None else self.sampled_then_offset)
+        if last and self.last_then_offset is not None:
+            greedy = (greedy[0], self.last_then_offset)
+            sampled = (sampled[0], self.last_then_offset if self.sampled_last_then_offset is None
+                       else self.sampled_last_then_offset)
         if temperature <= 0:
-            return self.watch_offset, self.then_offset
-        sampled = (self.watch_offset if self.sampled_watch_offset is None
-                   else self.sampled_watch_offset,
-                   self.then_offset if self.sampled_then_offset is None
-                   else self.sampled_then_offset)
+            return greedy
         if temperature > self.sampled_temperature:
             warnings.warn(f"offsets were calibrated at temperature {self.sampled_temperature:g}"
                           f"; at {temperature:g} watch and exit rates are not calibrated",
                           stacklevel=2)
             return sampled
         w = temperature / self.sampled_temperature
-        return ((1 - w) * self.watch_offset + w * sampled[0],
-                (1 - w) * self.then_offset + w * sampled[1])
+        return ((1 - w) * greedy[0] + w * sampled[0], (1 - w) * greedy[1] + w * sampled[1])
 
     @classmethod
     def of_checkpoint(cls, path: str | Path | None) -> Calibration:
@@ -128,7 +137,8 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
     so next/exit is not asked and the ratings follow "then: next", the step actually taken
     (one forward and ~70 tokens a page fewer; ``then_probs`` and ``exit_score`` stay empty)."""
     cal = calibration or Calibration()
-    rule_offset, then_offset = cal.offsets(temperature)
+    rule_offset, then_open = cal.offsets(temperature)
+    then_last = cal.offsets(temperature, last=True)[1]
     offset = rule_offset if watch_offset is None else watch_offset
     inputs = list(inputs)
     if world_model:
@@ -154,7 +164,9 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
     if exits:
         thens = score_many(scorer, [(_prefix(i), [(ctx, text.then_line(t)) for t in text.THEN])
                                     for i, ctx in zip(inputs, ctxs, strict=True)])
-        exit_scores: list[float | None] = [float(lp[1] - lp[0]) + then_offset for lp in thens]
+        exit_scores: list[float | None] = [float(lp[1] - lp[0]) + (then_last if i.last
+                                                                    else then_open)
+                                           for i, lp in zip(inputs, thens, strict=True)]
         goes = [text.THEN[1] if _yes(e, temperature, rng) else text.THEN[0]
                 for e, rng in zip(exit_scores, rngs, strict=True)]
     else:

@@ -49,6 +49,8 @@ class DecisionInput(BaseModel):
     cues: list[str] = Field(default_factory=list, description="per slot, the item's personal "
                             "numbers restated above its watch/skip line (agents.text.page_cues)")
     seed: int = 0
+    last: bool = Field(False, description="the visit's last allowed page: it ends there "
+                       "whatever next/exit says (next/exit gets its own calibrated offset)")
 
     def cue(self, slot: int) -> str:
         """The line a slot's watch/skip answer follows; an input without cues gets a bare one."""

@@ -72,7 +72,8 @@ class Transition:
                              persona_text=self.persona,
                              page_text=text.page_prompt(self.page, self.max_pages, self.views,
                                                         self.session, evidence=evidence),
-                             cues=text.page_cues(self.views, evidence), seed=seed)
+                             cues=text.page_cues(self.views, evidence), seed=seed,
+                             last=self.at_limit)
 
     def policy_examples(self, predictions: Mapping[int, float] | None = None) -> list[Example]:
         """The human's action as the agent decides it (``agents.decide``): one example per

@@ -68,6 +68,13 @@ def test_offsets_change_decisions(small_world: World, scorer: Scorer) -> None:
     for d, p in zip(leave, plain, strict=True):
         assert d.exit_score == pytest.approx(p.exit_score + 100.0, abs=1e-6)
         assert d.then_probs[1] == pytest.approx(1.0)
+    # On a visit's last allowed page next/exit takes last_then_offset instead, elsewhere not.
+    last = [i.model_copy(update={"last": True}) for i in inputs]
+    cal = Calibration(then_offset=-100.0, last_then_offset=100.0)
+    assert {d.action.then for d in decide(scorer, last, calibration=cal)} == {"exit"}
+    assert {d.action.then for d in decide(scorer, inputs, calibration=cal)} == {"next"}
+    assert {d.action.then for d in decide(scorer, last, calibration=Calibration(
+        then_offset=-100.0))} == {"next"}  # none fitted: then_offset everywhere
     # The policy object applies the calibration it holds.
     policy = LLMPolicy(scorer, temperature=0.0, calibration=Calibration(watch_offset=100.0))
     assert list(policy.decide(inputs[0]).action.watched) == inputs[0].items
@@ -106,6 +113,13 @@ def test_sampled_offsets_match_the_expected_sampled_rate() -> None:
     assert cal.offsets(0.25) == pytest.approx((0.5, 1.0))
     with pytest.warns(UserWarning, match="calibrated at temperature 1"):
         assert cal.offsets(1.5) == (-1.0, -2.0)
+    # The last allowed page has its own exit offsets; the watch offset is the same there.
+    cal.last_then_offset, cal.sampled_last_then_offset = 5.0, 3.0
+    assert cal.offsets(0.0, last=True) == (1.0, 5.0) and cal.offsets(1.0, last=True) == (-1.0, 3.0)
+    assert cal.offsets(0.5, last=True) == pytest.approx((0.0, 4.0))
+    assert cal.offsets(0.0) == (1.0, 2.0)
+    cal.sampled_last_then_offset = None  # none fitted for sampling: the greedy one
+    assert cal.offsets(1.0, last=True) == (-1.0, 5.0)
 
 
 def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer) -> None:
@@ -128,12 +142,19 @@ def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer)
     assert sim_watch == pytest.approx(fitted["fitted_on"]["human_watch_ratio"],
                                       abs=1 / slots + 1e-9)
     # then_offset is fitted on exit scores that follow the calibrated watch choices, as here,
-    # on the pages before the page limit (which ends a visit whatever the agent says).
+    # on the pages before the page limit; last_then_offset on the last allowed pages, where
+    # exit says the session ends there rather than being cut by the limit.
     open_pages = [d for d, t in zip(decisions, trs, strict=True) if t.page < t.max_pages]
+    last_pages = [d for d, t in zip(decisions, trs, strict=True) if t.page == t.max_pages]
     assert 0 < fitted["fitted_on"]["exit_pages"] == len(open_pages) < len(trs)
+    assert fitted["fitted_on"]["last_pages"] == len(last_pages) > 0
     sim_exit = np.mean([d.action.then == "exit" for d in open_pages])
     assert sim_exit == pytest.approx(fitted["fitted_on"]["human_exit_share"],
                                      abs=1 / len(open_pages) + 1e-9)
+    human_last = np.mean([t.then == "exit" for t in trs if t.page == t.max_pages])
+    assert fitted["fitted_on"]["human_last_exit_share"] == pytest.approx(human_last, abs=1e-4)
+    assert np.mean([d.action.then == "exit" for d in last_pages]) == pytest.approx(
+        human_last, abs=1 / len(last_pages) + 1e-9)
     # A sampling agent uses the sampled offsets: its expected watch ratio is the humans'.
     sampled = decide(scorer, [t.decision_input() for t in trs], calibration=cal, temperature=1.0)
     p_watch = [1 / (1 + np.exp(-v)) for d in sampled for v in d.watch_scores.values()]
@@ -142,3 +163,22 @@ def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer)
         for slot, v in d.watch_scores.items():
             assert v - g.watch_scores[slot] == pytest.approx(
                 cal.sampled_watch_offset - cal.watch_offset, abs=1e-5)
+
+
+def test_last_allowed_pages_take_the_last_page_offset(small_world: World, scorer: Scorer) -> None:
+    """Held-out pages, browsing sessions and the graph (tests/test_graph.py) mark a visit's last
+    allowed page, so next/exit there takes ``last_then_offset``."""
+    from agents.browse import browse
+
+    trajs = small_world.trajectories("valid", users=sorted(small_world.histories)[:6],
+                                     progress=False)
+    trs = transitions(trajs, small_world, full_history=True)
+    assert {t.decision_input().last for t in trs} == {True, False}
+    assert all(t.decision_input().last == t.at_limit for t in trs)
+    users = sorted(small_world.histories)[:3]
+    items = [i for i in small_world.perceiver.items if i not in small_world.histories[users[0]]]
+    sessions = [(u, pages_of(items[4 * k: 4 * k + 12])) for k, u in enumerate(users)]
+    cal = Calibration(then_offset=-100.0, last_then_offset=100.0)
+    runs = browse(scorer, small_world.perceiver, small_world.personas, small_world.histories,
+                  sessions, world_model=False, calibration=cal)
+    assert [[d.action.then for d in run] for run in runs] == [["next", "next", "exit"]] * 3

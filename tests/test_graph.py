@@ -414,3 +414,20 @@ def test_cli_simulate_then_trace(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["trace", str(tmp_path / "missing")]) == 2
     assert main(["trace", str(run), "nobody:1"]) == 2
     assert main(["trace", str(run), "--step", "10000"]) == 2
+
+
+def test_the_last_allowed_page_is_marked_for_the_policy(world: World, users: list[int]) -> None:
+    """The decide node tells the policy which page is the visit's last allowed one: next/exit
+    there gets its own calibrated offset (``agents.decide.Calibration.last_then_offset``)."""
+    seen: list[tuple[int, bool]] = []
+
+    class Recording(FixedPolicy):
+        def decide(self, inp):  # noqa: ANN001, ANN202
+            seen.append((inp.page, inp.last))
+            return super().decide(inp)
+
+    policy = Recording(RandomPolicy(seed=1, p_exit=0.0), "random")
+    _, _, final = _stream(build_graph("none", "off"), _runtime(world, policy, max_pages=3),
+                          users[0])
+    assert len(final["pages"]) == 3
+    assert seen == [(1, False), (2, False), (3, True)]

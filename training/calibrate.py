@@ -1,8 +1,9 @@
 """Fit a checkpoint's log-odds offsets on validation, so the agent browses at the humans' rates.
 
 The class-balanced loss leaves watch/skip log-odds centred near even odds; one offset per
-decision restores the base rates seen on held-out validation pages (watch ratio, exit share),
-and one more tunes watch/skip on validation 1:1 lists as the baselines' thresholds are.
+decision restores the base rates seen on held-out validation pages (watch ratio, exit share
+before the page limit, exit share on the last allowed page), and one more tunes watch/skip on
+validation 1:1 lists as the baselines' thresholds are.
 
 ``python -m training.calibrate PREPARED CHECKPOINT`` refits the offsets of an adapter that is
 already trained (one trained before calibration existed, or before the decision step changed)
@@ -54,9 +55,10 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
     watch = np.asarray([d.watch_scores[s] for d in decisions for s in d.watch_scores])
     human_watch = np.asarray([int(s in t.ratings) for t in valid_trs
                               for s in range(1, len(t.items) + 1)])
-    # next/exit changes what happens only before the page limit, which ends a visit anyway.
-    open_pages = np.asarray([not t.at_limit for t in valid_trs])
-    human_exit = np.asarray([t.then == "exit" for t in valid_trs], dtype=float)[open_pages]
+    # Before the page limit next/exit says whether the visit goes on; on the last allowed page
+    # only whether the session ends there or would go on: each gets its own offset.
+    last = np.asarray([t.at_limit for t in valid_trs], dtype=bool)
+    human_exit = np.asarray([t.then == "exit" for t in valid_trs], dtype=float)
     rate, temp = float(human_watch.mean()), DEFAULT_TEMPERATURE
     # Greedy replays take a slot when its score is positive; a browsing agent samples, so its
     # offset makes the mean probability the humans' ratio instead.
@@ -66,14 +68,20 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
     # next/exit is scored after the chosen slots, so fit its offset on the calibrated choices.
     decisions = _decide(scorer, inputs, "calibrate exit", world_model=world_model,
                         calibration=cal)
-    exits = np.asarray([d.exit_score for d in decisions])[open_pages]
-    exit_rate = float(human_exit.mean()) if len(human_exit) else 0.0
-    cal.then_offset = rate_offset(exits, exit_rate)
+    exits = np.asarray([d.exit_score for d in decisions], dtype=float)
+    exit_rate = float(human_exit[~last].mean()) if (~last).any() else 0.0
+    cal.then_offset = rate_offset(exits[~last], exit_rate)
     # Read after the greedy choices: the sampled exit offset is fitted on the same scores.
-    cal.sampled_then_offset = sampled_rate_offset(exits, exit_rate, temp)
+    cal.sampled_then_offset = sampled_rate_offset(exits[~last], exit_rate, temp)
+    last_rate = float(human_exit[last].mean()) if last.any() else None
+    if last_rate is not None:
+        cal.last_then_offset = rate_offset(exits[last], last_rate)
+        cal.sampled_last_then_offset = sampled_rate_offset(exits[last], last_rate, temp)
     report = {"pages": len(valid_trs), "human_watch_ratio": round(float(human_watch.mean()), 4),
               "human_exit_share": round(exit_rate, 4),
-              "exit_pages": int(open_pages.sum()),
+              "exit_pages": int((~last).sum()),
+              "last_pages": int(last.sum()),
+              "human_last_exit_share": None if last_rate is None else round(last_rate, 4),
               "world_model": world_model,
               "pages_digest": digest([[t.user, t.page, list(t.items)] for t in valid_trs])}
     if valid_lists and perceiver is not None and personas and histories is not None:
