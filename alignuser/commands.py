@@ -261,7 +261,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             outputs = all_outputs(bundle, methods, ckpts, run.model, run.device, log,
                                   needs=needs(sections), done=done, commit=parts.save_outputs,
                                   partial=parts.partial_outputs(),
-                                  commit_part=parts.save_partial, simulator=cfg.simulator)
+                                  commit_part=parts.save_partial, simulator=cfg.simulator,
+                                  temperature=cfg.temperature, seed=cfg.seed)
             for m in given:
                 parts.save_outputs(m, given[m])
             setup = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} "

@@ -26,6 +26,7 @@ from agents import prompts, text
 from agents.browse import browse, list_scores, pages_of
 from agents.decide import Calibration, decide_chunked, rating_expectations
 from agents.perception import Perceiver
+from agents.policy import DEFAULT_TEMPERATURE
 from agents.transition import Transition
 from simulator.env import PageAction
 from simulator.sessions import PageRecord, SessionRecord
@@ -69,10 +70,12 @@ class EvalBundle:
 def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundle,
                    full: bool = False, needs: Collection[str] = OUTPUT_KINDS,
                    progress: bool = False, kept: Mapping[str, Any] | None = None,
-                   commit: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                   commit: Callable[[dict[str, Any]], None] | None = None,
+                   temperature: float = DEFAULT_TEMPERATURE, seed: int = 0) -> dict[str, Any]:
     """Lists' watch scores, held-out page actions and ratings; for the simulating agent
     (``full``) also the simulated sessions and, when it has a world model, its next states;
-    only the kinds in ``needs``.
+    only the kinds in ``needs``. Lists and page replays are greedy; sessions browse as
+    ``simulate`` does, sampling at ``temperature`` (seeded by ``seed``, user and page).
 
     Each list ratio and each other kind is handed to ``commit`` (the answers so far) as soon as
     it is done, and what ``kept`` (such answers from an interrupted run) already holds is not
@@ -128,7 +131,8 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
         for rec, sessions in bundle.sessions.items():
             runs = browse(scorer, bundle.perceiver, bundle.personas, bundle.histories, sessions,
                           world_model=spec.world_model, evidence=spec.evidence,
-                          calibration=cal, exits=True, progress=bar.update)
+                          calibration=cal, exits=True, temperature=temperature, seed=seed,
+                          progress=bar.update)
             out["sessions"][rec] = [session_record(u, rec, run)
                                     for (u, _), run in zip(sessions, runs, strict=True)]
     bar.close()
@@ -167,7 +171,8 @@ def all_outputs(bundle: EvalBundle, methods: Sequence[str], adapters: Mapping[st
                 commit: Callable[[str, dict[str, Any]], None] | None = None,
                 partial: Mapping[str, Mapping[str, Any]] | None = None,
                 commit_part: Callable[[str, dict[str, Any]], None] | None = None,
-                simulator: str = "full") -> dict[str, Any]:
+                simulator: str = "full", temperature: float = DEFAULT_TEMPERATURE,
+                seed: int = 0) -> dict[str, Any]:
     """Every method's outputs; one model load per set of weights. Methods in ``done`` (from
     an interrupted run) are kept as they are, and the parts in ``partial`` of a method that was
     cut short; each method computed is handed to ``commit`` as soon as it is finished, and each
@@ -194,7 +199,8 @@ def all_outputs(bundle: EvalBundle, methods: Sequence[str], adapters: Mapping[st
         log(f"{spec.label}: scoring" + (" (its finished parts kept)" if kept else ""))
         out[name] = method_outputs(
             spec, scorer, cal, bundle, full=name == simulator, needs=needs, progress=True,
-            kept=kept, commit=None if commit_part is None else functools.partial(commit_part, name))
+            kept=kept, commit=None if commit_part is None else functools.partial(commit_part, name),
+            temperature=temperature, seed=seed)
         scorer.clear()
         if commit is not None:
             commit(name, out[name])
@@ -210,13 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapter", action="append", default=[], help="NAME=DIR (sft, wm_policy, "
                     "full)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                    help="sampling temperature of the simulated sessions (evaluate's)")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the sampled sessions (evaluate's)")
     args = ap.parse_args(argv)
     from simulator.runs import read_pickle
 
     adapters = dict(a.split("=", 1) for a in args.adapter)
     bundle = read_pickle(args.bundle)
     methods = [m for m in args.methods.split(",") if m]
-    out = all_outputs(bundle, methods, adapters, device=args.device)
+    out = all_outputs(bundle, methods, adapters, device=args.device,
+                      temperature=args.temperature, seed=args.seed)
     Path(args.output).write_bytes(pickle.dumps(out))
     return 0
 

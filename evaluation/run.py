@@ -17,6 +17,7 @@ import pandas as pd
 from pydantic import BaseModel, Field, field_validator
 
 from agents.browse import pages_of
+from agents.policy import DEFAULT_TEMPERATURE
 from agents.world import World
 from evaluation.metrics import explain_scores
 from evaluation.outputs import METHODS, EvalBundle
@@ -56,6 +57,10 @@ class EvalConfig(BaseModel):
     ab_results: str | None = Field(None, description="CSV experiment,variant,value to rank "
                                    "recommenders against instead of held-out interactions")
     seed: int = Field(0, ge=0, description="seeds user samples, lists and simulations")
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, allow_inf_nan=False,
+                               description="sampling temperature of the simulated sessions, as "
+                               "`simulate` browses (seeded by --seed; 0 = greedy); 1:m lists and "
+                               "held-out page replays are always greedy")
 
     _recommenders = field_validator("recommenders")(check_recommenders)
 

@@ -168,7 +168,8 @@ def sessions(ctx: Context) -> Result:
     out: dict[str, Any] = {
         "distributions": {"rows": cmp["rows"] + macro.rates(human, sim_knn),
                           "note": "held-out human visits (exposure-mixture pages) vs the "
-                                  "agent's sessions on ItemKNN's static pages"},
+                                  "agent's sessions on ItemKNN's static pages, sampled at "
+                                  f"temperature {cfg.temperature:g} as simulate browses"},
         "discriminator": cmp["discriminator"],
         "sessions_by_recommender": {"rows": macro.by_recommender(by_rec)}}
     plots = {"distributions": plot_distributions(cmp["human"], cmp["sim"]),

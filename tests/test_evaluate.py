@@ -175,6 +175,29 @@ def test_method_outputs_of_a_tiny_model(bundle: EvalBundle) -> None:
     assert out["tokens"] == scorer.stats.tokens > 0 and out["seconds"] >= 0
 
 
+def test_sessions_browse_as_simulate_does(bundle: EvalBundle) -> None:
+    """Simulated sessions sample at the simulator's temperature, seeded: the same seed gives
+    the same sessions, another seed or greedy browsing other ones; lists and page replays are
+    greedy whatever the temperature."""
+    from agents.policy import DEFAULT_TEMPERATURE
+    from evaluation.run import EvalConfig
+
+    assert EvalConfig().temperature == DEFAULT_TEMPERATURE > 0
+    cut = _cut(bundle)
+    cut.lists = {1: cut.lists[1]}
+    scorer = Scorer(tiny_lm(), cache_size=256)
+
+    def run(**kw: float) -> dict:
+        return method_outputs(METHODS["full"], scorer, Calibration(), cut, full=True,
+                              needs=("lists", "pages", "sessions"), **kw)
+
+    sampled, again, other, greedy = run(seed=0), run(seed=0), run(seed=1), run(temperature=0.0)
+    assert sampled["sessions"] == again["sessions"]
+    assert sampled["sessions"] != other["sessions"] and sampled["sessions"] != greedy["sessions"]
+    for out in (other, greedy):
+        assert out["lists"] == sampled["lists"] and out["pages"] == sampled["pages"]
+
+
 def test_all_outputs_loads_each_weight_set_once(bundle: EvalBundle, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """``all_outputs`` loads the weights from disk and gives what ``method_outputs`` gives on
