@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="sampling temperature of the simulated sessions (evaluate's)")
     ap.add_argument("--seed", type=int, default=0, help="seeds the sampled sessions (evaluate's)")
     args = ap.parse_args(argv)
+    if not 0 <= args.temperature < float("inf"):
+        ap.error(f"--temperature {args.temperature}: a finite number >= 0")
     from simulator.runs import read_pickle
 
     adapters = dict(a.split("=", 1) for a in args.adapter)

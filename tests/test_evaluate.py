@@ -390,3 +390,14 @@ def test_a_distribution_one_side_lacks_is_reported_not_dropped() -> None:
     assert set(rows) == {"pages per session", "watches per page", "ratings", "exit page"}
     assert rows["exit page"]["n_sim"] == 0 and "not compared" in rows["exit page"]["note"]
     assert rows["pages per session"]["w1"] == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf"])
+def test_outputs_cli_refuses_a_bad_temperature(bad: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from evaluation.outputs import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "bundle.pkl"), str(tmp_path / "out.pkl"), "--temperature", bad])
+    assert exit_.value.code == 2 and "--temperature" in capsys.readouterr().err
+    assert not (tmp_path / "out.pkl").exists()
