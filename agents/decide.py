@@ -60,29 +60,40 @@ class Calibration(BaseModel):
 
     def offsets(self, temperature: float, last: bool = False) -> tuple[float, float]:
         """(watch, exit) offsets for a decision rule: greedy (temperature 0) or sampled; ``last``:
-        on a visit's last allowed page.
+        on a visit's last allowed page."""
+        watch, then_open, then_last = self.rule(temperature)
+        return watch, then_last if last else then_open
+
+    def rule(self, temperature: float) -> tuple[float, float, float]:
+        """(watch, exit on an open page, exit on a visit's last allowed page) offsets at
+        ``temperature``: a page's every decision in one call, so one warning at most.
 
         The rate-matching offset moves continuously from the greedy one at T = 0 to the sampled
         one at ``sampled_temperature``; in between it is interpolated linearly in T (a first-
         order approximation: refit with ``training.calibrate`` for exact rates). Above the
         fitted temperature the sampled offsets are kept, with a warning that rates will drift.
         """
-        greedy = (self.watch_offset, self.then_offset)
-        sampled = (greedy[0] if self.sampled_watch_offset is None else self.sampled_watch_offset,
-                   greedy[1] if self.sampled_then_offset is None else self.sampled_then_offset)
-        if last and self.last_then_offset is not None:
-            greedy = (greedy[0], self.last_then_offset)
-            sampled = (sampled[0], self.last_then_offset if self.sampled_last_then_offset is None
-                       else self.sampled_last_then_offset)
+        sampled_then = (self.then_offset if self.sampled_then_offset is None
+                        else self.sampled_then_offset)
+        greedy = (self.watch_offset, self.then_offset, self.then_offset)
+        sampled = (
+            self.watch_offset if self.sampled_watch_offset is None else self.sampled_watch_offset,
+            sampled_then, sampled_then)
+        if self.last_then_offset is not None:
+            greedy = (*greedy[:2], self.last_then_offset)
+            sampled = (*sampled[:2], self.last_then_offset if self.sampled_last_then_offset
+                       is None else self.sampled_last_then_offset)
         if temperature <= 0:
             return greedy
         if temperature > self.sampled_temperature:
             warnings.warn(f"offsets were calibrated at temperature {self.sampled_temperature:g}"
                           f"; at {temperature:g} watch and exit rates are not calibrated",
-                          stacklevel=2)
+                          stacklevel=3)
             return sampled
         w = temperature / self.sampled_temperature
-        return ((1 - w) * greedy[0] + w * sampled[0], (1 - w) * greedy[1] + w * sampled[1])
+        g0, g1, g2 = greedy
+        s0, s1, s2 = sampled
+        return (1 - w) * g0 + w * s0, (1 - w) * g1 + w * s1, (1 - w) * g2 + w * s2
 
     @classmethod
     def of_checkpoint(cls, path: str | Path | None) -> Calibration:
@@ -137,8 +148,7 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
     so next/exit is not asked and the ratings follow "then: next", the step actually taken
     (one forward and ~70 tokens a page fewer; ``then_probs`` and ``exit_score`` stay empty)."""
     cal = calibration or Calibration()
-    rule_offset, then_open = cal.offsets(temperature)
-    then_last = cal.offsets(temperature, last=True)[1]
+    rule_offset, then_open, then_last = cal.rule(temperature)
     offset = rule_offset if watch_offset is None else watch_offset
     inputs = list(inputs)
     if world_model:

@@ -59,10 +59,11 @@ def _decode(scorer: Scorer, entries: Sequence[Prefix], max_new_tokens: int, eos:
 
 
 def greedy_many(scorer: Scorer, prompts: Sequence[str], max_new_tokens: int, rows: int,
-                stop: str | None = None) -> list[str]:
+                stop: str | None = None, fresh: bool = False) -> list[str]:
     """Greedy continuation of every prompt, ``rows`` prompts (longest first) per batch, each
     cut before ``stop`` when it appears; the same text as decoding each prompt alone, up to
-    the summation order of a batched forward."""
+    the summation order of a batched forward. ``fresh``: no cached KV is reused
+    (``Scorer.generate_many``)."""
     tok = scorer.lm.tokenizer
     ids = {p: encode(tok, [p]) for p in prompts}
     if not all(ids.values()):
@@ -75,7 +76,7 @@ def greedy_many(scorer: Scorer, prompts: Sequence[str], max_new_tokens: int, row
     for start in range(0, len(order), rows):
         chunk = order[start:start + rows]
         scorer.stats.calls += len(chunk)
-        entries = scorer.prefixes({p: ids[p] for p in chunk}, keep=False)
+        entries = scorer.prefixes({p: ids[p] for p in chunk}, keep=False, reuse=not fresh)
         for p, new in zip(chunk, _decode(scorer, [entries[p] for p in chunk],
                                          max_new_tokens, eos, until), strict=True):
             text = tok.decode(new, skip_special_tokens=True)

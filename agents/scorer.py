@@ -83,11 +83,13 @@ class Scorer:
                               use_cache=True, **kwargs)
         return self._logprobs(hidden[:, -1]).argmax(-1)
 
-    def prefixes(self, encoded: dict[str, list[int]], keep: bool = True) -> dict[str, Prefix]:
+    def prefixes(self, encoded: dict[str, list[int]], keep: bool = True,
+                 reuse: bool = True) -> dict[str, Prefix]:
         """The cached KV of each text (given with its token ids), computed in batches; with
         ``keep=False`` new ones are not cached (one-off prompts, e.g. a generation's, would
-        evict the personas later pages reuse)."""
-        return self._prefixes_batched(encoded, keep)
+        evict the personas later pages reuse); with ``reuse=False`` nothing cached is used, so
+        the KV depends on these texts alone, not on what this scorer computed before."""
+        return self._prefixes_batched(encoded, keep, reuse)
 
     def _prefix(self, text: str) -> Prefix:
         ids = encode(self.lm.tokenizer, [text])
@@ -139,18 +141,19 @@ class Scorer:
             start += n
         return out
 
-    def _prefixes_batched(self, prefixes: dict[str, list[int]],
-                          keep: bool = True) -> dict[str, Prefix]:
+    def _prefixes_batched(self, prefixes: dict[str, list[int]], keep: bool = True,
+                          reuse: bool = True) -> dict[str, Prefix]:
         """Right-padded batched prefix forwards; each prefix's KV is kept unpadded. A prefix
         that shares its leading tokens with a cached one (the persona, from this user's
-        previous page) starts from that entry's KV, so only its new tokens are computed."""
-        found = {t: self._cache[t] for t in prefixes if t in self._cache}
+        previous page) starts from that entry's KV, so only its new tokens are computed
+        (unless not ``reuse``)."""
+        found = {t: self._cache[t] for t in prefixes if reuse and t in self._cache}
         self.stats.prefix_hits += len(found)
         todo = [t for t in prefixes if t not in found]
         groups: dict[tuple[int, int], list[str]] = {}
         bases: dict[int, Prefix] = {}
         index: dict[tuple[int, ...], list[Prefix]] = {}
-        for entry in self._cache.values():
+        for entry in self._cache.values() if reuse else ():
             index.setdefault(entry.ids[:_KEY], []).append(entry)
         for t in todo:
             base, start = None, 0
@@ -326,11 +329,16 @@ class Scorer:
         return scores
 
     def generate_many(self, prompts: Sequence[str], max_new_tokens: int = 64,
-                      batch: int | None = None) -> list[str]:
+                      batch: int | None = None, fresh: bool = True) -> list[str]:
         """Greedy decoding of many prompts (free-text parts, e.g. the world model's next page),
         ``batch`` prompts of any lengths per batch (default: the scorer's row limit); each
-        output stops at EOS or the token budget (``agents.generation``)."""
-        return greedy_many(self, prompts, max_new_tokens, batch or self.max_rows)
+        output stops at EOS or the token budget (``agents.generation``).
+
+        ``fresh`` computes every prompt from scratch, so the texts depend on the prompts alone:
+        in bf16 a prompt extended from a cached persona sums in another order than the same
+        prompt computed whole, and one greedy near-tie read the other way changes the rest of
+        the text (7 of 16 next pages changed with a warm cache; two cold runs agree)."""
+        return greedy_many(self, prompts, max_new_tokens, batch or self.max_rows, fresh=fresh)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: str | None = None) -> str:
         """Greedy decoding for free-text parts; stops at EOS, at ``stop`` (excluded) or at

@@ -7,6 +7,7 @@ Worlds are the 40-user ml-100k ``small_world`` (conftest); models are tiny rando
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,12 @@ def test_offsets_change_decisions(small_world: World, scorer: Scorer) -> None:
     assert {d.action.then for d in decide(scorer, inputs, calibration=cal)} == {"next"}
     assert {d.action.then for d in decide(scorer, last, calibration=Calibration(
         then_offset=-100.0))} == {"next"}  # none fitted: then_offset everywhere
+    # Above the fitted temperature a page's decisions say so once, not once per offset.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decide(scorer, last[:1], calibration=cal, temperature=2.0)
+    assert [str(w.message) for w in caught if "calibrated at" in str(w.message)] == [
+        "offsets were calibrated at temperature 1; at 2 watch and exit rates are not calibrated"]
     # The policy object applies the calibration it holds.
     policy = LLMPolicy(scorer, temperature=0.0, calibration=Calibration(watch_offset=100.0))
     assert list(policy.decide(inputs[0]).action.watched) == inputs[0].items

@@ -243,6 +243,32 @@ def test_generate_many_equals_generate(lm: LM) -> None:
     assert not scorer._cache and scorer._cached_bytes == 0
 
 
+def test_generate_many_ignores_the_warm_cache(lm: LM) -> None:
+    """Next pages must not depend on what the scorer computed before: in bf16 a prompt
+    extended from a cached persona sums in another order, and one near-tie flips a text."""
+    persona = "You are user 7, a 30-year-old engineer who likes science fiction films. " * 3
+    prompts = [persona + "Page 1: Alien (1979). Next page:", persona + "Page 2: Heat. Next:"]
+    cold = Scorer(lm)
+    want = cold.generate_many(prompts, max_new_tokens=6)
+    cold_kv = Scorer(lm).prefixes({p: encode(lm.tokenizer, [p]) for p in prompts}, keep=False)
+    warm = Scorer(lm)
+    warm.prefixes({persona: encode(lm.tokenizer, [persona])})
+    before = (warm.stats.reused_tokens, warm.stats.prefix_hits, warm.stats.tokens)
+    assert warm.generate_many(prompts, max_new_tokens=6) == want
+    # the same work as the cold scorer's (whose two prompts share their start within the call)
+    assert (warm.stats.reused_tokens - before[0], warm.stats.prefix_hits - before[1],
+            warm.stats.tokens - before[2]) == (cold.stats.reused_tokens, 0, cold.stats.tokens)
+    got = warm.prefixes({p: encode(lm.tokenizer, [p]) for p in prompts}, keep=False,
+                        reuse=False)
+    for p in prompts:  # bit for bit what a cold scorer computes
+        for (k, v), (k0, v0) in zip(got[p].kv, cold_kv[p].kv, strict=True):
+            assert torch.equal(k, k0) and torch.equal(v, v0)
+    # by default the persona's KV is extended, as pages are
+    reused = warm.stats.reused_tokens
+    warm.prefixes({prompts[0]: encode(lm.tokenizer, [prompts[0]])}, keep=False)
+    assert warm.stats.reused_tokens > reused
+
+
 def test_generate_many_stops_each_row_at_its_eos() -> None:
     lm = tiny_lm()
     scorer = Scorer(lm)
