@@ -217,20 +217,26 @@ def decide_chunked(scorer, inputs: Sequence[DecisionInput], *, chunk: int = 100,
 
 
 def rating_expectations(scorer, inputs: Sequence[DecisionInput],
-                        actions: Sequence[PageAction]) -> list[dict[int, float]]:
+                        actions: Sequence[PageAction], chunk: int = 100
+                        ) -> list[dict[int, float]]:
     """Expected rating of each watched slot once the given choices and next/exit are in the
-    context (held-out pages: the human's action)."""
-    reqs, slots_of = [], []
-    for inp, act in zip(inputs, actions, strict=True):
-        slots = [inp.items.index(i) + 1 for i in act.watched]
-        ctx = (prompts.policy_tail(text.render_predictions(inp.predictions))
-               + text.render_choices(len(inp.items), slots) + text.then_line(act.then))
-        reqs += _rating_requests(_prefix(inp), ctx, slots)
-        slots_of.append(slots)
-    scored = iter(score_many(scorer, reqs))
-    out = []
-    for slots in slots_of:
-        lp = next(scored) if slots else []
-        out.append({s: expected_value(lp[5 * k:5 * k + 5], range(1, 6))
-                    for k, s in enumerate(slots)})
+    context (held-out pages: the human's action); ``chunk`` pages per scorer call, as
+    ``decide_chunked`` does (600 pages in one call held every page's prompt, ~9 GB)."""
+    if len(inputs) != len(actions):
+        raise ValueError(f"{len(inputs)} pages but {len(actions)} actions")
+    out: list[dict[int, float]] = []
+    for start in range(0, len(inputs), chunk):
+        reqs, slots_of = [], []
+        for inp, act in zip(inputs[start:start + chunk], actions[start:start + chunk],
+                            strict=True):
+            slots = [inp.items.index(i) + 1 for i in act.watched]
+            ctx = (prompts.policy_tail(text.render_predictions(inp.predictions))
+                   + text.render_choices(len(inp.items), slots) + text.then_line(act.then))
+            reqs += _rating_requests(_prefix(inp), ctx, slots)
+            slots_of.append(slots)
+        scored = iter(score_many(scorer, reqs))
+        for slots in slots_of:
+            lp = next(scored) if slots else []
+            out.append({s: expected_value(lp[5 * k:5 * k + 5], range(1, 6))
+                        for k, s in enumerate(slots)})
     return out

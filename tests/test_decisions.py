@@ -77,6 +77,28 @@ def test_decide_on_a_batch_equals_decide_alone(small_world: World) -> None:
                 assert d.rating_probs[s] == pytest.approx(probs, abs=1e-3)
 
 
+def test_rating_expectations_in_chunks_equal_one_call(small_world: World) -> None:
+    """Held-out pages' expected ratings go ``chunk`` pages per scorer call (one call held
+    every page's prompt at once); the chunks must not change an answer."""
+    from agents.decide import rating_expectations
+    from simulator.env import PageAction
+
+    lm = tiny_lm(seed=6)
+    inputs = page_inputs(small_world, n=3, pages=2)
+    actions = [PageAction(watched={i.items[0]: 4, i.items[k % 4]: 2} if k % 3 else {},
+                          then="exit" if k % 2 else "next") for k, i in enumerate(inputs)]
+    whole = rating_expectations(Scorer(lm), inputs, actions, chunk=len(inputs))
+    parts = rating_expectations(Scorer(lm), inputs, actions, chunk=2)
+    assert [sorted(r) for r in whole] == [sorted(inputs[k].items.index(i) + 1 for i in a.watched)
+                                          for k, a in enumerate(actions)]
+    assert any(whole) and not all(whole)
+    for a, b in zip(whole, parts, strict=True):
+        assert a == pytest.approx(b, abs=1e-3)
+    assert all(1 <= v <= 5 for r in whole for v in r.values())
+    with pytest.raises(ValueError, match="6 pages but 5 actions"):
+        rating_expectations(Scorer(lm), inputs, actions[:5])
+
+
 def test_decide_scores_next_exit_and_ratings_as_the_full_texts_do(small_world: World) -> None:
     """Ratings are scored over a prefix that extends the page by the choices and next/exit; the
     probabilities must be those of the plain texts, scored with no cache at all."""
