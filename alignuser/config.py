@@ -62,7 +62,8 @@ class SimulateConfig(AgentSettings):
         "auto", description="where the language model runs: auto (CUDA when present), cpu, cuda")
     concurrency: int | None = Field(
         None, ge=1, description="agents in flight; LLM agents' scorer calls are batched across "
-        "them (default: 8 for LLM policies, 1 otherwise)")
+        "them (default: 8 for LLM policies, 1 otherwise). Which agents share a batch depends on "
+        "thread timing, and in bf16 that moves scores by round-off: 1 repeats a run exactly")
     backend: Literal["local", "ray"] = Field(
         "local", description="where agents run: local (this process) or ray (shards of agents on "
         "--concurrency Ray actors, by default one per CPU of the cluster, each with its own copy "
