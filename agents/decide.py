@@ -91,9 +91,8 @@ class Calibration(BaseModel):
                           stacklevel=3)
             return sampled
         w = temperature / self.sampled_temperature
-        g0, g1, g2 = greedy
-        s0, s1, s2 = sampled
-        return (1 - w) * g0 + w * s0, (1 - w) * g1 + w * s1, (1 - w) * g2 + w * s2
+        g0, g1, g2 = ((1 - w) * g + w * s for g, s in zip(greedy, sampled, strict=True))
+        return g0, g1, g2
 
     @classmethod
     def of_checkpoint(cls, path: str | Path | None) -> Calibration:

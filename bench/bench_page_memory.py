@@ -1,7 +1,7 @@
 """Resident memory of evaluation's held-out page answers, phase by phase: the agent's decisions
 (``decide_chunked``, 100 pages a call) and the expected ratings of the items the humans watched
 (``rating_expectations``) in 100-page calls, then in one call over every page (as before it
-was chunked). Per phase: resident memory at its start, its peak (sampled every 50 ms) and
+was chunked). Per phase: resident memory at its start, its peak (sampled every 20 ms) and
 seconds; and what the prefix cache holds at the end against its byte budget.
 
     python bench/bench_page_memory.py [--users 200] [--pages 600] [--adapter DIR]
@@ -10,13 +10,12 @@ seconds; and what the prefix cache holds at the end against its byte budget.
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import psutil
-from bench_population import table
+from bench_population import peak_rss, table
 from rich.console import Console
 
 from agents.decide import Calibration, decide_chunked, rating_expectations
@@ -25,23 +24,6 @@ from agents.scorer import Scorer
 from agents.world import load_world
 from evaluation.sections import held_out, pick
 from simulator.env import PageAction
-
-
-class Peak:
-    """The process's highest resident memory since ``reset``, sampled in a thread."""
-
-    def __init__(self) -> None:
-        self.proc, self.value = psutil.Process(), 0
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            self.value = max(self.value, self.proc.memory_info().rss)
-            time.sleep(0.05)
-
-    def reset(self) -> int:
-        self.value = self.proc.memory_info().rss
-        return self.value
 
 
 def main() -> None:
@@ -59,12 +41,13 @@ def main() -> None:
         ap.error("no held-out page: --users and --pages must be at least 1")
     scorer = Scorer(load_lm(adapter=args.adapter, device="cpu"), cache_size=2048)
     cal = Calibration.of_checkpoint(args.adapter)
-    peak, rows = Peak(), []
+    proc, rows = psutil.Process(), []
 
     def phase(name: str, run: Callable[[], Any]) -> Any:
-        start, t0 = peak.reset(), time.perf_counter()
-        out = run()
-        rows.append([name, f"{start / 1e9:.2f}", f"{peak.value / 1e9:.2f}",
+        start, t0 = proc.memory_info().rss, time.perf_counter()
+        with peak_rss() as peak_mib:
+            out = run()
+        rows.append([name, f"{start / 1e9:.2f}", f"{peak_mib[0] * 2**20 / 1e9:.2f}",
                      f"{time.perf_counter() - t0:.0f}", f"{scorer._cached_bytes / 1e9:.2f}"])
         return out
 
