@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--warm-tokens", type=int, default=300,
                     help="leading tokens of each prompt cached before the warm-cache rows")
     args = ap.parse_args()
+    if args.warm_tokens < 1:
+        ap.error(f"--warm-tokens {args.warm_tokens}: at least 1")
     world = load_world()
     users = [u for u, _, _ in world.lists("test", 1, None, 0)][:args.users]
     _, trs = held_out(world, users)
