@@ -8,6 +8,9 @@ instead of N small ones. Torch releases the GIL inside forwards, and the agents'
 
 Results do not depend on batching beyond float round-off of the padded forwards (see
 ``tests/test_engine.py``); every sampled choice draws from its own (seed, user, page) generator.
+By default a batch waits for every running agent and runs its requests in a fixed order, so
+which requests share a padded forward, and with it every bf16 score, is the same run to run
+whatever the threads' timing.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 Request = tuple[str, Sequence[tuple[str, str]]]
+
+
+def _key(request: Request) -> tuple[str, tuple[tuple[str, str], ...]]:
+    prefix, options = request
+    return prefix, tuple(tuple(o) for o in options)
 
 
 @dataclass
@@ -43,14 +51,19 @@ class BatchStats:
 class BatchingScorer:
     """Thread-safe front of a ``Scorer`` that merges concurrent callers' requests.
 
-    A batch is flushed as soon as every registered participant (``participant()``, one per
-    running agent) is waiting, when ``max_requests`` are queued, or ``max_wait`` seconds after
-    the first waiter arrived (an agent busy elsewhere is not waited for longer). With no
-    participants registered every call is flushed at once: a plain scorer behind a lock.
+    A batch is flushed once every registered participant (``participant()``, one per running
+    agent) is waiting; its requests run sorted by their text, ``max_requests`` per scorer call.
+    Each agent then has exactly one request in every batch it is part of, so batches are
+    the same in every run of the same population, and so are the scores: in bf16 a padded
+    forward sums in another order than the same row in another batch, and a near-tie read
+    the other way changes a trajectory. ``max_wait`` (seconds after the first waiter) also
+    flushes without an agent busy elsewhere, which trades that repeatability for less
+    waiting. With no participants registered every call is flushed at once: a plain scorer
+    behind a lock.
     """
 
     inner: Any  # agents.scorer.Scorer
-    max_wait: float = 0.05
+    max_wait: float | None = None
     max_requests: int = 256
     batches: BatchStats = field(default_factory=BatchStats)
 
@@ -124,7 +137,9 @@ class BatchingScorer:
         assert ticket.result is not None
         return ticket.result
 
-    def _wait_left(self) -> float:
+    def _wait_left(self) -> float | None:
+        if self.max_wait is None:
+            return None
         if self._since is None:
             return self.max_wait
         return max(1e-4, self._since + self.max_wait - time.monotonic())
@@ -133,10 +148,11 @@ class BatchingScorer:
         """The batch to run now, if the flush rule says so (called with the lock held)."""
         if self._busy or not self._pending:
             return None
-        queued = sum(len(t.requests) for t in self._pending)
         everyone = len(self._pending) >= max(self._active, 1)
-        late = self._since is not None and time.monotonic() - self._since >= self.max_wait
-        if not (everyone or late or queued >= self.max_requests):
+        late = (self.max_wait is not None and self._since is not None
+                and (time.monotonic() - self._since >= self.max_wait
+                     or sum(len(t.requests) for t in self._pending) >= self.max_requests))
+        if not (everyone or late):
             return None
         self.batches.timeouts += int(late and not everyone)
         batch, self._pending, self._since = self._pending, [], None
@@ -146,8 +162,15 @@ class BatchingScorer:
         flat = [r for t in batch for r in t.requests]
         self.batches.flushes += 1
         self.batches.requests += len(flat)
+        # Arrival order follows thread timing; the text order does not.
+        order = sorted(range(len(flat)), key=lambda i: _key(flat[i]))
+        scores: list[list[float]] = [[] for _ in flat]
         try:
-            scores = self.inner.score_many(flat)
+            for start in range(0, len(order), self.max_requests):
+                chunk = order[start:start + self.max_requests]
+                for i, s in zip(chunk, self.inner.score_many([flat[i] for i in chunk]),
+                                strict=True):
+                    scores[i] = s
         except BaseException as exc:  # every caller of the batch sees the failure
             for t in batch:
                 t.error, t.done = exc, True

@@ -86,7 +86,7 @@ class Scorer:
     def prefixes(self, encoded: dict[str, list[int]], keep: bool = True,
                  reuse: bool = True) -> dict[str, Prefix]:
         """The cached KV of each text (given with its token ids), computed in batches; with
-        ``keep=False`` new ones are not cached (one-off prompts, e.g. a generation's, would
+        ``keep=False`` the cache is not touched (one-off prompts, e.g. a generation's, would
         evict the personas later pages reuse); with ``reuse=False`` nothing cached is used, so
         the KV depends on these texts alone, not on what this scorer computed before."""
         return self._prefixes_batched(encoded, keep, reuse)
@@ -177,10 +177,10 @@ class Scorer:
             texts.sort(key=lambda t: -len(prefixes[t]))
             found.update(self._extend_batched(bases.get(key), start,
                                               {t: prefixes[t] for t in texts}))
+        if not keep:  # the cache, its LRU order included, is left as it was
+            return found
         for t, entry in found.items():
             if t not in self._cache:
-                if not keep:
-                    continue
                 self._cached_bytes += entry.nbytes
             self._cache[t] = entry
             self._cache.move_to_end(t)
@@ -344,5 +344,7 @@ class Scorer:
 
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: str | None = None) -> str:
         """Greedy decoding for free-text parts; stops at EOS, at ``stop`` (excluded) or at
-        the token budget."""
-        return greedy_many(self, [prompt], max_new_tokens, 1, stop)[0]
+        the token budget. Computed fresh, as ``generate_many``: the text depends on the
+        prompt alone, and the prefix cache is left as it was, so an agent's interview
+        does not change what the lockstep batches of other agents reuse."""
+        return greedy_many(self, [prompt], max_new_tokens, 1, stop, fresh=True)[0]

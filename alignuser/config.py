@@ -62,8 +62,9 @@ class SimulateConfig(AgentSettings):
         "auto", description="where the language model runs: auto (CUDA when present), cpu, cuda")
     concurrency: int | None = Field(
         None, ge=1, description="agents in flight; LLM agents' scorer calls are batched across "
-        "them (default: 8 for LLM policies, 1 otherwise). Which agents share a batch depends on "
-        "thread timing, and in bf16 that moves scores by round-off: 1 repeats a run exactly")
+        "them (default: 8 for LLM policies, 1 otherwise). A batch waits for every agent in flight "
+        "and runs in text order, so a run repeats exactly at any one concurrency; in bf16 "
+        "another concurrency batches otherwise and moves scores by round-off")
     backend: Literal["local", "ray"] = Field(
         "local", description="where agents run: local (this process) or ray (shards of agents on "
         "--concurrency Ray actors, by default one per CPU of the cluster, each with its own copy "

@@ -4,7 +4,9 @@ trajectories, and scores agree within float round-off."""
 
 from __future__ import annotations
 
+import random
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,62 @@ def test_batching_scorer_alone_and_errors(lm: LM) -> None:
         Scorer(lm).score(*REQUESTS[0]), abs=SCORE_TOL)  # a failed batch leaves it usable
 
 
+class _Recorder:
+    """An inner scorer that records each call's requests and scores them by their text."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[Any]] = []
+
+    def score_many(self, requests: list[Any]) -> list[list[float]]:
+        self.calls.append([(p, tuple(o)) for p, o in requests])
+        return [[float(len(p) + k) for k, _ in enumerate(o)] for p, o in requests]
+
+
+def _jittered_agents(batcher: BatchingScorer, agents: int, steps: int, seed: int
+                     ) -> dict[int, list[list[float]]]:
+    """``agents`` threads, each asking ``steps`` questions with random work between them."""
+    rng = [random.Random(seed * 100 + a) for a in range(agents)]
+    got: dict[int, list[list[float]]] = {a: [] for a in range(agents)}
+    batcher.enter(agents)
+
+    def agent(a: int) -> None:
+        try:
+            for k in range(steps):
+                time.sleep(rng[a].uniform(0, 0.12))  # perception, memory, ...
+                got[a].append(batcher.score(f"agent {a} page {k}: ", [("", "watch")] * (a + 1)))
+        finally:
+            batcher.leave()
+
+    threads = [threading.Thread(target=agent, args=(a,)) for a in range(agents)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return got
+
+
+def test_lockstep_batches_do_not_depend_on_thread_timing() -> None:
+    """Each batch holds every agent's next request, in text order, however late an agent is:
+    in bf16 what shares a padded forward changes the scores."""
+    runs = []
+    for seed in (1, 2):
+        inner = _Recorder()
+        batcher = BatchingScorer(inner, max_requests=3)
+        got = _jittered_agents(batcher, agents=4, steps=5, seed=seed)
+        assert batcher.batches.flushes == 5 and batcher.batches.timeouts == 0
+        assert all(len(v) == 5 for v in got.values())
+        runs.append(inner.calls)
+    assert runs[0] == runs[1]
+    # 4 requests a batch, at most 3 a scorer call, sorted by their text
+    assert [len(c) for c in runs[0]] == [3, 1] * 5
+    flat = [r for c in runs[0] for r in c]
+    assert flat == sorted(flat, key=lambda r: (int(r[0].split()[3][:-1]), r[0]))
+    # a timed flush does not wait for the late agent: the batches follow the timing
+    timed = BatchingScorer(_Recorder(), max_wait=0.01)
+    _jittered_agents(timed, agents=4, steps=5, seed=1)
+    assert timed.batches.timeouts > 0
+
+
 def _population(world: World, scorer: Any, concurrency: int, users: list[int]
                 ) -> list[dict[str, Any]]:
     cfg = SimulateConfig(policy="zero_shot", recommenders=["pop"], memory="none",
@@ -83,7 +141,7 @@ def _population(world: World, scorer: Any, concurrency: int, users: list[int]
 def test_batched_population_gives_the_same_trajectories(small_world: World, lm: LM) -> None:
     users = small_world.sample_users(4, seed=0)
     plain = _population(small_world, Scorer(lm), 1, users)
-    batcher = BatchingScorer(Scorer(lm, cache_size=32), max_wait=1.0)
+    batcher = BatchingScorer(Scorer(lm, cache_size=32))
     batched = _population(small_world, batcher, 4, users)
     # 4 sessions x (predict + watch + rest per page + interview) calls met in fewer flushes.
     assert batcher.batches.requests > 2 * batcher.batches.flushes
@@ -95,6 +153,34 @@ def test_batched_population_gives_the_same_trajectories(small_world: World, lm: 
         for pa, pb in zip(a.pages, b.pages, strict=True):
             assert pb.watch_scores == pytest.approx(pa.watch_scores, abs=SCORE_TOL)
     assert sum(len(s.pages) for s in plain) > len(plain)  # agents browsed past page 1
+
+
+class _LateAgents(BatchingScorer):
+    """Agents that reach the scorer after random work elsewhere, as real ones do."""
+
+    def __init__(self, inner: Any, seed: int) -> None:
+        super().__init__(inner)
+        self._rng, self._lock = random.Random(seed), threading.Lock()
+
+    def score_many(self, requests: Any) -> list[list[float]]:
+        with self._lock:
+            delay = self._rng.uniform(0, 0.08)
+        time.sleep(delay)
+        return super().score_many(requests)
+
+
+def test_bf16_population_repeats_exactly_with_agents_in_flight(small_world: World) -> None:
+    """In bf16 a slot's score depends on the batch it was padded into; batches that wait for
+    every agent make a population with agents in flight repeat bit for bit."""
+    lm = tiny_lm(seed=1)
+    lm.model.to(torch.bfloat16)
+    users = small_world.sample_users(4, seed=0)
+    runs = [_population(small_world, _LateAgents(Scorer(lm, cache_size=32), seed), 4, users)
+            for seed in (1, 2)]
+    for a, b in zip(*runs, strict=True):
+        assert [(p.items, p.watched, p.then, p.watch_scores) for p in a.pages] == \
+            [(p.items, p.watched, p.then, p.watch_scores) for p in b.pages]
+        assert (a.end, a.satisfaction) == (b.end, b.satisfaction)
 
 
 def test_progress_bar_shows_decisions_per_second(small_world: World,
