@@ -47,14 +47,19 @@ class Calibration(BaseModel):
         None, description="watch offset when choices are sampled (temperature > 0): a score "
         "near 0 is taken half the time, so matching the humans' ratio needs another offset than "
         "the greedy one; None = watch_offset")
-    sampled_then_offset: float | None = Field(None, description="next/exit offset when sampled; "
-                                              "None = then_offset")
+    sampled_then_offset: float | None = Field(
+        None, description="next/exit offset when sampled, before the page limit: fitted on "
+        "validation users' sessions on recommenders' pages, so they last as long as validation "
+        "visits (training.calibrate.session_offsets), or on pages as then_offset is; None = "
+        "then_offset")
     last_then_offset: float | None = Field(
         None, description="next/exit offset on a visit's last allowed page, where both end the "
         "visit and only say whether the session ends there (exit) or would go on (page limit); "
         "fitted on validation pages at the limit: None = then_offset")
-    sampled_last_then_offset: float | None = Field(None, description="last_then_offset when "
-                                                   "sampled; None = last_then_offset")
+    sampled_last_then_offset: float | None = Field(
+        None, description="last_then_offset when sampled: fitted with sampled_then_offset on "
+        "sessions, so as many of those reaching the last page exit there as validation visits "
+        "do, or on pages; None = last_then_offset")
     sampled_temperature: float = Field(1.0, gt=0, description="temperature the sampled offsets "
                                        "were fitted at")
 

@@ -27,6 +27,7 @@ from evaluation.sections import REGISTRY, Context, held_out, pick, select
 from simulator.custom import SPEC_HELP, check_recommenders
 from simulator.env import MAX_PAGES
 from simulator.lists import LIST_SIZES
+from simulator.recommenders import SELECTION
 
 
 class EvalConfig(BaseModel):
@@ -41,7 +42,7 @@ class EvalConfig(BaseModel):
                                    "replayed")
     next_action_pages: int = Field(600, ge=0, description="most held-out pages replayed")
     next_state: int = Field(300, ge=0, description="held-out transitions for world-model F1")
-    recommenders: list[str] = Field(["pop", "itemknn", "userknn", "als", "bpr"],
+    recommenders: list[str] = Field(list(SELECTION),
                                     description="recommenders ranked by the simulation: "
                                     + SPEC_HELP)
     session_pages: int = Field(MAX_PAGES, ge=1, description="most pages of a simulated session (4 "

@@ -40,6 +40,9 @@ from lenskit.knn import EASEScorer, ItemKNNScorer, UserKNNScorer
 from lenskit.training import TrainingOptions
 
 RECOMMENDERS: tuple[str, ...] = ("random", "pop", "itemknn", "userknn", "als", "bpr", "ease")
+SELECTION: tuple[str, ...] = ("pop", "itemknn", "userknn", "als", "bpr")
+"""The recommenders an evaluation ranks by default, and those whose sessions fit the sampled
+exit offset (``training.calibrate.session_exit_offset``)."""
 KNN_NEIGHBOURS = 20
 ALS_FACTORS = 50
 EASE_REGULARIZATION = 1000.0

@@ -189,3 +189,56 @@ def test_last_allowed_pages_take_the_last_page_offset(small_world: World, scorer
     runs = browse(scorer, small_world.perceiver, small_world.personas, small_world.histories,
                   sessions, world_model=False, calibration=cal)
     assert [[d.action.then for d in run] for run in runs] == [["next", "next", "exit"]] * 3
+
+
+def test_session_offsets_fit_the_visits_lengths(small_world: World, scorer: Scorer) -> None:
+    """Simulated sessions on recommenders' pages last as long as validation visits and end by
+    exit on the last page as often. The closed form rests on a session's pages up to its exit
+    not depending on the exit answers: a real browse with the fitted offsets is, page by page,
+    the no-exit browse, and its exit scores are the no-exit ones shifted by the offsets."""
+    from agents.browse import browse
+    from simulator.recommenders import SELECTION
+    from training.calibrate import session_offsets
+    from training.pipeline import validation_sessions
+
+    valid = small_world.trajectories("valid", users=sorted(small_world.histories)[:8],
+                                     progress=False)
+    sessions = validation_sessions(small_world, valid, users=3, seed=0)
+    assert len(sessions) == 3 * len(SELECTION) and len({u for u, _ in sessions}) == 3
+    for user, pages in sessions:  # first 5 pages of 4, the person's train items masked
+        assert [len(p) for p in pages] == [4] * 5
+        assert not {i for p in pages for i in p} & set(small_world.histories[user])
+    cal = Calibration(sampled_watch_offset=0.5, last_then_offset=0.0,
+                      sampled_last_then_offset=-1.0)
+    kw = {"perceiver": small_world.perceiver, "personas": small_world.personas,
+          "histories": small_world.histories}
+    visits = [(1, True), (2, True), (2, True), (3, True), (5, False), (5, True), (5, False)]
+    open_offset, last_offset, report = session_offsets(scorer, cal, sessions, visits,
+                                                       world_model=False, seed=3, **kw)
+    assert report["humans"] == {"pages": 3.286, "exit_share": round(5 / 7, 4),
+                                "last_page_exit_share": round(1 / 3, 4)}
+    fitted = report["session_fitted"]
+    assert fitted["length_w1"] <= report["page_fitted"]["length_w1"] + 1e-3
+    assert abs(fitted["pages"] - 3.286) < abs(report["page_fitted"]["pages"] - 3.286) + 0.05
+    never = cal.model_copy(update={"sampled_then_offset": -60.0,
+                                   "sampled_last_then_offset": -60.0})
+    full = browse(scorer, sessions=sessions, world_model=False, calibration=never,
+                  temperature=1.0, seed=3, **kw)
+    # the last page's offset: of the sessions that reach it, the humans' share exits there
+    raw = np.asarray([[d.exit_score + 60.0 for d in run] for run in full])
+    reach = np.prod(1 / (1 + np.exp(raw[:, :-1] + open_offset)), axis=1)
+    assert np.sum(reach / (1 + np.exp(-(raw[:, -1] + last_offset)))) / reach.sum() == \
+        pytest.approx(1 / 3, abs=1e-6)
+    fitted_cal = cal.model_copy(update={"sampled_then_offset": open_offset,
+                                        "sampled_last_then_offset": last_offset})
+    real = browse(scorer, sessions=sessions, world_model=False, calibration=fitted_cal,
+                  temperature=1.0, seed=3, **kw)
+    # each page draws from its (seed, user, page) generator: a user's sessions share draws
+    assert {len(r) for r in real} - {5}  # some exited before the page limit
+    for f, r in zip(full, real, strict=True):
+        assert [d.action for d in r[:-1]] == [d.action for d in f[:len(r) - 1]]
+        assert r[-1].action.watched.keys() == f[len(r) - 1].action.watched.keys()
+        for k, (a, b) in enumerate(zip(r, f, strict=False)):
+            assert a.watch_scores == pytest.approx(b.watch_scores, abs=1e-4)
+            shift = last_offset if k == 4 else open_offset
+            assert a.exit_score - b.exit_score == pytest.approx(shift + 60.0, abs=1e-4)

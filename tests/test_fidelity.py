@@ -8,6 +8,7 @@ Worlds are the 40-user ml-100k ``small_world`` (conftest); models are tiny rando
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Sequence
@@ -168,7 +169,8 @@ def test_train_trajectories_hold_train_ratings_only(small_world: World) -> None:
 @pytest.fixture(scope="module")
 def prepared(small_world: World) -> Prepared:
     cfg = TrainConfig(wm_transitions=30, cr_transitions=10, valid_examples=5,
-                      calibration_pages=12, calibration_lists=6, seed=0)
+                      calibration_pages=12, calibration_lists=6, calibration_sessions=2,
+                      seed=0)
     return prepare(cfg, train_data(small_world, cfg))
 
 
@@ -237,6 +239,24 @@ def test_a_trained_adapter_is_recalibrated_into_its_manifest(prepared: Prepared,
     assert pages_only["list_offset"] == 7.5 and pages_only["fitted_on"]["lists"] == 3
     assert pages_only["watch_offset"] == pytest.approx(refit["watch_offset"], abs=1e-6)
     assert Calibration.of_checkpoint(out).list_offset == 7.5
+    # the sampled exit offsets are refitted on the validation users' recommender sessions
+    assert prepared.sessions and prepared.visits
+    report = pages_only["fitted_on"]["sessions"]
+    assert report["sessions"] == len(prepared.sessions)
+    assert report["visits"] == len(prepared.visits)
+    assert pages_only["sampled_then_offset"] != report["page_fitted"]["sampled_then_offset"]
+    # --no-pages refits only those, on the same sessions: every other offset stays
+    sessions_only = calibrate_checkpoint(prepared, out, world_model=False, lm=lm, pages=False)
+    for key in ("watch_offset", "then_offset", "list_offset", "sampled_watch_offset",
+                "last_then_offset"):
+        assert sessions_only[key] == pages_only[key]
+    for key in ("sampled_then_offset", "sampled_last_then_offset"):
+        assert sessions_only[key] == pytest.approx(pages_only[key], abs=1e-3)
+    assert Calibration.of_checkpoint(out).sampled_then_offset == sessions_only[
+        "sampled_then_offset"]
+    bare = dataclasses.replace(prepared, sessions=(), visits=())
+    with pytest.raises(ValueError, match="no validation sessions"):
+        calibrate_checkpoint(bare, out, world_model=False, lm=lm, pages=False)
 
 
 @pytest.mark.parametrize("lambda_cr", [0.0, 1.0])

@@ -3,11 +3,14 @@
 The class-balanced loss leaves watch/skip log-odds centred near even odds; one offset per
 decision restores the base rates seen on held-out validation pages (watch ratio, exit share
 before the page limit, exit share on the last allowed page), and one more tunes watch/skip on
-validation 1:1 lists as the baselines' thresholds are.
+validation 1:1 lists as the baselines' thresholds are. A sampling agent's exit offset is then
+refitted on validation users' sessions on the built-in recommenders' pages, where it watches
+more than on the humans' pages, so that its sessions end by exit as often as the validation
+visits do.
 
 ``python -m training.calibrate PREPARED CHECKPOINT`` refits the offsets of an adapter that is
 already trained (one trained before calibration existed, or before the decision step changed)
-and writes them into its manifest.
+and writes them into its manifest (``--no-lists``, ``--no-pages``: refit fewer of them).
 """
 
 from __future__ import annotations
@@ -24,11 +27,19 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from agents.browse import accuracy_offset, list_scores, pages_of, rate_offset, sampled_rate_offset
+from agents.browse import (
+    accuracy_offset,
+    browse,
+    list_scores,
+    pages_of,
+    rate_offset,
+    sampled_rate_offset,
+)
 from agents.decide import Calibration, decide_chunked
 from agents.perception import Perceiver
 from agents.policy import DEFAULT_TEMPERATURE, DecisionInput
 from agents.transition import Transition
+from simulator.env import MAX_PAGES
 
 
 def digest(rows: Any) -> str:
@@ -46,8 +57,12 @@ def _decide(scorer, inputs: Sequence[DecisionInput], desc: str, **kw) -> list:
 def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
               perceiver: Perceiver | None = None, personas: Mapping[int, str] | None = None,
               histories: Mapping[int, Mapping[int, float]] | None = None,
-              valid_lists: Sequence[tuple[int, list[int], list[int]]] = ()) -> dict:
-    """Offsets and what they were fitted on (for the manifest)."""
+              valid_lists: Sequence[tuple[int, list[int], list[int]]] = (),
+              sessions: Sequence[tuple[int, list[list[int]]]] = (),
+              visits: Sequence[tuple[int, bool]] = (), seed: int = 0) -> dict:
+    """Offsets and what they were fitted on (for the manifest). With ``sessions`` (validation
+    users' pages on the built-in recommenders) and the validation ``visits`` (pages, ended by
+    exit), the sampled exit offsets are refitted on sessions (``session_offsets``)."""
     inputs = [t.decision_input() for t in valid_trs]
     # Only the watch/skip scores are read here: next/exit and ratings wait for the offset.
     decisions = _decide(scorer, inputs, "calibrate watch", world_model=world_model,
@@ -84,6 +99,13 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
               "human_last_exit_share": None if last_rate is None else round(last_rate, 4),
               "world_model": world_model,
               "pages_digest": digest([[t.user, t.page, list(t.items)] for t in valid_trs])}
+    if sessions and visits and perceiver is not None and personas and histories is not None:
+        open_offset, last_offset, report["sessions"] = session_offsets(
+            scorer, cal, sessions, visits, perceiver=perceiver, personas=personas,
+            histories=histories, world_model=world_model, seed=seed)
+        cal.sampled_then_offset = open_offset
+        if last_offset is not None:
+            cal.sampled_last_then_offset = last_offset
     if valid_lists and perceiver is not None and personas and histories is not None:
         pages = sum(len(pages_of(items)) for _, items, _ in valid_lists)
         with tqdm(total=pages, desc="calibrate lists", unit="page") as bar:
@@ -101,13 +123,111 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
     return {**cal.model_dump(), "fitted_on": report}
 
 
+def _length_cdf(lengths: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """P(pages <= k) for k = 1 .. MAX_PAGES - 1 of a distribution over session lengths, given as
+    lengths (humans) or as each session's probability of each length (rows, agents)."""
+    if weights is None:
+        return np.asarray([np.mean(lengths <= k) for k in range(1, MAX_PAGES)])
+    return np.cumsum(weights.mean(axis=0))[:MAX_PAGES - 1]
+
+
+def session_offsets(scorer, cal: Calibration, sessions: Sequence[tuple[int, list[list[int]]]],
+                    visits: Sequence[tuple[int, bool]], *, perceiver: Perceiver,
+                    personas: Mapping[int, str], histories: Mapping[int, Mapping[int, float]],
+                    world_model: bool, seed: int = 0) -> tuple[float, float | None, dict]:
+    """Sampled exit offsets (before the page limit, on the last allowed page) that make the
+    agent's sessions on recommenders' pages as long as the humans' validation ``visits``
+    (pages, ended by exit), and end by exit on the last page as often.
+
+    Fitted on the humans' own pages, the offsets carry those pages' exit shares; on a
+    recommender's top-20 the agent watches about twice as much, and its exit log-odds rise with
+    what it has watched, so nearly every session ended by exit. Each session is browsed once,
+    sampling as ``simulate`` does and never taking exit: a session's pages, watches and ratings
+    up to a page do not depend on the exit answers before it (each page draws from its own
+    (seed, user, page) generator), so every page's exit score is read once and any offset's
+    session lengths follow in closed form. The open-page offset minimises the Wasserstein
+    distance between the agents' and the humans' session lengths; the last page's offset then
+    makes the share of sessions reaching it that exit there the humans'. Without a last-page
+    offset in ``cal`` one offset serves every page."""
+    temp = cal.sampled_temperature
+    never = -60.0  # sigmoid(-60) ~ 1e-26: the draw is taken, the answer is next
+    browsing = cal.model_copy(update={"sampled_then_offset": never,
+                                      "sampled_last_then_offset": never})
+    with tqdm(total=sum(len(p) for _, p in sessions), desc="calibrate sessions",
+              unit="page") as bar:
+        runs = browse(scorer, perceiver, personas, histories, sessions,
+                      world_model=world_model, calibration=browsing, exits=True,
+                      temperature=temp, seed=seed, progress=bar.update)
+    raw = [np.asarray([d.exit_score - never for d in run], dtype=float) for run in runs if run]
+    full = [r for r in raw if len(r) == MAX_PAGES]  # sessions that can reach the page limit
+    lengths = np.asarray([n for n, _ in visits])
+    at_limit = [ended for n, ended in visits if n == MAX_PAGES]
+    _, open_before, last_before = cal.rule(temp)
+    shared = cal.last_then_offset is None
+
+    def go_on(r: np.ndarray, offset: float, last: float) -> np.ndarray:
+        """P(next) after each page of one session."""
+        return 1 / (1 + np.exp(np.append(r[:-1] + offset, r[-1] + last) / temp))
+
+    def length_probs(offset: float, last: float) -> np.ndarray:
+        rows = np.zeros((len(raw), MAX_PAGES))
+        for k, r in enumerate(raw):
+            reach = np.concatenate([[1.0], np.cumprod(go_on(r, offset, last)[:-1])])
+            rows[k, :len(r)] = reach - np.append(reach[1:], 0.0)
+        return rows
+
+    def w1(offset: float) -> float:
+        probs = length_probs(offset, offset if shared else last_before)
+        return float(np.abs(_length_cdf(lengths, probs) - _length_cdf(lengths)).sum())
+
+    def exit_share(offset: float, last: float) -> float:
+        ends = [np.prod(go_on(r, offset, last)) for r in raw]  # P(the limit ends it)
+        return 1 - float(np.mean(ends))
+
+    grid = np.arange(-15.0, 15.0, 0.01)
+    offset = round(float(grid[int(np.argmin([w1(g) for g in grid]))]), 2)
+    last = None
+    if not shared and full and at_limit:
+        reach = np.asarray([np.prod(go_on(r, offset, 0.0)[:-1]) for r in full])
+        target = float(np.mean(at_limit))
+        lo, hi = -30.0, 30.0  # the exit share on the last page rises with its offset
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            got = float(np.sum(reach / (1 + np.exp(-(np.asarray([r[-1] for r in full]) + mid)
+                                                   / temp))) / max(reach.sum(), 1e-12))
+            lo, hi = (mid, hi) if got < target else (lo, mid)
+        last = (lo + hi) / 2
+    after_last = offset if shared else last if last is not None else last_before
+
+    def summary(o: float, lo_: float) -> dict:
+        probs = length_probs(o, lo_)
+        return {"pages": round(float((probs * np.arange(1, MAX_PAGES + 1)).sum(1).mean()), 3),
+                "length_w1": round(float(np.abs(_length_cdf(lengths, probs)
+                                                - _length_cdf(lengths)).sum()), 4),
+                "exit_share": round(exit_share(o, lo_), 4)}
+
+    return offset, last, {
+        "sessions": len(raw), "visits": len(visits),
+        "humans": {"pages": round(float(lengths.mean()), 3) if len(lengths) else None,
+                   "exit_share": round(float(np.mean([e for _, e in visits])), 4)
+                   if visits else None,
+                   "last_page_exit_share": round(float(np.mean(at_limit)), 4)
+                   if at_limit else None},
+        "page_fitted": {"sampled_then_offset": open_before,
+                        "sampled_last_then_offset": last_before,
+                        **summary(open_before, last_before)},
+        "session_fitted": summary(offset, after_last)}
+
+
 def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool,
-                         device: str = "auto", lm: Any = None, lists: bool = True) -> dict:
-    """Fit ``checkpoint``'s offsets on ``prep``'s validation pages and lists (a ``Prepared``
-    from ``alignuser train --prepare-only``) with its merged weights, as training does, and
-    store them in its manifest; ``lm`` replaces loading it (tests). Without ``lists`` only the
-    page offsets are refitted: the list offset, and what it was fitted on, stay as they were,
-    so list answers scored with it stay valid."""
+                         device: str = "auto", lm: Any = None, lists: bool = True,
+                         pages: bool = True) -> dict:
+    """Fit ``checkpoint``'s offsets on ``prep``'s validation pages, lists and sessions (a
+    ``Prepared`` from ``alignuser train --prepare-only``) with its merged weights, as training
+    does, and store them in its manifest; ``lm`` replaces loading it (tests). Without
+    ``lists`` the list offset, and what it was fitted on, stay as they were, so list answers
+    scored with it stay valid; without ``pages`` only the sampled exit offset is refitted on
+    the sessions, the other offsets kept."""
     from agents.llm import load_lm
     from agents.scorer import Scorer
     from simulator.runs import write_atomic
@@ -115,13 +235,32 @@ def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool
     checkpoint = Path(checkpoint)
     path = checkpoint / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
+    sessions = getattr(prep, "sessions", ()) or ()
+    visits = getattr(prep, "visits", ()) or ()
+    if not pages and not (sessions and visits):
+        raise ValueError("the prepared file has no validation sessions: write it with "
+                         "alignuser train --prepare-only --calibration-sessions N")
     lm = lm or load_lm(adapter=checkpoint, device=device)
+    scorer = Scorer(lm, cache_size=128)
     t0 = time.perf_counter()
-    cal = calibrate(Scorer(lm, cache_size=128), prep.calib, world_model=world_model,
-                    perceiver=prep.perceiver, personas=prep.personas, histories=prep.histories,
-                    valid_lists=prep.valid_lists if lists else ())
+    if pages:
+        cal = calibrate(scorer, prep.calib, world_model=world_model, perceiver=prep.perceiver,
+                        personas=prep.personas, histories=prep.histories,
+                        valid_lists=prep.valid_lists if lists else (), sessions=sessions,
+                        visits=visits)
+    else:
+        old = manifest.get("calibration") or {}
+        fitted = Calibration.model_validate({k: v for k, v in old.items()
+                                             if k in Calibration.model_fields})
+        open_offset, last_offset, report = session_offsets(
+            scorer, fitted, sessions, visits, perceiver=prep.perceiver,
+            personas=prep.personas, histories=prep.histories, world_model=world_model)
+        cal = {**old, "sampled_then_offset": open_offset,
+               "fitted_on": {**(old.get("fitted_on") or {}), "sessions": report}}
+        if last_offset is not None:
+            cal["sampled_last_then_offset"] = last_offset
     cal["seconds"] = round(time.perf_counter() - t0, 1)
-    if not lists:
+    if pages and not lists:
         old = manifest.get("calibration") or {}
         cal["list_offset"] = old.get("list_offset")  # None: lists use the watch offset
         cal["fitted_on"].update({k: v for k, v in (old.get("fitted_on") or {}).items()
@@ -145,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="refit the 1:m list offset on the prepared validation lists too "
                     "(--no-lists: page offsets only; the list offset stays, so 1:m list "
                     "answers already scored with it stay valid)")
+    ap.add_argument("--pages", action=argparse.BooleanOptionalAction, default=True,
+                    help="refit the page offsets (--no-pages: only the sampled exit offset, "
+                    "on the prepared validation sessions; every other offset stays)")
     args = ap.parse_args(argv)
     if not (Path(args.checkpoint) / "adapter_config.json").is_file():
         ap.error(f"{args.checkpoint} is not an adapter folder (no adapter_config.json)")
@@ -152,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{args.prepared}: no such file")
     cal = calibrate_checkpoint(read_pickle(args.prepared), args.checkpoint,
                                world_model=args.world_model, device=args.device,
-                               lists=args.lists)
+                               lists=args.lists, pages=args.pages)
     print(json.dumps(cal))
     return 0
 

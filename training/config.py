@@ -74,6 +74,11 @@ class TrainConfig(BaseModel):
                                    "exit offsets (agents.decide.Calibration)")
     calibration_lists: int = Field(100, ge=0, description="validation 1:1 lists that fit the 1:m "
                                    "list offset")
+    calibration_sessions: int = Field(20, ge=0, description="validation users whose sessions "
+                                      "on each of the 5 built-in recommenders' pages fit the "
+                                      "sampled exit offset, so simulated sessions end by exit "
+                                      "as often as validation visits do (0: the offset fitted "
+                                      "on pages is kept)")
     time_budget_s: float | None = Field(None, gt=0, description="stop each stage after this many "
                                         "seconds (checkpointed; None = run all steps)")
     device: Literal["auto", "cpu", "cuda"] = Field(

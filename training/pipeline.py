@@ -15,11 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from agents.browse import pages_of
 from agents.llm import LM, load_lm
 from agents.perception import Perceiver
 from agents.scorer import Scorer
 from agents.transition import Example, Transition, transitions
 from agents.world import ListRow, World
+from simulator.env import MAX_PAGES, PAGE_SIZE
+from simulator.recommenders import SELECTION
 from simulator.runs import git_commit
 from simulator.trajectories import Trajectory, experienced
 from training.config import LORA_TARGETS, TrainConfig
@@ -155,6 +158,25 @@ class Prepared:
     personas: Mapping[int, str] | None = None
     histories: Mapping[int, Mapping[int, float]] | None = None
     valid_lists: Sequence[tuple[int, list[int], list[int]]] = ()
+    # validation users' first pages on each built-in recommender, and the validation visits
+    # (pages, ended by exit): what the sampled exit offsets are fitted on
+    sessions: Sequence[tuple[int, list[list[int]]]] = ()
+    visits: Sequence[tuple[int, bool]] = ()
+
+
+def validation_sessions(world: World, valid: Sequence[Trajectory], users: int, seed: int
+                        ) -> list[tuple[int, list[list[int]]]]:
+    """``users`` validation users' sessions on every built-in recommender: its first pages
+    (train items masked), as evaluation's sessions show them."""
+    pool = sorted({t.user for t in valid})
+    picked = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))[:users]]
+    out = []
+    for name in SELECTION:
+        rec = world.recommender(name, reactive=False, seed=seed)
+        out += [(u, pages_of(rec.rank(u, PAGE_SIZE * MAX_PAGES,
+                                      exclude=set(world.histories.get(u, {})))))
+                for u in picked]
+    return out
 
 
 def prepare(cfg: TrainConfig, data: TrainData) -> Prepared:
@@ -173,7 +195,10 @@ def prepare(cfg: TrainConfig, data: TrainData) -> Prepared:
                      "split": data.split_hashes,
                      "transitions": {"train": len(train_trs), "valid": len(valid_all)}},
         perceiver=world.perceiver, personas=world.personas, histories=world.histories,
-        valid_lists=list(data.valid_lists)[:cfg.calibration_lists])
+        valid_lists=list(data.valid_lists)[:cfg.calibration_lists],
+        sessions=validation_sessions(world, data.valid, cfg.calibration_sessions, cfg.seed + 3)
+        if cfg.calibration_sessions and data.valid else (),
+        visits=[(len(t.steps), t.end == "exit") for t in data.valid])
 
 
 def _with_predictions(model, lm: LM, trs: Sequence[Transition]) -> list[Example]:
@@ -274,7 +299,10 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
                                        cache_size=128),
                                 prep.calib, world_model=cfg.stage != "policy",
                                 perceiver=prep.perceiver, personas=prep.personas,
-                                histories=prep.histories, valid_lists=prep.valid_lists)
+                                histories=prep.histories, valid_lists=prep.valid_lists,
+                                sessions=getattr(prep, "sessions", ()),
+                                visits=getattr(prep, "visits", ()),
+                                seed=cfg.seed)
     finally:
         model.unmerge_adapter()
     calibration["seconds"] = round(time.perf_counter() - t0, 1)
