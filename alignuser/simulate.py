@@ -183,7 +183,10 @@ def simulate(cfg: SimulateConfig, output: str | Path | None = None,
         console.print(f"scored {cost['token_positions']:,} token positions in "
                       f"{cost['forwards']:,} forwards for {cost['pages']:,} pages "
                       f"({cost['token_positions_per_page']:,.0f} and "
-                      f"{cost['forwards_per_page']:.1f} a page)")
+                      f"{cost['forwards_per_page']:.1f} a page)"
+                      + (f"; {cost['lockstep']['requests']:,} scorer requests in "
+                         f"{cost['lockstep']['batches']:,} lockstep batches"
+                         if "lockstep" in cost else ""))
     console.print(f"run directory: {final}  ({metrics['wall_seconds']} s)")
     return final
 
@@ -221,10 +224,15 @@ def scoring_cost(scorer: Any, sessions: list[SessionRecord]) -> dict[str, Any] |
     if stats is None:
         return None
     pages = sum(len(s.pages) for s in sessions)
-    return {"forwards": stats.forwards, "token_positions": stats.tokens, "pages": pages,
+    cost = {"forwards": stats.forwards, "token_positions": stats.tokens, "pages": pages,
             "forwards_per_page": stats.forwards / pages if pages else 0.0,
             "token_positions_per_page": stats.tokens / pages if pages else 0.0,
             "note": "sessions run by this process (a resumed run's earlier ones not counted)"}
+    batches = getattr(scorer, "batches", None)  # agents.batching.BatchStats
+    if batches is not None:
+        cost["lockstep"] = {"batches": batches.flushes, "requests": batches.requests,
+                            "flushed_before_every_agent_waited": batches.timeouts}
+    return cost
 
 
 def recorded_config(run: str | Path) -> dict[str, Any]:

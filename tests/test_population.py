@@ -77,6 +77,12 @@ def test_an_llm_run_records_what_it_cost_the_model(tmp_path: Path,
     assert 0 < cost["forwards"] < cost["token_positions"]
     assert cost["token_positions_per_page"] == pytest.approx(cost["token_positions"] / pages)
     assert f"{cost['forwards']:,} forwards for {pages:,} pages" in out
+    # the two agents' scorer calls met in lockstep batches, each waiting for both
+    lock = cost["lockstep"]
+    assert 0 < lock["batches"] < lock["requests"]
+    assert lock["flushed_before_every_agent_waited"] == 0
+    assert (f"{lock['requests']:,} scorer requests in {lock['batches']:,} lockstep batches"
+            in " ".join(out.split()))  # the console may wrap the line
     random_run = tmp_path / "random"
     assert main(["simulate", "--policy", "random", "--agents", "2", "--recommenders", "pop",
                  "--output", str(random_run)]) == 0
