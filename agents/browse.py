@@ -110,9 +110,11 @@ def rate_offset(scores: np.ndarray, rate: float) -> float:
     return float(-np.quantile(np.asarray(scores), 1 - min(max(rate, 0.0), 1.0)))
 
 
-def sampled_rate_offset(scores: np.ndarray, rate: float, temperature: float) -> float:
+def sampled_rate_offset(scores: np.ndarray, rate: float, temperature: float,
+                        weights: np.ndarray | None = None) -> float:
     """The offset whose sampled choices, taken with probability sigmoid((score + offset) / T),
-    take a share ``rate`` on average (``rate_offset`` is its greedy counterpart)."""
+    take a share ``rate`` on average, each score counted with its ``weights`` (default 1)
+    (``rate_offset`` is its greedy counterpart)."""
     from scipy.optimize import brentq
     from scipy.special import expit
 
@@ -121,5 +123,5 @@ def sampled_rate_offset(scores: np.ndarray, rate: float, temperature: float) -> 
         return 0.0
     rate = min(max(rate, 1e-6), 1 - 1e-6)
     margin = 40.0 * temperature  # expit(+-40) is 1 or 0 to double precision
-    return float(brentq(lambda o: expit((s + o) / temperature).mean() - rate,
-                        -s.max() - margin, -s.min() + margin, xtol=1e-6))
+    return float(brentq(lambda o: np.average(expit((s + o) / temperature), weights=weights)
+                        - rate, -s.max() - margin, -s.min() + margin, xtol=1e-6))

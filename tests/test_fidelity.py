@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -257,6 +258,14 @@ def test_a_trained_adapter_is_recalibrated_into_its_manifest(prepared: Prepared,
     bare = dataclasses.replace(prepared, sessions=(), visits=())
     with pytest.raises(ValueError, match="no validation sessions"):
         calibrate_checkpoint(bare, out, world_model=False, lm=lm, pages=False)
+    # from the command line: one line, exit 2, the manifest untouched
+    from training.calibrate import main as calibrate_main
+
+    before = (out / "manifest.json").read_text()
+    (tmp_path / "bare.pkl").write_bytes(pickle.dumps(bare))
+    with pytest.raises(SystemExit) as exc:
+        calibrate_main([str(tmp_path / "bare.pkl"), str(out), "--no-pages"])
+    assert exc.value.code == 2 and (out / "manifest.json").read_text() == before
 
 
 @pytest.mark.parametrize("lambda_cr", [0.0, 1.0])

@@ -161,6 +161,7 @@ def session_offsets(scorer, cal: Calibration, sessions: Sequence[tuple[int, list
     raw = [np.asarray([d.exit_score - never for d in run], dtype=float) for run in runs if run]
     full = [r for r in raw if len(r) == MAX_PAGES]  # sessions that can reach the page limit
     lengths = np.asarray([n for n, _ in visits])
+    human_cdf = _length_cdf(lengths)
     at_limit = [ended for n, ended in visits if n == MAX_PAGES]
     _, open_before, last_before = cal.rule(temp)
     shared = cal.last_then_offset is None
@@ -176,35 +177,28 @@ def session_offsets(scorer, cal: Calibration, sessions: Sequence[tuple[int, list
             rows[k, :len(r)] = reach - np.append(reach[1:], 0.0)
         return rows
 
-    def w1(offset: float) -> float:
-        probs = length_probs(offset, offset if shared else last_before)
-        return float(np.abs(_length_cdf(lengths, probs) - _length_cdf(lengths)).sum())
+    def w1(probs: np.ndarray) -> float:
+        return float(np.abs(_length_cdf(lengths, probs) - human_cdf).sum())
 
     def exit_share(offset: float, last: float) -> float:
         ends = [np.prod(go_on(r, offset, last)) for r in raw]  # P(the limit ends it)
         return 1 - float(np.mean(ends))
 
     grid = np.arange(-15.0, 15.0, 0.01)
-    offset = round(float(grid[int(np.argmin([w1(g) for g in grid]))]), 2)
+    fits = [w1(length_probs(g, g if shared else last_before)) for g in grid]
+    offset = round(float(grid[int(np.argmin(fits))]), 2)
     last = None
-    if not shared and full and at_limit:
-        reach = np.asarray([np.prod(go_on(r, offset, 0.0)[:-1]) for r in full])
-        target = float(np.mean(at_limit))
-        lo, hi = -30.0, 30.0  # the exit share on the last page rises with its offset
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            got = float(np.sum(reach / (1 + np.exp(-(np.asarray([r[-1] for r in full]) + mid)
-                                                   / temp))) / max(reach.sum(), 1e-12))
-            lo, hi = (mid, hi) if got < target else (lo, mid)
-        last = (lo + hi) / 2
+    reach = np.asarray([np.prod(go_on(r, offset, 0.0)[:-1]) for r in full])
+    if not shared and at_limit and reach.sum() > 0:
+        # of the sessions reaching the last page, the humans' share exits there
+        last = sampled_rate_offset(np.asarray([r[-1] for r in full]), float(np.mean(at_limit)),
+                                   temp, weights=reach)
     after_last = offset if shared else last if last is not None else last_before
 
     def summary(o: float, lo_: float) -> dict:
         probs = length_probs(o, lo_)
         return {"pages": round(float((probs * np.arange(1, MAX_PAGES + 1)).sum(1).mean()), 3),
-                "length_w1": round(float(np.abs(_length_cdf(lengths, probs)
-                                                - _length_cdf(lengths)).sum()), 4),
-                "exit_share": round(exit_share(o, lo_), 4)}
+                "length_w1": round(w1(probs), 4), "exit_share": round(exit_share(o, lo_), 4)}
 
     return offset, last, {
         "sessions": len(raw), "visits": len(visits),
@@ -217,6 +211,15 @@ def session_offsets(scorer, cal: Calibration, sessions: Sequence[tuple[int, list
                         "sampled_last_then_offset": last_before,
                         **summary(open_before, last_before)},
         "session_fitted": summary(offset, after_last)}
+
+
+NO_SESSIONS = ("the prepared file has no validation sessions: write it with alignuser train "
+               "--prepare-only --calibration-sessions N")
+
+
+def session_data(prep: Any) -> tuple[Sequence, Sequence]:
+    """A prepared file's validation sessions and visits (empty in files written before them)."""
+    return getattr(prep, "sessions", ()) or (), getattr(prep, "visits", ()) or ()
 
 
 def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool,
@@ -235,11 +238,9 @@ def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool
     checkpoint = Path(checkpoint)
     path = checkpoint / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
-    sessions = getattr(prep, "sessions", ()) or ()
-    visits = getattr(prep, "visits", ()) or ()
+    sessions, visits = session_data(prep)
     if not pages and not (sessions and visits):
-        raise ValueError("the prepared file has no validation sessions: write it with "
-                         "alignuser train --prepare-only --calibration-sessions N")
+        raise ValueError(NO_SESSIONS)
     lm = lm or load_lm(adapter=checkpoint, device=device)
     scorer = Scorer(lm, cache_size=128)
     t0 = time.perf_counter()
@@ -292,7 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{args.checkpoint} is not an adapter folder (no adapter_config.json)")
     if not Path(args.prepared).is_file():
         ap.error(f"{args.prepared}: no such file")
-    cal = calibrate_checkpoint(read_pickle(args.prepared), args.checkpoint,
+    prep = read_pickle(args.prepared)
+    if not args.pages and not all(session_data(prep)):
+        ap.error(NO_SESSIONS)
+    cal = calibrate_checkpoint(prep, args.checkpoint,
                                world_model=args.world_model, device=args.device,
                                lists=args.lists, pages=args.pages)
     print(json.dumps(cal))

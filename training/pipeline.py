@@ -288,11 +288,12 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
                               stop_after)
     model.eval()
     t0 = time.perf_counter()
-    from training.calibrate import calibrate
+    from training.calibrate import calibrate, session_data
 
     # Calibrate on merged weights, as load_lm runs the adapter: the offsets then fit the
     # numbers the agent will produce (bf16 merging moves a watch score by up to ~0.1), and a
     # page costs ~15% less. The saved adapter holds the LoRA weights, untouched by merging.
+    sessions, visits = session_data(prep)
     model.merge_adapter()
     try:
         calibration = calibrate(Scorer(LM(model=model, tokenizer=lm.tokenizer, name=lm.name),
@@ -300,8 +301,7 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
                                 prep.calib, world_model=cfg.stage != "policy",
                                 perceiver=prep.perceiver, personas=prep.personas,
                                 histories=prep.histories, valid_lists=prep.valid_lists,
-                                sessions=getattr(prep, "sessions", ()),
-                                visits=getattr(prep, "visits", ()),
+                                sessions=sessions, visits=visits,
                                 seed=cfg.seed)
     finally:
         model.unmerge_adapter()
