@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -108,9 +111,11 @@ def skipped_methods(methods: list[str], paths: dict[str, str | None]) -> dict[st
     return out
 
 
-# The flags that define an evaluate run; --resume reads them back from its manifest.
+# The flags that define an evaluate run; --resume reads them back from its manifest. Where
+# the answers are computed is not among them: a run may be resumed on another backend.
+WHERE = ("prepare_only", "backend", "address", "concurrency")
 RUN_FLAGS = ("dataset", *(f"split_{name}" for name in SPLIT_FLAGS),
-             *(name for name in EvaluateRunConfig.model_fields if name != "prepare_only"))
+             *(name for name in EvaluateRunConfig.model_fields if name not in WHERE))
 
 
 def resume_flags(args: argparse.Namespace) -> tuple[Path, dict]:
@@ -149,6 +154,18 @@ def resume_flags(args: argparse.Namespace) -> tuple[Path, dict]:
                          f"{'; '.join(conflicts)}; drop them to resume")
     args.output = str(final)
     return final, manifest
+
+
+@contextlib.contextmanager
+def answered_where(run: EvaluateRunConfig, bundle) -> Iterator[Any]:
+    """The runners of ``--backend ray`` (``evaluation.distributed``), or None: here."""
+    if run.backend != "ray":
+        yield None
+        return
+    from evaluation.distributed import ray_runners
+
+    with ray_runners(bundle, run.model, run.device, run.address, run.concurrency) as runners:
+        yield runners
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -258,18 +275,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                flags=flags, users=users)
             parts = Parts(out)
             done = {**given, **parts.outputs()}
-            outputs = all_outputs(bundle, methods, ckpts, run.model, run.device, log,
-                                  needs=needs(sections), done=done, commit=parts.save_outputs,
-                                  partial=parts.partial_outputs(),
-                                  commit_part=parts.save_partial, simulator=cfg.simulator,
-                                  temperature=cfg.temperature, seed=cfg.seed)
+            with answered_where(run, bundle) as runners:
+                outputs = all_outputs(bundle, methods, ckpts, run.model, run.device, log,
+                                      needs=needs(sections), done=done,
+                                      commit=parts.save_outputs,
+                                      partial=parts.partial_outputs(),
+                                      commit_part=parts.save_partial, simulator=cfg.simulator,
+                                      temperature=cfg.temperature, seed=cfg.seed,
+                                      runners=runners)
             for m in given:
                 parts.save_outputs(m, given[m])
             setup = {"machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} "
                                 "cores", "command": shlex.join(["alignuser", *sys.argv[1:]]),
                      "dataset": world.ds.name, "split": world.split.config.describe(),
                      "seed": cfg.seed, "checkpoints": {k: v for k, v in ckpts.items() if v},
-                     "answers": run.outputs or "computed in this run",
+                     "answers": run.outputs or "computed in this run" + (
+                         f" on Ray actors ({run.address or 'a local cluster'})"
+                         if run.backend == "ray" else ""),
                      "judge_model": run.judge_model or "local base model",
                      "skipped_methods": skipped or "none", "sections": ", ".join(sections)}
             score(world, bundle, outputs, cfg, out, setup, log=log, sections=sections,

@@ -195,13 +195,13 @@ def run_sessions(cfg: SimulateConfig, world: World, users: list[int], run_dir: P
                  finished: dict[str, SessionRecord], commit: Callable[[SessionRecord], None]
                  ) -> tuple[list[SessionRecord], str | None, Any]:
     """Every session in job order, on the configured backend, with the model's name and the
-    local scorer (None on Ray, whose scorers live in the actors, or without an LLM); new
-    sessions are committed as they end. Unfinished agents' traces and memories are cleared
-    first, so they start afresh."""
+    scorer whose counters say what the sessions cost (on Ray the actors' counters summed; None
+    without an LLM); new sessions are committed as they end. Unfinished agents' traces and
+    memories are cleared first, so they start afresh."""
     if cfg.backend == "ray":
         from alignuser.ray_backend import run_on_ray
 
-        return *run_on_ray(cfg, users, run_dir, finished, commit), None
+        return run_on_ray(cfg, users, run_dir, finished, commit)
     scorer, model_name = load_scorer(cfg)
     memory = make_memory(cfg.memory, run_dir / "memory" if cfg.memory == "chroma" else None)
     runtimes = build_runtimes(cfg, world, users, scorer, memory)

@@ -14,10 +14,10 @@ import argparse
 import functools
 import pickle
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 from tqdm import tqdm
@@ -67,80 +67,176 @@ class EvalBundle:
     meta: dict = field(default_factory=dict)
 
 
+# One piece of a method's answers, computed and committed whole: ("lists", m) a 1:m ratio,
+# ("pages", None) the held-out pages and their ratings, ("next_state", None) the world model's
+# next states, ("sessions", recommender) the simulated sessions on one recommender.
+Part = tuple[str, Any]
+# Rows of a part per block for a runner that shards blocks over processes: one scorer call's
+# worth locally (``browse`` decides 64 sessions a call, ``decide_chunked`` 100 pages), so a
+# block is batched as the local run batches it; the next states stay one block, as
+# ``greedy_many`` orders all of its prompts by length before it batches them.
+BLOCK_ROWS = {"lists": 64, "pages": 100, "sessions": 64}
+
+
+def part_rows(bundle: EvalBundle, part: Part) -> Sequence:
+    kind, key = part
+    return {"lists": lambda: bundle.lists[key], "pages": lambda: bundle.pages,
+            "next_state": lambda: bundle.transitions, "sessions": lambda: bundle.sessions[key]
+            }[kind]()
+
+
+def shown_pages(part: Part, rows: Sequence) -> int:
+    """Pages a part's rows show (the progress bar's unit; a generated next state shows none)."""
+    kind = part[0]
+    if kind == "lists":
+        return sum(len(pages_of(items)) for _, items, _ in rows)
+    if kind == "sessions":
+        return sum(len(pages) for _, pages in rows)
+    return len(rows) if kind == "pages" else 0
+
+
+def answer_rows(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundle, part: Part,
+                rows: Sequence, *, temperature: float = DEFAULT_TEMPERATURE, seed: int = 0,
+                progress: Callable[[int], None] | None = None) -> Any:
+    """A method's answers on some rows of one part (all of them, or one block)."""
+    kind, key = part
+    if kind == "lists":
+        offset = cal.list_offset if cal.list_offset is not None else cal.watch_offset
+        return [s.tolist() for s in list_scores(
+            scorer, bundle.perceiver, bundle.personas, bundle.histories,
+            [(u, items) for u, items, _ in rows], world_model=spec.world_model,
+            evidence=spec.evidence, offset=offset, progress=progress)]
+    if kind == "pages":
+        return _page_answers(spec, scorer, cal, rows, progress)
+    if kind == "next_state":
+        return scorer.generate_many([tr.prefix + prompts.world_model_tail(text.render_wm_action(
+            len(tr.items), sorted(tr.ratings), tr.then)) for tr in rows], max_new_tokens=96)
+    runs = browse(scorer, bundle.perceiver, bundle.personas, bundle.histories, rows,
+                  world_model=spec.world_model, evidence=spec.evidence, calibration=cal,
+                  exits=True, temperature=temperature, seed=seed, progress=progress)
+    return [session_record(u, key, run) for (u, _), run in zip(rows, runs, strict=True)]
+
+
+def join_blocks(part: Part, blocks: Sequence[Any]) -> Any:
+    """The answers of a part's consecutive blocks as one part's answers."""
+    if part[0] == "pages":
+        return {k: [x for b in blocks for x in b[k]] for k in ("pages", "ratings")}
+    return [x for b in blocks for x in b]
+
+
+class PartRunner(Protocol):
+    """Answers parts of one method's work, yielding each part as it is finished."""
+
+    def tokens(self) -> int | None: ...
+
+    def run(self, parts: Sequence[Part], progress: Callable[[int], None]
+            ) -> Iterator[tuple[Part, Any]]: ...
+
+
+@dataclass
+class LocalParts:
+    """Every part in this process, one after another, on one scorer."""
+
+    spec: MethodSpec
+    scorer: Any
+    cal: Calibration
+    bundle: EvalBundle
+    temperature: float = DEFAULT_TEMPERATURE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # the scorer is shared by the methods on the same weights: count this method's tokens
+        self._before = self._scored() or 0
+
+    def _scored(self) -> int | None:
+        return getattr(getattr(self.scorer, "stats", None), "tokens", None)
+
+    def tokens(self) -> int | None:
+        now = self._scored()
+        return None if now is None else now - self._before
+
+    def run(self, parts: Sequence[Part], progress: Callable[[int], None]
+            ) -> Iterator[tuple[Part, Any]]:
+        for part in parts:
+            yield part, answer_rows(self.spec, self.scorer, self.cal, self.bundle, part,
+                                    part_rows(self.bundle, part), temperature=self.temperature,
+                                    seed=self.seed, progress=progress)
+
+
+def parts_to_answer(spec: MethodSpec, bundle: EvalBundle, out: Mapping[str, Any], full: bool,
+                    needs: Collection[str]) -> list[Part]:
+    """The parts ``needs`` asks of this method that ``out`` does not hold yet, in order."""
+    parts: list[Part] = []
+    if "lists" in needs:
+        parts += [("lists", m) for m in bundle.lists if m not in out["lists"]]
+    if "pages" in needs and "pages" not in out:
+        parts.append(("pages", None))
+    if full and spec.world_model and "next_state" in needs and "next_state" not in out:
+        parts.append(("next_state", None))
+    if full and "sessions" in needs:
+        parts += [("sessions", rec) for rec in bundle.sessions
+                  if rec not in out.get("sessions", {})]
+    return parts
+
+
 def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundle,
                    full: bool = False, needs: Collection[str] = OUTPUT_KINDS,
                    progress: bool = False, kept: Mapping[str, Any] | None = None,
                    commit: Callable[[dict[str, Any]], None] | None = None,
-                   temperature: float = DEFAULT_TEMPERATURE, seed: int = 0) -> dict[str, Any]:
+                   temperature: float = DEFAULT_TEMPERATURE, seed: int = 0,
+                   runner: PartRunner | None = None) -> dict[str, Any]:
     """Lists' watch scores, held-out page actions and ratings; for the simulating agent
     (``full``) also the simulated sessions and, when it has a world model, its next states;
     only the kinds in ``needs``. Lists and page replays are greedy; sessions browse as
     ``simulate`` does, sampling at ``temperature`` (seeded by ``seed``, user and page).
 
-    Each list ratio and each other kind is handed to ``commit`` (the answers so far) as soon as
-    it is done, and what ``kept`` (such answers from an interrupted run) already holds is not
-    computed again: an hours-long method loses at most one part to a kill. A kind kept empty
-    (answers of a run that did not ask for it) is computed."""
+    Each part (a list ratio, the held-out pages, the next states, one recommender's sessions)
+    is handed to ``commit`` (the answers so far) as soon as it is done, and what ``kept`` (such
+    answers from an interrupted run) already holds is not computed again: an hours-long method
+    loses at most one part to a kill. A kind kept empty (answers of a run that did not ask for
+    it) is computed. ``runner`` answers the parts (default: here, on ``scorer``;
+    ``evaluation.distributed`` shards them over Ray actors)."""
     t0 = time.perf_counter()
     kept = {k: v for k, v in (kept or {}).items() if k not in OUTPUT_KINDS or v}
-    offset = cal.list_offset if cal.list_offset is not None else cal.watch_offset
     out: dict[str, Any] = {"lists": dict(kept.get("lists", {})), "calibration": cal.model_dump(),
-                           **{k: kept[k] for k in ("pages", "ratings", "next_state", "sessions")
+                           **{k: kept[k] for k in ("pages", "ratings", "next_state")
                               if k in kept}}
-    # the scorer is shared by the methods on the same weights: count this method's tokens only
-    tokens_before = getattr(getattr(scorer, "stats", None), "tokens", None) or 0
+    if "sessions" in kept:
+        out["sessions"] = dict(kept["sessions"])
+    runner = runner or LocalParts(spec, scorer, cal, bundle, temperature, seed)
 
     def spent() -> dict[str, Any]:
         """Seconds and scored tokens of this method so far, those of kept parts included."""
-        tokens = getattr(getattr(scorer, "stats", None), "tokens", None)
+        tokens = runner.tokens()
         return {"seconds": round(kept.get("seconds", 0.0) + time.perf_counter() - t0, 1),
-                "tokens": None if tokens is None
-                else kept.get("tokens", 0) + tokens - tokens_before}
+                "tokens": None if tokens is None else kept.get("tokens", 0) + tokens}
 
-    def done_part() -> None:
+    todo = parts_to_answer(spec, bundle, out, full, needs)
+    # session pages count as shown; a session that exits early leaves the bar short of its total
+    bar = tqdm(total=sum(shown_pages(p, part_rows(bundle, p)) for p in todo), desc=spec.label,
+               unit="page", disable=not progress)
+    for (kind, key), value in runner.run(todo, bar.update):
+        if kind == "lists":
+            out["lists"][key] = value
+        elif kind == "pages":
+            out |= value
+        elif kind == "next_state":
+            out["next_state"] = value
+        else:
+            out["sessions"] = {**out.get("sessions", {}), key: value}
         if commit is not None:
             commit({**out, "lists": dict(out["lists"]), **spent()})
-
-    lists_of = {m: rows for m, rows in (bundle.lists if "lists" in needs else {}).items()
-                if m not in out["lists"]}
-    pages = bundle.pages if "pages" in needs and "pages" not in out else []
-    simulate = full and "sessions" in needs and "sessions" not in out
-    # session pages count as shown; a session that exits early leaves the bar short of its total
-    bar = tqdm(total=len(pages) + sum(len(pages_of(items)) for rows in lists_of.values()
-                                      for _, items, _ in rows)
-               + (sum(len(p) for s in bundle.sessions.values() for _, p in s) if simulate else 0),
-               desc=spec.label, unit="page", disable=not progress)
-    for m, lists in lists_of.items():
-        out["lists"][m] = [s.tolist() for s in list_scores(
-            scorer, bundle.perceiver, bundle.personas, bundle.histories,
-            [(u, items) for u, items, _ in lists], world_model=spec.world_model,
-            evidence=spec.evidence, offset=offset, progress=bar.update)]
-        done_part()
-    if "pages" in needs and "pages" not in out:
-        out |= _page_answers(spec, scorer, cal, pages, bar.update)
-        done_part()
+    bar.close()
     out.setdefault("pages", [])  # not asked for
     out.setdefault("ratings", [])
-    if full and spec.world_model and "next_state" in needs and "next_state" not in out:
-        gen_prompts = [tr.prefix + prompts.world_model_tail(text.render_wm_action(
-            len(tr.items), sorted(tr.ratings), tr.then)) for tr in bundle.transitions]
-        out["next_state"] = scorer.generate_many(gen_prompts, max_new_tokens=96)
-        done_part()
-    if simulate:
-        out["sessions"] = {}
-        for rec, sessions in bundle.sessions.items():
-            runs = browse(scorer, bundle.perceiver, bundle.personas, bundle.histories, sessions,
-                          world_model=spec.world_model, evidence=spec.evidence,
-                          calibration=cal, exits=True, temperature=temperature, seed=seed,
-                          progress=bar.update)
-            out["sessions"][rec] = [session_record(u, rec, run)
-                                    for (u, _), run in zip(sessions, runs, strict=True)]
-    bar.close()
+    if "sessions" in out:  # in the bundle's order, whatever order the parts finished in
+        out["sessions"] = {rec: out["sessions"][rec] for rec in bundle.sessions
+                           if rec in out["sessions"]}
     return out | spent()
 
 
 def _page_answers(spec: MethodSpec, scorer, cal: Calibration, pages: Sequence[Transition],
-                  progress: Callable[[int], None]) -> dict[str, list]:
+                  progress: Callable[[int], None] | None) -> dict[str, list]:
     """The agent's action on each held-out human page, and its expected rating of each item
     the human watched there (given the human's action)."""
     inputs = [tr.decision_input(spec.evidence) for tr in pages]
@@ -172,11 +268,14 @@ def all_outputs(bundle: EvalBundle, methods: Sequence[str], adapters: Mapping[st
                 partial: Mapping[str, Mapping[str, Any]] | None = None,
                 commit_part: Callable[[str, dict[str, Any]], None] | None = None,
                 simulator: str = "full", temperature: float = DEFAULT_TEMPERATURE,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0,
+                runners: Callable[[str, str | None, float, int], PartRunner] | None = None
+                ) -> dict[str, Any]:
     """Every method's outputs; one model load per set of weights. Methods in ``done`` (from
     an interrupted run) are kept as they are, and the parts in ``partial`` of a method that was
     cut short; each method computed is handed to ``commit`` as soon as it is finished, and each
-    of its parts to ``commit_part``."""
+    of its parts to ``commit_part``. ``runners`` (method, adapter, temperature, seed) answers
+    each method elsewhere (``evaluation.distributed.ray_runners``); nothing loads here then."""
     from agents.llm import load_lm
     from agents.scorer import Scorer
 
@@ -188,20 +287,23 @@ def all_outputs(bundle: EvalBundle, methods: Sequence[str], adapters: Mapping[st
             out[name] = done[name]
             log(f"{spec.label}: answers kept from the interrupted run")
             continue
-        if spec.weights not in scorers:
-            path = None if spec.weights == "base" else adapters.get(spec.weights)
+        path = None if spec.weights == "base" else adapters.get(spec.weights)
+        runner = None if runners is None else runners(name, path, temperature, seed)
+        if runner is None and spec.weights not in scorers:
             # Many entries (each user's persona is reused across pages and lists), but the
             # scorer's byte budget bounds them (a 200-user run held 24 GB before it had one).
-            scorers[spec.weights] = (Scorer(load_lm(model, adapter=path, device=device),
-                                            cache_size=2048), Calibration.of_checkpoint(path))
-        scorer, cal = scorers[spec.weights]
+            scorers[spec.weights] = Scorer(load_lm(model, adapter=path, device=device),
+                                           cache_size=2048)
+        scorer = scorers.get(spec.weights)
         kept = (partial or {}).get(name)
         log(f"{spec.label}: scoring" + (" (its finished parts kept)" if kept else ""))
         out[name] = method_outputs(
-            spec, scorer, cal, bundle, full=name == simulator, needs=needs, progress=True,
-            kept=kept, commit=None if commit_part is None else functools.partial(commit_part, name),
-            temperature=temperature, seed=seed)
-        scorer.clear()
+            spec, scorer, Calibration.of_checkpoint(path), bundle, full=name == simulator,
+            needs=needs, progress=True, kept=kept,
+            commit=None if commit_part is None else functools.partial(commit_part, name),
+            temperature=temperature, seed=seed, runner=runner)
+        if scorer is not None:
+            scorer.clear()
         if commit is not None:
             commit(name, out[name])
         log(f"{spec.label}: {out[name]['seconds']} s")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from agents.browse import pages_of
 from agents.policy import DEFAULT_TEMPERATURE
@@ -112,6 +112,15 @@ class EvaluateRunConfig(BaseModel):
         "pkg.module:factory (as --chat-model); default: the local base model")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (CUDA when "
                                                    "present), cpu or cuda")
+    backend: Literal["local", "ray"] = Field(
+        "local", description="where the methods' answers are computed: local (this process) "
+        "or ray (blocks of lists, pages and sessions on --concurrency Ray actors, each with a "
+        "copy of the model; needs the 'ray' extra)")
+    address: str | None = Field(None, description="backend ray: the cluster to join "
+                                "(ray://HOST:10001, auto, or an address); default: a local "
+                                "cluster started for the run")
+    concurrency: int | None = Field(None, ge=1, description="backend ray: actors (default: "
+                                    "one per CPU of the cluster)")
     prepare_only: str | None = Field(
         None, description="write what the agents are shown to FILE and stop; answer it "
         "anywhere with python -m evaluation.outputs FILE OUT")
@@ -132,6 +141,13 @@ class EvaluateRunConfig(BaseModel):
     def _known_sections(cls, value: str | None) -> str | None:
         select(value)  # one error naming every unknown section
         return value
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> EvaluateRunConfig:
+        if self.backend != "ray" and (self.address is not None or self.concurrency is not None):
+            raise ValueError("--address and --concurrency place the answers on a Ray cluster: "
+                             "add --backend ray")
+        return self
 
     def method_names(self) -> list[str]:
         return [m for m in self.methods.split(",") if m]

@@ -136,6 +136,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("eval-users-0", ["evaluate", "--users", "0"], "--users 0: input should be greater than"),
     ("eval-ms-abc", ["evaluate", "--ms", "abc"], "--ms abc: expected comma-separated whole"),
     ("eval-methods", ["evaluate", "--methods", "full,oracle"], "unknown method(s) oracle"),
+    ("eval-ray-only", ["evaluate", "--concurrency", "4"], "add --backend ray"),
     ("eval-ckpt-corrupt", ["evaluate", "--checkpoint", "{corrupt_adapter}"],
      "is not a readable safetensors file"),
     ("eval-out-file", ["evaluate", "--output", "{notes.txt}"], "is an existing file"),

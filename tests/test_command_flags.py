@@ -55,8 +55,11 @@ def test_evaluate_flags_given_reach_the_config() -> None:
     assert run.checkpoint is None and run.prepare_only is None
 
 
-def test_a_resumed_run_reads_back_every_run_setting_but_prepare_only() -> None:
-    assert set(EvaluateRunConfig.model_fields) - set(RUN_FLAGS) == {"prepare_only"}
+def test_a_resumed_run_reads_back_every_run_setting_but_where_it_runs() -> None:
+    """What an evaluate run computes comes back on --resume; where (--prepare-only, the Ray
+    backend) is given anew, so a run killed on one backend may go on on another."""
+    assert set(EvaluateRunConfig.model_fields) - set(RUN_FLAGS) == {
+        "prepare_only", "backend", "address", "concurrency"}
     assert RUN_FLAGS[:6] == ("dataset", "split_kind", "split_valid_frac", "split_test_frac",
                              "split_valid_time", "split_test_time")
 
