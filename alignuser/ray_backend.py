@@ -23,11 +23,11 @@ from typing import Any
 
 from agents.batching import BatchStats
 from agents.kvcache import ScorerStats
-from alignuser.config import SimulateConfig
+from alignuser.config import LLM_POLICIES, SimulateConfig
 from graph.engine import PopulationProgress
 from graph.runner import thread_id
 from graph.trace import TRACE_FILE, open_checkpointer
-from simulator.cluster import actors_and_threads, ray_cluster, use_threads
+from simulator.cluster import plan_actors, ray_cluster, use_threads
 from simulator.sessions import SessionRecord
 
 Job = tuple[str, int]  # (recommender, user)
@@ -154,10 +154,11 @@ def run_on_ray(cfg: SimulateConfig, users: list[int], run_dir: Path,
     with ray_cluster(cfg.address) as ray:
         from ray.util import ActorPool
 
-        n, threads = actors_and_threads(ray, cfg.concurrency,
-                                        len(cfg.recommenders) * len(users))
-        worker = ray.remote(num_cpus=threads)(SimulateWorker)
-        actors = [worker.remote(cfg.model_dump(mode="json"), users, threads) for _ in range(n)]
+        plan = plan_actors(ray, cfg.concurrency, len(cfg.recommenders) * len(users),
+                           cfg.device if cfg.policy in LLM_POLICIES else "cpu")
+        worker = ray.remote(num_cpus=plan.cpus, num_gpus=plan.gpus)(SimulateWorker)
+        actors = [worker.remote(cfg.model_dump(mode="json"), users, plan.cpus)
+                  for _ in range(plan.actors)]
         try:
             names, model_name, flight = ray.get(actors[0].describe.remote())
             jobs = [(rec, u) for rec in names for u in users]
@@ -168,7 +169,7 @@ def run_on_ray(cfg: SimulateConfig, users: list[int], run_dir: Path,
             bar, cost = PopulationProgress(len(todo)), ActorsCost()
             for data, traces, memories, spent in ActorPool(actors).map_unordered(
                     lambda actor, chunk: actor.run_chunk.remote(chunk),
-                    chunks(todo, n, flight)):
+                    chunks(todo, plan.actors, flight)):
                 sessions = [SessionRecord.model_validate(d) for d in data]
                 if spent:
                     cost.add(spent)

@@ -33,7 +33,7 @@ from evaluation.outputs import (
     part_rows,
     shown_pages,
 )
-from simulator.cluster import actors_and_threads, ray_cluster, use_threads
+from simulator.cluster import plan_actors, ray_cluster, use_threads
 
 Block = tuple[Part, int, int]  # a part and its rows [start, stop)
 
@@ -131,16 +131,16 @@ class RayParts:
 def ray_runners(bundle: EvalBundle, model: str, device: str, address: str | None,
                 concurrency: int | None, rows: dict[str, int] | None = None
                 ) -> Iterator[Callable[[str, str | None, float, int], PartRunner]]:
-    """Actors for a run (``concurrency``, default one per CPU of the cluster, the CPUs shared
-    among them; with ``device`` cuda each takes a GPU), and a factory of each method's runner
-    on them."""
+    """Actors for a run (``simulator.cluster.plan_actors``: ``concurrency``, by default one
+    per free GPU where the model runs on CUDA, else one per free CPU), and a factory of each
+    method's runner on them."""
     with ray_cluster(address) as ray:
         jobs = sum(len(part_rows(bundle, ("lists", m))) for m in bundle.lists) or 1
-        n, threads = actors_and_threads(ray, concurrency, jobs)
-        worker = ray.remote(num_cpus=threads, num_gpus=1 if device == "cuda" else 0)(
-            OutputsWorker)
+        plan = plan_actors(ray, concurrency, jobs, device)
+        worker = ray.remote(num_cpus=plan.cpus, num_gpus=plan.gpus)(OutputsWorker)
         shared = ray.put(bundle)
-        actors = [worker.remote(shared, model, device, threads) for _ in range(n)]
+        actors = [worker.remote(shared, model, "cuda" if plan.gpus else "cpu", plan.cpus)
+                  for _ in range(plan.actors)]
         try:
             yield lambda method, adapter, temperature, seed: RayParts(
                 ray, actors, method, adapter, bundle, temperature, seed, rows)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 
 def ray_module() -> Any:
@@ -35,14 +35,28 @@ def ray_cluster(address: str | None) -> Iterator[Any]:
             ray.shutdown()
 
 
-def actors_and_threads(ray: Any, wanted: int | None, jobs: int) -> tuple[int, int]:
-    """How many actors (``wanted``, default one per free CPU of the cluster, never more than
-    the jobs) and the CPUs each takes: the free CPUs shared among them. Each actor runs torch
-    on that many threads (``ALIGNUSER_THREADS``); left to the model loader's default, each
-    took every core of its machine and two actors on 2 cores ran at a third of one process."""
-    cpus = int(ray.available_resources().get("CPU", 1)) or 1
-    n = max(1, min(wanted or cpus, jobs))
-    return n, max(1, cpus // n)
+class ActorPlan(NamedTuple):
+    """How a run's actors share the cluster."""
+
+    actors: int
+    cpus: int  # each; its torch runs on that many threads
+    gpus: float  # each: 0 on CPUs; 1, or a share where more actors than GPUs are wanted
+
+
+def plan_actors(ray: Any, wanted: int | None, jobs: int, device: str = "cpu") -> ActorPlan:
+    """``wanted`` actors, never more than the jobs; by default one per free GPU of the cluster
+    when the model runs on CUDA (``device`` cuda, or auto on a cluster with GPUs), else one
+    per free CPU. The free CPUs are shared among them, each actor's torch on its share (left
+    to the model loader's default, each took every core of its machine, and two actors on 2
+    cores ran at a third of one process's speed), and so are the GPUs when more actors than
+    GPUs are wanted (Ray places fractional GPUs)."""
+    free = ray.available_resources()
+    cpus, gpus = int(free.get("CPU", 1)) or 1, int(free.get("GPU", 0))
+    cuda = device == "cuda" or (device == "auto" and gpus > 0)
+    if cuda and not gpus:
+        raise ValueError("--device cuda, but the Ray cluster has no free GPU")
+    n = max(1, min(wanted or (gpus if cuda else cpus), jobs))
+    return ActorPlan(n, max(1, cpus // n), min(1.0, gpus / n) if cuda else 0.0)
 
 
 def use_threads(threads: int) -> None:

@@ -196,3 +196,28 @@ def test_evaluate_on_ray_writes_the_local_metrics(small_world, tmp_path: Path,
     assert got == want
     flags = json.loads((tmp_path / "ray" / "manifest.json").read_text())["flags"]
     assert flags["methods"] == "zero_shot" and not {"backend", "concurrency"} & set(flags)
+
+
+class _Cluster:
+    """What ``plan_actors`` reads off Ray: the free resources."""
+
+    def __init__(self, **free: float) -> None:
+        self.free = free
+
+    def available_resources(self) -> dict[str, float]:
+        return self.free
+
+
+def test_actors_share_the_cluster_and_take_gpus_where_the_model_runs_on_cuda() -> None:
+    from simulator.cluster import ActorPlan, plan_actors
+
+    cpu_box, gpu_box = _Cluster(CPU=16.0), _Cluster(CPU=16.0, GPU=2.0)
+    assert plan_actors(cpu_box, None, 100) == ActorPlan(16, 1, 0)
+    assert plan_actors(cpu_box, 2, 100) == ActorPlan(2, 8, 0)  # each torch on 8 threads
+    assert plan_actors(cpu_box, None, 3) == ActorPlan(3, 5, 0)  # never more than the jobs
+    assert plan_actors(gpu_box, None, 100, "auto") == ActorPlan(2, 8, 1)
+    assert plan_actors(gpu_box, None, 100, "cpu") == ActorPlan(16, 1, 0)
+    assert plan_actors(gpu_box, 4, 100, "cuda") == ActorPlan(4, 4, 0.5)  # two to a GPU
+    assert plan_actors(cpu_box, None, 100, "auto") == ActorPlan(16, 1, 0)
+    with pytest.raises(ValueError, match="no free GPU"):
+        plan_actors(cpu_box, None, 100, "cuda")
