@@ -221,3 +221,51 @@ def test_actors_share_the_cluster_and_take_gpus_where_the_model_runs_on_cuda() -
     assert plan_actors(cpu_box, None, 100, "auto") == ActorPlan(16, 1, 0)
     with pytest.raises(ValueError, match="no free GPU"):
         plan_actors(cpu_box, None, 100, "cuda")
+
+
+def test_a_killed_local_evaluate_resumes_on_ray(small_world, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                fp32_cluster: None) -> None:
+    """SIGKILL a local evaluate once its first part is committed, then ``--resume`` it with
+    ``--backend ray``: the kept part is not recomputed and the metrics are an uninterrupted
+    local run's."""
+    import os
+    import pickle
+    import signal
+    import subprocess
+    import time
+
+    from agents.llm import tiny_lm
+    from tests.test_evaluate_sections import ALIGNUSER, _comparable, _write_atomic_dataset
+
+    monkeypatch.setenv("ALIGNUSER_DTYPE", "fp32")
+    monkeypatch.setenv("ALIGNUSER_THREADS", "1")
+    lm = tiny_lm(seed=1)
+    lm.model.save_pretrained(tmp_path / "tiny")
+    lm.tokenizer.save_pretrained(tmp_path / "tiny")
+    argv = ["evaluate", "--preset", "quick", "--ms", "1,9", "--next-action-pages", "2",
+            "--methods", "zero_shot", "--sections", "discrimination,next_action,cost",
+            "--model", str(tmp_path / "tiny"),
+            "--dataset", str(_write_atomic_dataset(small_world, tmp_path / "ml40"))]
+    killed = subprocess.Popen([ALIGNUSER, *argv, "--output", str(tmp_path / "killed")],
+                              cwd=tmp_path, env=dict(os.environ), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".killed.incomplete-*/parts/partial-zero_shot.pkl")):
+        assert killed.poll() is None, killed.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "no part committed in 120 s"
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    [staging] = tmp_path.glob(".killed.incomplete-*")
+    kept = pickle.loads((staging / "parts" / "partial-zero_shot.pkl").read_bytes())
+    assert kept["lists"] and len(kept["lists"]) < 2 and not kept.get("pages")
+    assert cli.main(["evaluate", "--resume", str(tmp_path / "killed"), "--backend", "ray",
+                     "--concurrency", "2"]) == 0
+    assert cli.main([*argv, "--output", str(tmp_path / "whole")]) == 0
+    got, want = _comparable(tmp_path / "killed"), _comparable(tmp_path / "whole")
+    assert got["setup"].pop("answers") != want["setup"].pop("answers")  # Ray, then local
+    assert all(run.pop("cost")["zero-shot"]["tokens"] > 0 for run in (got, want))
+    assert got["discrimination"]["rows"] and got == want
+    answers = pickle.loads((tmp_path / "killed" / "parts" / "outputs-zero_shot.pkl").read_bytes())
+    assert {m: answers["lists"][m] for m in kept["lists"]} == kept["lists"]
