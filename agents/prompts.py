@@ -39,10 +39,23 @@ def reflection_tail(predictions: str = "") -> str:
     return predictions + THINK
 
 
-INTERVIEW = ("{persona}\nYou just finished browsing a movie recommender.\n{session}\n"
-             "How satisfied are you with the recommendations, from 1 to 10, and why? "
-             "Answer in one sentence.\n")
-SATISFACTION_TAIL = "Satisfaction (1-10): "
+_AFTER_SESSION = "{persona}\nYou just finished browsing a movie recommender.\n{session}\n"
+# The post-session interview: the free-text reason (only with a text model) ...
+INTERVIEW = (_AFTER_SESSION + "How satisfied are you with the recommendations, from 1 to 10, "
+             "and why? Answer in one sentence.\n")
+# ... and the satisfaction score, an enumerated answer (``satisfaction_option``). Asked as
+# "Satisfaction (1-10): " the shipped agent put 79% on "1" and its score fell as the likes
+# per page rose (Spearman -0.21 over 80 sessions); this wording rises with them
+# (``bench/bench_interview.py``).
+SATISFACTION = (_AFTER_SESSION + "On a scale of 1 to 10, how satisfied are you with the "
+                "recommendations?\n")
+SATISFACTION_TAIL = "Answer: I would rate them "
+
+
+def satisfaction_option(score: int) -> str:
+    """One answer of the satisfaction scale; "1" and "10" no longer share their first token
+    as whole answers (a bare "1" would hold the probability of every answer starting with 1)."""
+    return f"{score} out of 10"
 
 JUDGE = ("You judge whether a recommender session was produced by a real person. Rubric: 5 = "
          "indistinguishable from a real person (choices fit the persona, plausible number of "

@@ -240,9 +240,16 @@ def memory_note(page: int, watched: Sequence[tuple[str, int]], skipped: Sequence
 
 
 def session_summary(n_pages: int, ratings: Sequence[int]) -> str:
-    """A finished session in one sentence, as the post-session interview shows it."""
-    return (f"You saw {n_pages} page(s) and watched {len(ratings)} movie(s)"
-            + (f", rated {', '.join(map(str, ratings))}." if ratings else "."))
+    """A finished session as the post-session interview shows it: the counts and the mean a
+    small model can read, not the list of every rating (with the list, the shipped agent's
+    satisfaction fell as the number of movies watched rose, Spearman -0.36 over 250 sessions;
+    with the counts -0.03, ``bench/bench_interview.py``)."""
+    if not ratings:
+        return f"You saw {n_pages} page(s) of recommendations and watched none of them."
+    liked = sum(r >= 4 for r in ratings)
+    return (f"You saw {n_pages} page(s) of recommendations, watched {len(ratings)} movie(s) and "
+            f"liked {liked} of them (rated 4 or 5); your average rating was "
+            f"{sum(ratings) / len(ratings):.1f} out of 5.")
 
 
 def describe_session(pages: Sequence[Mapping], titles: Mapping[int, str]) -> str:

@@ -146,16 +146,18 @@ def interview(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, An
     when a text model is configured (the one place free text is allowed)."""
     rt = _deps(state, runtime)
     watched = [r for p in state["pages"] for r in PageRecord.model_validate(p).watched.values()]
-    prompt = prompts.INTERVIEW.format(persona=state["persona_text"],
-                                      session=session_summary(len(state["pages"]), watched))
+    facts = {"persona": state["persona_text"],
+             "session": session_summary(len(state["pages"]), watched)}
     if rt.scorer is None:
         likes = sum(r >= 4 for r in watched)
         return {"satisfaction": float(np.clip(1 + round(9 * likes / max(len(state["pages"]), 1)
                                                         / 2), 1, 10)),
                 "interview": "no language model: satisfaction from likes per page"}
-    options = [(prompts.SATISFACTION_TAIL, str(k)) for k in range(1, 11)]
+    options = [(prompts.SATISFACTION_TAIL, prompts.satisfaction_option(k)) for k in range(1, 11)]
     # The expectation, not its rounding: an untrained interview keeps its mass on a few
     # answers, and rounding would hide how the answer moves with the session.
-    score = round(expected_value(rt.scorer.score(prompt, options), range(1, 11)), 2)
-    reason = rt.reason_model.complete(prompt, 40) if rt.reason_model else ""
+    score = round(expected_value(rt.scorer.score(prompts.SATISFACTION.format(**facts), options),
+                                 range(1, 11)), 2)
+    reason = (rt.reason_model.complete(prompts.INTERVIEW.format(**facts), 40)
+              if rt.reason_model else "")
     return {"satisfaction": score, "interview": reason.strip()}

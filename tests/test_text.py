@@ -221,3 +221,24 @@ def test_line_by_line_scoring_sees_the_training_tokens(tok: Any, persona: str) -
         assert train_ids[:len(scored)] == scored
         ctx += line
     assert len(scored) == len(train_ids)
+
+
+def test_no_satisfaction_answer_is_a_prefix_of_another(tok: Any) -> None:
+    """An enumerated answer is scored by the probability of its tokens; were "1" a token
+    prefix of "10" (as bare digits are), its score would hold every answer starting with 1."""
+    answers = [encode(tok, [prompts.SATISFACTION_TAIL + prompts.satisfaction_option(k)])
+               for k in range(1, 11)]
+    for a in answers:
+        for b in answers:
+            assert a == b or b[:len(a)] != a
+    bare = [encode(tok, [prompts.SATISFACTION_TAIL + str(k)]) for k in (1, 10)]
+    assert bare[1][:len(bare[0])] == bare[0]  # the bare digits' trap this avoids
+    question = prompts.SATISFACTION.format(persona="P", session="S")
+    assert question.startswith("P\n") and "S\n" in question and "1 to 10" in question
+
+
+def test_the_interview_reads_counts_not_every_rating() -> None:
+    assert text.session_summary(3, [5, 2, 4]) == (
+        "You saw 3 page(s) of recommendations, watched 3 movie(s) and liked 2 of them "
+        "(rated 4 or 5); your average rating was 3.7 out of 5.")
+    assert "watched none" in text.session_summary(2, [])
