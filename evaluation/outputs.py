@@ -71,9 +71,9 @@ class EvalBundle:
 # ("pages", None) the held-out pages and their ratings, ("next_state", None) the world model's
 # next states, ("sessions", recommender) the simulated sessions on one recommender.
 Part = tuple[str, Any]
-# Rows of a part per block for a runner that shards blocks over processes: one scorer call's
-# worth locally (``browse`` decides 64 sessions a call, ``decide_chunked`` 100 pages), so a
-# block is batched as the local run batches it; the next states stay one block, as
+# Most rows of a part per block for a runner that shards blocks over processes: one scorer
+# call's worth locally (``browse`` decides 64 sessions a call, ``decide_chunked`` 100 pages),
+# so a block holds no more at once than the local run does; the next states stay one block, as
 # ``greedy_many`` orders all of its prompts by length before it batches them.
 BLOCK_ROWS = {"lists": 64, "pages": 100, "sessions": 64}
 
