@@ -56,6 +56,30 @@ def test_ray_runs_the_same_sessions_as_local(tiny_dataset: Dataset, tmp_path: Pa
     assert memories[1].count(thread) == memories[0].count(thread) > 0
 
 
+def _tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> str:
+    """A tiny random LM saved where a command can load it, in fp32 on one thread here (the
+    ``fp32_cluster`` actors load it so too)."""
+    from agents.llm import tiny_lm
+
+    monkeypatch.setenv("ALIGNUSER_DTYPE", "fp32")
+    monkeypatch.setenv("ALIGNUSER_THREADS", "1")
+    lm = tiny_lm(seed=seed)
+    lm.model.save_pretrained(tmp_path / "tiny")
+    lm.tokenizer.save_pretrained(tmp_path / "tiny")
+    return str(tmp_path / "tiny")
+
+
+def _evaluate_argv(small_world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                   ms: str) -> list[str]:
+    """A quick zero-shot evaluation of the tiny LM on ``small_world``, its lists and pages."""
+    from tests.test_evaluate_sections import _write_atomic_dataset
+
+    return ["evaluate", "--preset", "quick", "--ms", ms, "--next-action-pages", "2",
+            "--methods", "zero_shot", "--sections", "discrimination,next_action,cost",
+            "--model", _tiny_model(tmp_path, monkeypatch, seed=1),
+            "--dataset", str(_write_atomic_dataset(small_world, tmp_path / "ml40"))]
+
+
 def _decisions(run: Path) -> list[tuple]:
     """What each session did, page by page, and its watch scores (to compare with a tolerance)."""
     rows = [json.loads(line) for line in (run / "sessions.jsonl").read_text().splitlines()]
@@ -71,14 +95,8 @@ def test_llm_agents_on_ray_run_in_lockstep_and_repeat(tmp_path: Path,
     write the same sessions byte for byte, whichever actor ran which chunk."""
     import numpy as np
 
-    from agents.llm import tiny_lm
-
-    monkeypatch.setenv("ALIGNUSER_DTYPE", "fp32")
-    monkeypatch.setenv("ALIGNUSER_THREADS", "1")
-    lm = tiny_lm(seed=2)
-    lm.model.save_pretrained(tmp_path / "tiny")
-    lm.tokenizer.save_pretrained(tmp_path / "tiny")
-    argv = ["simulate", "--policy", "zero_shot", "--model", str(tmp_path / "tiny"),
+    argv = ["simulate", "--policy", "zero_shot", "--model",
+            _tiny_model(tmp_path, monkeypatch, seed=2),
             "--no-memory", "--agents", "5", "--recommenders", "pop,itemknn", "--pages", "2",
             "--device", "cpu"]
     assert cli.main([*argv, "--output", str(tmp_path / "local")]) == 0
@@ -118,15 +136,11 @@ def test_ray_answers_what_the_local_run_answers(quick_bundle, tmp_path: Path,
     committed once it is whole."""
     import numpy as np
 
-    from agents.llm import tiny_lm
     from evaluation.distributed import blocks_of, ray_runners
     from evaluation.outputs import all_outputs
     from tests.test_evaluate import _cut
 
-    monkeypatch.setenv("ALIGNUSER_DTYPE", "fp32")
-    lm = tiny_lm(seed=1)
-    lm.model.save_pretrained(tmp_path / "tiny")
-    lm.tokenizer.save_pretrained(tmp_path / "tiny")
+    model = _tiny_model(tmp_path, monkeypatch, seed=1)
     cut = _cut(quick_bundle)
     cut.lists = {m: [(u, items[:8], labels[:8]) for u, items, labels in rows[:2]]
                  for m, rows in quick_bundle.lists.items()}
@@ -136,7 +150,7 @@ def test_ray_answers_what_the_local_run_answers(quick_bundle, tmp_path: Path,
     assert len(blocks_of(cut, [("lists", 1), ("pages", None), ("next_state", None)], one)) == 5
     assert [b[1:] for b in blocks_of(cut, [("lists", 1)], spread=2)] == [(0, 1), (1, 2)]
     assert [b[1:] for b in blocks_of(cut, [("lists", 1)], spread=3)] == [(0, 1), (1, 2)]
-    methods, model = ["zero_shot", "full"], str(tmp_path / "tiny")
+    methods = ["zero_shot", "full"]
     local = all_outputs(cut, methods, {}, model=model, device="cpu", log=lambda m: None)
     committed: list[tuple[str, list]] = []
     with ray_runners(cut, model, "cpu", None, 2, rows=one) as runners:
@@ -172,18 +186,9 @@ def test_evaluate_on_ray_writes_the_local_metrics(small_world, tmp_path: Path,
                                                   fp32_cluster: None) -> None:
     """`alignuser evaluate --backend ray` end to end: the metrics a local run writes, and a
     manifest that does not tie the run to a backend (it may be resumed on another)."""
-    from agents.llm import tiny_lm
-    from tests.test_evaluate_sections import _comparable, _write_atomic_dataset
+    from tests.test_evaluate_sections import _comparable
 
-    monkeypatch.setenv("ALIGNUSER_DTYPE", "fp32")
-    monkeypatch.setenv("ALIGNUSER_THREADS", "1")
-    lm = tiny_lm(seed=1)
-    lm.model.save_pretrained(tmp_path / "tiny")
-    lm.tokenizer.save_pretrained(tmp_path / "tiny")
-    argv = ["evaluate", "--preset", "quick", "--ms", "1", "--next-action-pages", "2",
-            "--methods", "zero_shot", "--sections", "discrimination,next_action,cost",
-            "--model", str(tmp_path / "tiny"),
-            "--dataset", str(_write_atomic_dataset(small_world, tmp_path / "ml40"))]
+    argv = _evaluate_argv(small_world, tmp_path, monkeypatch, "1")
     assert cli.main([*argv, "--output", str(tmp_path / "local")]) == 0
     assert cli.main([*argv, "--backend", "ray", "--concurrency", "2",
                      "--output", str(tmp_path / "ray")]) == 0
@@ -235,18 +240,9 @@ def test_a_killed_local_evaluate_resumes_on_ray(small_world, tmp_path: Path,
     import subprocess
     import time
 
-    from agents.llm import tiny_lm
-    from tests.test_evaluate_sections import ALIGNUSER, _comparable, _write_atomic_dataset
+    from tests.test_evaluate_sections import ALIGNUSER, _comparable
 
-    monkeypatch.setenv("ALIGNUSER_DTYPE", "fp32")
-    monkeypatch.setenv("ALIGNUSER_THREADS", "1")
-    lm = tiny_lm(seed=1)
-    lm.model.save_pretrained(tmp_path / "tiny")
-    lm.tokenizer.save_pretrained(tmp_path / "tiny")
-    argv = ["evaluate", "--preset", "quick", "--ms", "1,9", "--next-action-pages", "2",
-            "--methods", "zero_shot", "--sections", "discrimination,next_action,cost",
-            "--model", str(tmp_path / "tiny"),
-            "--dataset", str(_write_atomic_dataset(small_world, tmp_path / "ml40"))]
+    argv = _evaluate_argv(small_world, tmp_path, monkeypatch, "1,9")
     killed = subprocess.Popen([ALIGNUSER, *argv, "--output", str(tmp_path / "killed")],
                               cwd=tmp_path, env=dict(os.environ), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
