@@ -45,7 +45,7 @@ INTERVIEW = (_AFTER_SESSION + "How satisfied are you with the recommendations, f
              "and why? Answer in one sentence.\n")
 # ... and the satisfaction score, an enumerated answer (``satisfaction_option``). Asked as
 # "Satisfaction (1-10): " the shipped agent put 79% on "1" and its score fell as the likes
-# per page rose (Spearman -0.21 over 80 sessions); this wording rises with them
+# per page rose (Spearman -0.23 over 80 sessions); this wording rises with them
 # (``bench/bench_interview.py``).
 SATISFACTION = (_AFTER_SESSION + "On a scale of 1 to 10, how satisfied are you with the "
                 "recommendations?\n")
@@ -53,8 +53,8 @@ SATISFACTION_TAIL = "Answer: I would rate them "
 
 
 def satisfaction_option(score: int) -> str:
-    """One answer of the satisfaction scale; "1" and "10" no longer share their first token
-    as whole answers (a bare "1" would hold the probability of every answer starting with 1)."""
+    """One answer of the satisfaction scale. No answer is a token prefix of another: a bare
+    "1" is one of "10", and its score would hold every answer starting with 1."""
     return f"{score} out of 10"
 
 JUDGE = ("You judge whether a recommender session was produced by a real person. Rubric: 5 = "

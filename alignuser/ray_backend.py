@@ -147,8 +147,8 @@ def chunks(jobs: list[Job], actors: int, flight: int) -> list[list[Job]]:
 def run_on_ray(cfg: SimulateConfig, users: list[int], run_dir: Path,
                finished: dict[str, SessionRecord], commit: Callable[[SessionRecord], None]
                ) -> tuple[list[SessionRecord], str | None, ActorsCost | None]:
-    """Every session in job order; ``cfg.concurrency`` actors (default: the cluster's CPUs)
-    on ``cfg.address`` (``simulator.cluster.ray_cluster``)."""
+    """Every session in job order, on the actors ``simulator.cluster.plan_actors`` places for
+    ``cfg.concurrency`` on ``cfg.address`` (``simulator.cluster.ray_cluster``)."""
     from memory.store import make_memory
 
     with ray_cluster(cfg.address) as ray:
