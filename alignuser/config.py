@@ -67,8 +67,9 @@ class SimulateConfig(AgentSettings):
         "another concurrency batches otherwise and moves scores by round-off")
     backend: Literal["local", "ray"] = Field(
         "local", description="where agents run: local (this process) or ray (shards of agents on "
-        "--concurrency Ray actors, by default one per CPU of the cluster, each with its own copy "
-        "of the data and model; needs the 'ray' extra)")
+        "--concurrency Ray actors, by default one per free CPU of the cluster, or per free GPU "
+        "where the model runs on CUDA, each with its own copy of the data and model; needs the "
+        "'ray' extra)")
     address: str | None = Field(
         None, description="backend ray: the cluster to join (ray://HOST:10001, auto, or an "
         "address); default: a local cluster started for the run")

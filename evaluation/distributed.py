@@ -47,6 +47,7 @@ class OutputsWorker:
         self.loaded: tuple[str, str | None] | None = None
         self.method: str | None = None
         self.scorer: Any = None
+        self.cal = Calibration()
 
     def _scorer(self, method: str, adapter: str | None) -> Any:
         from agents.llm import load_lm
@@ -58,7 +59,7 @@ class OutputsWorker:
             gc.collect()
             self.scorer = Scorer(load_lm(self.model, adapter=adapter, device=self.device),
                                  cache_size=2048)
-            self.loaded = weights
+            self.cal, self.loaded = Calibration.of_checkpoint(adapter), weights
         elif self.method != method:
             self.scorer.clear()  # as the local run does between methods
         self.method = method
@@ -70,9 +71,9 @@ class OutputsWorker:
         scorer = self._scorer(method, adapter)
         before = scorer.stats.tokens
         part, start, stop = block
-        value = answer_rows(METHODS[method], scorer, Calibration.of_checkpoint(adapter),
-                            self.bundle, part, part_rows(self.bundle, part)[start:stop],
-                            temperature=temperature, seed=seed)
+        value = answer_rows(METHODS[method], scorer, self.cal, self.bundle, part,
+                            part_rows(self.bundle, part)[start:stop], temperature=temperature,
+                            seed=seed)
         return block, value, scorer.stats.tokens - before
 
 

@@ -120,7 +120,8 @@ class EvaluateRunConfig(BaseModel):
                                 "(ray://HOST:10001, auto, or an address); default: a local "
                                 "cluster started for the run")
     concurrency: int | None = Field(None, ge=1, description="backend ray: actors (default: "
-                                    "one per CPU of the cluster)")
+                                    "one per free CPU of the cluster, or per free GPU where "
+                                    "the model runs on CUDA)")
     prepare_only: str | None = Field(
         None, description="write what the agents are shown to FILE and stop; answer it "
         "anywhere with python -m evaluation.outputs FILE OUT")

@@ -194,6 +194,22 @@ def _comparable(run: Path) -> dict:
     return metrics
 
 
+def kill_once_committed(run: subprocess.Popen, output: Path, part: str) -> Path:
+    """SIGKILL an evaluate process writing to ``output`` as soon as its staged folder holds
+    ``parts/<part>``; the staged folder it leaves behind."""
+    deadline = time.monotonic() + 120
+    pattern = f".{output.name}.incomplete-*/parts/{part}"
+    while not list(output.parent.glob(pattern)):
+        assert run.poll() is None, run.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"no {part} committed in 120 s"
+        time.sleep(0.01)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL and not output.exists()
+    [staging] = output.parent.glob(f".{output.name}.incomplete-*")
+    return staging
+
+
 def test_a_killed_evaluate_resumes_to_the_uninterrupted_metrics(small_world: World,
                                                                 tmp_path: Path) -> None:
     """SIGKILL once the first method's answers are committed, then ``--resume``: the answers
@@ -211,15 +227,7 @@ def test_a_killed_evaluate_resumes_to_the_uninterrupted_metrics(small_world: Wor
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     whole, killed = start("whole"), start("killed")  # side by side: two cores
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".killed.incomplete-*/parts/outputs-zero_shot.pkl")):
-        assert killed.poll() is None, killed.communicate()[1][-2000:]
-        assert time.monotonic() < deadline, "no answers committed in 120 s"
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "killed").exists()
-    [staging] = tmp_path.glob(".killed.incomplete-*")
+    staging = kill_once_committed(killed, tmp_path / "killed", "outputs-zero_shot.pkl")
     kept = (staging / "parts" / "outputs-zero_shot.pkl").read_bytes()
     assert whole.wait(timeout=180) == 0, whole.communicate()[1][-2000:]
 

@@ -236,24 +236,15 @@ def test_a_killed_local_evaluate_resumes_on_ray(small_world, tmp_path: Path,
     local run's."""
     import os
     import pickle
-    import signal
     import subprocess
-    import time
 
-    from tests.test_evaluate_sections import ALIGNUSER, _comparable
+    from tests.test_evaluate_sections import ALIGNUSER, _comparable, kill_once_committed
 
     argv = _evaluate_argv(small_world, tmp_path, monkeypatch, "1,9")
     killed = subprocess.Popen([ALIGNUSER, *argv, "--output", str(tmp_path / "killed")],
                               cwd=tmp_path, env=dict(os.environ), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not list(tmp_path.glob(".killed.incomplete-*/parts/partial-zero_shot.pkl")):
-        assert killed.poll() is None, killed.communicate()[1][-2000:]
-        assert time.monotonic() < deadline, "no part committed in 120 s"
-        time.sleep(0.01)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    [staging] = tmp_path.glob(".killed.incomplete-*")
+    staging = kill_once_committed(killed, tmp_path / "killed", "partial-zero_shot.pkl")
     kept = pickle.loads((staging / "parts" / "partial-zero_shot.pkl").read_bytes())
     assert kept["lists"] and len(kept["lists"]) < 2 and not kept.get("pages")
     assert cli.main(["evaluate", "--resume", str(tmp_path / "killed"), "--backend", "ray",

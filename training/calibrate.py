@@ -100,12 +100,9 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
               "world_model": world_model,
               "pages_digest": digest([[t.user, t.page, list(t.items)] for t in valid_trs])}
     if sessions and visits and perceiver is not None and personas and histories is not None:
-        open_offset, last_offset, report["sessions"] = session_offsets(
+        report["sessions"] = refit_on_sessions(
             scorer, cal, sessions, visits, perceiver=perceiver, personas=personas,
             histories=histories, world_model=world_model, seed=seed)
-        cal.sampled_then_offset = open_offset
-        if last_offset is not None:
-            cal.sampled_last_then_offset = last_offset
     if valid_lists and perceiver is not None and personas and histories is not None:
         pages = sum(len(pages_of(items)) for _, items, _ in valid_lists)
         with tqdm(total=pages, desc="calibrate lists", unit="page") as bar:
@@ -213,6 +210,18 @@ def session_offsets(scorer, cal: Calibration, sessions: Sequence[tuple[int, list
         "session_fitted": summary(offset, after_last)}
 
 
+def refit_on_sessions(scorer, cal: Calibration, sessions: Sequence[tuple[int, list[list[int]]]],
+                      visits: Sequence[tuple[int, bool]], **kw: Any) -> dict:
+    """``cal``'s sampled exit offsets refitted on sessions (``session_offsets``, whose keyword
+    arguments ``kw`` are); the last page's is kept where none could be fitted. Returns what
+    they were fitted on."""
+    open_offset, last_offset, report = session_offsets(scorer, cal, sessions, visits, **kw)
+    cal.sampled_then_offset = open_offset
+    if last_offset is not None:
+        cal.sampled_last_then_offset = last_offset
+    return report
+
+
 NO_SESSIONS = ("the prepared file has no validation sessions: write it with alignuser train "
                "--prepare-only --calibration-sessions N")
 
@@ -253,13 +262,12 @@ def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool
         old = manifest.get("calibration") or {}
         fitted = Calibration.model_validate({k: v for k, v in old.items()
                                              if k in Calibration.model_fields})
-        open_offset, last_offset, report = session_offsets(
-            scorer, fitted, sessions, visits, perceiver=prep.perceiver,
-            personas=prep.personas, histories=prep.histories, world_model=world_model)
-        cal = {**old, "sampled_then_offset": open_offset,
+        report = refit_on_sessions(scorer, fitted, sessions, visits, perceiver=prep.perceiver,
+                                   personas=prep.personas, histories=prep.histories,
+                                   world_model=world_model)
+        cal = {**old, **fitted.model_dump(include={"sampled_then_offset",
+                                                   "sampled_last_then_offset"}),
                "fitted_on": {**(old.get("fitted_on") or {}), "sessions": report}}
-        if last_offset is not None:
-            cal["sampled_last_then_offset"] = last_offset
     cal["seconds"] = round(time.perf_counter() - t0, 1)
     if pages and not lists:
         old = manifest.get("calibration") or {}
