@@ -147,3 +147,45 @@ def test_page_count_regression_compares_constructions_on_the_same_lists(
     assert np.isfinite(table["pull"]).all() and np.isfinite(table.attrs["list_pull"])
     # The page-mates' column changes what the regression sees.
     assert (table["valid_list_auc_own"] != table["valid_list_auc_mates"]).any()
+
+
+
+def test_pseudo_lists_read_train_ratings_only(small_world: World) -> None:
+    """A pseudo-list's history is the person's train ratings before the cut, its positives are
+    their next train ratings from the cut on, and its negatives were never rated in any part;
+    its cues are those of that history, the match without the person's own row."""
+    from evaluation.pseudo_lists import pseudo_list_features, rated_anywhere
+
+    users = sorted(int(u) for u in small_world.split.train["user"].unique())[:8]
+    frame = pseudo_list_features(small_world, users, seed=0, per_user=2, n_pos=5, n_neg=5)
+    assert frame["list"].nunique() >= 8
+    assert frame.groupby("list")["label"].agg(["sum", "count"]).eq([5, 10]).all().all()
+    train, sim = small_world.split.train, small_world.similarity
+    rated = rated_anywhere(small_world)
+    for (user, cut), rows in frame.groupby(["user", "cut"]):
+        g = train[train["user"] == user].sort_values("timestamp", kind="stable")
+        before, after = g[g["timestamp"] < cut], g[g["timestamp"] >= cut]
+        assert len(before) >= 5
+        pos, neg = rows.loc[rows["label"] == 1, "item"], rows.loc[rows["label"] == 0, "item"]
+        assert set(pos) <= set(after["item"].head(5)) and not set(pos) & set(before["item"])
+        assert not set(neg) & rated[user]
+        history = dict(zip(before["item"].astype(int), before["rating"], strict=True))
+        match = sim.match_percentiles(history, without=user)
+        expected = pd.DataFrame([sim.features(int(i), history, match) for i in rows["item"]])
+        np.testing.assert_allclose(rows[list(FEATURE_NAMES)].to_numpy(float),
+                                   expected[list(FEATURE_NAMES)].to_numpy(float))
+
+
+def test_pseudo_lists_keep_the_person_row_in_the_match_only_when_asked(
+        small_world: World) -> None:
+    from evaluation.pseudo_lists import pseudo_list_features
+
+    users = sorted(int(u) for u in small_world.split.train["user"].unique())[:8]
+    kw = {"seed": 3, "per_user": 1, "n_pos": 4, "n_neg": 4, "positives": "later"}
+    out = pseudo_list_features(small_world, users, **kw)
+    kept = pseudo_list_features(small_world, users, **kw, leave_out=False)
+    others = [c for c in out.columns if c != "match"]
+    pd.testing.assert_frame_equal(out[others], kept[others])  # the same draw
+    # The positives are in the person's row: with it in the fit they match better.
+    assert (kept.loc[kept["label"] == 1, "match"].mean()
+            > out.loc[out["label"] == 1, "match"].mean())
