@@ -11,7 +11,10 @@ regression, which is what the lists reward). It also asks whether a score knows 
 perceived numbers do not: a logistic regression on the numbers alone and on the numbers plus
 the score, each fit on four fifths of the users and scored on the others (5 folds). Last, what
 an offset can do for F1: each scorer's per-user mean F1 at its own cut beside the best F1 of any
-single cut, searched on the lists' own labels (a bound no calibration can pass).
+single cut, searched on the lists' own labels (a bound no calibration can pass). And where on a
+page a score sits: its mean residual per slot after a least-squares fit on the item's match
+(the lists' positives fall on every slot alike), and the AUC once each slot's mean residual,
+taken from the other folds' users, is removed: what a position bias costs the ranking.
 
 ``python bench/bench_page_effects.py BUNDLE RUN [--prepared FILE]`` where BUNDLE comes from
 the run's own command with ``--prepare-only BUNDLE`` (the same lists) and RUN is its output
@@ -41,16 +44,16 @@ from simulator.runs import read_pickle
 
 
 def list_frame(bundle, m: int) -> pd.DataFrame:
-    """One row per list item: user, page, label, match and the page-mates' mean match."""
+    """One row per list item: user, page, slot, label, match and the page-mates' mean match."""
     rows = []
     for user, items, labels in bundle.lists[m]:
         match = bundle.perceiver.similarity.match_percentiles(bundle.histories.get(user, {}))
         k = 0
         for p, page in enumerate(pages_of(items)):
             ms = [float(match.get(i, 0)) for i in page]
-            for x, mates in zip(ms, page_mates(ms), strict=True):
-                rows.append({"user": user, "page": p, "label": int(labels[k]), "match": x,
-                             "mates": mates})
+            for slot, (x, mates) in enumerate(zip(ms, page_mates(ms), strict=True), 1):
+                rows.append({"user": user, "page": p, "slot": slot, "label": int(labels[k]),
+                             "match": x, "mates": mates})
                 k += 1
     return pd.DataFrame(rows)
 
@@ -114,6 +117,30 @@ def mates_ratio(frame: pd.DataFrame, col: str) -> float:
     x = np.column_stack([np.ones(len(frame)), frame["match"], frame["mates"]])
     beta, *_ = np.linalg.lstsq(x, frame[col].to_numpy(), rcond=None)
     return float(beta[2] / beta[1])
+
+
+def slot_residuals(frame: pd.DataFrame, col: str) -> pd.Series:
+    """Each item's score minus a least-squares line on its match."""
+    x = np.column_stack([np.ones(len(frame)), frame["match"]])
+    beta, *_ = np.linalg.lstsq(x, frame[col].to_numpy(), rcond=None)
+    return frame[col] - x @ beta
+
+
+def slot_effects(frame: pd.DataFrame, col: str, folds: int = 5, seed: int = 0
+                 ) -> tuple[pd.Series, float]:
+    """Mean residual per slot (``slot_residuals``), and the mean per-user AUC of the score with
+    each slot's mean residual removed, the means taken from the other folds' users."""
+    res = slot_residuals(frame, col)
+    users = frame["user"].to_numpy()
+    order = np.unique(users)
+    np.random.default_rng(seed).shuffle(order)
+    debiased = frame[col].to_numpy(dtype=float).copy()
+    for fold in np.array_split(order, folds):
+        test = np.isin(users, fold)
+        means = res[~test].groupby(frame["slot"][~test]).mean()
+        debiased[test] -= frame["slot"][test].map(means).fillna(0.0).to_numpy()
+    auc = concordance(frame.assign(debiased=debiased), "debiased")["auc"]
+    return res.groupby(frame["slot"]).mean(), auc
 
 
 def page_shift(named: dict[str, list]) -> Table:
@@ -211,6 +238,23 @@ def main() -> None:
             best, share = f1_bound(frame, "score")
             bound.add_row(name, own, f"{best:.3f}", f"{share:.2f}")
         console.print(bound)
+        slots = sorted(frame["slot"].unique())
+        by_slot = Table(title=f"1:{m} lists: mean score residual per slot (after a line on the "
+                              "match; positives per slot "
+                              + " / ".join(f"{frame.loc[frame['slot'] == k, 'label'].mean():.2f}"
+                                           for k in slots)
+                              + "), and the AUC with each slot's mean removed (5 folds of "
+                                "users)")
+        for col in ("scorer", *(f"slot {k}" for k in slots), "AUC", "AUC, slot means removed"):
+            by_slot.add_column(col)
+        for name, values in rows.items():
+            if name == "match number alone":
+                continue
+            frame["score"] = values
+            means, debiased = slot_effects(frame, "score")
+            by_slot.add_row(name, *(f"{means.get(k, 0.0):+.3f}" for k in slots),
+                            f"{concordance(frame, 'score')['auc']:.3f}", f"{debiased:.3f}")
+        console.print(by_slot)
     if prep is not None:
         console.print(page_shift({"test (this run's)": bundle.pages,
                                   "validation (calibration)": prep.calib}))
