@@ -227,7 +227,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         judge_chat = chat_model(run.judge_model)
     if not run.prepare_only and not run.outputs and not args.resume:
-        minutes = expected_seconds(cfg, methods) / 60
+        minutes = expected_seconds(cfg, methods, needs(sections)) / 60
         console.print(f"preset {cfg.preset}: {len(methods)} LLM method(s) on {cfg.users} users; "
                       f"expected about {minutes:.0f} min on a 2-core CPU (less on a GPU)")
     world = world_for(data_config(args, seed=cfg.seed))

@@ -9,7 +9,7 @@ from another machine (``--prepare-only`` / ``--outputs``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +20,7 @@ from agents.browse import pages_of
 from agents.policy import DEFAULT_TEMPERATURE
 from agents.world import World
 from evaluation.metrics import explain_scores
-from evaluation.outputs import METHODS, EvalBundle
+from evaluation.outputs import METHODS, OUTPUT_KINDS, EvalBundle
 from evaluation.parts import Parts
 from evaluation.report import png_bytes, write_report
 from evaluation.sections import REGISTRY, Context, held_out, pick, select
@@ -154,26 +154,34 @@ class EvaluateRunConfig(BaseModel):
         return [m for m in self.methods.split(",") if m]
 
 
-# Seconds per item decision on a 2-core CPU (bf16 SmolLM2-135M, merged LoRA, options packed as
-# token trees, pages in lockstep), from `alignuser evaluate --preset full` (runs evalN-200 and
-# evalP-200): 10,400 list and page decisions took 1,538-1,869 s for each policy-only method and
-# 1,544-1,607 s for each with the world model's expectations (the same rate); the full agent's
-# 2,400 page, 5,000 session and 450 next-state decisions 1,277 s. Plus the fixed cost of
-# loading the data and fitting the baselines.
+# Seconds per decision on a 2-core CPU (bf16 SmolLM2-135M, merged LoRA, options packed as token
+# trees, pages in lockstep). Lists, from `alignuser evaluate --preset full --ms 1 --methods
+# sft,full --simulator sft --sections discrimination` (runs/slotS-200, commit abfd71f): 4,000
+# list decisions took 311 s policy-only and 453 s with the world model's expectations. Held-out
+# pages, sessions and next states, from `alignuser evaluate --preset full` (evalP-200): the full
+# agent's 2,400 page, 5,000 session and 450 next-state decisions 1,277 s. Plus the fixed cost
+# of loading the data and fitting the baselines.
+LIST_SECONDS = {False: 0.078, True: 0.113}  # by whether the method runs the world model
 SECONDS_PER_DECISION = 0.16
 SETUP_SECONDS = 30.0
 
 
-def expected_seconds(cfg: EvalConfig, methods: Sequence[str]) -> float:
-    """A rough wall time for ``cfg`` on a 2-core CPU, printed before a run starts."""
+def expected_seconds(cfg: EvalConfig, methods: Sequence[str],
+                     needs: Collection[str] = OUTPUT_KINDS) -> float:
+    """A rough wall time for ``cfg`` on a 2-core CPU, printed before a run starts; ``needs``
+    (``evaluation.sections.needs``) leaves out the answers no chosen section reads."""
     total = SETUP_SECONDS
     pages = min(cfg.next_action_pages, cfg.next_action_users * 3)  # ~3 held-out pages a user
     for name in methods:
         spec = METHODS[name]
-        decisions = (cfg.users * sum(sum(LIST_SIZES[m]) for m in cfg.ms) + pages * 4)
+        if "lists" in needs:
+            total += (cfg.users * sum(sum(LIST_SIZES[m]) for m in cfg.ms)
+                      * LIST_SECONDS[spec.world_model])
+        decisions = pages * 4 if "pages" in needs else 0
         if name == cfg.simulator:
-            decisions += cfg.sim_users * len(cfg.recommenders) * cfg.session_pages * 4
-            if spec.world_model:  # a generated next state, batched: ~0.5 s, 1.5 decisions
+            if "sessions" in needs:
+                decisions += cfg.sim_users * len(cfg.recommenders) * cfg.session_pages * 4
+            if spec.world_model and "next_state" in needs:  # batched: ~0.5 s, 1.5 decisions
                 decisions += cfg.next_state * 1.5
         total += decisions * SECONDS_PER_DECISION
     return total

@@ -9,7 +9,7 @@ import pytest
 
 from alignuser.cli import build_parser, main, simulate_config
 from alignuser.flags import data_config
-from evaluation.run import PRESETS, EvalConfig, expected_seconds
+from evaluation.run import PRESETS, SETUP_SECONDS, EvalConfig, expected_seconds
 from simulator.split import SplitConfig
 
 
@@ -67,3 +67,11 @@ def test_presets_size_the_evaluation() -> None:
     assert expected_seconds(standard, methods) < expected_seconds(
         EvalConfig.of_preset("standard"), methods)
     assert expected_seconds(standard, ["zero_shot"]) < expected_seconds(standard, ["full"])
+    # Answers no chosen section reads are not counted: lists alone cost less than everything,
+    # and a run that reads nothing costs its setup.
+    every = expected_seconds(full, methods)
+    lists = expected_seconds(full, methods, {"lists"})
+    assert SETUP_SECONDS < lists < every
+    assert expected_seconds(full, methods, set()) == SETUP_SECONDS
+    assert expected_seconds(full, methods, {"sessions"}) < expected_seconds(
+        full, methods, {"sessions", "next_state"})
