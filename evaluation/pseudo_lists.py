@@ -21,11 +21,11 @@ from sklearn.metrics import roc_auc_score
 
 from agents.world import World
 from evaluation.signal import (
-    _fit_and_score,
-    _match_alone,
-    _sample_users,
-    _valid_lists,
+    fit_and_score,
+    match_alone,
     page_features,
+    sample_users,
+    valid_lists,
 )
 from memory.evidence import FEATURE_NAMES, ItemSimilarity
 from simulator.trajectories import experienced
@@ -102,8 +102,8 @@ def pseudo_list_regression(world: World, *, users: int, min_history: int,
     positives, with and without the person's row in the match), the two scorers of
     ``evaluation.signal`` fit on it and scored on every validation 1:1 list; attrs carry the
     match alone and the validation-fit bar on the same lists."""
-    valid = _valid_lists(world, seed)
-    chosen = _sample_users(world, users, seed)
+    valid = valid_lists(world, seed)
+    chosen = sample_users(world, users, seed)
     pages = page_features(world, experienced(
         world.trajectories("train", users=chosen, progress=False), world.split.train,
         min_history))
@@ -115,8 +115,8 @@ def pseudo_list_regression(world: World, *, users: int, min_history: int,
         sources[name] = pseudo_list_features(world, chosen, seed=seed,
                                              min_history=min_history, **kw)
     rows = [{"source": name, "rows": len(frame), "positive_share": float(frame["label"].mean()),
-             **_fit_and_score(frame, valid)} for name, frame in sources.items()]
+             **fit_and_score(frame, valid)} for name, frame in sources.items()]
     out = pd.DataFrame(rows)
-    out.attrs.update(users=len(chosen), lists=len(valid), match_alone=_match_alone(valid),
+    out.attrs.update(users=len(chosen), lists=len(valid), match_alone=match_alone(valid),
                      validation_bar=validation_bar(valid))
     return out

@@ -105,25 +105,25 @@ def inverted(table: pd.DataFrame, margin: float = 0.0) -> list[str]:
     return bad
 
 
-def _valid_lists(world: World, seed: int, similarity: ItemSimilarity | None = None
+def valid_lists(world: World, seed: int, similarity: ItemSimilarity | None = None
                  ) -> list[tuple[Sequence[int], pd.DataFrame]]:
     return [(labels, list_features(similarity or world.similarity, world.histories,
                                    [(u, items, labels)])[list(FEATURE_NAMES)])
             for u, items, labels in world.lists("valid", 1, None, seed)]
 
 
-def _sample_users(world: World, users: int, seed: int) -> list[int]:
+def sample_users(world: World, users: int, seed: int) -> list[int]:
     pool = sorted(int(u) for u in world.split.train["user"].unique())
     rng = np.random.default_rng(seed)
     return sorted(int(u) for u in rng.choice(pool, size=min(users, len(pool)), replace=False))
 
 
-def _match_alone(valid) -> float:
+def match_alone(valid) -> float:
     """Mean per-user AUC of the match number alone on prepared validation lists."""
     return float(np.mean([_auc(y, x["match"]) for y, x in valid]))
 
 
-def _fit_and_score(pages: pd.DataFrame, valid) -> dict[str, float]:
+def fit_and_score(pages: pd.DataFrame, valid) -> dict[str, float]:
     """Mean per-user validation-list AUC of two scorers fit on the page slots: a logistic
     regression, and gradient-boosted trees, which, like an LLM reading the numbers, can learn a
     non-monotone function of a cue (so a filler source that makes the best-matching items look
@@ -154,18 +154,18 @@ def page_regression(world: World, cfg: TrajectoryConfig | None = None, *, users:
     scorers fit on the slots of ``users`` sampled train users' visits with at least that many
     earlier ratings, scored by mean per-user AUC on every validation 1:1 list (the bar
     ``TrainConfig.min_history`` is chosen by; test lists are never used)."""
-    valid = _valid_lists(world, seed)
-    chosen = _sample_users(world, users, seed)
+    valid = valid_lists(world, seed)
+    chosen = sample_users(world, users, seed)
     trajs = world.trajectories("train", cfg=cfg, users=chosen, progress=False)
     rows = []
     for n in min_histories:
         kept = experienced(trajs, world.split.train, n)
         pages = page_features(world, kept)
         rows.append({"min_history": n, "visits": len(kept), "slots": len(pages),
-                     **_fit_and_score(pages, valid)})
+                     **fit_and_score(pages, valid)})
     out = pd.DataFrame(rows)
     out.attrs.update(users=len(chosen), lists=len(valid),
-                     match_alone=_match_alone(valid))
+                     match_alone=match_alone(valid))
     return out
 
 
@@ -173,8 +173,8 @@ def exposure_regression(world: World, exposures: Mapping[str, Mapping[str, float
                         users: int, min_history: int, seed: int = 0) -> pd.DataFrame:
     """The same bar per filler mixture (``TrajectoryConfig.exposure``): which construction's
     pages best teach what validation lists reward. Chooses the default mixture."""
-    valid = _valid_lists(world, seed)
-    chosen = _sample_users(world, users, seed)
+    valid = valid_lists(world, seed)
+    chosen = sample_users(world, users, seed)
     rows = []
     for name, mix in exposures.items():
         cfg = TrajectoryConfig.model_validate({**world.trajectory_config.model_dump(),
@@ -184,7 +184,7 @@ def exposure_regression(world: World, exposures: Mapping[str, Mapping[str, float
         pages = page_features(world, kept)
         rows.append({"exposure": name, "slots": len(pages),
                      "watch_ratio": float(pages["label"].mean()), **_match_rates(pages),
-                     **_fit_and_score(pages, valid)})
+                     **fit_and_score(pages, valid)})
     out = pd.DataFrame(rows)
     out.attrs.update(users=len(chosen), lists=len(valid))
     return out
@@ -224,7 +224,7 @@ def page_count_regression(world: World, counts: Mapping[str, Mapping], *, users:
     valid = [(labels, with_mates(list_features(world.similarity, world.histories,
                                                [(u, items, labels)])))
              for u, items, labels in world.lists("valid", 1, None, seed)]
-    chosen = _sample_users(world, users, seed)
+    chosen = sample_users(world, users, seed)
     own, mates = list(FEATURE_NAMES), [*FEATURE_NAMES, MATES]
     rows = []
     for name, overrides in counts.items():
@@ -277,11 +277,11 @@ def match_regression(world: World, *, users: int, min_history: int,
     lists (the gap is the leak), and the two scorers fit on the slots, scored on the lists.
     The last variant also takes the person's row out of the cosine cues, popularity and mean
     rating (``refit_page_features``)."""
-    chosen = _sample_users(world, users, seed)
+    chosen = sample_users(world, users, seed)
     kept = experienced(world.trajectories("train", users=chosen, progress=False),
                        world.split.train, min_history)
     cosine = ItemSimilarity.fit(world.split.train, match_lambda=None)
-    lists = {id(sim): _valid_lists(world, seed, sim) for sim in (cosine, world.similarity)}
+    lists = {id(sim): valid_lists(world, seed, sim) for sim in (cosine, world.similarity)}
     default = page_features(world, kept)
     variants = (
         ("summed cosine, the person's row in the fit", cosine,
@@ -298,8 +298,8 @@ def match_regression(world: World, *, users: int, min_history: int,
                      "train_page_auc": _auc(pages["label"], pages["match"]),
                      **{f"train_page_auc_{f}": _auc(pages["label"], pages[f])
                         for f in ("max_sim", "n_similar", "close_watched", "popularity")},
-                     "valid_list_match_auc": _match_alone(valid),
-                     **_fit_and_score(pages, valid)})
+                     "valid_list_match_auc": match_alone(valid),
+                     **fit_and_score(pages, valid)})
     out = pd.DataFrame(rows)
     out.attrs.update(users=len(chosen), lists=len(valid))
     return out
@@ -311,7 +311,7 @@ def match_lambdas(world: World, lambdas: Sequence[float], seed: int = 0) -> pd.D
     rows = []
     for lam in [None, *lambdas]:
         sim = ItemSimilarity.fit(world.split.train, match_lambda=lam)
-        valid = _valid_lists(world, seed, sim)
+        valid = valid_lists(world, seed, sim)
         rows.append({"match": "summed cosine" if lam is None else f"EASE, lambda {lam:g}",
-                     "lists": len(valid), "valid_list_match_auc": _match_alone(valid)})
+                     "lists": len(valid), "valid_list_match_auc": match_alone(valid)})
     return pd.DataFrame(rows)
