@@ -156,7 +156,7 @@ class EvaluateRunConfig(BaseModel):
 
 # Seconds per decision on a 2-core CPU (bf16 SmolLM2-135M, merged LoRA, options packed as token
 # trees, pages in lockstep). Lists, from `alignuser evaluate --preset full --ms 1 --methods
-# sft,full --simulator sft --sections discrimination` (runs/slotS-200, commit abfd71f): 4,000
+# sft,full --simulator sft --sections discrimination` (runs/slotS-200, commit f249112): 4,000
 # list decisions took 311 s policy-only and 453 s with the world model's expectations. Held-out
 # pages, sessions and next states, from `alignuser evaluate --preset full` (evalP-200): the full
 # agent's 2,400 page, 5,000 session and 450 next-state decisions 1,277 s. Plus the fixed cost
