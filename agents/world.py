@@ -7,7 +7,7 @@ human page trajectories and the held-out 1:m lists; simulation (``graph``), trai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -21,7 +21,7 @@ from simulator.data import Dataset
 from simulator.lists import ListRow, discrimination_lists
 from simulator.readers import load_dataset
 from simulator.recommenders import RECOMMENDERS, Recommender
-from simulator.split import Split, SplitConfig, make_split
+from simulator.split import PARTS, Split, SplitConfig, make_split
 from simulator.trajectories import Exposure, Trajectory, TrajectoryConfig, build_trajectories
 
 
@@ -133,16 +133,19 @@ class World:
         return sorted(int(u) for u in rng.choice(users, size=min(n, len(users)), replace=False))
 
 
+    def rated_in(self, parts: Iterable[str] = PARTS) -> dict[int, set[int]]:
+        """Each person's items rated in ``parts``: what a list's negatives must avoid."""
+        rated: dict[int, set[int]] = {}
+        for p in parts:
+            for u, items in self.split.part(p).groupby("user")["item"]:
+                rated.setdefault(int(u), set()).update(int(i) for i in items)
+        return rated
+
     def lists(self, part: str, m: int, users: Sequence[int] | None = None,
               seed: int = 0) -> list[ListRow]:
         """Agent4Rec lists: positives held out in ``part``, negatives never rated in any
         part (``simulator.lists``)."""
-        rated: dict[int, set[int]] = {}
-        for p in ("train", "valid", "test"):
-            if p == part:
-                continue
-            for u, items in self.split.part(p).groupby("user")["item"]:
-                rated.setdefault(int(u), set()).update(int(i) for i in items)
+        rated = self.rated_in(p for p in PARTS if p != part)
         rows = discrimination_lists(self.split.part(part), rated, list(self.ds.items), m, seed)
         if users is not None:
             keep = set(users)

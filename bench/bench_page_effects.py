@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,16 +59,21 @@ def list_frame(bundle, m: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def user_folds(frame: pd.DataFrame, folds: int = 5, seed: int = 0) -> Iterator[np.ndarray]:
+    """Per fold, the mask of its users' rows (users shuffled by ``seed``, then split)."""
+    users = frame["user"].to_numpy()
+    order = np.unique(users)
+    np.random.default_rng(seed).shuffle(order)
+    for fold in np.array_split(order, folds):
+        yield np.isin(users, fold)
+
+
 def cv_scores(x: np.ndarray, frame: pd.DataFrame, folds: int = 5, seed: int = 0
               ) -> np.ndarray:
     """A logistic regression's log-odds on ``x``, each user scored by a fit on the other
     folds' users."""
-    users = frame["user"].to_numpy()
-    order = np.unique(users)
-    np.random.default_rng(seed).shuffle(order)
     pred = np.zeros(len(frame))
-    for fold in np.array_split(order, folds):
-        test = np.isin(users, fold)
+    for test in user_folds(frame, folds, seed):
         fit = LogisticRegression(max_iter=2000).fit(x[~test], frame["label"][~test])
         pred[test] = fit.decision_function(x[test])
     return pred
@@ -131,12 +137,8 @@ def slot_effects(frame: pd.DataFrame, col: str, folds: int = 5, seed: int = 0
     """Mean residual per slot (``slot_residuals``), and the mean per-user AUC of the score with
     each slot's mean residual removed, the means taken from the other folds' users."""
     res = slot_residuals(frame, col)
-    users = frame["user"].to_numpy()
-    order = np.unique(users)
-    np.random.default_rng(seed).shuffle(order)
     debiased = frame[col].to_numpy(dtype=float).copy()
-    for fold in np.array_split(order, folds):
-        test = np.isin(users, fold)
+    for test in user_folds(frame, folds, seed):
         means = res[~test].groupby(frame["slot"][~test]).mean()
         debiased[test] -= frame["slot"][test].map(means).fillna(0.0).to_numpy()
     auc = concordance(frame.assign(debiased=debiased), "debiased")["auc"]

@@ -27,25 +27,16 @@ from evaluation.signal import (
     sample_users,
     valid_lists,
 )
-from memory.evidence import FEATURE_NAMES, ItemSimilarity
+from memory.evidence import FEATURE_NAMES
 from simulator.trajectories import experienced
 
 Positives = Literal["next", "later"]
 
 
-def rated_anywhere(world: World) -> dict[int, set[int]]:
-    """Every item each person rated in any part: a pseudo-list's negatives avoid all of them."""
-    out: dict[int, set[int]] = {}
-    for part in ("train", "valid", "test"):
-        for user, items in world.split.part(part).groupby("user")["item"]:
-            out.setdefault(int(user), set()).update(int(i) for i in items)
-    return out
-
-
 def pseudo_list_features(world: World, users: list[int], *, seed: int, min_history: int = 5,
                          per_user: int = 2, n_pos: int = 10, n_neg: int = 10,
-                         positives: Positives = "next", leave_out: bool = True,
-                         similarity: ItemSimilarity | None = None) -> pd.DataFrame:
+                         positives: Positives = "next", leave_out: bool = True
+                         ) -> pd.DataFrame:
     """One row per pseudo-list item: the cues perceived from the train ratings before a cut,
     and whether the person rated it after the cut (``next``: among their next ``n_pos`` train
     ratings; ``later``: ``n_pos`` drawn from all later ones). Cuts fall between two distinct
@@ -54,9 +45,9 @@ def pseudo_list_features(world: World, users: list[int], *, seed: int, min_histo
     own row, as on their training pages (the positives are in it). Only train ratings are
     read, apart from the negatives' exclusion. Each row also names its list, user, item and
     cut (the first timestamp after the history)."""
-    sim = similarity or world.similarity
+    sim = world.similarity
     train = world.split.train
-    rated = rated_anywhere(world)
+    rated = world.rated_in()
     catalogue = np.array(sorted(world.ds.items), dtype=np.int64)
     rng = np.random.default_rng(seed)
     rows, lists = [], 0

@@ -149,19 +149,18 @@ def test_page_count_regression_compares_constructions_on_the_same_lists(
     assert (table["valid_list_auc_own"] != table["valid_list_auc_mates"]).any()
 
 
-
 def test_pseudo_lists_read_train_ratings_only(small_world: World) -> None:
     """A pseudo-list's history is the person's train ratings before the cut, its positives are
     their next train ratings from the cut on, and its negatives were never rated in any part;
     its cues are those of that history, the match without the person's own row."""
-    from evaluation.pseudo_lists import pseudo_list_features, rated_anywhere
+    from evaluation.pseudo_lists import pseudo_list_features
 
     users = sorted(int(u) for u in small_world.split.train["user"].unique())[:8]
     frame = pseudo_list_features(small_world, users, seed=0, per_user=2, n_pos=5, n_neg=5)
     assert frame["list"].nunique() >= 8
     assert frame.groupby("list")["label"].agg(["sum", "count"]).eq([5, 10]).all().all()
     train, sim = small_world.split.train, small_world.similarity
-    rated = rated_anywhere(small_world)
+    rated = small_world.rated_in()
     for (user, cut), rows in frame.groupby(["user", "cut"]):
         g = train[train["user"] == user].sort_values("timestamp", kind="stable")
         before, after = g[g["timestamp"] < cut], g[g["timestamp"] >= cut]
