@@ -155,22 +155,27 @@ class EvaluateRunConfig(BaseModel):
 
 
 # Seconds per decision on a 2-core CPU (bf16 SmolLM2-135M, merged LoRA, options packed as token
-# trees, pages in lockstep). Lists, from `alignuser evaluate --preset full --ms 1 --methods
-# sft,full --simulator sft --sections discrimination` (runs/slotS-200, commit f249112): 4,000
-# list decisions took 311 s policy-only and 453 s with the world model's expectations. Held-out
-# pages, sessions and next states, from `alignuser evaluate --preset full` (evalP-200): the full
-# agent's 2,400 page, 5,000 session and 450 next-state decisions 1,277 s. Plus the fixed cost
-# of loading the data and fitting the baselines.
-LIST_SECONDS = {False: 0.078, True: 0.113}  # by whether the method runs the world model
-SECONDS_PER_DECISION = 0.16
-SETUP_SECONDS = 30.0
+# trees, pages in lockstep), fitted on the methods' times in `alignuser evaluate --preset full`
+# (runs/evalX-200, commit 3efa35d; each method 8,000 list and 2,400 held-out page decisions):
+# policy-only methods 912-1,187 s, world-model methods 1,433-1,639 s, and the full agent, with
+# its 5,000 session and 450 next-state decisions besides, 2,564 s. Plus loading the data,
+# fitting the baselines, building the users' held-out pages and scoring: about 100 s for that
+# run's 200 users, 24 s for the standard preset's 3 (runs/evalD).
+LIST_SECONDS = {False: 0.075, True: 0.135}  # by whether the method runs the world model
+SECONDS_PER_DECISION = 0.19
+SETUP_SECONDS = 20.0
+SETUP_SECONDS_PER_USER = 0.4
+
+
+def setup_seconds(cfg: EvalConfig) -> float:
+    return SETUP_SECONDS + SETUP_SECONDS_PER_USER * max(cfg.users, cfg.next_action_users)
 
 
 def expected_seconds(cfg: EvalConfig, methods: Sequence[str],
                      needs: Collection[str] = OUTPUT_KINDS) -> float:
     """A rough wall time for ``cfg`` on a 2-core CPU, printed before a run starts; ``needs``
     (``evaluation.sections.needs``) leaves out the answers no chosen section reads."""
-    total = SETUP_SECONDS
+    total = setup_seconds(cfg)
     pages = min(cfg.next_action_pages, cfg.next_action_users * 3)  # ~3 held-out pages a user
     for name in methods:
         spec = METHODS[name]

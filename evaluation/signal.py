@@ -105,11 +105,15 @@ def inverted(table: pd.DataFrame, margin: float = 0.0) -> list[str]:
     return bad
 
 
-def valid_lists(world: World, seed: int, similarity: ItemSimilarity | None = None
-                 ) -> list[tuple[Sequence[int], pd.DataFrame]]:
-    return [(labels, list_features(similarity or world.similarity, world.histories,
-                                   [(u, items, labels)])[list(FEATURE_NAMES)])
-            for u, items, labels in world.lists("valid", 1, None, seed)]
+def valid_lists(world: World, seed: int, similarity: ItemSimilarity | None = None,
+                mates: bool = False) -> list[tuple[Sequence[int], pd.DataFrame]]:
+    """Validation 1:1 lists' labels and perceived features; with ``mates`` also each slot's
+    page-mates' mean match, the lists shown in pages of 4 (``with_mates``)."""
+    out = []
+    for u, items, labels in world.lists("valid", 1, None, seed):
+        x = list_features(similarity or world.similarity, world.histories, [(u, items, labels)])
+        out.append((labels, with_mates(x) if mates else x[list(FEATURE_NAMES)]))
+    return out
 
 
 def sample_users(world: World, users: int, seed: int) -> list[int]:
@@ -221,9 +225,7 @@ def page_count_regression(world: World, counts: Mapping[str, Mapping], *, users:
     train-page slots without and with the page-mates' mean match, and trees with it, scored on
     validation 1:1 lists shown in pages of 4; and the pull the fit learns (its weight on the
     page-mates' match per unit of the item's own), beside the pull the lists themselves have."""
-    valid = [(labels, with_mates(list_features(world.similarity, world.histories,
-                                               [(u, items, labels)])))
-             for u, items, labels in world.lists("valid", 1, None, seed)]
+    valid = valid_lists(world, seed, mates=True)
     chosen = sample_users(world, users, seed)
     own, mates = list(FEATURE_NAMES), [*FEATURE_NAMES, MATES]
     rows = []

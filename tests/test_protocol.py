@@ -9,7 +9,7 @@ import pytest
 
 from alignuser.cli import build_parser, main, simulate_config
 from alignuser.flags import data_config
-from evaluation.run import PRESETS, SETUP_SECONDS, EvalConfig, expected_seconds
+from evaluation.run import PRESETS, EvalConfig, expected_seconds, setup_seconds
 from simulator.split import SplitConfig
 
 
@@ -71,7 +71,8 @@ def test_presets_size_the_evaluation() -> None:
     # and a run that reads nothing costs its setup.
     every = expected_seconds(full, methods)
     lists = expected_seconds(full, methods, {"lists"})
-    assert SETUP_SECONDS < lists < every
-    assert expected_seconds(full, methods, set()) == SETUP_SECONDS
+    assert setup_seconds(full) < lists < every
+    assert expected_seconds(full, methods, set()) == setup_seconds(full)
+    assert setup_seconds(standard) < setup_seconds(full)
     assert expected_seconds(full, methods, {"sessions"}) < expected_seconds(
         full, methods, {"sessions", "next_state"})
