@@ -53,8 +53,8 @@ def browse(scorer, perceiver: Perceiver, personas: Mapping[int, str],
                 inputs.append(DecisionInput(
                     user=user, page=p, items=list(pages[p - 1]), persona_text=personas[user],
                     page_text=page_prompt(p, len(pages), views, titles, evidence=evidence),
-                    cues=page_cues(views, evidence),
-                    seed=seed, last=p == len(pages)))
+                    cues=page_cues(views, evidence), seed=seed, last=p == len(pages),
+                    history=len(histories.get(user, {}))))
                 idx.append(k)
             if not inputs:
                 break

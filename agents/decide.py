@@ -20,6 +20,7 @@ validation when a checkpoint is trained and stored in its manifest.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -62,6 +63,19 @@ class Calibration(BaseModel):
         "do, or on pages; None = last_then_offset")
     sampled_temperature: float = Field(1.0, gt=0, description="temperature the sampled offsets "
                                        "were fitted at")
+    watch_history_slope: float = Field(
+        0.0, description="log-odds added to the rate-matching watch offsets (held-out pages, "
+        "sessions; not the lists' accuracy cut) per unit of log(1 + ratings) above "
+        "history_center: fitted so that short and long histories watch as much as their humans "
+        "(training.calibrate.history_slope)")
+    history_center: float = Field(0.0, description="the calibration pages' mean log(1 + "
+                                  "ratings), where the watch offsets hold as fitted")
+
+    def history_shift(self, history: int | None) -> float:
+        """The watch offset's change for a person with ``history`` ratings."""
+        if history is None or not self.watch_history_slope:
+            return 0.0
+        return self.watch_history_slope * (math.log1p(history) - self.history_center)
 
     def offsets(self, temperature: float, last: bool = False) -> tuple[float, float]:
         """(watch, exit) offsets for a decision rule: greedy (temperature 0) or sampled; ``last``:
@@ -147,10 +161,11 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
            exits: bool = True) -> list[Decision]:
     """Decide every page of ``inputs`` in lockstep. ``world_model`` first asks the model for
     the rating it expects per slot and puts it in the context; ``watch_offset`` overrides the
-    calibration's (1:m lists); ``then=False`` stops after watch/skip (a list's last page needs
-    no more). ``exits=False``: the session goes on whatever the agent would say (1:m lists),
-    so next/exit is not asked and the ratings follow "then: next", the step actually taken
-    (one forward and ~70 tokens a page fewer; ``then_probs`` and ``exit_score`` stay empty)."""
+    calibration's and its history term (1:m lists' accuracy cut); ``then=False`` stops after
+    watch/skip (a list's last page needs no more). ``exits=False``: the session goes on
+    whatever the agent would say (1:m lists), so next/exit is not asked and the ratings follow
+    "then: next", the step actually taken (one forward and ~70 tokens a page fewer;
+    ``then_probs`` and ``exit_score`` stay empty)."""
     cal = calibration or Calibration()
     rule_offset, then_open, then_last = cal.rule(temperature)
     offset = rule_offset if watch_offset is None else watch_offset
@@ -167,7 +182,8 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
     rngs = [decision_rng(i.seed, i.user, i.page) for i in inputs]
     chosen: list[tuple[dict[int, float], list[int]]] = []
     for inp, lp, rng in zip(inputs, watch, rngs, strict=True):
-        scores = {s: float(lp[2 * s - 2] - lp[2 * s - 1]) + offset
+        shift = 0.0 if watch_offset is not None else cal.history_shift(inp.history)
+        scores = {s: float(lp[2 * s - 2] - lp[2 * s - 1]) + offset + shift
                   for s in range(1, len(inp.items) + 1)}
         chosen.append((scores, [s for s, v in scores.items() if _yes(v, temperature, rng)]))
     if not then:

@@ -51,6 +51,8 @@ class DecisionInput(BaseModel):
     seed: int = 0
     last: bool = Field(False, description="the visit's last allowed page: it ends there "
                        "whatever next/exit says (next/exit gets its own calibrated offset)")
+    history: int | None = Field(None, description="how many ratings the persona and evidence "
+                                "draw on: the calibration's history term reads it (None: none)")
 
     def cue(self, slot: int) -> str:
         """The line a slot's watch/skip answer follows; an input without cues gets a bare one."""

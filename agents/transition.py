@@ -45,6 +45,7 @@ class Transition:
     then: str
     next_views: tuple[ItemView, ...] | None
     items: tuple[int, ...]
+    history: int | None = None  # ratings the persona and evidence draw on (None: not recorded)
 
     @property
     def at_limit(self) -> bool:
@@ -73,7 +74,7 @@ class Transition:
                              page_text=text.page_prompt(self.page, self.max_pages, self.views,
                                                         self.session, evidence=evidence),
                              cues=text.page_cues(self.views, evidence), seed=seed,
-                             last=self.at_limit)
+                             last=self.at_limit, history=self.history)
 
     def policy_examples(self, predictions: Mapping[int, float] | None = None) -> list[Example]:
         """The human's action as the agent decides it (``agents.decide``): one example per
@@ -132,6 +133,6 @@ def transitions(trajs: Iterable[Trajectory], world: World, max_pages: int = MAX_
                 session=tuple((perceiver.items[i].title, r) for i, r in session),
                 page=step.page, max_pages=max_pages,
                 ratings={slots[i]: r for i, r in step.watched.items()}, then=step.then,
-                next_views=next_views, items=tuple(step.items)))
+                next_views=next_views, items=tuple(step.items), history=len(past)))
             session += [(i, r) for i, r in step.watched.items()]
     return out

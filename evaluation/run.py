@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from agents.browse import pages_of
 from agents.policy import DEFAULT_TEMPERATURE
+from agents.transition import Transition
 from agents.world import World
 from evaluation.metrics import explain_scores
 from evaluation.outputs import METHODS, OUTPUT_KINDS, EvalBundle
@@ -201,18 +202,25 @@ def static_pages(world: World, recommender: str, users: Sequence[int], seed: int
             for u in users]
 
 
-def build_bundle(world: World, cfg: EvalConfig) -> EvalBundle:
+def held_out_pages(world: World, cfg: EvalConfig, part: str = "test"
+                   ) -> tuple[list[int], list[Transition]]:
+    """The evaluated users and the held-out pages replayed for them (``part``'s visits; the
+    validation part gives the same users' pages where the offsets are fitted)."""
     eligible = [u for u, _, _ in world.lists("test", 1, None, cfg.seed)]
     if not eligible:
         raise ValueError("no user has 10 held-out test ratings: the split is too small")
     users = pick(eligible, cfg.users, cfg.seed)
-    _, trs = held_out(world, users[:cfg.next_action_users])
-    pages = pick(range(len(trs)), cfg.next_action_pages, cfg.seed)
+    _, trs = held_out(world, users[:cfg.next_action_users], part)
+    return users, [trs[i] for i in pick(range(len(trs)), cfg.next_action_pages, cfg.seed)]
+
+
+def build_bundle(world: World, cfg: EvalConfig) -> EvalBundle:
+    users, pages = held_out_pages(world, cfg)
     sim_users = users[:cfg.sim_users]
     return EvalBundle(
         perceiver=world.perceiver, personas=world.personas, histories=world.histories,
         lists={m: world.lists("test", m, users, cfg.seed) for m in cfg.ms},
-        pages=[trs[i] for i in pages], transitions=[trs[i] for i in pages[:cfg.next_state]],
+        pages=pages, transitions=pages[:cfg.next_state],
         sessions={world.recommender(r, reactive=False, seed=cfg.seed).name:
                   static_pages(world, r, sim_users, cfg.seed, 4 * cfg.session_pages)
                   for r in cfg.recommenders},

@@ -98,7 +98,8 @@ def decide(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
                         persona_text=state["persona_text"], page_text=state["page_text"],
                         predictions={int(k): v for k, v in state.get("predictions", {}).items()},
                         cues=page_cues([ItemView(**v) for v in state["views"]]),
-                        seed=rt.seed, last=state["page"] >= rt.max_pages)
+                        seed=rt.seed, last=state["page"] >= rt.max_pages,
+                        history=len(rt.histories.get(state["user"], {})))
     decision = rt.policy.decide(inp)
     human = rt.human.get((state["user"], state["page"]))
     return {"decision": decision.model_dump(mode="json"),
