@@ -1,16 +1,17 @@
-"""Why the agent's watch ratio on held-out test pages falls below the humans' although its
-greedy watch offset matches them on validation pages.
+"""Why the agent's watch ratio on held-out test pages fell below the humans' although its
+greedy watch offset matched them on validation pages.
 
-The offset is fitted on validation pages, which come right after the train ratings that
-perception reads; test pages come after the validation period, so their items match the train
-history less. Per set of pages of the evaluated users (evaluation's pick): the humans' watch
+Two candidate causes, measured on the evaluated users (evaluation's pick). The pages' age: the
+offset is fitted on validation pages, which come right after the train ratings perception
+reads, while test pages come after the validation period. The people: the evaluated users
+have longer histories than the calibration pages' sample. Per set of pages: the humans' watch
 ratio; a logistic regression on the agent's perceived numbers (``evaluation.micro
 .slot_features``) fitted on the users' validation pages and cut where it watches as much as
-the humans there, as the offset is; the agent's greedy ratio (decided here with
-``--agent-pages``; on the test pages read from an evaluate run's answers with ``--run``); and
-how well the watched slots match the history. A last row perceives the test pages with the history
-through the validation period: not the protocol (perception reads the train split only), the
-check that the gap is the history's age.
+the humans there, as the offset is; the agent's greedy ratio (``--agent-pages`` of each set
+decided here, with ``--adapter``'s calibration; ``--run``: the test pages' answers of an
+evaluate run); how well the watched slots match the history. The last set perceives the test
+pages with the history through the validation period: not the protocol (perception reads the
+train split only), the check on the pages' age.
 
     python bench/bench_watch_shift.py [--run runs/evalX-200] [--agent-pages 600]
 """
@@ -73,9 +74,8 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=600, help="held-out pages of each part")
     ap.add_argument("--run", type=Path, help="an evaluate run on these users (its full "
                     "agent's test-page answers)")
-    ap.add_argument("--agent-pages", type=int, default=0, help="pages the agent decides here "
-                    "of the validation pages and of the test pages with the longer history "
-                    "(0: none; minutes on a CPU)")
+    ap.add_argument("--agent-pages", type=int, default=0, help="pages of each set the agent "
+                    "(--adapter, its calibration) decides here (0: none; minutes on a CPU)")
     ap.add_argument("--adapter", default="checkpoints/alignuser-ml100k")
     args = ap.parse_args()
     cfg = EvalConfig.of_preset("full", users=args.users, next_action_users=args.users,
@@ -95,29 +95,30 @@ def main() -> None:
     cols = [c for c in fit.columns if c != "label"]
     lr = LogisticRegression(max_iter=3000).fit(fit[cols], fit["label"])
     cut = np.quantile(lr.decision_function(fit[cols]), 1 - fit["label"].mean())
-    agent: dict[str, float | None] = {}
+    agent: dict[str, float] = {}
     if args.agent_pages:
         from agents.llm import load_lm
         from agents.scorer import Scorer
 
         scorer = Scorer(load_lm(adapter=args.adapter, device="cpu"), cache_size=2048)
         cal = Calibration.of_checkpoint(args.adapter)
-        for name in ("validation pages", "test pages, history through validation"):
-            agent[name] = agent_ratio(scorer, sets[name][:args.agent_pages], cal)
+        for name, pages in sets.items():
+            agent[name] = agent_ratio(scorer, pages[:args.agent_pages], cal)
             scorer.clear()
-    agent["test pages"] = run_ratio(args.run, test, users) if args.run else None
+    before = {"test pages": run_ratio(args.run, test, users)} if args.run else {}
     rows = []
     for name, f in frames.items():
         score, watched = lr.decision_function(f[cols]), f[f["label"] == 1]
         rows.append([name, f"{len(sets[name])}", f"{f['label'].mean():.3f}",
                      f"{(score > cut).mean():.3f}", f"{roc_auc_score(f['label'], score):.3f}",
-                     "-" if agent.get(name) is None else f"{agent[name]:.3f}",
+                     *(f"{x[name]:.3f}" if name in x else "-" for x in (agent, before)),
                      f"{watched['match'].mean():.1f}", f"{watched['close_watched'].mean():.2f}"])
     decided = f"agent on {args.agent_pages} of them" if args.agent_pages else "no agent run"
     Console().print(table(
         f"{len(users)} evaluated users; regression fitted on their validation pages ({decided})",
         ["pages", "n", "humans' watch ratio", "regression's ratio", "regression slot AUC",
-         "agent's ratio", "match of watched slots", "close watched of watched slots"], rows))
+         "agent's ratio", f"agent's ratio in {args.run.name if args.run else '-'}",
+         "match of watched slots", "close watched of watched slots"], rows))
 
 
 if __name__ == "__main__":
