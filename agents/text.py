@@ -219,7 +219,9 @@ def parse_next_state(text: str) -> NextState:
             ns.ratings[int(m.group(1))] = int(m.group(2))
         elif line.startswith("next page:"):
             body = line[len("next page:"):].strip()
-            if body.startswith("none"):
+            # the end marker carries no "[genres]", which every item of a page does (a film
+            # whose title starts with "none" is a page, not the end)
+            if body.startswith("none") and "[" not in body:
                 ns.ends = True
                 continue
             for chunk in body.split(";"):

@@ -35,6 +35,14 @@ def test_next_state_round_trips(ratings: dict[int, int], items: list[ItemView] |
     assert state.genres == sorted({g for it in items or [] for g in it.genres})
 
 
+def test_a_title_starting_with_none_is_a_page_not_the_end() -> None:
+    page = [ItemView(id=1, title="none", genres=()), ItemView(id=2, title="nonesuch",
+                                                            genres=("Drama",))]
+    state = parse_next_state(render_next_state({}, page))
+    assert not state.ends and state.titles == ["none", "nonesuch"]
+    assert parse_next_state(render_next_state({1: 4}, None)).ends
+
+
 LOG = st.lists(st.tuples(st.integers(1, 6), st.integers(1, 30), st.integers(1, 5),
                          st.integers(0, 10_000)), min_size=1, max_size=80)
 CONFIG = st.builds(SplitConfig, kind=st.sampled_from(["user_chrono", "global_time"]),
