@@ -81,9 +81,7 @@ def history_slope(scores: np.ndarray, labels: np.ndarray, history: np.ndarray, b
     if bins < 2 or np.unique(x).size < 2:
         return 0.0, center
     idx = _bins(x, bins)
-    keep = list(np.unique(idx))
-    if len(keep) < 2:
-        return 0.0, center
+    keep = np.unique(idx)  # at least 2: x holds two distinct values, so two slots
     means = [x[idx == b].mean() for b in keep]
     offsets = [rate_offset(scores[idx == b], labels[idx == b].mean()) for b in keep]
     weights = [np.sqrt((idx == b).sum()) for b in keep]
