@@ -112,3 +112,16 @@ def test_calibrate_fits_the_history_term(small_world: World, scorer: Scorer) -> 
     assert sum(r["slots"] for r in rows) == len(sizes)
     off = calibrate(scorer, trs, world_model=False, history_bins=0)
     assert off["watch_history_slope"] == 0.0 and "by_history" not in off["fitted_on"]
+
+
+@pytest.mark.parametrize("bins", ["-1", "1"])
+def test_bad_history_bins_is_one_line_and_exit_2(tmp_path: Path, bins: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from training.calibrate import main
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        main(["prep.pkl", str(tmp_path), "--history-bins", bins])
+    assert exit_.value.code == 2
+    assert f"--history-bins {bins}: 0 (one offset) or at least 2" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json"]

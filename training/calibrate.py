@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="quantile bins of the people's number of ratings the watch offsets' "
                     "slope is fitted on (0: one offset whatever the history)")
     args = ap.parse_args(argv)
+    if args.history_bins < 0 or args.history_bins == 1:
+        ap.error(f"--history-bins {args.history_bins}: 0 (one offset) or at least 2")
     if not (Path(args.checkpoint) / "adapter_config.json").is_file():
         ap.error(f"{args.checkpoint} is not an adapter folder (no adapter_config.json)")
     if not Path(args.prepared).is_file():
