@@ -22,6 +22,7 @@ from agents.text import NextState, parse_next_state
 from agents.transition import Transition
 from agents.world import World
 from evaluation.metrics import (
+    action_match,
     action_match_mean,
     binary_scores,
     next_exit_scores,
@@ -150,6 +151,20 @@ def page_metrics(world: World, trs: Sequence[Transition], outputs: Mapping[str, 
     out["next_action"] = {"rows": na_rows, "note": f"{len(trs)} held-out pages "
                           "(exposure-mixture pages, human session given)"}
     out["rating"] = {"rows": rating_rows, "note": "raw 1-5 held-out ratings of watched items"}
+    return out
+
+
+def page_match_by_user(trs: Sequence[Transition], outputs: Mapping[str, Mapping]
+                       ) -> dict[str, dict[int, dict[str, float]]]:
+    """Per method and user, the mean exact-set and Jaccard agreement of the watched slots with
+    the human's over that user's held-out pages: the unit paired differences resample."""
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for name, o in outputs.items():
+        rows = pd.DataFrame([{"user": tr.user, **action_match(set(tr.ratings), set(p["watched"]))}
+                             for tr, p in zip(trs, o["pages"], strict=True)])
+        out[name] = {} if rows.empty else {
+            int(u): {k: float(v) for k, v in r.items()}
+            for u, r in rows.groupby("user")[["exact", "jaccard"]].mean().iterrows()}
     return out
 
 

@@ -61,6 +61,9 @@ _SECTION_SPECS: tuple[tuple[str, str, str], ...] = (
      "Agreement between the recommender ordering from simulation and the true ordering "
      "(held-out or A/B), beside the ordering from an offline metric; CIs resample users."),
     ("paired", "Paired differences", "Per-user paired differences with bootstrap CIs."),
+    ("paired_pages", "Paired differences on held-out pages",
+     "Each agent's agreement with the humans' watched sets minus the simulating agent's, per "
+     "user, with bootstrap CIs."),
 )
 SECTIONS: tuple[str, ...] = tuple(title for _, title, _ in _SECTION_SPECS)
 SETUP_FIELDS = ("machine", "command", "wall_time_s", "dataset", "split", "seed", "checkpoints")

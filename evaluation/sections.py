@@ -128,22 +128,42 @@ def paired(per_user, labels: Mapping[str, str], main: str | None, cfg: EvalConfi
     pairs = [(labels[n], base) for n in labels for base in BASELINE_PAIRS]
     if main:
         pairs += [(labels[n], labels[main]) for n in labels if n != main]
+    return paired_rows(per_user, pairs, {m: f" 1:{m}" for m in cfg.ms}, ("f1", "auc"), cfg)
+
+
+def paired_rows(per_user, pairs: Sequence[tuple[str, str]], parts: Mapping[Any, str],
+                metrics: Sequence[str], cfg: EvalConfig) -> list:
+    """Paired per-user differences ``name - base`` with bootstrap CIs, per part of the answers
+    (``per_user[name][part][user][metric]``; ``parts`` maps each part to its label's suffix).
+    A pair with fewer than two users in common has no CI and no row."""
     rows = []
-    for m, (name, base) in product(cfg.ms, pairs):
-        common = sorted(set(per_user[name][m]) & set(per_user[base][m]))
-        for metric in ("f1", "auc"):
-            a = [per_user[name][m][u][metric] for u in common]
-            b = [per_user[base][m][u][metric] for u in common]
-            rows.append({"method": name, "versus": base, "metric": f"{metric} 1:{m}",
+    for (part, tag), (name, base) in product(parts.items(), pairs):
+        common = sorted(set(per_user[name][part]) & set(per_user[base][part]))
+        for metric in metrics if len(common) > 1 else ():
+            a = [per_user[name][part][u][metric] for u in common]
+            b = [per_user[base][part][u][metric] for u in common]
+            rows.append({"method": name, "versus": base, "metric": f"{metric}{tag}",
                          **paired_diff_ci(a, b, cfg.n_boot, cfg.seed)})
     return rows
 
 
 def next_action(ctx: Context) -> Result:
     ctx.log("next action and ratings on held-out pages")
-    return Result(micro.page_metrics(ctx.world, ctx.bundle.pages,
-                                     {ctx.labels[n]: o for n, o in ctx.outputs.items()},
-                                     ctx.labels.get(ctx.explained or "")))
+    named = {ctx.labels[n]: o for n, o in ctx.outputs.items()}
+    out = micro.page_metrics(ctx.world, ctx.bundle.pages, named,
+                             ctx.labels.get(ctx.explained or ""))
+    main = ctx.labels.get(ctx.simulator or "")
+    if main in named and len(named) > 1:  # the ablations' page answers against the full agent's
+        per_user = {k: {"pages": v} for k, v in micro.page_match_by_user(ctx.bundle.pages,
+                                                                          named).items()}
+        rows = paired_rows(per_user, [(k, main) for k in named if k != main], {"pages": ""},
+                           ("jaccard", "exact"), ctx.cfg)
+        out["paired_pages"] = {
+            "rows": rows,
+            "note": "per-user mean over the user's held-out pages of the watched set's Jaccard "
+                    "and exact agreement with the human's, each agent minus the simulating one"
+                    if rows else "fewer than two users have held-out pages: no paired CI"}
+    return Result(out)
 
 
 def world_model(ctx: Context) -> Result:

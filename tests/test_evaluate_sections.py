@@ -24,7 +24,7 @@ from alignuser.cli import main
 from evaluation.micro import slot_features
 from evaluation.outputs import METHODS, EvalBundle, method_outputs
 from evaluation.parts import Parts
-from evaluation.run import EvalConfig, score
+from evaluation.run import EvalConfig, build_bundle, score
 from evaluation.sections import REGISTRY, needs, select
 from simulator.data import Dataset
 
@@ -270,3 +270,48 @@ def test_the_attribution_measures_the_pull_of_the_page_mates(quick_bundle: EvalB
     for k, row in enumerate(rows):
         assert row["match"] == m[k]
         assert row["page_mates_match"] == pytest.approx((sum(m) - m[k]) / (len(m) - 1))
+
+
+def test_held_out_pages_pair_each_agent_against_the_simulating_one(
+        small_world: World, quick_bundle: EvalBundle, tmp_path: Path) -> None:
+    """The ablations' page answers are paired per user against the full agent's: the mean
+    difference is that of the users' mean Jaccard and exact agreement, with a CI around it."""
+    cfg = EvalConfig.quick(next_action_users=3, next_action_pages=8)
+    bundle = build_bundle(small_world, cfg)
+    outputs = {n: method_outputs(METHODS[n], HashScorer(), Calibration(), bundle,
+                                 needs=needs(["next_action"])) for n in ("sft", "full")}
+    metrics = score(small_world, bundle, outputs, cfg, tmp_path, {"seed": 0},
+                    log=lambda m: None, sections=["next_action"])
+    rows = metrics["paired_pages"]["rows"]
+    sft, full = METHODS["sft"].label, METHODS["full"].label
+    assert [(r["method"], r["versus"], r["metric"]) for r in rows] == [
+        (sft, full, "jaccard"), (sft, full, "exact")]
+
+    def user_means(name: str, metric: str) -> dict[int, float]:
+        per: dict[int, list[float]] = {}
+        for tr, p in zip(bundle.pages, outputs[name]["pages"], strict=True):
+            t, w = set(tr.ratings), set(p["watched"])
+            value = (t == w) if metric == "exact" else (len(t & w) / len(t | w) if t | w else 1.0)
+            per.setdefault(tr.user, []).append(float(value))
+        return {u: sum(v) / len(v) for u, v in per.items()}
+
+    for r in rows:
+        a, b = user_means("sft", r["metric"]), user_means("full", r["metric"])
+        want = sum(a[u] - b[u] for u in a) / len(a)
+        assert r["n"] == len(a) == len({tr.user for tr in bundle.pages}) > 1
+        assert r["mean_diff"] == pytest.approx(want)
+        assert r["lo"] <= r["mean_diff"] <= r["hi"]
+    assert "Paired differences on held-out pages" in (tmp_path / "report.md").read_text()
+    # Nothing to pair against without the simulating agent; no CI from one user's pages.
+    del outputs["full"]
+    metrics = score(small_world, bundle, outputs, cfg, tmp_path / "alone", {"seed": 0},
+                    log=lambda m: None, sections=["next_action"])
+    assert "paired_pages" not in metrics
+    outputs = {n: method_outputs(METHODS[n], HashScorer(), Calibration(), quick_bundle,
+                                 needs=needs(["next_action"])) for n in ("sft", "full")}
+    metrics = score(small_world, quick_bundle, outputs, EvalConfig.quick(), tmp_path / "one",
+                    {"seed": 0}, log=lambda m: None, sections=["next_action"])
+    assert len({tr.user for tr in quick_bundle.pages}) == 1
+    assert metrics["paired_pages"] == {
+        "rows": [], "note": "fewer than two users have held-out pages: no paired CI"}
+    assert metrics["next_action"]["rows"]
