@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from agents.world import World
     from evaluation.run import EvalConfig
 
+NO_PAIRS = "fewer than two users answered: no paired CI"
 BASELINE_PAIRS = ("popularity", "itemknn", "bpr", "ease", "feature regression")
 
 
@@ -118,7 +119,7 @@ def discrimination(ctx: Context) -> Result:
             "validation 1:1 lists; agents say watch when their calibrated log-odds > 0 (offset "
             "fitted on validation lists when the checkpoint was trained)")
     return Result({"discrimination": {"rows": rows, "note": note},
-                   "paired": {"rows": paired(per_user, labels, ctx.simulator, cfg)}},
+                   "paired": paired_table(paired(per_user, labels, ctx.simulator, cfg))},
                   {f"discrimination/{m}": plot_method_bars(by_m, m) for m in ("f1", "auc")})
 
 
@@ -158,12 +159,17 @@ def next_action(ctx: Context) -> Result:
                                                                           named).items()}
         rows = paired_rows(per_user, [(k, main) for k in named if k != main], {"pages": ""},
                            ("jaccard", "exact"), ctx.cfg)
-        out["paired_pages"] = {
-            "rows": rows,
-            "note": "per-user mean over the user's held-out pages of the watched set's Jaccard "
-                    "and exact agreement with the human's, each agent minus the simulating one"
-                    if rows else "fewer than two users have held-out pages: no paired CI"}
+        out["paired_pages"] = paired_table(
+            rows, "per-user mean over the user's held-out pages of the watched set's Jaccard and "
+                  "exact agreement with the human's, each agent minus the simulating one")
     return Result(out)
+
+
+def paired_table(rows: list, note: str | None = None) -> dict:
+    """Paired rows for the report; with none (fewer than two users), the reason instead."""
+    if not rows:
+        return {"rows": [], "note": NO_PAIRS}
+    return {"rows": rows, "note": note} if note else {"rows": rows}
 
 
 def world_model(ctx: Context) -> Result:

@@ -25,7 +25,7 @@ from evaluation.micro import slot_features
 from evaluation.outputs import METHODS, EvalBundle, method_outputs
 from evaluation.parts import Parts
 from evaluation.run import EvalConfig, build_bundle, score
-from evaluation.sections import REGISTRY, needs, select
+from evaluation.sections import NO_PAIRS, REGISTRY, needs, paired_rows, paired_table, select
 from simulator.data import Dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -312,6 +312,20 @@ def test_held_out_pages_pair_each_agent_against_the_simulating_one(
     metrics = score(small_world, quick_bundle, outputs, EvalConfig.quick(), tmp_path / "one",
                     {"seed": 0}, log=lambda m: None, sections=["next_action"])
     assert len({tr.user for tr in quick_bundle.pages}) == 1
-    assert metrics["paired_pages"] == {
-        "rows": [], "note": "fewer than two users have held-out pages: no paired CI"}
+    assert metrics["paired_pages"] == {"rows": [], "note": NO_PAIRS}
     assert metrics["next_action"]["rows"]
+
+
+def test_a_pair_needs_two_users_for_its_interval() -> None:
+    """One user in common gives no bootstrap CI: the pair has no row and the table says why,
+    so an evaluation of one user still writes its report."""
+    cfg = EvalConfig.quick()
+    per_user = {"a": {"pages": {1: {"jaccard": 0.5}, 2: {"jaccard": 0.25}}},
+                "b": {"pages": {1: {"jaccard": 0.25}, 3: {"jaccard": 1.0}}},
+                "c": {"pages": {1: {"jaccard": 0.0}, 2: {"jaccard": 0.0}}}}
+    assert paired_rows(per_user, [("a", "b")], {"pages": ""}, ("jaccard",), cfg) == []
+    rows = paired_rows(per_user, [("a", "b"), ("a", "c")], {"pages": ""}, ("jaccard",), cfg)
+    assert [(r["method"], r["versus"], r["n"]) for r in rows] == [("a", "c", 2)]
+    assert rows[0]["mean_diff"] == pytest.approx(0.375)
+    assert paired_table([]) == {"rows": [], "note": NO_PAIRS}
+    assert paired_table(rows) == {"rows": rows}
