@@ -140,7 +140,9 @@ def paired_rows(per_user, pairs: Sequence[tuple[str, str]], parts: Mapping[Any, 
     rows = []
     for (part, tag), (name, base) in product(parts.items(), pairs):
         common = sorted(set(per_user[name][part]) & set(per_user[base][part]))
-        for metric in metrics if len(common) > 1 else ():
+        if len(common) < 2:
+            continue
+        for metric in metrics:
             a = [per_user[name][part][u][metric] for u in common]
             b = [per_user[base][part][u][metric] for u in common]
             rows.append({"method": name, "versus": base, "metric": f"{metric}{tag}",
