@@ -15,7 +15,7 @@ import numpy as np
 from agents.decide import Calibration, decide
 from agents.perception import Perceiver
 from agents.policy import Decision, DecisionInput
-from agents.text import page_cues, page_prompt
+from agents.text import page_cues, page_prompt, page_rating_cues
 from simulator.env import PAGE_SIZE
 
 
@@ -53,7 +53,9 @@ def browse(scorer, perceiver: Perceiver, personas: Mapping[int, str],
                 inputs.append(DecisionInput(
                     user=user, page=p, items=list(pages[p - 1]), persona_text=personas[user],
                     page_text=page_prompt(p, len(pages), views, titles, evidence=evidence),
-                    cues=page_cues(views, evidence), seed=seed, last=p == len(pages),
+                    cues=page_cues(views, evidence),
+                    rating_cues=page_rating_cues(views, evidence), seed=seed,
+                    last=p == len(pages),
                     history=len(histories.get(user, {}))))
                 idx.append(k)
             if not inputs:

@@ -11,8 +11,11 @@ line is scored after the page and that slot's cue line (``DecisionInput.cue``: t
 numbers and expected rating, restated so the answer sits next to its evidence), not after the
 choices on earlier slots, so the slots of a page are decided independently given the page;
 next/exit is scored after the chosen slots; each watched slot's rating after the chosen slots
-and next/exit, independently of the other ratings. Training renders one example per slot and
-one for next/exit + ratings to match (``agents.transition.Transition.policy_examples``).
+and next/exit, independently of the other ratings (for an adapter trained so,
+``Calibration.rating_cue``, after that slot's rating cue line: the item's mean rating and the
+person's ratings of its closest items). Training renders one example per slot and one for
+next/exit + ratings to match, or with the rating cue one for next/exit and one per rating
+(``agents.transition.Transition.policy_examples``).
 Calibrated log-odds offsets (``Calibration``) shift watch/skip and next/exit; they are fitted on
 validation when a checkpoint is trained and stored in its manifest.
 """
@@ -35,7 +38,8 @@ from simulator.env import PageAction
 
 
 class Calibration(BaseModel):
-    """Log-odds offsets fitted on validation, saved in a checkpoint's manifest."""
+    """How a checkpoint's answers are read: log-odds offsets fitted on validation, and the
+    rating format it was trained on; saved in its manifest."""
 
     watch_offset: float = Field(0.0, description="added to log P(watch) - log P(skip) when "
                                 "browsing: the simulated watch ratio matches the humans'")
@@ -70,6 +74,9 @@ class Calibration(BaseModel):
         "(training.calibrate.history_slope)")
     history_center: float = Field(0.0, description="the calibration pages' mean log(1 + "
                                   "ratings), where the watch offsets hold as fitted")
+    rating_cue: bool = Field(False, description="the adapter was trained with each rating "
+                             "line after its own cue line (agents.text.rating_cue) and is "
+                             "scored so; adapters trained before rate after the choices alone")
 
     def history_shift(self, history: int | None) -> float:
         """The watch offset's change for a person with ``history`` ratings."""
@@ -139,13 +146,16 @@ def _pick(logps: Sequence[float], temperature: float, rng: np.random.Generator) 
     return int(rng.choice(len(lp), p=tempered / tempered.sum())), probs.round(4).tolist()
 
 
-def _rating_requests(prefix: str, context: str, slots: Sequence[int]) -> list[tuple[str, list]]:
-    """Every rating line of the watched ``slots`` after the page ``prefix`` and ``context``
-    (choices and next/exit), as one request: packed as a token tree, the context is pushed
-    once and each rating line costs only its own tokens."""
+def _rating_requests(inp: DecisionInput, context: str, slots: Sequence[int], cue: bool
+                     ) -> list[tuple[str, list]]:
+    """Every rating line of the watched ``slots`` after ``inp``'s page and ``context``
+    (choices and next/exit), each after its slot's rating cue line when ``cue``, as one
+    request: packed as a token tree, the context is pushed once and each slot costs only its
+    own lines."""
     if not slots:
         return []
-    return [(prefix, [(context, text.rating_line(s, r)) for s in slots for r in text.RATINGS])]
+    return [(_prefix(inp), [(context + (inp.rating_cue(s) if cue else ""), text.rating_line(s, r))
+                            for s in slots for r in text.RATINGS])]
 
 
 def _yes(score: float, temperature: float, rng: np.random.Generator) -> bool:
@@ -204,7 +214,7 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
     # Ratings only after the next/exit actually taken: one more batched call, half the lines.
     rates = iter(score_many(scorer, [
         r for i, ctx, (_, w), go in zip(inputs, ctxs, chosen, goes, strict=True)
-        for r in _rating_requests(_prefix(i), ctx + text.then_line(go), w)]))
+        for r in _rating_requests(i, ctx + text.then_line(go), w, cal.rating_cue)]))
     out = []
     for inp, rng, (scores, w), exit_score, go in zip(inputs, rngs, chosen, exit_scores, goes,
                                                      strict=True):
@@ -237,10 +247,11 @@ def decide_chunked(scorer, inputs: Sequence[DecisionInput], *, chunk: int = 100,
 
 
 def rating_expectations(scorer, inputs: Sequence[DecisionInput],
-                        actions: Sequence[PageAction], chunk: int = 100
-                        ) -> list[dict[int, float]]:
+                        actions: Sequence[PageAction], chunk: int = 100,
+                        rating_cue: bool = False) -> list[dict[int, float]]:
     """Expected rating of each watched slot once the given choices and next/exit are in the
-    context (held-out pages: the human's action); ``chunk`` pages per scorer call, as
+    context (held-out pages: the human's action), after the slot's rating cue line with
+    ``rating_cue`` (``Calibration.rating_cue``); ``chunk`` pages per scorer call, as
     ``decide_chunked`` does (600 pages in one call kept all their prompts: the prefix cache
     ended at 6.55 GB against its 2 GiB budget, ``bench/bench_page_memory.py``)."""
     if len(inputs) != len(actions):
@@ -253,7 +264,7 @@ def rating_expectations(scorer, inputs: Sequence[DecisionInput],
             slots = [inp.items.index(i) + 1 for i in act.watched]
             ctx = (prompts.policy_tail(text.render_predictions(inp.predictions))
                    + text.render_choices(len(inp.items), slots) + text.then_line(act.then))
-            reqs += _rating_requests(_prefix(inp), ctx, slots)
+            reqs += _rating_requests(inp, ctx, slots, rating_cue)
             slots_of.append(slots)
         scored = iter(score_many(scorer, reqs))
         for slots in slots_of:

@@ -48,6 +48,9 @@ class DecisionInput(BaseModel):
     predictions: dict[int, float] = Field(default_factory=dict)
     cues: list[str] = Field(default_factory=list, description="per slot, the item's personal "
                             "numbers restated above its watch/skip line (agents.text.page_cues)")
+    rating_cues: list[str] = Field(default_factory=list, description="per slot, the item's "
+                                   "rating evidence restated above its rating line, for "
+                                   "adapters trained with it (agents.text.page_rating_cues)")
     seed: int = 0
     last: bool = Field(False, description="the visit's last allowed page: it ends there "
                        "whatever next/exit says (next/exit gets its own calibrated offset)")
@@ -58,6 +61,10 @@ class DecisionInput(BaseModel):
         """The line a slot's watch/skip answer follows; an input without cues gets a bare one."""
         return text.cue_line(slot, self.cues[slot - 1] if self.cues else "",
                              self.predictions.get(slot))
+
+    def rating_cue(self, slot: int) -> str:
+        """The line a slot's rating follows in the rating-cue format; bare without cues."""
+        return text.cue_line(slot, self.rating_cues[slot - 1] if self.rating_cues else "")
 
 
 class Policy(Protocol):

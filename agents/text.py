@@ -124,6 +124,23 @@ def page_cues(views: Sequence[ItemView], evidence: bool = True) -> list[str]:
     return [item_cue(v) for v in (views if evidence else public(views))]
 
 
+def rating_cue(it: ItemView) -> str:
+    """An item's rating evidence, restated on the line just above its rating answer.
+
+    Without it the rating lines sit below the choices, far from the item's numbers, and an
+    adapter rated every item of a page alike (the person's usual rating); a regression on the
+    person's mean, the item's mean and the closest items' mean rates held-out items better than
+    matrix factorisation (``bench/bench_ratings.py``)."""
+    cue = it.label() + (f": avg {it.mean_rating:.1f}" if it.mean_rating else "")
+    if it.close_rating is not None:
+        cue += f"; you watched {it.close_watched} of its 20 closest, rated {it.close_rating:.1f}"
+    return cue
+
+
+def page_rating_cues(views: Sequence[ItemView], evidence: bool = True) -> list[str]:
+    return [rating_cue(v) for v in (views if evidence else public(views))]
+
+
 def cue_line(slot: int, cue: str, expected: float | None = None) -> str:
     """The context line a slot's watch/skip line is scored and trained after."""
     exp = f"; you expect to rate {expected:.1f}" if expected is not None else ""

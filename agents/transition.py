@@ -73,14 +73,18 @@ class Transition:
                              persona_text=self.persona,
                              page_text=text.page_prompt(self.page, self.max_pages, self.views,
                                                         self.session, evidence=evidence),
-                             cues=text.page_cues(self.views, evidence), seed=seed,
+                             cues=text.page_cues(self.views, evidence),
+                             rating_cues=text.page_rating_cues(self.views, evidence), seed=seed,
                              last=self.at_limit, history=self.history)
 
-    def policy_examples(self, predictions: Mapping[int, float] | None = None) -> list[Example]:
+    def policy_examples(self, predictions: Mapping[int, float] | None = None,
+                        rating_cue: bool = False) -> list[Example]:
         """The human's action as the agent decides it (``agents.decide``): one example per
         slot's watch/skip line after the page and the slot's cue line, and one for next/exit +
-        ratings after the choices. Slot examples carry ``meta['line']`` and ``meta['slot']``
-        for class balancing and the within-page ranking loss."""
+        ratings after the choices; with ``rating_cue``, one for next/exit and one per watched
+        slot's rating after next/exit and the slot's rating cue line, each rating alone as it
+        is scored. Slot examples carry ``meta['line']`` and ``meta['slot']`` for class
+        balancing and the within-page ranking loss."""
         preds = dict(predictions or {})
         inp = self.decision_input().model_copy(update={"predictions": preds})
         head = (prompts.persona_block(self.persona), inp.page_text)
@@ -90,9 +94,15 @@ class Transition:
                        {**meta, "line": c, "slot": s})
                for s in range(1, len(self.views) + 1)
                for c in [text.WATCH if s in self.ratings else text.SKIP]]
-        out.append(Example("policy", (*head, tail + text.render_choices(
-            len(self.views), list(self.ratings))), text.then_line(self.then)
-            + text.ratings_lines(self.ratings), meta))
+        choices = tail + text.render_choices(len(self.views), list(self.ratings))
+        if not rating_cue:
+            out.append(Example("policy", (*head, choices), text.then_line(self.then)
+                               + text.ratings_lines(self.ratings), meta))
+            return out
+        out.append(Example("policy", (*head, choices), text.then_line(self.then), meta))
+        after = choices + text.then_line(self.then)
+        out += [Example("policy", (*head, after + inp.rating_cue(s)), text.rating_line(s, r),
+                        {**meta, "rating": r, "slot": s}) for s, r in sorted(self.ratings.items())]
         return out
 
     def cr_example(self, reflection: str, predictions: Mapping[int, float] | None = None

@@ -249,7 +249,8 @@ def _page_answers(spec: MethodSpec, scorer, cal: Calibration, pages: Sequence[Tr
     return {"pages": [{"watched": sorted(tr.items.index(i) + 1 for i in d.action.watched),
                        "then": d.action.then, "watch_scores": d.watch_scores}
                       for tr, d in zip(pages, decisions, strict=True)],
-            "ratings": rating_expectations(scorer, inputs, human) if inputs else []}
+            "ratings": rating_expectations(scorer, inputs, human, rating_cue=cal.rating_cue)
+            if inputs else []}
 
 
 def session_record(user: int, recommender: str, decisions: Sequence) -> dict[str, Any]:

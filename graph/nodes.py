@@ -13,7 +13,14 @@ from langgraph.runtime import Runtime
 
 from agents import prompts
 from agents.policy import DecisionInput, expected_value
-from agents.text import ItemView, memory_note, page_cues, page_prompt, session_summary
+from agents.text import (
+    ItemView,
+    memory_note,
+    page_cues,
+    page_prompt,
+    page_rating_cues,
+    session_summary,
+)
 from agents.world_model import expected_ratings
 from graph.context import AgentContext, deps_of
 from graph.deps import AgentDeps
@@ -94,10 +101,11 @@ def page_text(state: AgentState, rt: AgentDeps) -> str:
 
 def decide(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:
     rt = _deps(state, runtime)
+    views = [ItemView(**v) for v in state["views"]]
     inp = DecisionInput(user=state["user"], page=state["page"], items=state["items"],
                         persona_text=state["persona_text"], page_text=state["page_text"],
                         predictions={int(k): v for k, v in state.get("predictions", {}).items()},
-                        cues=page_cues([ItemView(**v) for v in state["views"]]),
+                        cues=page_cues(views), rating_cues=page_rating_cues(views),
                         seed=rt.seed, last=state["page"] >= rt.max_pages,
                         history=len(rt.histories.get(state["user"], {})))
     decision = rt.policy.decide(inp)

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_calibration_round_trips_through_the_manifest(tmp_path: Path) -> None:
-    cal = Calibration(watch_offset=1.25, then_offset=-0.5, list_offset=0.75)
+    cal = Calibration(watch_offset=1.25, then_offset=-0.5, list_offset=0.75, rating_cue=True)
     manifest = {"base_model": "tiny", "calibration": {**cal.model_dump(), "seconds": 3.1,
                                                       "fitted_on": {"pages": 12}}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
@@ -44,6 +44,8 @@ def test_calibration_round_trips_through_the_manifest(tmp_path: Path) -> None:
     (tmp_path / "old" / "manifest.json").write_text(json.dumps({"base_model": "tiny"}))
     assert Calibration.of_checkpoint(tmp_path / "old") == Calibration()
     assert Calibration().list_offset is None
+    assert Calibration.of_checkpoint(tmp_path).rating_cue  # the adapter's rating format
+    assert not Calibration().rating_cue  # adapters from before it rate without cues
 
 
 def test_offsets_change_decisions(small_world: World, scorer: Scorer) -> None:

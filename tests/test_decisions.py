@@ -230,3 +230,57 @@ def test_list_scores_browse_every_page_with_the_offset(small_world: World,
     for b, s in zip(base, shifted, strict=True):
         np.testing.assert_allclose(s - b, 1.5, atol=1e-9)
     assert all(math.isfinite(x) for s in base for x in s)
+
+
+def _all_watched() -> Transition:
+    views = tuple(v.model_copy(update={"match": 10 * s, "close_watched": s, "close_rating": 3.5,
+                                       "mean_rating": 3.0 + s / 10})
+                  for s, v in enumerate(VIEWS, 1))
+    return Transition(user=1, persona="You are user 1.\n", views=views, session=(), page=2,
+                      max_pages=5, ratings={1: 4, 2: 5, 3: 2, 4: 3}, then="next",
+                      next_views=None, items=tuple(v.id for v in views))
+
+
+def test_decide_rates_each_slot_after_its_rating_cue_as_trained() -> None:
+    """An adapter trained with rating cues (``Calibration.rating_cue``) rates each watched slot
+    after the very text its rating example was trained on; one trained before rates after the
+    choices alone, as it was trained."""
+    tr = _all_watched()
+    preds = {1: 3.5, 2: 4.25, 3: 2.0, 4: 1.0}
+    inp = tr.decision_input().model_copy(update={"predictions": preds})
+    for cue in (True, False):
+        rec = Options()
+        (d,) = decide(rec, [inp], calibration=Calibration(watch_offset=100.0, rating_cue=cue))
+        assert d.action.then == tr.then and sorted(d.action.watched) == sorted(tr.items)
+        scored = {line: prefix + ctx for prefix, opts in rec.requests for ctx, line in opts
+                  if " rated " in line}
+        assert len(scored) == 4 * 5
+        examples = tr.policy_examples(preds, rating_cue=cue)
+        if cue:
+            trained = {e.target: "".join(e.segments) for e in examples if "rating" in e.meta}
+            assert len(trained) == 4 and all(scored[line] == ctx for line, ctx in trained.items())
+            assert trained[text.rating_line(3, 2)].endswith(
+                "then: next\n[3] Film 3 (1993): avg 3.3; you watched 3 of its 20 closest, "
+                "rated 3.5\n")
+            assert examples[4].target == text.then_line("next")
+        else:
+            assert examples[4].target == text.then_line("next") + text.ratings_lines(tr.ratings)
+            assert all(ctx.endswith("then: next\n") for ctx in scored.values())
+
+
+def test_rating_expectations_read_the_rating_cue_when_trained_with_it() -> None:
+    from agents.decide import rating_expectations
+    from simulator.env import PageAction
+
+    tr = _all_watched()
+    inp = tr.decision_input()
+    human = PageAction(watched={tr.items[s - 1]: r for s, r in tr.ratings.items()}, then=tr.then)
+    for cue in (True, False):
+        rec = Options()
+        out = rating_expectations(rec, [inp], [human], rating_cue=cue)
+        assert sorted(out[0]) == [1, 2, 3, 4]
+        contexts = {ctx for _, opts in rec.requests for ctx, _ in opts}
+        trained = {e.segments[-1] for e in tr.policy_examples(rating_cue=True)
+                   if "rating" in e.meta}
+        assert (contexts == trained) is cue
+        assert all(("avg 3." in c) is cue for c in contexts)

@@ -189,6 +189,10 @@ def test_fit_calibrates_on_merged_weights_and_saves_the_trained_adapter(
                       dtype="float32", device="cpu", seed=0)
     manifest = fit(cfg, prepared, tmp_path / "out", progress=False, lm=lm)
     assert manifest["calibration"]["fitted_on"]["pages"] == len(prepared.calib) > 0
+    # trained with a cue line above each rating line (the default), and so read at run time
+    assert manifest["config"]["rating_cue"]
+    assert Calibration.of_checkpoint(tmp_path / "out").rating_cue
+
     def strip(k: str) -> str:
         return k.removeprefix("base_model.model.")
 
@@ -228,6 +232,7 @@ def test_a_trained_adapter_is_recalibrated_into_its_manifest(prepared: Prepared,
     after = json.loads((out / "manifest.json").read_text())
     assert after["calibration"] == refit and after["config"] == manifest["config"]
     assert refit["fitted_on"]["pages"] == len(prepared.calib)
+    assert refit["rating_cue"] is fitted["rating_cue"] is True  # the format it was trained in
     for key in ("watch_offset", "then_offset", "list_offset", "sampled_watch_offset",
                 "sampled_then_offset"):
         assert refit[key] == pytest.approx(fitted[key], abs=1e-3)

@@ -109,12 +109,13 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
               valid_lists: Sequence[tuple[int, list[int], list[int]]] = (),
               sessions: Sequence[tuple[int, list[list[int]]]] = (),
               visits: Sequence[tuple[int, bool]] = (), seed: int = 0,
-              history_bins: int = HISTORY_BINS) -> dict:
+              history_bins: int = HISTORY_BINS, rating_cue: bool = False) -> dict:
     """Offsets and what they were fitted on (for the manifest). With ``sessions`` (validation
     users' pages on the built-in recommenders) and the validation ``visits`` (pages, ended by
     exit), the sampled exit offsets are refitted on sessions (``session_offsets``). With
     ``history_bins`` > 1 the watch offsets get a slope in the person's number of ratings
-    (``history_slope``; pages built before transitions recorded it get none)."""
+    (``history_slope``; pages built before transitions recorded it get none). ``rating_cue``:
+    the adapter's rating format, recorded with the offsets (sessions rate in it)."""
     inputs = [t.decision_input() for t in valid_trs]
     # Only the watch/skip scores are read here: next/exit and ratings wait for the offset.
     decisions = _decide(scorer, inputs, "calibrate watch", world_model=world_model,
@@ -138,7 +139,7 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
     cal = Calibration(watch_offset=rate_offset(shifted, rate),
                       sampled_watch_offset=sampled_rate_offset(shifted, rate, temp),
                       sampled_temperature=temp, watch_history_slope=slope,
-                      history_center=center)
+                      history_center=center, rating_cue=rating_cue)
     # next/exit is scored after the chosen slots, so fit its offset on the calibrated choices.
     decisions = _decide(scorer, inputs, "calibrate exit", world_model=world_model,
                         calibration=cal)
@@ -318,7 +319,8 @@ def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool
         cal = calibrate(scorer, prep.calib, world_model=world_model, perceiver=prep.perceiver,
                         personas=prep.personas, histories=prep.histories,
                         valid_lists=prep.valid_lists if lists else (), sessions=sessions,
-                        visits=visits, history_bins=history_bins)
+                        visits=visits, history_bins=history_bins,
+                        rating_cue=bool((manifest.get("config") or {}).get("rating_cue")))
     else:
         old = manifest.get("calibration") or {}
         fitted = Calibration.model_validate({k: v for k, v in old.items()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from agents.browse import pages_of
 from agents.llm import LM, load_lm
@@ -201,14 +202,16 @@ def prepare(cfg: TrainConfig, data: TrainData) -> Prepared:
         visits=[(len(t.steps), t.end == "exit") for t in data.valid])
 
 
-def _with_predictions(model, lm: LM, trs: Sequence[Transition]) -> list[Example]:
+def _with_predictions(model, lm: LM, trs: Sequence[Transition], rating_cue: bool,
+                      progress: bool = False) -> list[Example]:
     """Policy examples whose context holds the world model's expected ratings, as at run time;
     the expectations of all pages are scored in batched calls."""
-    return [e for t, p in zip(trs, _expectations(model, lm, trs), strict=True)
-            for e in t.policy_examples(p)]
+    return [e for t, p in zip(trs, _expectations(model, lm, trs, progress), strict=True)
+            for e in t.policy_examples(p, rating_cue)]
 
 
-def _expectations(model, lm: LM, trs: Sequence[Transition]) -> list[dict[int, float]]:
+def _expectations(model, lm: LM, trs: Sequence[Transition], progress: bool = False
+                  ) -> list[dict[int, float]]:
     """The world model's expected rating of every slot of ``trs``' pages, cached by weights and
     pages: the world model + policy ablation starts from the full agent's world-model weights
     and would score the same pages again (5,000 pages: part of the 3 minutes a GPU fit spent
@@ -239,9 +242,12 @@ def _expectations(model, lm: LM, trs: Sequence[Transition]) -> list[dict[int, fl
         return [{int(k): v for k, v in p.items()} for p in json.loads(path.read_text())]
     scoring = Scorer(LM(model=model, tokenizer=lm.tokenizer, name=lm.name), cache_size=128)
     out: list[dict[int, float]] = []
-    for i in range(0, len(pages), 128):
-        out += expected_ratings_many(scoring, pages[i:i + 128], requests[i:i + 128])
-        scoring.clear()
+    with tqdm(total=len(pages), desc="world-model expectations", unit="page",
+              disable=not progress) as bar:  # minutes on a CPU before a stage's first step
+        for i in range(0, len(pages), 128):
+            out += expected_ratings_many(scoring, pages[i:i + 128], requests[i:i + 128])
+            scoring.clear()
+            bar.update(len(pages[i:i + 128]))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(out))
     return out
@@ -265,18 +271,20 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
     wm_trs, valid_trs = prep.train, prep.valid
     result: dict[str, Any] = {}
     balance: dict[str, float] = {}
+    cue = cfg.rating_cue
     if cfg.stage in ("wm", "all"):
         result["wm"] = _stage(model, lm, cfg, {"wm": [t.wm_example() for t in wm_trs]},
                               {"wm": 1.0}, cfg.wm_steps, out / "stage_wm",
                               [t.wm_example() for t in valid_trs], resume, progress, stop_after)
     if cfg.stage == "policy":
-        pols, balance = class_balance([e for t in wm_trs for e in t.policy_examples()])
+        pols, balance = class_balance([e for t in wm_trs
+                                       for e in t.policy_examples(rating_cue=cue)])
         result["policy"] = _stage(model, lm, cfg, {"policy": pols}, {"policy": 1.0},
                                   cfg.cr_steps, out / "stage_policy",
-                                  [e for t in valid_trs for e in t.policy_examples()],
+                                  [e for t in valid_trs for e in t.policy_examples(rating_cue=cue)],
                                   resume, progress, stop_after)
     if cfg.stage in ("cr", "all"):
-        pols, balance = class_balance(_with_predictions(model, lm, wm_trs))
+        pols, balance = class_balance(_with_predictions(model, lm, wm_trs, cue, progress))
         pools = {"policy": pols, "wm": [t.wm_example() for t in wm_trs]}
         weights = {"policy": 1.0, "wm": cfg.lambda_wm, "cr": cfg.lambda_cr}
         if cfg.lambda_cr > 0:  # with λ_CR = 0 the reflections would go unused: not generated
@@ -284,8 +292,8 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
         # Validated as this agent decides at run time and as it trains here: with the world
         # model's expectations in the prompt (the weights kept are chosen on this loss).
         result["cr"] = _stage(model, lm, cfg, pools, weights, cfg.cr_steps, out / "stage_cr",
-                              _with_predictions(model, lm, valid_trs), resume, progress,
-                              stop_after)
+                              _with_predictions(model, lm, valid_trs, cue, progress), resume,
+                              progress, stop_after)
     model.eval()
     t0 = time.perf_counter()
     from training.calibrate import calibrate, session_data
@@ -302,7 +310,7 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
                                 perceiver=prep.perceiver, personas=prep.personas,
                                 histories=prep.histories, valid_lists=prep.valid_lists,
                                 sessions=sessions, visits=visits,
-                                seed=cfg.seed)
+                                seed=cfg.seed, rating_cue=cue)
     finally:
         model.unmerge_adapter()
     calibration["seconds"] = round(time.perf_counter() - t0, 1)

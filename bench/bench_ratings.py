@@ -1,0 +1,125 @@
+"""What the agent's perceived numbers can tell about the ratings it gives, and how much of it an
+adapter reads.
+
+On the evaluated users' held-out test pages (evaluation's pick), the items the humans watched
+there are rated by: a linear regression on numbers the agent perceives (the person's mean
+rating from its persona, the item's mean rating, the person's mean rating of the item's 20
+closest items and how many of them they watched), fitted on the same users' *validation*
+pages, as the ranking bar is fitted on validation lists; the classical predictors on the
+train split (``simulator.offline.rating_predictions``); and, with ``--adapter``, the adapter's
+expected rating after the human's action, as evaluation reads it (``agents.decide
+.rating_expectations``), in the rating format it was trained on and, with ``--formats``, in
+the other one too (an adapter trained without the rating cue, shown it untrained).
+
+    python bench/bench_ratings.py [--adapter DIR [--world-model] [--formats trained,cue,plain]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pandas as pd
+from bench_population import table
+from rich.console import Console
+from sklearn.linear_model import LinearRegression
+
+from agents.decide import Calibration, rating_expectations
+from agents.transition import Transition
+from agents.world import World, load_world
+from evaluation.run import EvalConfig, held_out_pages
+from simulator.env import PageAction
+from simulator.offline import rating_predictions
+
+GROUPS = {
+    "the person's mean": ["person_mean"],
+    "+ the item's mean": ["person_mean", "item_mean"],
+    "+ the closest items' mean rating": ["person_mean", "item_mean", "close_rating",
+                                         "has_close", "close_watched"],
+}
+
+
+def frame(world: World, trs: list[Transition]) -> pd.DataFrame:
+    """One row per watched slot: the rating given and what the agent perceived of it."""
+    rows = []
+    for tr in trs:
+        mean = world.profiles[tr.user].rating_mean or 3.5
+        for s, r in tr.ratings.items():
+            v = tr.views[s - 1]
+            rows.append({"user": tr.user, "item": tr.items[s - 1], "rating": float(r),
+                         "person_mean": mean, "item_mean": v.mean_rating or mean,
+                         "close_rating": mean if v.close_rating is None else v.close_rating,
+                         "has_close": float(v.close_rating is not None),
+                         "close_watched": float(v.close_watched)})
+    return pd.DataFrame(rows)
+
+
+def rmse(pred, y) -> float:
+    return float(np.sqrt(np.mean((np.clip(np.asarray(pred, float), 1, 5) - y) ** 2)))
+
+
+def adapter_ratings(adapter: str, pages: list[Transition], world_model: bool, cue: bool
+                    ) -> list[float]:
+    """The adapter's expected rating of each watched slot after the human's action."""
+    from agents.llm import load_lm
+    from agents.scorer import Scorer
+    from agents.world_model import expected_ratings_many
+
+    scorer = Scorer(load_lm(adapter=adapter, device="cpu"), cache_size=256)
+    inputs = [tr.decision_input() for tr in pages]
+    if world_model:
+        preds = []
+        for k in range(0, len(inputs), 50):
+            preds += expected_ratings_many(scorer, [(tr.prefix, len(tr.items))
+                                                    for tr in pages[k:k + 50]])
+            scorer.clear()
+        inputs = [i.model_copy(update={"predictions": p})
+                  for i, p in zip(inputs, preds, strict=True)]
+    human = [PageAction(watched={tr.items[s - 1]: r for s, r in tr.ratings.items()},
+                        then=tr.then) for tr in pages]
+    out = rating_expectations(scorer, inputs, human, chunk=50, rating_cue=cue)
+    return [o[s] for tr, o in zip(pages, out, strict=True) for s in tr.ratings]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--adapter", help="also rate with this adapter")
+    ap.add_argument("--world-model", action="store_true",
+                    help="the world model's expectations in the prompt (full agent)")
+    ap.add_argument("--formats", default="trained",
+                    help="comma list of trained (the adapter's own), cue, plain")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    world = load_world()
+    cfg = EvalConfig.of_preset("full")
+    _, test = held_out_pages(world, cfg, "test")
+    _, valid = held_out_pages(world, cfg, "valid")
+    te, va = frame(world, test), frame(world, valid)
+    y = te["rating"].to_numpy()
+    rows = []
+    for name, cols in GROUPS.items():
+        fit = LinearRegression().fit(va[cols], va["rating"])
+        rows.append({"rater": f"regression: {name}", "RMSE": rmse(fit.predict(te[cols]), y)})
+    for name, pred in rating_predictions(world.split.train, te[["user", "item"]]).items():
+        rows.append({"rater": name, "RMSE": rmse(pred, y)})
+    if args.adapter:
+        trained = Calibration.of_checkpoint(args.adapter).rating_cue
+        for fmt in args.formats.split(","):
+            cue = {"trained": trained, "cue": True, "plain": False}[fmt]
+            pred = np.asarray(adapter_ratings(args.adapter, [t for t in test if t.ratings],
+                                              args.world_model, cue))
+            rows.append({"rater": f"adapter, {'cue' if cue else 'plain'}"
+                                  f"{' (trained)' if cue == trained else ''}",
+                         "RMSE": rmse(pred, y), "corr": float(np.corrcoef(pred, y)[0, 1]),
+                         "sd": float(pred.std())})
+    cols = ["rater", "RMSE", "corr", "sd"]
+    Console().print(table(
+        f"{len(te)} held-out watched items of {len(test)} test pages (regressions fitted on "
+        f"the {len(va)} ratings of the same users' validation pages)", cols,
+        [[r["rater"], *(f"{r[c]:.4f}" if c in r else "" for c in cols[1:])] for r in rows]))
+    print(f"{time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
