@@ -112,11 +112,12 @@ def main() -> None:
             rows.append({"rater": f"adapter, {'cue' if cue else 'plain'}"
                                   f"{' (trained)' if cue == trained else ''}",
                          "RMSE": rmse(pred, y), "corr": float(np.corrcoef(pred, y)[0, 1]),
-                         "sd": float(pred.std())})
-    cols = ["rater", "RMSE", "corr", "sd"]
+                         "mean": float(pred.mean()), "sd": float(pred.std())})
+    cols = ["rater", "RMSE", "corr", "mean", "sd"]
     Console().print(table(
-        f"{len(te)} held-out watched items of {len(test)} test pages (regressions fitted on "
-        f"the {len(va)} ratings of the same users' validation pages)", cols,
+        f"{len(te)} held-out watched items of {len(test)} test pages, rated {y.mean():.2f} on "
+        f"average (sd {y.std():.2f}; regressions fitted on the {len(va)} ratings of the same "
+        "users' validation pages)", cols,
         [[r["rater"], *(f"{r[c]:.4f}" if c in r else "" for c in cols[1:])] for r in rows]))
     print(f"{time.perf_counter() - t0:.0f} s")
 

@@ -186,10 +186,10 @@ def test_fit_calibrates_on_merged_weights_and_saves_the_trained_adapter(
     lm = tiny_lm()
     base = {k: v.clone() for k, v in lm.model.state_dict().items()}
     cfg = TrainConfig(stage="policy", cr_steps=2, batch_size=1, eval_every=1, save_every=1,
-                      dtype="float32", device="cpu", seed=0)
+                      dtype="float32", device="cpu", seed=0, rating_cue=True)
     manifest = fit(cfg, prepared, tmp_path / "out", progress=False, lm=lm)
     assert manifest["calibration"]["fitted_on"]["pages"] == len(prepared.calib) > 0
-    # trained with a cue line above each rating line (the default), and so read at run time
+    # trained with a cue line above each rating line, and so read at run time
     assert manifest["config"]["rating_cue"]
     assert Calibration.of_checkpoint(tmp_path / "out").rating_cue
 
@@ -220,7 +220,8 @@ def test_a_trained_adapter_is_recalibrated_into_its_manifest(prepared: Prepared,
     from training.pipeline import fit
 
     cfg = TrainConfig(stage="policy", cr_steps=1, batch_size=1, eval_every=1, save_every=1,
-                      dtype="float32", save_dtype="float32", device="cpu", seed=0)
+                      dtype="float32", save_dtype="float32", device="cpu", seed=0,
+                      rating_cue=True)
     out = tmp_path / "out"
     fitted = fit(cfg, prepared, out, progress=False, lm=tiny_lm())["calibration"]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -233,6 +234,7 @@ def test_a_trained_adapter_is_recalibrated_into_its_manifest(prepared: Prepared,
     assert after["calibration"] == refit and after["config"] == manifest["config"]
     assert refit["fitted_on"]["pages"] == len(prepared.calib)
     assert refit["rating_cue"] is fitted["rating_cue"] is True  # the format it was trained in
+    assert not TrainConfig().rating_cue  # the shipped adapters' format by default
     for key in ("watch_offset", "then_offset", "list_offset", "sampled_watch_offset",
                 "sampled_then_offset"):
         assert refit[key] == pytest.approx(fitted[key], abs=1e-3)

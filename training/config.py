@@ -64,11 +64,12 @@ class TrainConfig(BaseModel):
     detach_head: bool = Field(False, description="no gradient through a page's shared persona "
                               "and page blocks: the weights learn only from the lines after "
                               "them, and a step costs about half (training.batches)")
-    rating_cue: bool = Field(True, description="train each rating line after its own cue "
+    rating_cue: bool = Field(False, description="train each rating line after its own cue "
                              "line (the item's mean rating, the person's ratings of its closest "
-                             "items: agents.text.rating_cue), as the agent then rates; off: the "
-                             "ratings follow the choices alone, the format of adapters trained "
-                             "before it (continuing one of those in its own format)")
+                             "items: agents.text.rating_cue), as the agent then rates; off (the "
+                             "shipped adapters' format): the ratings follow the choices alone. "
+                             "Recorded in the manifest, so the agent rates in the format it was "
+                             "trained on")
     pair_weight: float = Field(0.0, ge=0, description="weight of a within-page ranking loss "
                                "on the watch/skip log-odds (training.trainer.pair_loss): per-user "
                                "AUC only ranks a person's items, and this term ignores a page's "
