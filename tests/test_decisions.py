@@ -7,6 +7,7 @@ Worlds are the 40-user ml-100k ``small_world`` (conftest); models are tiny rando
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -230,6 +231,36 @@ def test_list_scores_browse_every_page_with_the_offset(small_world: World,
     for b, s in zip(base, shifted, strict=True):
         np.testing.assert_allclose(s - b, 1.5, atol=1e-9)
     assert all(math.isfinite(x) for s in base for x in s)
+
+
+class Lines(Recording):
+    """A scorer wrapper that keeps every (context, line) option scored."""
+
+    def __init__(self, inner: Scorer) -> None:
+        super().__init__(inner)
+        self.options: list[tuple[str, str]] = []
+
+    def score_many(self, requests):
+        requests = [(p, list(o)) for p, o in requests]
+        self.options += [opt for _, o in requests for opt in o]
+        return super().score_many(requests)
+
+
+def test_list_scores_rate_earlier_pages_in_the_adapters_format(small_world: World,
+                                                               scorer: Scorer) -> None:
+    """A list's later pages show the ratings given on its earlier ones, so the lists rate in
+    the format the adapter was trained on, as sessions and held-out pages do."""
+    w = small_world
+    lists = [(u, [i for p in pages for i in p][:8]) for u, pages in _sessions(w, n_pages=2)]
+    for cue in (True, False):
+        rec = Lines(scorer)
+        list_scores(rec, w.perceiver, w.personas, w.histories, lists, world_model=False,
+                    offset=100.0, rating_cue=cue)  # every item watched: every rating scored
+        rated = [ctx for ctx, line in rec.options if " rated " in line]
+        assert rated and all(ctx.endswith("then: next\n") is not cue for ctx in rated)
+        cues = [ctx.rsplit("then: next\n", 1)[1] for ctx in rated]
+        assert all(bool(re.fullmatch(r"\[\d\] \S.*\n", c)) is cue for c in cues)
+        assert any(": avg " in c for c in cues) is cue
 
 
 def _all_watched() -> Transition:

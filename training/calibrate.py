@@ -170,7 +170,8 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
         with tqdm(total=pages, desc="calibrate lists", unit="page") as bar:
             scores = list_scores(scorer, perceiver, personas, histories,
                                  [(u, items) for u, items, _ in valid_lists],
-                                 world_model=world_model, progress=bar.update)
+                                 world_model=world_model, rating_cue=rating_cue,
+                                 progress=bar.update)
         labels = [y for _, _, y in valid_lists]
         cal.list_offset = accuracy_offset(scores, labels)
         report["lists"] = len(valid_lists)
