@@ -61,13 +61,17 @@ class PageView(BaseModel):
     memories: list[str] = Field(default_factory=list)
 
 
+def closest(it: ItemView) -> str:
+    """How many of the item's 20 closest items the person watched, and their mean rating."""
+    return f"you watched {it.close_watched} of its 20 closest" + (
+        f", rated {it.close_rating:.1f}" if it.close_rating is not None else "")
+
+
 def render_item(slot: int, it: ItemView) -> str:
     stats = f"{it.popularity} ratings" + (f", avg {it.mean_rating:.1f}" if it.mean_rating else "")
     line = f"[{slot}] {it.label()} | {', '.join(it.genres) or 'unknown genre'} | {stats}"
     if it.match is not None:
-        close = f"you watched {it.close_watched} of its 20 closest" + (
-            f", rated {it.close_rating:.1f}" if it.close_rating is not None else "")
-        line += f"\n    match {it.match}/100; {close}"
+        line += f"\n    match {it.match}/100; {closest(it)}"
     if it.evidence:
         seen = "; ".join(f"{e.title} {e.rating}/5" for e in it.evidence)
         line += f"\n    like what you rated: {seen}"
@@ -115,8 +119,7 @@ def item_cue(it: ItemView) -> str:
     the answer, the cue needs no long-range lookup."""
     cue = it.label()
     if it.match is not None:
-        cue += (f": match {it.match}/100, you watched {it.close_watched} of its 20 closest"
-                + (f", rated {it.close_rating:.1f}" if it.close_rating is not None else ""))
+        cue += f": match {it.match}/100, {closest(it)}"
     return cue
 
 
@@ -133,7 +136,7 @@ def rating_cue(it: ItemView) -> str:
     matrix factorisation (``bench/bench_ratings.py``)."""
     cue = it.label() + (f": avg {it.mean_rating:.1f}" if it.mean_rating else "")
     if it.close_rating is not None:
-        cue += f"; you watched {it.close_watched} of its 20 closest, rated {it.close_rating:.1f}"
+        cue += f"; {closest(it)}"
     return cue
 
 
