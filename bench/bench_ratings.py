@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -90,6 +91,11 @@ def main() -> None:
     ap.add_argument("--formats", default="trained",
                     help="comma list of trained (the adapter's own), cue, plain")
     args = ap.parse_args()
+    formats = args.formats.split(",")
+    if bad := sorted(set(formats) - {"trained", "cue", "plain"}):
+        ap.error(f"--formats: unknown {', '.join(bad)} (from trained, cue, plain)")
+    if args.adapter and not Path(args.adapter).is_dir():
+        ap.error(f"--adapter {args.adapter}: no such folder")
     t0 = time.perf_counter()
     world = load_world()
     cfg = EvalConfig.of_preset("full")
@@ -105,7 +111,7 @@ def main() -> None:
         rows.append({"rater": name, "RMSE": rmse(pred, y)})
     if args.adapter:
         trained = Calibration.of_checkpoint(args.adapter).rating_cue
-        for fmt in args.formats.split(","):
+        for fmt in formats:
             cue = {"trained": trained, "cue": True, "plain": False}[fmt]
             pred = np.asarray(adapter_ratings(args.adapter, [t for t in test if t.ratings],
                                               args.world_model, cue))
