@@ -45,7 +45,8 @@ class Perceiver:
             n, mean = self.similarity.closest_watched(v.id, history)
             out.append(v.model_copy(update={
                 "evidence": self.evidence(v.id, history), "match": match.get(v.id, 0),
-                "close_watched": n, "close_rating": None if mean is None else round(mean, 1)}))
+                "close_watched": n, "close_rating": None if mean is None else round(mean, 1),
+                "likely_rating": round(self.similarity.knn_rating(v.id, history), 1)}))
         return out
 
     def page(self, item_ids: Sequence[int], history: Mapping[int, float],

@@ -44,6 +44,8 @@ class ItemView(BaseModel):
     close_watched: int = Field(0, description="of the item's 20 closest items, how many the "
                                "person watched")
     close_rating: float | None = Field(None, description="their mean rating of those")
+    likely_rating: float | None = Field(None, description="item-kNN rating from their ratings "
+                                        "of its neighbours (memory.evidence knn_rating)")
 
     def personal(self) -> bool:
         return bool(self.evidence) or self.match is not None
@@ -108,7 +110,7 @@ def page_prompt(page: int, max_pages: int, views: Sequence[ItemView],
 def public(views: Sequence[ItemView]) -> list[ItemView]:
     """The no-memory ablation's views: public facts only, nothing of the person's history."""
     return [v.model_copy(update={"evidence": [], "match": None, "close_watched": 0,
-                                 "close_rating": None}) for v in views]
+                                 "close_rating": None, "likely_rating": None}) for v in views]
 
 
 def item_cue(it: ItemView) -> str:
@@ -133,10 +135,13 @@ def rating_cue(it: ItemView) -> str:
     Without it the rating lines sit below the choices, far from the item's numbers, and an
     adapter rated every item of a page alike (the person's usual rating); a regression on the
     person's mean, the item's mean and the closest items' mean rates held-out items better than
-    matrix factorisation (``bench/bench_ratings.py``)."""
+    matrix factorisation (``bench/bench_ratings.py``). The item-kNN rating then sums that
+    evidence into one number, which alone rates them better still."""
     cue = it.label() + (f": avg {it.mean_rating:.1f}" if it.mean_rating else "")
     if it.close_rating is not None:
         cue += f"; {closest(it)}"
+    if it.likely_rating is not None:
+        cue += f"; from your ratings you would likely rate it {it.likely_rating:.1f}"
     return cue
 
 

@@ -5,13 +5,17 @@ On the evaluated users' held-out test pages (evaluation's pick), the items the h
 there are rated by: a linear regression on numbers the agent perceives (the person's mean
 rating from its persona, the item's mean rating, the person's mean rating of the item's 20
 closest items and how many of them they watched), fitted on the same users' *validation*
-pages, as the ranking bar is fitted on validation lists; the classical predictors on the
+pages, as the ranking bar is fitted on validation lists; the item-kNN rating the agent reads in
+its rating cue, unfitted (``memory.evidence.ItemSimilarity.knn_rating``; ``--shrinks`` also
+tries other shrinkages on both page sets, with the train ratings as history); the classical
+predictors on the
 train split (``simulator.offline.rating_predictions``); and, with ``--adapter``, the adapter's
 expected rating after the human's action, as evaluation reads it (``agents.decide
 .rating_expectations``), in the rating format it was trained on and, with ``--formats``, in
 the other one too (an adapter trained without the rating cue, shown it untrained).
 
     python bench/bench_ratings.py [--adapter DIR [--world-model] [--formats trained,cue,plain]]
+                                  [--shrinks 0,0.25,0.5,1,2]
 """
 
 from __future__ import annotations
@@ -52,8 +56,25 @@ def frame(world: World, trs: list[Transition]) -> pd.DataFrame:
                          "person_mean": mean, "item_mean": v.mean_rating or mean,
                          "close_rating": mean if v.close_rating is None else v.close_rating,
                          "has_close": float(v.close_rating is not None),
-                         "close_watched": float(v.close_watched)})
+                         "close_watched": float(v.close_watched),
+                         "likely": mean if v.likely_rating is None else v.likely_rating})
     return pd.DataFrame(rows)
+
+
+def shrink_rows(world: World, frames: dict[str, pd.DataFrame], shrinks: list[float]
+                ) -> list[dict]:
+    """The kNN rating's RMSE on each page set at each shrinkage (history: the train ratings,
+    without the items watched earlier in the same held-out session, which perception adds)."""
+    hist, sim = world.histories, world.similarity
+    rows = []
+    for lam in shrinks:
+        row = {"rater": f"item-kNN rating, shrink {lam:g}"}
+        for part, df in frames.items():
+            pred = [sim.knn_rating(i, hist.get(u, {}), lam)
+                    for u, i in zip(df["user"], df["item"], strict=True)]
+            row[part] = rmse(pred, df["rating"].to_numpy())
+        rows.append(row)
+    return rows
 
 
 def rmse(pred, y) -> float:
@@ -90,6 +111,7 @@ def main() -> None:
                     help="the world model's expectations in the prompt (full agent)")
     ap.add_argument("--formats", default="trained",
                     help="comma list of trained (the adapter's own), cue, plain")
+    ap.add_argument("--shrinks", help="comma list: the kNN rating's RMSE at these shrinkages")
     args = ap.parse_args()
     formats = args.formats.split(",")
     if bad := sorted(set(formats) - {"trained", "cue", "plain"}):
@@ -107,6 +129,9 @@ def main() -> None:
     for name, cols in GROUPS.items():
         fit = LinearRegression().fit(va[cols], va["rating"])
         rows.append({"rater": f"regression: {name}", "RMSE": rmse(fit.predict(te[cols]), y)})
+    rows.append({"rater": "item-kNN rating as perceived (unfitted)",
+                 "RMSE": rmse(te["likely"], y), "corr": float(np.corrcoef(te["likely"], y)[0, 1]),
+                 "mean": float(te["likely"].mean()), "sd": float(te["likely"].std())})
     for name, pred in rating_predictions(world.split.train, te[["user", "item"]]).items():
         rows.append({"rater": name, "RMSE": rmse(pred, y)})
     if args.adapter:
@@ -125,6 +150,13 @@ def main() -> None:
         f"average (sd {y.std():.2f}; regressions fitted on the {len(va)} ratings of the same "
         "users' validation pages)", cols,
         [[r["rater"], *(f"{r[c]:.4f}" if c in r else "" for c in cols[1:])] for r in rows]))
+    if args.shrinks:
+        srows = shrink_rows(world, {"valid": va, "test": te},
+                            [float(x) for x in args.shrinks.split(",")])
+        Console().print(table("The kNN rating's RMSE by shrinkage (choose on valid)",
+                              ["rater", "valid", "test"],
+                              [[r["rater"], f"{r['valid']:.4f}", f"{r['test']:.4f}"]
+                               for r in srows]))
     print(f"{time.perf_counter() - t0:.0f} s")
 
 

@@ -85,6 +85,19 @@ def test_match_percentiles_and_closest_watched_by_hand() -> None:
     assert cold["close_rating"] == pytest.approx(3.0)  # falls back like sim_weighted_rating
 
 
+def test_knn_rating_by_hand() -> None:
+    sim = ItemSimilarity.fit(HAND)
+    # Item means 10: 4, 20: 11/3, 30: 2.5 (global 3.5). Residuals of the history: 20 at 4 is
+    # +1/3 above its mean, 30 at 2 is 0.5 below; weighted by the cosine to 10, shrunk by 0.5.
+    num = COS_10_20 * (4.0 - 11 / 3) + COS_10_30 * (2.0 - 2.5)
+    assert sim.knn_rating(10, {20: 4.0, 30: 2.0}) == pytest.approx(
+        4.0 + num / (COS_10_20 + COS_10_30 + 0.5))
+    assert sim.knn_rating(10, {20: 4.0}, shrink=0.0) == pytest.approx(4.0 + 1 / 3)
+    assert sim.knn_rating(10, {10: 1.0}) == pytest.approx(4.0)  # itself is not evidence
+    assert sim.knn_rating(10, {}) == pytest.approx(4.0)  # nothing watched: the item's mean
+    assert sim.knn_rating(99, {20: 4.0}) == pytest.approx(3.5)  # unseen: the global mean
+
+
 def test_ease_match_by_hand() -> None:
     # Binary X (users 1-4 x items 10, 20, 30); EASE: P = (X'X + lam I)^-1, B = -P / diag(P).
     x = np.array([[1, 1, 0], [1, 1, 1], [1, 0, 1], [0, 1, 0]], dtype=float)

@@ -94,6 +94,21 @@ def test_item_cue_restates_the_numbers_and_drops_them_for_the_ablation() -> None
         "[2] Star Wars (1977); you expect to rate 4.0\n")
 
 
+def test_rating_cue_restates_the_rating_evidence_and_drops_it_for_the_ablation() -> None:
+    matched = VIEWS[1].model_copy(update={"match": 87, "close_watched": 3, "close_rating": 4.25,
+                                          "likely_rating": 4.61})
+    unseen = VIEWS[2].model_copy(update={"match": 5, "likely_rating": 3.9})
+    assert text.page_rating_cues([matched, unseen, VIEWS[3]]) == [
+        "Star Wars (1977): avg 4.4; you watched 3 of its 20 closest, rated 4.2; from your "
+        "ratings you would likely rate it 4.6",
+        "Twelve Monkeys (1995): avg 3.8; from your ratings you would likely rate it 3.9",
+        "'Til There Was You"]
+    assert text.page_rating_cues([matched, unseen], evidence=False) == [
+        "Star Wars (1977): avg 4.4", "Twelve Monkeys (1995): avg 3.8"]
+    # The page itself does not show the kNN rating: it is the rating's cue, not the choice's.
+    assert "likely" not in text.page_prompt(1, 5, [matched, unseen])
+
+
 @pytest.mark.parametrize("ratings, next_items", [
     ({1: 4, 3: 2}, VIEWS[1:3]),
     ({}, VIEWS),
