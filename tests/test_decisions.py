@@ -261,6 +261,20 @@ def test_list_scores_rate_earlier_pages_in_the_adapters_format(small_world: Worl
         cues = [ctx.rsplit("then: next\n", 1)[1] for ctx in rated]
         assert all(bool(re.fullmatch(r"\[\d\] \S.*\n", c)) is cue for c in cues)
         assert any(": avg " in c for c in cues) is cue
+        assert all(("you would likely rate it" in c) is cue for c in cues)
+
+
+def test_perception_reads_the_item_knn_rating_and_the_ablation_drops_it(small_world: World
+                                                                        ) -> None:
+    w = small_world
+    user = next(iter(w.histories))
+    history = w.histories[user]
+    items = [i for i in list(w.perceiver.items)[:40] if i not in history][:8]
+    views = w.perceiver.page(items, history)
+    assert [v.likely_rating for v in views] == [
+        round(w.similarity.knn_rating(i, history), 1) for i in items]
+    assert len({v.likely_rating for v in views}) > 1  # it depends on the item
+    assert all(v.likely_rating is None for v in text.public(views))
 
 
 def _all_watched() -> Transition:
