@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from agents.decide import Calibration, decide
+from agents.decide import Calibration, decide, tilted
 from agents.perception import Perceiver
-from agents.policy import Decision, DecisionInput
+from agents.policy import Decision, DecisionInput, expected_value
 from agents.text import page_cues, page_prompt, page_rating_cues
 from simulator.env import PAGE_SIZE
 
@@ -113,6 +113,21 @@ def rate_offset(scores: np.ndarray, rate: float) -> float:
     if len(scores) == 0:
         return 0.0
     return float(-np.quantile(np.asarray(scores), 1 - min(max(rate, 0.0), 1.0)))
+
+
+def tilt_to_mean(logps: Sequence[Sequence[float]], mean: float) -> float:
+    """The rating tilt (``agents.decide.tilted``) whose expected ratings of the rated items
+    (five log-probabilities each) average ``mean``; the expectation rises with the tilt."""
+    from scipy.optimize import brentq
+
+    if not len(logps):
+        return 0.0
+    lp = np.asarray(logps, dtype=float)
+    mean = min(max(mean, 1.01), 4.99)  # a tilt reaches any mean strictly between 1 and 5
+
+    def gap(t: float) -> float:
+        return float(np.mean([expected_value(tilted(x, t), range(1, 6)) for x in lp])) - mean
+    return float(brentq(gap, -30.0, 30.0, xtol=1e-6))
 
 
 def sampled_rate_offset(scores: np.ndarray, rate: float, temperature: float,

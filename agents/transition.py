@@ -16,7 +16,7 @@ from agents import prompts, text
 from agents.policy import DecisionInput
 from agents.text import ItemView
 from agents.world import World
-from simulator.env import MAX_PAGES
+from simulator.env import MAX_PAGES, PageAction
 from simulator.trajectories import Step, Trajectory
 
 
@@ -66,6 +66,11 @@ class Transition:
                               prompts.world_model_tail(action)),
                        text.render_next_state(self.ratings, self.next_views),
                        {"user": self.user, "page": self.page})
+
+    def human_action(self) -> PageAction:
+        """What the human did on this page, as an agent's action reads."""
+        return PageAction(watched={self.items[s - 1]: r for s, r in self.ratings.items()},
+                          then=self.then)
 
     def decision_input(self, evidence: bool = True, seed: int = 0) -> DecisionInput:
         """This page as a policy decides it; ``evidence=False`` is the no-memory ablation."""

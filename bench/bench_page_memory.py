@@ -23,7 +23,6 @@ from agents.llm import load_lm
 from agents.scorer import Scorer
 from agents.world import load_world
 from evaluation.sections import held_out, pick
-from simulator.env import PageAction
 
 
 def main() -> None:
@@ -56,8 +55,7 @@ def main() -> None:
         scorer, inputs, world_model=True, calibration=cal))
     inputs = [i.model_copy(update={"predictions": d.predictions})
               for i, d in zip(inputs, decisions, strict=True)]
-    human = [PageAction(watched={tr.items[s - 1]: r for s, r in tr.ratings.items()},
-                        then=tr.then) for tr in pages]
+    human = [tr.human_action() for tr in pages]
     phase("expected ratings, 100 pages a call",
           lambda: rating_expectations(scorer, inputs, human, chunk=100))
     phase("expected ratings, one call", lambda: rating_expectations(

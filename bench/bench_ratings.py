@@ -11,8 +11,9 @@ tries other shrinkages on both page sets, with the train ratings as history); th
 predictors on the
 train split (``simulator.offline.rating_predictions``); and, with ``--adapter``, the adapter's
 expected rating after the human's action, as evaluation reads it (``agents.decide
-.rating_expectations``), in the rating format it was trained on and, with ``--formats``, in
-the other one too (an adapter trained without the rating cue, shown it untrained).
+.rating_expectations``, with the manifest's rating tilt), in the rating format it was trained
+on and, with ``--formats``, in the other one too (an adapter trained without the rating cue,
+shown it untrained; read without a tilt).
 
     python bench/bench_ratings.py [--adapter DIR [--world-model] [--formats trained,cue,plain]]
                                   [--shrinks 0,0.25,0.5,1,2]
@@ -34,7 +35,6 @@ from agents.decide import Calibration, rating_expectations
 from agents.transition import Transition
 from agents.world import World, load_world
 from evaluation.run import EvalConfig, held_out_pages
-from simulator.env import PageAction
 from simulator.offline import rating_predictions
 
 GROUPS = {
@@ -81,8 +81,8 @@ def rmse(pred, y) -> float:
     return float(np.sqrt(np.mean((np.clip(np.asarray(pred, float), 1, 5) - y) ** 2)))
 
 
-def adapter_ratings(adapter: str, pages: list[Transition], world_model: bool, cue: bool
-                    ) -> list[float]:
+def adapter_ratings(adapter: str, pages: list[Transition], world_model: bool, cue: bool,
+                    tilt: float = 0.0) -> list[float]:
     """The adapter's expected rating of each watched slot after the human's action."""
     from agents.llm import load_lm
     from agents.scorer import Scorer
@@ -98,9 +98,8 @@ def adapter_ratings(adapter: str, pages: list[Transition], world_model: bool, cu
             scorer.clear()
         inputs = [i.model_copy(update={"predictions": p})
                   for i, p in zip(inputs, preds, strict=True)]
-    human = [PageAction(watched={tr.items[s - 1]: r for s, r in tr.ratings.items()},
-                        then=tr.then) for tr in pages]
-    out = rating_expectations(scorer, inputs, human, chunk=50, rating_cue=cue)
+    human = [tr.human_action() for tr in pages]
+    out = rating_expectations(scorer, inputs, human, chunk=50, rating_cue=cue, rating_tilt=tilt)
     return [o[s] for tr, o in zip(pages, out, strict=True) for s in tr.ratings]
 
 
@@ -135,13 +134,17 @@ def main() -> None:
     for name, pred in rating_predictions(world.split.train, te[["user", "item"]]).items():
         rows.append({"rater": name, "RMSE": rmse(pred, y)})
     if args.adapter:
-        trained = Calibration.of_checkpoint(args.adapter).rating_cue
+        cal = Calibration.of_checkpoint(args.adapter)
+        trained = cal.rating_cue
         for fmt in formats:
             cue = {"trained": trained, "cue": True, "plain": False}[fmt]
+            # The tilt was fitted in the trained format: another format is read untilted.
+            tilt = cal.rating_tilt if cue == trained else 0.0
             pred = np.asarray(adapter_ratings(args.adapter, [t for t in test if t.ratings],
-                                              args.world_model, cue))
+                                              args.world_model, cue, tilt))
             rows.append({"rater": f"adapter, {'cue' if cue else 'plain'}"
-                                  f"{' (trained)' if cue == trained else ''}",
+                                  f"{' (trained)' if cue == trained else ''}"
+                                  f"{f', tilt {tilt:+.2f}' if tilt else ''}",
                          "RMSE": rmse(pred, y), "corr": float(np.corrcoef(pred, y)[0, 1]),
                          "mean": float(pred.mean()), "sd": float(pred.std())})
     cols = ["rater", "RMSE", "corr", "mean", "sd"]

@@ -28,7 +28,6 @@ from agents.decide import Calibration, decide_chunked, rating_expectations
 from agents.perception import Perceiver
 from agents.policy import DEFAULT_TEMPERATURE
 from agents.transition import Transition
-from simulator.env import PageAction
 from simulator.sessions import PageRecord, SessionRecord
 
 
@@ -245,13 +244,12 @@ def _page_answers(spec: MethodSpec, scorer, cal: Calibration, pages: Sequence[Tr
                                calibration=cal, progress=progress)
     inputs = [i.model_copy(update={"predictions": d.predictions})
               for i, d in zip(inputs, decisions, strict=True)]
-    human = [PageAction(watched={tr.items[s - 1]: r for s, r in tr.ratings.items()},
-                        then=tr.then) for tr in pages]
+    human = [tr.human_action() for tr in pages]
     return {"pages": [{"watched": sorted(tr.items.index(i) + 1 for i in d.action.watched),
                        "then": d.action.then, "watch_scores": d.watch_scores}
                       for tr, d in zip(pages, decisions, strict=True)],
-            "ratings": rating_expectations(scorer, inputs, human, rating_cue=cal.rating_cue)
-            if inputs else []}
+            "ratings": rating_expectations(scorer, inputs, human, rating_cue=cal.rating_cue,
+                                           rating_tilt=cal.rating_tilt) if inputs else []}
 
 
 def session_record(user: int, recommender: str, decisions: Sequence) -> dict[str, Any]:

@@ -18,9 +18,10 @@ from agents.browse import (
     pages_of,
     rate_offset,
     sampled_rate_offset,
+    tilt_to_mean,
 )
-from agents.decide import Calibration, decide
-from agents.policy import LLMPolicy
+from agents.decide import Calibration, decide, rating_expectations, tilted
+from agents.policy import LLMPolicy, expected_value
 from agents.scorer import Scorer
 from agents.transition import transitions
 from agents.world import World
@@ -46,6 +47,17 @@ def test_calibration_round_trips_through_the_manifest(tmp_path: Path) -> None:
     assert Calibration().list_offset is None
     assert Calibration.of_checkpoint(tmp_path).rating_cue  # the adapter's rating format
     assert not Calibration().rating_cue  # adapters from before it rate without cues
+
+
+def test_the_rating_tilt_changes_the_ratings_decided(small_world: World, scorer: Scorer
+                                                     ) -> None:
+    inputs = page_inputs(small_world)
+    for tilt, rating in ((40.0, 5), (-40.0, 1)):
+        cal = Calibration(watch_offset=100.0, rating_tilt=tilt)
+        for d in decide(scorer, inputs, calibration=cal):
+            assert set(d.action.watched.values()) == {rating}
+            # The probabilities recorded are those the rating was taken from: tilted.
+            assert all(p[rating - 1] > 0.99 for p in d.rating_probs.values())
 
 
 def test_offsets_change_decisions(small_world: World, scorer: Scorer) -> None:
@@ -101,6 +113,17 @@ def test_offset_helpers() -> None:
     off = accuracy_offset(lists, labels)
     assert np.mean((np.concatenate(lists) + off > 0) == np.concatenate(labels).astype(bool)) == 1
     assert pages_of(list(range(10))) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_rating_tilt_moves_the_mean_rating_to_the_target() -> None:
+    logps = np.log(np.random.default_rng(1).dirichlet(np.ones(5), 30))
+    assert tilted([0.0] * 5, 0.5) == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    for mean in (2.2, 3.19, 4.4):
+        t = tilt_to_mean(logps, mean)
+        got = np.mean([expected_value(tilted(lp, t), range(1, 6)) for lp in logps])
+        assert got == pytest.approx(mean, abs=1e-4)
+    assert tilt_to_mean(logps, 2.0) < tilt_to_mean(logps, 4.0)
+    assert tilt_to_mean([], 3.0) == 0.0
 
 
 def test_sampled_offsets_match_the_expected_sampled_rate() -> None:
@@ -164,6 +187,15 @@ def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer)
     assert fitted["fitted_on"]["human_last_exit_share"] == pytest.approx(human_last, abs=1e-4)
     assert np.mean([d.action.then == "exit" for d in last_pages]) == pytest.approx(
         human_last, abs=1 / len(last_pages) + 1e-9)
+    # The rating tilt makes the expected ratings after the humans' choices average theirs.
+    rated = [t for t in trs if t.ratings]
+    expected = rating_expectations(scorer, [t.decision_input() for t in rated],
+                                   [t.human_action() for t in rated], rating_tilt=cal.rating_tilt)
+    human_mean = np.mean([r for t in rated for r in t.ratings.values()])
+    assert fitted["fitted_on"]["human_mean_rating"] == pytest.approx(human_mean, abs=1e-4)
+    assert np.mean([v for e in expected for v in e.values()]) == pytest.approx(human_mean,
+                                                                                abs=1e-3)
+    assert cal.rating_tilt != 0.0  # a random model does not rate at the humans' mean by chance
     # A sampling agent uses the sampled offsets: its expected watch ratio is the humans'.
     sampled = decide(scorer, [t.decision_input() for t in trs], calibration=cal, temperature=1.0)
     p_watch = [1 / (1 + np.exp(-v)) for d in sampled for v in d.watch_scores.values()]

@@ -315,11 +315,10 @@ def test_decide_rates_each_slot_after_its_rating_cue_as_trained() -> None:
 
 def test_rating_expectations_read_the_rating_cue_when_trained_with_it() -> None:
     from agents.decide import rating_expectations
-    from simulator.env import PageAction
 
     tr = _all_watched()
     inp = tr.decision_input()
-    human = PageAction(watched={tr.items[s - 1]: r for s, r in tr.ratings.items()}, then=tr.then)
+    human = tr.human_action()
     for cue in (True, False):
         rec = Options()
         out = rating_expectations(rec, [inp], [human], rating_cue=cue)

@@ -34,8 +34,9 @@ from agents.browse import (
     pages_of,
     rate_offset,
     sampled_rate_offset,
+    tilt_to_mean,
 )
-from agents.decide import Calibration, decide_chunked
+from agents.decide import Calibration, decide_chunked, rating_logps
 from agents.perception import Perceiver
 from agents.policy import DEFAULT_TEMPERATURE, DecisionInput
 from agents.transition import Transition
@@ -152,7 +153,19 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
     if last_rate is not None:
         cal.last_then_offset = rate_offset(exits[last], last_rate)
         cal.sampled_last_then_offset = sampled_rate_offset(exits[last], last_rate, temp)
+    # Ratings after the humans' own choices, as held-out pages are rated (the prompt holds the
+    # world model's expectations when the agent decides with them).
+    rated = [(inp.model_copy(update={"predictions": d.predictions}), t)
+             for inp, d, t in zip(inputs, decisions, valid_trs, strict=True) if t.ratings]
+    logps = [lp for page in rating_logps(scorer, [i for i, _ in rated],
+                                         [t.human_action() for _, t in rated],
+                                         rating_cue=rating_cue) for lp in page.values()]
+    human_mean = float(np.mean([r for _, t in rated for r in t.ratings.values()])) if rated \
+        else None
+    if human_mean is not None:
+        cal.rating_tilt = tilt_to_mean(logps, human_mean)
     report = {"pages": len(valid_trs), "human_watch_ratio": round(float(human_watch.mean()), 4),
+              "human_mean_rating": None if human_mean is None else round(human_mean, 4),
               "human_exit_share": round(exit_rate, 4),
               "exit_pages": int((~last).sum()),
               "last_pages": int(last.sum()),
