@@ -151,7 +151,8 @@ def main() -> None:
     Console().print(table(
         f"{len(te)} held-out watched items of {len(test)} test pages, rated {y.mean():.2f} on "
         f"average (sd {y.std():.2f}; regressions fitted on the {len(va)} ratings of the same "
-        "users' validation pages)", cols,
+        f"users' validation pages, {va['rating'].mean():.2f} on average; train ratings "
+        f"{world.split.train['rating'].mean():.2f})", cols,
         [[r["rater"], *(f"{r[c]:.4f}" if c in r else "" for c in cols[1:])] for r in rows]))
     if args.shrinks:
         srows = shrink_rows(world, {"valid": va, "test": te},

@@ -17,7 +17,8 @@ from agents.scorer import Scorer
 from agents.transition import transitions
 from agents.world import World
 from tests.pages import page_inputs
-from training.calibrate import by_history, calibrate, history_slope
+from training.calibrate import calibrate
+from training.history_offset import by_history, history_slope
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -41,6 +41,7 @@ from agents.perception import Perceiver
 from agents.policy import DEFAULT_TEMPERATURE, DecisionInput
 from agents.transition import Transition
 from simulator.env import MAX_PAGES
+from training.history_offset import HISTORY_BINS, by_history, history_slope
 
 
 def digest(rows: Any) -> str:
@@ -55,53 +56,30 @@ def _decide(scorer, inputs: Sequence[DecisionInput], desc: str, **kw) -> list:
         return decide_chunked(scorer, inputs, progress=bar.update, **kw)
 
 
-# Quantiles of the calibration slots' history sizes the watch offsets' slope is fitted on.
-HISTORY_BINS = 4
-
-
-def _bins(x: np.ndarray, bins: int) -> np.ndarray:
-    """Each value's bin among ``bins`` of equal size in the order of ``x`` (ties split by
-    position, so few distinct values still fill every bin)."""
-    idx = np.empty(len(x), dtype=int)
-    for b, part in enumerate(np.array_split(np.argsort(x, kind="stable"), bins)):
-        idx[part] = b
-    return idx
-
-
-def history_slope(scores: np.ndarray, labels: np.ndarray, history: np.ndarray, bins: int
-                  ) -> tuple[float, float]:
-    """(slope, center) of the watch offset in log(1 + ratings). The agent's log-odds fall as a
-    history grows while the humans' watch ratio does not (on the shipped agent's 400
-    calibration pages: 0.36 of slots watched by people with fewer than 50 ratings, 0.23 with
-    100-200, the humans 0.26-0.28), so one offset fitted on a sample of short histories leaves
-    an evaluation of long ones short of watches. Per quantile bin of the slots' log(1 +
-    ratings), the offset that makes the bin watch as much as its humans; the slope of those
-    offsets on the bins' mean, weighted by slots; the center is the slots' mean."""
-    x = np.log1p(np.asarray(history, dtype=float))
-    center = float(x.mean()) if len(x) else 0.0
-    if bins < 2 or np.unique(x).size < 2:
-        return 0.0, center
-    idx = _bins(x, bins)
-    keep = np.unique(idx)  # at least 2: x holds two distinct values, so two slots
-    means = [x[idx == b].mean() for b in keep]
-    offsets = [rate_offset(scores[idx == b], labels[idx == b].mean()) for b in keep]
-    weights = [np.sqrt((idx == b).sum()) for b in keep]
-    return float(np.polyfit(means, offsets, 1, w=weights)[0]), center
-
-
-def by_history(scores: np.ndarray, labels: np.ndarray, history: np.ndarray, cal: Calibration,
-               bins: int) -> list[dict]:
-    """Per history bin: the humans' watch ratio, the agent's greedy one with the one offset
-    fitted alone and with the history slope (for the manifest)."""
-    x = np.log1p(history)
-    idx = _bins(x, bins)
-    alone = rate_offset(scores, float(labels.mean()))
-    shifted = scores + cal.watch_offset + cal.watch_history_slope * (x - cal.history_center)
-    return [{"ratings": [int(history[idx == b].min()), int(history[idx == b].max())],
-             "slots": int((idx == b).sum()), "humans": round(float(labels[idx == b].mean()), 4),
-             "one_offset": round(float((scores[idx == b] + alone > 0).mean()), 4),
-             "with_slope": round(float((shifted[idx == b] > 0).mean()), 4)}
-            for b in np.unique(idx)]
+def _exits_and_ratings(scorer, inputs: Sequence[DecisionInput], trs: Sequence[Transition],
+                       cal: Calibration, world_model: bool, chunk: int = 100
+                       ) -> tuple[list, list[list[float]]]:
+    """The calibrated decisions of every page, and the five ratings' log-probabilities of each
+    item the human watched, read after the human's own choices and next/exit as held-out pages
+    are rated (with the world model's expectations in the prompt when it decides with them).
+    A chunk's ratings follow its decisions while its page prompts are still cached: read
+    after all the pages, every prompt was pushed again (~4 s a page on this CPU)."""
+    decisions: list = []
+    logps: list[list[float]] = []
+    with tqdm(total=len(inputs), desc="calibrate exit and ratings", unit="page") as bar:
+        for k in range(0, len(inputs), chunk):
+            part = decide_chunked(scorer, inputs[k:k + chunk], chunk=chunk,
+                                  world_model=world_model, calibration=cal)
+            rated = [(i.model_copy(update={"predictions": d.predictions}), t)
+                     for i, d, t in zip(inputs[k:k + chunk], part, trs[k:k + chunk], strict=True)
+                     if t.ratings]
+            logps += [lp for page in rating_logps(scorer, [i for i, _ in rated],
+                                                  [t.human_action() for _, t in rated],
+                                                  chunk=chunk, rating_cue=cal.rating_cue)
+                      for lp in page.values()]
+            decisions += part
+            bar.update(len(part))
+    return decisions, logps
 
 
 def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
@@ -141,9 +119,9 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
                       sampled_watch_offset=sampled_rate_offset(shifted, rate, temp),
                       sampled_temperature=temp, watch_history_slope=slope,
                       history_center=center, rating_cue=rating_cue)
-    # next/exit is scored after the chosen slots, so fit its offset on the calibrated choices.
-    decisions = _decide(scorer, inputs, "calibrate exit", world_model=world_model,
-                        calibration=cal)
+    # next/exit is scored after the chosen slots, so fit its offset on the calibrated choices;
+    # the humans' ratings are read page chunk by page chunk right after, their prompts cached.
+    decisions, logps = _exits_and_ratings(scorer, inputs, valid_trs, cal, world_model)
     exits = np.asarray([d.exit_score for d in decisions], dtype=float)
     exit_rate = float(human_exit[~last].mean()) if (~last).any() else 0.0
     cal.then_offset = rate_offset(exits[~last], exit_rate)
@@ -153,15 +131,8 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
     if last_rate is not None:
         cal.last_then_offset = rate_offset(exits[last], last_rate)
         cal.sampled_last_then_offset = sampled_rate_offset(exits[last], last_rate, temp)
-    # Ratings after the humans' own choices, as held-out pages are rated (the prompt holds the
-    # world model's expectations when the agent decides with them).
-    rated = [(inp.model_copy(update={"predictions": d.predictions}), t)
-             for inp, d, t in zip(inputs, decisions, valid_trs, strict=True) if t.ratings]
-    logps = [lp for page in rating_logps(scorer, [i for i, _ in rated],
-                                         [t.human_action() for _, t in rated],
-                                         rating_cue=rating_cue) for lp in page.values()]
-    human_mean = float(np.mean([r for _, t in rated for r in t.ratings.values()])) if rated \
-        else None
+    ratings = [r for t in valid_trs for r in t.ratings.values()]
+    human_mean = float(np.mean(ratings)) if ratings else None
     if human_mean is not None:
         cal.rating_tilt = tilt_to_mean(logps, human_mean)
     report = {"pages": len(valid_trs), "human_watch_ratio": round(float(human_watch.mean()), 4),
