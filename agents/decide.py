@@ -71,7 +71,7 @@ class Calibration(BaseModel):
         0.0, description="log-odds added to the rate-matching watch offsets (held-out pages, "
         "sessions; not the lists' accuracy cut) per unit of log(1 + ratings) above "
         "history_center: fitted so that short and long histories watch as much as their humans "
-        "(training.calibrate.history_slope)")
+        "(training.history_offset.history_slope)")
     history_center: float = Field(0.0, description="the calibration pages' mean log(1 + "
                                   "ratings), where the watch offsets hold as fitted")
     rating_tilt: float = Field(0.0, description="added to each rating's log-probability "
