@@ -183,8 +183,8 @@ class ItemSimilarity:
         mean of how far this person rated its kept neighbours from their means, shrunk toward
         the item's mean when little of the neighbourhood was watched. One number a small model
         can read: on held-out watched items it rates better than biased MF
-        (``bench/bench_ratings.py``), where the person's mean and the closest items' mean
-        rating need a fitted combination to."""
+        (``bench/bench_ratings.py``), while the person's mean and the closest items' mean
+        rating do so only in a fitted combination."""
         base = self.mean_rating(item)
         base = self.global_mean if base is None else base
         num = den = 0.0

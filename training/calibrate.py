@@ -6,7 +6,8 @@ before the page limit, exit share on the last allowed page), and one more tunes 
 validation 1:1 lists as the baselines' thresholds are. A sampling agent's exit offset is then
 refitted on validation users' sessions on the built-in recommenders' pages, where it watches
 more than on the humans' pages, so that its sessions end by exit as often as the validation
-visits do.
+visits do. A rating tilt makes its expected ratings of the items the humans watched there,
+after their own choices, average the humans' ratings.
 
 ``python -m training.calibrate PREPARED CHECKPOINT`` refits the offsets of an adapter that is
 already trained (one trained before calibration existed, or before the decision step changed)
