@@ -79,14 +79,17 @@ def browse(scorer, perceiver: Perceiver, personas: Mapping[int, str],
 def list_scores(scorer, perceiver: Perceiver, personas: Mapping[int, str],
                 histories: Mapping[int, Mapping[int, float]],
                 lists: Sequence[tuple[int, Sequence[int]]], *, world_model: bool = True,
-                evidence: bool = True, offset: float = 0.0, rating_cue: bool = False,
+                evidence: bool = True, offset: float = 0.0,
+                calibration: Calibration | None = None,
                 progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
     """Calibrated watch log-odds of every item of every (user, items) list. A list's later
-    pages show what was watched and rated on its earlier ones, rated in the adapter's format
-    (``rating_cue``: ``Calibration.rating_cue``)."""
+    pages show what was watched and rated on its earlier ones, rated as the adapter rates
+    (``calibration``'s rating format and tilt; its watch offsets give way to ``offset``)."""
+    cal = calibration or Calibration()
     runs = browse(scorer, perceiver, personas, histories,
                   [(u, pages_of(items)) for u, items in lists], world_model=world_model,
-                  evidence=evidence, calibration=Calibration(rating_cue=rating_cue),
+                  evidence=evidence,
+                  calibration=Calibration(rating_cue=cal.rating_cue, rating_tilt=cal.rating_tilt),
                   watch_offset=offset, exits=False, progress=progress)
     return [np.asarray([d.watch_scores[s] for d in run for s in sorted(d.watch_scores)])
             for run in runs]

@@ -104,8 +104,7 @@ def answer_rows(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundle, 
         return [s.tolist() for s in list_scores(
             scorer, bundle.perceiver, bundle.personas, bundle.histories,
             [(u, items) for u, items, _ in rows], world_model=spec.world_model,
-            evidence=spec.evidence, offset=offset, rating_cue=cal.rating_cue,
-            progress=progress)]
+            evidence=spec.evidence, offset=offset, calibration=cal, progress=progress)]
     if kind == "pages":
         return _page_answers(spec, scorer, cal, rows, progress)
     if kind == "next_state":

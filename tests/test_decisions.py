@@ -239,10 +239,12 @@ class Lines(Recording):
     def __init__(self, inner: Scorer) -> None:
         super().__init__(inner)
         self.options: list[tuple[str, str]] = []
+        self.prefixes: list[str] = []
 
     def score_many(self, requests):
         requests = [(p, list(o)) for p, o in requests]
         self.options += [opt for _, o in requests for opt in o]
+        self.prefixes += [p for p, _ in requests]
         return super().score_many(requests)
 
 
@@ -255,13 +257,21 @@ def test_list_scores_rate_earlier_pages_in_the_adapters_format(small_world: Worl
     for cue in (True, False):
         rec = Lines(scorer)
         list_scores(rec, w.perceiver, w.personas, w.histories, lists, world_model=False,
-                    offset=100.0, rating_cue=cue)  # every item watched: every rating scored
+                    offset=100.0, calibration=Calibration(rating_cue=cue))  # all watched
         rated = [ctx for ctx, line in rec.options if " rated " in line]
         assert rated and all(ctx.endswith("then: next\n") is not cue for ctx in rated)
         cues = [ctx.rsplit("then: next\n", 1)[1] for ctx in rated]
         assert all(bool(re.fullmatch(r"\[\d\] \S.*\n", c)) is cue for c in cues)
         assert any(": avg " in c for c in cues) is cue
         assert all(("you would likely rate it" in c) is cue for c in cues)
+    # The adapter's rating tilt too: a list's second page shows its first page rated as tilted.
+    for tilt, shown in ((40.0, " 5/5"), (-40.0, " 1/5")):
+        rec = Lines(scorer)
+        list_scores(rec, w.perceiver, w.personas, w.histories, lists, world_model=False,
+                    offset=100.0, calibration=Calibration(rating_tilt=tilt, watch_offset=-100.0))
+        seen = [line for p in rec.prefixes for line in p.splitlines()
+                if line.startswith("Watched this session: ")]
+        assert seen and all(r == shown for line in seen for r in re.findall(r" \d/5", line))
 
 
 def test_perception_reads_the_item_knn_rating_and_the_ablation_drops_it(small_world: World

@@ -155,7 +155,7 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
         with tqdm(total=pages, desc="calibrate lists", unit="page") as bar:
             scores = list_scores(scorer, perceiver, personas, histories,
                                  [(u, items) for u, items, _ in valid_lists],
-                                 world_model=world_model, rating_cue=rating_cue,
+                                 world_model=world_model, calibration=cal,
                                  progress=bar.update)
         labels = [y for _, _, y in valid_lists]
         cal.list_offset = accuracy_offset(scores, labels)
