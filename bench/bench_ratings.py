@@ -117,6 +117,12 @@ def main() -> None:
         ap.error(f"--formats: unknown {', '.join(bad)} (from trained, cue, plain)")
     if args.adapter and not Path(args.adapter).is_dir():
         ap.error(f"--adapter {args.adapter}: no such folder")
+    try:
+        shrinks = [float(x) for x in args.shrinks.split(",")] if args.shrinks else []
+    except ValueError:
+        ap.error(f"--shrinks {args.shrinks}: a comma list of numbers >= 0")
+    if any(x < 0 for x in shrinks):
+        ap.error(f"--shrinks {args.shrinks}: a comma list of numbers >= 0")
     t0 = time.perf_counter()
     world = load_world()
     cfg = EvalConfig.of_preset("full")
@@ -154,9 +160,8 @@ def main() -> None:
         f"users' validation pages, {va['rating'].mean():.2f} on average; train ratings "
         f"{world.split.train['rating'].mean():.2f})", cols,
         [[r["rater"], *(f"{r[c]:.4f}" if c in r else "" for c in cols[1:])] for r in rows]))
-    if args.shrinks:
-        srows = shrink_rows(world, {"valid": va, "test": te},
-                            [float(x) for x in args.shrinks.split(",")])
+    if shrinks:
+        srows = shrink_rows(world, {"valid": va, "test": te}, shrinks)
         Console().print(table("The kNN rating's RMSE by shrinkage (choose on valid)",
                               ["rater", "valid", "test"],
                               [[r["rater"], f"{r['valid']:.4f}", f"{r['test']:.4f}"]
