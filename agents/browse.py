@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from agents.decide import Calibration, decide, tilted
+from agents.decide import Calibration, decide
 from agents.perception import Perceiver
-from agents.policy import Decision, DecisionInput, expected_value
+from agents.policy import Decision, DecisionInput
 from agents.text import page_cues, page_prompt, page_rating_cues
 from simulator.env import PAGE_SIZE
 
@@ -84,12 +84,14 @@ def list_scores(scorer, perceiver: Perceiver, personas: Mapping[int, str],
                 progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
     """Calibrated watch log-odds of every item of every (user, items) list. A list's later
     pages show what was watched and rated on its earlier ones, rated as the adapter rates
-    (``calibration``'s rating format and tilt; its watch offsets give way to ``offset``)."""
+    (``calibration``'s rating format, tilt and sharpness; its watch offsets give way to
+    ``offset``)."""
     cal = calibration or Calibration()
     runs = browse(scorer, perceiver, personas, histories,
                   [(u, pages_of(items)) for u, items in lists], world_model=world_model,
                   evidence=evidence,
-                  calibration=Calibration(rating_cue=cal.rating_cue, rating_tilt=cal.rating_tilt),
+                  calibration=Calibration(rating_cue=cal.rating_cue, rating_tilt=cal.rating_tilt,
+                                          rating_sharpness=cal.rating_sharpness),
                   watch_offset=offset, exits=False, progress=progress)
     return [np.asarray([d.watch_scores[s] for d in run for s in sorted(d.watch_scores)])
             for run in runs]
@@ -118,7 +120,15 @@ def rate_offset(scores: np.ndarray, rate: float) -> float:
     return float(-np.quantile(np.asarray(scores), 1 - min(max(rate, 0.0), 1.0)))
 
 
-def tilt_to_mean(logps: Sequence[Sequence[float]], mean: float) -> float:
+def _expected_ratings(lp: np.ndarray, tilt: float, sharpness: float = 1.0) -> np.ndarray:
+    """``expected_value`` of each row of five log-probabilities under ``tilted``, at once."""
+    z = sharpness * lp + tilt * (np.arange(1, 6) - 3)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return (p / p.sum(axis=1, keepdims=True)) @ np.arange(1, 6, dtype=float)
+
+
+def tilt_to_mean(logps: Sequence[Sequence[float]], mean: float, sharpness: float = 1.0
+                 ) -> float:
     """The rating tilt (``agents.decide.tilted``) whose expected ratings of the rated items
     (five log-probabilities each) average ``mean``; the expectation rises with the tilt."""
     from scipy.optimize import brentq
@@ -127,10 +137,39 @@ def tilt_to_mean(logps: Sequence[Sequence[float]], mean: float) -> float:
         return 0.0
     lp = np.asarray(logps, dtype=float)
     mean = min(max(mean, 1.01), 4.99)  # a tilt reaches any mean strictly between 1 and 5
+    return float(brentq(lambda t: float(_expected_ratings(lp, t, sharpness).mean()) - mean,
+                        -30.0, 30.0, xtol=1e-6))
 
-    def gap(t: float) -> float:
-        return float(np.mean([expected_value(tilted(x, t), range(1, 6)) for x in lp])) - mean
-    return float(brentq(gap, -30.0, 30.0, xtol=1e-6))
+
+def rating_rmse(logps: Sequence[Sequence[float]], ratings: Sequence[float], tilt: float,
+                sharpness: float = 1.0) -> float:
+    """RMSE of the expected ratings under ``tilt`` and ``sharpness`` against ``ratings``."""
+    e = _expected_ratings(np.asarray(logps, dtype=float), tilt, sharpness)
+    return round(float(np.sqrt(np.mean((e - np.asarray(ratings, dtype=float)) ** 2))), 4)
+
+
+def fit_rating_scale(logps: Sequence[Sequence[float]], ratings: Sequence[float],
+                     bounds: tuple[float, float] = (0.25, 8.0)) -> tuple[float, float]:
+    """(tilt, sharpness) for the rated items' five log-probabilities each: at every sharpness
+    the tilt meets the humans' mean (``tilt_to_mean``), and the sharpness is the one whose
+    expected ratings have the least squared error from the humans' ``ratings`` (searched on a
+    log scale within ``bounds``). A small model's expected ratings huddle round their mean
+    (sd 0.3-0.4 where the humans' is 1.1); scaling its log-probabilities spreads them without
+    reordering the items."""
+    from scipy.optimize import minimize_scalar
+
+    if not len(logps):
+        return 0.0, 1.0
+    lp, y = np.asarray(logps, dtype=float), np.asarray(ratings, dtype=float)
+    mean = float(y.mean())
+
+    def error(log_s: float) -> float:
+        s = float(np.exp(log_s))
+        return float(np.mean((_expected_ratings(lp, tilt_to_mean(lp, mean, s), s) - y) ** 2))
+    lo, hi = np.log(bounds[0]), np.log(bounds[1])
+    best = float(np.exp(minimize_scalar(error, bounds=(lo, hi), method="bounded",
+                                        options={"xatol": 1e-3}).x))
+    return tilt_to_mean(lp, mean, best), best
 
 
 def sampled_rate_offset(scores: np.ndarray, rate: float, temperature: float,

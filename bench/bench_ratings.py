@@ -82,7 +82,7 @@ def rmse(pred, y) -> float:
 
 
 def adapter_ratings(adapter: str, pages: list[Transition], world_model: bool, cue: bool,
-                    tilt: float = 0.0) -> list[float]:
+                    tilt: float = 0.0, sharpness: float = 1.0) -> list[float]:
     """The adapter's expected rating of each watched slot after the human's action."""
     from agents.llm import load_lm
     from agents.scorer import Scorer
@@ -99,7 +99,8 @@ def adapter_ratings(adapter: str, pages: list[Transition], world_model: bool, cu
         inputs = [i.model_copy(update={"predictions": p})
                   for i, p in zip(inputs, preds, strict=True)]
     human = [tr.human_action() for tr in pages]
-    out = rating_expectations(scorer, inputs, human, chunk=50, rating_cue=cue, rating_tilt=tilt)
+    out = rating_expectations(scorer, inputs, human, chunk=50, rating_cue=cue, rating_tilt=tilt,
+                              rating_sharpness=sharpness)
     return [o[s] for tr, o in zip(pages, out, strict=True) for s in tr.ratings]
 
 
@@ -144,13 +145,15 @@ def main() -> None:
         trained = cal.rating_cue
         for fmt in formats:
             cue = {"trained": trained, "cue": True, "plain": False}[fmt]
-            # The tilt was fitted in the trained format: another format is read untilted.
-            tilt = cal.rating_tilt if cue == trained else 0.0
+            # Tilt and sharpness were fitted in the trained format: another is read as it is.
+            tilt, sharp = ((cal.rating_tilt, cal.rating_sharpness) if cue == trained
+                           else (0.0, 1.0))
             pred = np.asarray(adapter_ratings(args.adapter, [t for t in test if t.ratings],
-                                              args.world_model, cue, tilt))
+                                              args.world_model, cue, tilt, sharp))
             rows.append({"rater": f"adapter, {'cue' if cue else 'plain'}"
                                   f"{' (trained)' if cue == trained else ''}"
-                                  f"{f', tilt {tilt:+.2f}' if tilt else ''}",
+                                  f"{f', tilt {tilt:+.2f}' if tilt else ''}"
+                                  f"{f', sharpness {sharp:.2f}' if sharp != 1 else ''}",
                          "RMSE": rmse(pred, y), "corr": float(np.corrcoef(pred, y)[0, 1]),
                          "mean": float(pred.mean()), "sd": float(pred.std())})
     cols = ["rater", "RMSE", "corr", "mean", "sd"]

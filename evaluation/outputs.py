@@ -248,7 +248,9 @@ def _page_answers(spec: MethodSpec, scorer, cal: Calibration, pages: Sequence[Tr
                        "then": d.action.then, "watch_scores": d.watch_scores}
                       for tr, d in zip(pages, decisions, strict=True)],
             "ratings": rating_expectations(scorer, inputs, human, rating_cue=cal.rating_cue,
-                                           rating_tilt=cal.rating_tilt) if inputs else []}
+                                           rating_tilt=cal.rating_tilt,
+                                           rating_sharpness=cal.rating_sharpness)
+                       if inputs else []}
 
 
 def session_record(user: int, recommender: str, decisions: Sequence) -> dict[str, Any]:

@@ -15,8 +15,10 @@ import pytest
 
 from agents.browse import (
     accuracy_offset,
+    fit_rating_scale,
     pages_of,
     rate_offset,
+    rating_rmse,
     sampled_rate_offset,
     tilt_to_mean,
 )
@@ -126,6 +128,41 @@ def test_rating_tilt_moves_the_mean_rating_to_the_target() -> None:
     assert tilt_to_mean([], 3.0) == 0.0
 
 
+def test_rating_sharpness_spreads_a_timid_raters_expected_ratings() -> None:
+    """Humans rate the mode of a sharp distribution; the model's log-probs are the same ones
+    at a fifth of their size (timid): the fitted sharpness undoes most of it, matches the
+    mean, and errs less than the tilt alone."""
+    rng = np.random.default_rng(2)
+    sharp = rng.normal(0.0, 3.0, (400, 5))
+    humans = sharp.argmax(axis=1) + 1.0
+    timid = sharp / 5
+    assert tilted([0.0, -1.0, -2.0, -3.0, -4.0], 0.5, 2.0) == [-1.0, -2.5, -4.0, -5.5, -7.0]
+    tilt, sharpness = fit_rating_scale(timid, humans)
+    assert sharpness > 2.5
+    expected = [expected_value(tilted(lp, tilt, sharpness), range(1, 6)) for lp in timid]
+    assert np.mean(expected) == pytest.approx(humans.mean(), abs=1e-3)
+    alone = rating_rmse(timid, humans, tilt_to_mean(timid, humans.mean()))
+    fitted = rating_rmse(timid, humans, tilt, sharpness)
+    assert fitted == pytest.approx(np.sqrt(np.mean((np.array(expected) - humans) ** 2)),
+                                   abs=1e-4)
+    assert fitted < alone - 0.1
+    assert np.std(expected) > 2 * np.std([expected_value(tilted(lp, tilt_to_mean(
+        timid, humans.mean())), range(1, 6)) for lp in timid])
+    assert fit_rating_scale([], []) == (0.0, 1.0)
+
+
+def test_sharpness_keeps_the_greedy_rating_and_sharpens_its_probabilities(
+        small_world: World, scorer: Scorer) -> None:
+    inputs = page_inputs(small_world)
+    plain = decide(scorer, inputs, calibration=Calibration(watch_offset=100.0))
+    sharp = decide(scorer, inputs, calibration=Calibration(watch_offset=100.0,
+                                                           rating_sharpness=60.0))
+    for p, s in zip(plain, sharp, strict=True):
+        assert p.action.watched == s.action.watched
+        assert all(max(s.rating_probs[k]) > max(p.rating_probs[k]) for k in p.rating_probs)
+        assert all(max(v) > 0.99 for v in s.rating_probs.values())
+
+
 def test_sampled_offsets_match_the_expected_sampled_rate() -> None:
     """Sampling takes a slot with probability sigmoid(score / T): the greedy (quantile) offset
     would overshoot a low ratio when many scores sit near 0, the sampled offset does not."""
@@ -187,10 +224,17 @@ def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer)
     assert fitted["fitted_on"]["human_last_exit_share"] == pytest.approx(human_last, abs=1e-4)
     assert np.mean([d.action.then == "exit" for d in last_pages]) == pytest.approx(
         human_last, abs=1 / len(last_pages) + 1e-9)
-    # The rating tilt makes the expected ratings after the humans' choices average theirs.
+    # The rating tilt makes the expected ratings after the humans' choices average theirs,
+    # at the sharpness that errs least from them.
     rated = [t for t in trs if t.ratings]
     expected = rating_expectations(scorer, [t.decision_input() for t in rated],
-                                   [t.human_action() for t in rated], rating_tilt=cal.rating_tilt)
+                                   [t.human_action() for t in rated], rating_tilt=cal.rating_tilt,
+                                   rating_sharpness=cal.rating_sharpness)
+    rmse = fitted["fitted_on"]["rating_rmse"]
+    assert rmse["tilt_and_sharpness"] <= rmse["tilt"]
+    assert rmse["tilt_and_sharpness"] == pytest.approx(np.sqrt(np.mean(
+        [(e[s] - t.ratings[s]) ** 2 for e, t in zip(expected, rated, strict=True)
+         for s in t.ratings])), abs=2e-3)
     human_mean = np.mean([r for t in rated for r in t.ratings.values()])
     assert fitted["fitted_on"]["human_mean_rating"] == pytest.approx(human_mean, abs=1e-4)
     assert np.mean([v for e in expected for v in e.values()]) == pytest.approx(human_mean,

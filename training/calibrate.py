@@ -7,7 +7,8 @@ validation 1:1 lists as the baselines' thresholds are. A sampling agent's exit o
 refitted on validation users' sessions on the built-in recommenders' pages, where it watches
 more than on the humans' pages, so that its sessions end by exit as often as the validation
 visits do. A rating tilt makes its expected ratings of the items the humans watched there,
-after their own choices, average the humans' ratings.
+after their own choices, average the humans' ratings, and a rating sharpness spreads them as
+far as brings them closest to the humans' (least squared error).
 
 ``python -m training.calibrate PREPARED CHECKPOINT`` refits the offsets of an adapter that is
 already trained (one trained before calibration existed, or before the decision step changed)
@@ -31,9 +32,11 @@ from tqdm import tqdm
 from agents.browse import (
     accuracy_offset,
     browse,
+    fit_rating_scale,
     list_scores,
     pages_of,
     rate_offset,
+    rating_rmse,
     sampled_rate_offset,
     tilt_to_mean,
 )
@@ -59,14 +62,16 @@ def _decide(scorer, inputs: Sequence[DecisionInput], desc: str, **kw) -> list:
 
 def _exits_and_ratings(scorer, inputs: Sequence[DecisionInput], trs: Sequence[Transition],
                        cal: Calibration, world_model: bool, chunk: int = 100
-                       ) -> tuple[list, list[list[float]]]:
-    """The calibrated decisions of every page, and the five ratings' log-probabilities of each
-    item the human watched, read after the human's own choices and next/exit as held-out pages
-    are rated (with the world model's expectations in the prompt when it decides with them).
+                       ) -> tuple[list, list[list[float]], list[float]]:
+    """The calibrated decisions of every page, the five ratings' log-probabilities of each
+    item the human watched and the human's rating of it, read after the human's own choices
+    and next/exit as held-out pages are rated (with the world model's expectations in the
+    prompt when it decides with them).
     A chunk's ratings follow its decisions while its page prompts are still cached: read
     after all the pages, every prompt was pushed again (~4 s a page on this CPU)."""
     decisions: list = []
     logps: list[list[float]] = []
+    humans: list[float] = []
     with tqdm(total=len(inputs), desc="calibrate exit and ratings", unit="page") as bar:
         for k in range(0, len(inputs), chunk):
             part = decide_chunked(scorer, inputs[k:k + chunk], chunk=chunk,
@@ -74,13 +79,15 @@ def _exits_and_ratings(scorer, inputs: Sequence[DecisionInput], trs: Sequence[Tr
             rated = [(i.model_copy(update={"predictions": d.predictions}), t)
                      for i, d, t in zip(inputs[k:k + chunk], part, trs[k:k + chunk], strict=True)
                      if t.ratings]
-            logps += [lp for page in rating_logps(scorer, [i for i, _ in rated],
-                                                  [t.human_action() for _, t in rated],
-                                                  chunk=chunk, rating_cue=cal.rating_cue)
-                      for lp in page.values()]
+            pages = rating_logps(scorer, [i for i, _ in rated],
+                                 [t.human_action() for _, t in rated], chunk=chunk,
+                                 rating_cue=cal.rating_cue)
+            for page, (_, t) in zip(pages, rated, strict=True):
+                logps += page.values()
+                humans += [t.ratings[s] for s in page]
             decisions += part
             bar.update(len(part))
-    return decisions, logps
+    return decisions, logps, humans
 
 
 def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
@@ -122,7 +129,7 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
                       history_center=center, rating_cue=rating_cue)
     # next/exit is scored after the chosen slots, so fit its offset on the calibrated choices;
     # the humans' ratings are read page chunk by page chunk right after, their prompts cached.
-    decisions, logps = _exits_and_ratings(scorer, inputs, valid_trs, cal, world_model)
+    decisions, logps, ratings = _exits_and_ratings(scorer, inputs, valid_trs, cal, world_model)
     exits = np.asarray([d.exit_score for d in decisions], dtype=float)
     exit_rate = float(human_exit[~last].mean()) if (~last).any() else 0.0
     cal.then_offset = rate_offset(exits[~last], exit_rate)
@@ -132,12 +139,15 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
     if last_rate is not None:
         cal.last_then_offset = rate_offset(exits[last], last_rate)
         cal.sampled_last_then_offset = sampled_rate_offset(exits[last], last_rate, temp)
-    ratings = [r for t in valid_trs for r in t.ratings.values()]
     human_mean = float(np.mean(ratings)) if ratings else None
     if human_mean is not None:
-        cal.rating_tilt = tilt_to_mean(logps, human_mean)
+        cal.rating_tilt, cal.rating_sharpness = fit_rating_scale(logps, ratings)
+        rmse = {"tilt": rating_rmse(logps, ratings, tilt_to_mean(logps, human_mean)),
+                "tilt_and_sharpness": rating_rmse(logps, ratings, cal.rating_tilt,
+                                                  cal.rating_sharpness)}
     report = {"pages": len(valid_trs), "human_watch_ratio": round(float(human_watch.mean()), 4),
               "human_mean_rating": None if human_mean is None else round(human_mean, 4),
+              "rating_rmse": None if human_mean is None else rmse,
               "human_exit_share": round(exit_rate, 4),
               "exit_pages": int((~last).sum()),
               "last_pages": int(last.sum()),
