@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from agents.decide import Calibration, decide
+from agents.decide import Calibration, decide, tilted
 from agents.perception import Perceiver
 from agents.policy import Decision, DecisionInput
 from agents.text import page_cues, page_prompt, page_rating_cues
@@ -122,7 +122,7 @@ def rate_offset(scores: np.ndarray, rate: float) -> float:
 
 def _expected_ratings(lp: np.ndarray, tilt: float, sharpness: float = 1.0) -> np.ndarray:
     """``expected_value`` of each row of five log-probabilities under ``tilted``, at once."""
-    z = sharpness * lp + tilt * (np.arange(1, 6) - 3)
+    z = tilted(lp, tilt, sharpness)
     p = np.exp(z - z.max(axis=1, keepdims=True))
     return (p / p.sum(axis=1, keepdims=True)) @ np.arange(1, 6, dtype=float)
 
@@ -154,8 +154,8 @@ def fit_rating_scale(logps: Sequence[Sequence[float]], ratings: Sequence[float],
     the tilt meets the humans' mean (``tilt_to_mean``), and the sharpness is the one whose
     expected ratings have the least squared error from the humans' ``ratings`` (searched on a
     log scale within ``bounds``). A small model's expected ratings huddle round their mean
-    (sd 0.3-0.4 where the humans' is 1.1); scaling its log-probabilities spreads them without
-    reordering the items."""
+    (sd 0.3-0.4 where the humans' is 1.1); scaling its log-probabilities spreads them, each
+    item's most likely rating staying where it was."""
     from scipy.optimize import minimize_scalar
 
     if not len(logps):

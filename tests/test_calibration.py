@@ -119,7 +119,9 @@ def test_offset_helpers() -> None:
 
 def test_rating_tilt_moves_the_mean_rating_to_the_target() -> None:
     logps = np.log(np.random.default_rng(1).dirichlet(np.ones(5), 30))
-    assert tilted([0.0] * 5, 0.5) == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    assert tilted([0.0] * 5, 0.5).tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    with pytest.raises(ValueError, match="5 rating"):
+        tilted([0.0] * 4, 0.5)
     for mean in (2.2, 3.19, 4.4):
         t = tilt_to_mean(logps, mean)
         got = np.mean([expected_value(tilted(lp, t), range(1, 6)) for lp in logps])
@@ -136,7 +138,9 @@ def test_rating_sharpness_spreads_a_timid_raters_expected_ratings() -> None:
     sharp = rng.normal(0.0, 3.0, (400, 5))
     humans = sharp.argmax(axis=1) + 1.0
     timid = sharp / 5
-    assert tilted([0.0, -1.0, -2.0, -3.0, -4.0], 0.5, 2.0) == [-1.0, -2.5, -4.0, -5.5, -7.0]
+    assert tilted([0.0, -1.0, -2.0, -3.0, -4.0], 0.5, 2.0).tolist() == [-1.0, -2.5, -4.0,
+                                                                          -5.5, -7.0]
+    assert tilted(np.zeros((2, 5)), 1.0, 2.0).shape == (2, 5)  # rows of five at once
     tilt, sharpness = fit_rating_scale(timid, humans)
     assert sharpness > 2.5
     expected = [expected_value(tilted(lp, tilt, sharpness), range(1, 6)) for lp in timid]
