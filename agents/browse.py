@@ -84,15 +84,12 @@ def list_scores(scorer, perceiver: Perceiver, personas: Mapping[int, str],
                 progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
     """Calibrated watch log-odds of every item of every (user, items) list. A list's later
     pages show what was watched and rated on its earlier ones, rated as the adapter rates
-    (``calibration``'s rating format, tilt and sharpness; its watch offsets give way to
-    ``offset``)."""
-    cal = calibration or Calibration()
+    (``calibration``'s rating format, tilt and sharpness). Only those of its fields are read:
+    ``offset`` replaces the watch offsets and their history term, and a list never exits."""
     runs = browse(scorer, perceiver, personas, histories,
                   [(u, pages_of(items)) for u, items in lists], world_model=world_model,
-                  evidence=evidence,
-                  calibration=Calibration(rating_cue=cal.rating_cue, rating_tilt=cal.rating_tilt,
-                                          rating_sharpness=cal.rating_sharpness),
-                  watch_offset=offset, exits=False, progress=progress)
+                  evidence=evidence, calibration=calibration, watch_offset=offset,
+                  exits=False, progress=progress)
     return [np.asarray([d.watch_scores[s] for d in run for s in sorted(d.watch_scores)])
             for run in runs]
 

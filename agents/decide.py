@@ -273,13 +273,13 @@ def decide_chunked(scorer, inputs: Sequence[DecisionInput], *, chunk: int = 100,
 
 def rating_expectations(scorer, inputs: Sequence[DecisionInput],
                         actions: Sequence[PageAction], chunk: int = 100,
-                        rating_cue: bool = False, rating_tilt: float = 0.0,
-                        rating_sharpness: float = 1.0) -> list[dict[int, float]]:
-    """Expected rating of each watched slot (``rating_logps`` read under ``rating_tilt`` and
-    ``rating_sharpness``)."""
-    return [{s: expected_value(tilted(lp, rating_tilt, rating_sharpness), range(1, 6))
+                        calibration: Calibration | None = None) -> list[dict[int, float]]:
+    """Expected rating of each watched slot, as the adapter rates: ``rating_logps`` in
+    ``calibration``'s rating format, read under its rating tilt and sharpness."""
+    cal = calibration or Calibration()
+    return [{s: expected_value(tilted(lp, cal.rating_tilt, cal.rating_sharpness), range(1, 6))
              for s, lp in page.items()}
-            for page in rating_logps(scorer, inputs, actions, chunk, rating_cue)]
+            for page in rating_logps(scorer, inputs, actions, chunk, cal.rating_cue)]
 
 
 def rating_logps(scorer, inputs: Sequence[DecisionInput], actions: Sequence[PageAction],

@@ -81,8 +81,8 @@ def rmse(pred, y) -> float:
     return float(np.sqrt(np.mean((np.clip(np.asarray(pred, float), 1, 5) - y) ** 2)))
 
 
-def adapter_ratings(adapter: str, pages: list[Transition], world_model: bool, cue: bool,
-                    tilt: float = 0.0, sharpness: float = 1.0) -> list[float]:
+def adapter_ratings(adapter: str, pages: list[Transition], world_model: bool,
+                    cal: Calibration) -> list[float]:
     """The adapter's expected rating of each watched slot after the human's action."""
     from agents.llm import load_lm
     from agents.scorer import Scorer
@@ -99,8 +99,7 @@ def adapter_ratings(adapter: str, pages: list[Transition], world_model: bool, cu
         inputs = [i.model_copy(update={"predictions": p})
                   for i, p in zip(inputs, preds, strict=True)]
     human = [tr.human_action() for tr in pages]
-    out = rating_expectations(scorer, inputs, human, chunk=50, rating_cue=cue, rating_tilt=tilt,
-                              rating_sharpness=sharpness)
+    out = rating_expectations(scorer, inputs, human, chunk=50, calibration=cal)
     return [o[s] for tr, o in zip(pages, out, strict=True) for s in tr.ratings]
 
 
@@ -146,10 +145,10 @@ def main() -> None:
         for fmt in formats:
             cue = {"trained": trained, "cue": True, "plain": False}[fmt]
             # Tilt and sharpness were fitted in the trained format: another is read as it is.
-            tilt, sharp = ((cal.rating_tilt, cal.rating_sharpness) if cue == trained
-                           else (0.0, 1.0))
+            rates = cal if cue == trained else Calibration(rating_cue=cue)
+            tilt, sharp = rates.rating_tilt, rates.rating_sharpness
             pred = np.asarray(adapter_ratings(args.adapter, [t for t in test if t.ratings],
-                                              args.world_model, cue, tilt, sharp))
+                                              args.world_model, rates))
             rows.append({"rater": f"adapter, {'cue' if cue else 'plain'}"
                                   f"{' (trained)' if cue == trained else ''}"
                                   f"{f', tilt {tilt:+.2f}' if tilt else ''}"

@@ -247,9 +247,7 @@ def _page_answers(spec: MethodSpec, scorer, cal: Calibration, pages: Sequence[Tr
     return {"pages": [{"watched": sorted(tr.items.index(i) + 1 for i in d.action.watched),
                        "then": d.action.then, "watch_scores": d.watch_scores}
                       for tr, d in zip(pages, decisions, strict=True)],
-            "ratings": rating_expectations(scorer, inputs, human, rating_cue=cal.rating_cue,
-                                           rating_tilt=cal.rating_tilt,
-                                           rating_sharpness=cal.rating_sharpness)
+            "ratings": rating_expectations(scorer, inputs, human, calibration=cal)
                        if inputs else []}
 
 

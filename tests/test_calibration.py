@@ -232,8 +232,7 @@ def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer)
     # at the sharpness that errs least from them.
     rated = [t for t in trs if t.ratings]
     expected = rating_expectations(scorer, [t.decision_input() for t in rated],
-                                   [t.human_action() for t in rated], rating_tilt=cal.rating_tilt,
-                                   rating_sharpness=cal.rating_sharpness)
+                                   [t.human_action() for t in rated], calibration=cal)
     rmse = fitted["fitted_on"]["rating_rmse"]
     assert rmse["tilt_and_sharpness"] <= rmse["tilt"]
     assert rmse["tilt_and_sharpness"] == pytest.approx(np.sqrt(np.mean(

@@ -331,7 +331,7 @@ def test_rating_expectations_read_the_rating_cue_when_trained_with_it() -> None:
     human = tr.human_action()
     for cue in (True, False):
         rec = Options()
-        out = rating_expectations(rec, [inp], [human], rating_cue=cue)
+        out = rating_expectations(rec, [inp], [human], calibration=Calibration(rating_cue=cue))
         assert sorted(out[0]) == [1, 2, 3, 4]
         contexts = {ctx for _, opts in rec.requests for ctx, _ in opts}
         trained = {e.segments[-1] for e in tr.policy_examples(rating_cue=True)
