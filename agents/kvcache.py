@@ -18,6 +18,7 @@ class ScorerStats:
     calls: int = 0
     forwards: int = 0
     tokens: int = 0  # token positions pushed through forwards (batch x length)
+    padding: int = 0  # of those, positions that pad a shorter row to its batch's width
     options: int = 0
     prefix_hits: int = 0  # exact prefix found in the LRU
     prefix_extends: int = 0  # a cached prefix's leading tokens were reused

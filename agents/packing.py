@@ -11,6 +11,7 @@ alone (up to float round-off).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -86,3 +87,46 @@ def tree_inputs(tries: Sequence[Trie], prefix_lens: Sequence[int], width_kv: int
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~torch.from_numpy(allowed), torch.finfo(dtype).min)
     return ids, positions, mask[:, None]
+
+
+def padded_chunks(widths: Sequence[int], overhead: int | None, max_rows: int,
+                  max_tokens: int, base: int = 0) -> list[tuple[int, int]]:
+    """Split rows sorted longest first into consecutive batches ``[start, end)``, each padded
+    to its first row's width. Each batch holds at most ``max_rows`` rows and ``max_tokens``
+    positions (``base`` shared leading positions counted per row), or is one row.
+
+    ``overhead``: what one more forward costs, in padded positions. The split then minimises
+    padded positions plus ``overhead`` per forward: a lockstep batch of agents mixes a page's
+    long expectation tree with others' short decision trees, and padding every row to the
+    longest pushed 30% more tree positions than the rows hold (``bench/bench_padding.py``).
+    None: as many rows per batch as the limits allow (fewest forwards)."""
+    n = len(widths)
+    if any(a < b for a, b in itertools.pairwise(widths)):
+        raise ValueError("widths must be sorted longest first")
+
+    def fits(i: int, j: int) -> bool:
+        return j - i == 1 or (j - i <= max_rows and (j - i) * (base + widths[i]) <= max_tokens)
+
+    if overhead is None:
+        out, i = [], 0
+        while i < n:
+            j = i + 1
+            while j < n and fits(i, j + 1):
+                j += 1
+            out.append((i, j))
+            i = j
+        return out
+    best = [0.0] + [float("inf")] * n  # best[j]: least cost of rows [0, j)
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, max(-1, j - 1 - max_rows), -1):
+            if not fits(i, j):
+                break
+            cost = best[i] + (j - i) * widths[i] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [], n
+    while j > 0:
+        out.append((cut[j], j))
+        j = cut[j]
+    return out[::-1]

@@ -18,7 +18,7 @@ import torch
 from agents.generation import greedy_many
 from agents.kvcache import Prefix, ScorerStats, expanded_cache, padded_cache
 from agents.llm import LM, cache_arg, encode, output_cache
-from agents.packing import Trie, build_trie, tree_inputs
+from agents.packing import Trie, build_trie, padded_chunks, tree_inputs
 
 _KEY = 8  # leading tokens a cached prefix must share to be extended in a batched call
 _SHARED = 32  # leading tokens uncached prefixes of one call must share to compute them once
@@ -31,6 +31,10 @@ _HEAD_ROWS = 1024  # hidden rows per fp32 head matmul (1024 x vocab x 4 bytes: ~
 # (``bench/bench_list_memory.py``); 2 GiB leaves room for the 100 longer held-out pages that
 # ``decide_chunked`` keeps at once.
 CACHE_BYTES = 2 << 30
+# What one more batched forward costs on the CPU, in padded token positions: ~70 ms of fixed
+# work (a 1-row, 4-token tree over a 500-token prefix) at ~0.47 ms a position (8 rows of 128
+# against 8 of 256 tokens), on this project's 2-core machine and SmolLM2-135M.
+CPU_FORWARD_POSITIONS = 128
 
 
 class Scorer:
@@ -48,6 +52,9 @@ class Scorer:
         gpu = lm.device.type == "cuda"
         self.batch_tokens = batch_tokens or (65536 if gpu else 4096)
         self.max_rows = 1024 if gpu else 64
+        # Batches split where padding costs more than another forward (CPU); a GPU is not
+        # measured, so it keeps the fewest forwards the limits allow.
+        self.forward_positions: int | None = None if gpu else CPU_FORWARD_POSITIONS
         self.stats = ScorerStats()
         self._cache: OrderedDict[str, Prefix] = OrderedDict()
         self._cached_bytes = 0
@@ -132,13 +139,11 @@ class Scorer:
                 rows.append((r, entries[prefix], build_trie(encoded)))
         out: list[list[float]] = [[] for _ in requests]
         rows.sort(key=lambda row: (-len(row[2]), -len(row[1].ids)))
-        start = 0
-        while start < len(rows):
-            n = max(1, min(self.max_rows, self.batch_tokens // len(rows[start][2])))
-            chunk = rows[start:start + n]
-            for (r, _, _), scores in zip(chunk, self._trees_batched(chunk), strict=True):
+        for a, b in padded_chunks([len(t) for _, _, t in rows], self.forward_positions,
+                                  self.max_rows, self.batch_tokens):
+            for (r, _, _), scores in zip(rows[a:b], self._trees_batched(rows[a:b]),
+                                         strict=True):
                 out[r] = scores
-            start += n
         return out
 
     def _prefixes_batched(self, prefixes: dict[str, list[int]], keep: bool = True,
@@ -222,12 +227,11 @@ class Scorer:
         device = self.lm.device
         decoder = self.lm.model.get_decoder()
         todo, out = list(prefixes), {}
-        pos = 0
-        while pos < len(todo):
-            width = len(prefixes[todo[pos]]) - start
-            n = max(1, min(self.max_rows, self.batch_tokens // (start + width)))
-            chunk = todo[pos:pos + n]
-            pos += n
+        for a, b in padded_chunks([len(prefixes[t]) - start for t in todo],
+                                  self.forward_positions, self.max_rows, self.batch_tokens,
+                                  base=start):
+            chunk = todo[a:b]
+            width = len(prefixes[chunk[0]]) - start
             ids = torch.zeros(len(chunk), width, dtype=torch.long)
             mask = torch.zeros(len(chunk), start + width, dtype=torch.long)
             mask[:, :start] = 1
@@ -247,6 +251,7 @@ class Scorer:
                 self.stats.prefix_misses += len(chunk)
             self.stats.forwards += 1
             self.stats.tokens += ids.numel()
+            self.stats.padding += ids.numel() - int(mask[:, start:].sum())
             res = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
                           use_cache=True, **kwargs)
             last = torch.tensor([len(prefixes[t]) - start - 1 for t in chunk], device=device)
@@ -268,6 +273,7 @@ class Scorer:
         ids, positions, mask = tree_inputs([t for _, _, t in rows],
                                            [len(e.ids) for _, e, _ in rows], p,
                                            self.lm.model.dtype)
+        self.stats.padding += ids.numel() - sum(len(t) for _, _, t in rows)
         # the options' keys and values are written into room after the prefixes, not
         # concatenated with every prefix into new tensors (a copy of ~1 GB for 64 pages)
         cache = padded_cache(self.lm.model.config, [e for _, e, _ in rows], room=ids.shape[1])

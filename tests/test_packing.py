@@ -3,12 +3,14 @@ token once: every decision of a page goes through this path."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
 from agents import prompts, text
 from agents.llm import LM, encode, tiny_lm
-from agents.packing import build_trie
+from agents.packing import build_trie, padded_chunks
 from agents.scorer import Scorer
 
 PREFIX = "You are user 7, a 30-year-old engineer who likes sci-fi.\nPage 1:\n[1] Alien (1979)\n"
@@ -61,3 +63,41 @@ def test_rows_of_different_prefixes_pack_alike(lm: LM) -> None:
     together = scorer.score_many(requests)
     for (prefix, options), got in zip(requests, together, strict=True):
         np.testing.assert_allclose(got, scorer.score_naive(prefix, options), atol=1e-4)
+
+
+def _cost(widths: list[int], chunks: list[tuple[int, int]], overhead: int) -> int:
+    return sum((b - a) * widths[a] + overhead for a, b in chunks)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_padded_chunks_is_the_cheapest_split_within_the_limits(seed: int) -> None:
+    """Against every split of the sorted rows into consecutive batches (brute force)."""
+    rng = np.random.default_rng(seed)
+    widths = sorted(rng.integers(1, 300, size=int(rng.integers(1, 9))).tolist(), reverse=True)
+    overhead, rows, tokens = int(rng.integers(0, 200)), int(rng.integers(1, 5)), 600
+    got = padded_chunks(widths, overhead, rows, tokens)
+    n = len(widths)
+    assert [a for a, _ in got] == [0, *[b for _, b in got[:-1]]] and got[-1][1] == n
+    for a, b in got:
+        assert b - a == 1 or (b - a <= rows and (b - a) * widths[a] <= tokens)
+    best = None
+    for cuts in itertools.product([False, True], repeat=n - 1):
+        bounds = [0, *[k + 1 for k, c in enumerate(cuts) if c], n]
+        split = list(itertools.pairwise(bounds))
+        if all(b - a == 1 or (b - a <= rows and (b - a) * widths[a] <= tokens)
+               for a, b in split):
+            cost = _cost(widths, split, overhead)
+            best = cost if best is None else min(best, cost)
+    assert _cost(widths, got, overhead) == best
+
+
+def test_padded_chunks_splits_mixed_trees_and_keeps_the_old_rule_without_overhead() -> None:
+    widths = [271, 156, 122, 67, 67, 67]
+    # One padded batch pushes 6 x 271 positions; split, the three short trees go together.
+    assert padded_chunks(widths, 128, 64, 4096) == [(0, 1), (1, 3), (3, 6)]
+    assert padded_chunks(widths, None, 64, 4096) == [(0, 6)]
+    assert padded_chunks(widths, None, 4, 4096) == [(0, 4), (4, 6)]
+    assert padded_chunks(widths, None, 64, 600, base=100) == [(0, 1), (1, 3), (3, 6)]
+    assert padded_chunks([], 128, 64, 4096) == []
+    with pytest.raises(ValueError, match="longest first"):
+        padded_chunks([1, 2], 128, 64, 4096)

@@ -12,7 +12,8 @@ far as brings them closest to the humans' (least squared error).
 
 ``python -m training.calibrate PREPARED CHECKPOINT`` refits the offsets of an adapter that is
 already trained (one trained before calibration existed, or before the decision step changed)
-and writes them into its manifest (``--no-lists``, ``--no-pages``: refit fewer of them).
+and writes them into its manifest (``--no-lists``, ``--no-pages``: refit fewer of them;
+``--ratings-only [--rating-format F]``: how ratings are read, ``training.rating_refit``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from agents.policy import DEFAULT_TEMPERATURE, DecisionInput
 from agents.transition import Transition
 from simulator.env import MAX_PAGES
 from training.history_offset import HISTORY_BINS, by_history, history_slope
+from training.rating_refit import FORMATS, refit_ratings
 
 
 def digest(rows: Any) -> str:
@@ -291,13 +293,15 @@ def session_data(prep: Any) -> tuple[Sequence, Sequence]:
 
 def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool,
                          device: str = "auto", lm: Any = None, lists: bool = True,
-                         pages: bool = True, history_bins: int = HISTORY_BINS) -> dict:
+                         pages: bool = True, history_bins: int = HISTORY_BINS,
+                         ratings_only: bool = False, rating_format: str = "trained") -> dict:
     """Fit ``checkpoint``'s offsets on ``prep``'s validation pages, lists and sessions (a
     ``Prepared`` from ``alignuser train --prepare-only``) with its merged weights, as training
     does, and store them in its manifest; ``lm`` replaces loading it (tests). Without
     ``lists`` the list offset, and what it was fitted on, stay as they were, so list answers
     scored with it stay valid; without ``pages`` only the sampled exit offset is refitted on
-    the sessions, the other offsets kept."""
+    the sessions, the other offsets kept. ``ratings_only``: only the rating format (one of
+    ``training.rating_refit.FORMATS``), tilt and sharpness, on the validation pages."""
     from agents.llm import load_lm
     from agents.scorer import Scorer
     from simulator.runs import write_atomic
@@ -306,11 +310,23 @@ def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool
     path = checkpoint / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     sessions, visits = session_data(prep)
-    if not pages and not (sessions and visits):
+    if not pages and not ratings_only and not (sessions and visits):
         raise ValueError(NO_SESSIONS)
     lm = lm or load_lm(adapter=checkpoint, device=device)
     scorer = Scorer(lm, cache_size=128)
     t0 = time.perf_counter()
+    if ratings_only:
+        old = manifest.get("calibration") or {}
+        fitted, report = refit_ratings(
+            scorer, prep.calib, Calibration.model_validate(
+                {k: v for k, v in old.items() if k in Calibration.model_fields}),
+            world_model=world_model, rating_format=rating_format,
+            trained_cue=bool((manifest.get("config") or {}).get("rating_cue")))
+        cal = {**old, **fitted.model_dump(include={"rating_cue", "rating_tilt",
+                                                   "rating_sharpness"}),
+               "fitted_on": {**(old.get("fitted_on") or {}), "ratings": report}}
+        write_atomic(path, json.dumps({**manifest, "calibration": cal}, indent=2))
+        return cal
     if pages:
         cal = calibrate(scorer, prep.calib, world_model=world_model, perceiver=prep.perceiver,
                         personas=prep.personas, histories=prep.histories,
@@ -358,7 +374,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--history-bins", type=int, default=HISTORY_BINS,
                     help="quantile bins of the people's number of ratings the watch offsets' "
                     "slope is fitted on (0: one offset whatever the history)")
+    ap.add_argument("--ratings-only", action="store_true",
+                    help="refit only how ratings are read (format, tilt, sharpness) on the "
+                    "validation pages' human ratings; every offset stays, and with it every "
+                    "choice and list answer")
+    ap.add_argument("--rating-format", choices=FORMATS, default="trained",
+                    help="with --ratings-only: the format the adapter was trained in, each "
+                    "rating after its cue line (cue) or without it (plain), or whichever errs "
+                    "less on the validation ratings (best)")
     args = ap.parse_args(argv)
+    if args.rating_format != "trained" and not args.ratings_only:
+        ap.error("--rating-format needs --ratings-only")
+    if args.ratings_only and not (args.pages and args.lists):
+        ap.error("--ratings-only refits no offset: drop --no-pages / --no-lists")
     if args.history_bins < 0 or args.history_bins == 1:
         ap.error(f"--history-bins {args.history_bins}: 0 (one offset) or at least 2")
     if not (Path(args.checkpoint) / "adapter_config.json").is_file():
@@ -371,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     cal = calibrate_checkpoint(prep, args.checkpoint,
                                world_model=args.world_model, device=args.device,
                                lists=args.lists, pages=args.pages,
-                               history_bins=args.history_bins)
+                               history_bins=args.history_bins, ratings_only=args.ratings_only,
+                               rating_format=args.rating_format)
     print(json.dumps(cal))
     return 0
 
