@@ -109,7 +109,8 @@ def main() -> None:
     ap.add_argument("--world-model", action="store_true",
                     help="the world model's expectations in the prompt (full agent)")
     ap.add_argument("--formats", default="trained",
-                    help="comma list of trained (the adapter's own), cue, plain")
+                    help="comma list of trained (the format its calibration reads: the one "
+                    "it was trained in unless refitted with --rating-format), cue, plain")
     ap.add_argument("--shrinks", help="comma list: the kNN rating's RMSE at these shrinkages")
     args = ap.parse_args()
     formats = args.formats.split(",")
@@ -144,13 +145,13 @@ def main() -> None:
         trained = cal.rating_cue
         for fmt in formats:
             cue = {"trained": trained, "cue": True, "plain": False}[fmt]
-            # Tilt and sharpness were fitted in the trained format: another is read as it is.
+            # Tilt and sharpness were fitted in the calibrated format: another is read as it is.
             rates = cal if cue == trained else Calibration(rating_cue=cue)
             tilt, sharp = rates.rating_tilt, rates.rating_sharpness
             pred = np.asarray(adapter_ratings(args.adapter, [t for t in test if t.ratings],
                                               args.world_model, rates))
             rows.append({"rater": f"adapter, {'cue' if cue else 'plain'}"
-                                  f"{' (trained)' if cue == trained else ''}"
+                                  f"{' (calibrated)' if cue == trained else ''}"
                                   f"{f', tilt {tilt:+.2f}' if tilt else ''}"
                                   f"{f', sharpness {sharp:.2f}' if sharp != 1 else ''}",
                          "RMSE": rmse(pred, y), "corr": float(np.corrcoef(pred, y)[0, 1]),

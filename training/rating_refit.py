@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from agents.browse import fit_rating_scale, rating_rmse, tilt_to_mean
 from agents.decide import Calibration, rating_logps
@@ -32,6 +33,7 @@ def rating_data(scorer, trs: Sequence[Transition], cues: Sequence[bool], world_m
     when the agent decides with them (as held-out pages are rated in evaluation)."""
     out: dict[bool, tuple[list[list[float]], list[float]]] = {c: ([], []) for c in cues}
     rated = [t for t in trs if t.ratings]
+    bar = tqdm(total=len(rated), desc="rating formats", unit="page")
     for k in range(0, len(rated), chunk):
         part = rated[k:k + chunk]
         inputs = [t.decision_input() for t in part]
@@ -45,6 +47,8 @@ def rating_data(scorer, trs: Sequence[Transition], cues: Sequence[bool], world_m
             for page, t in zip(pages, part, strict=True):
                 logps += page.values()
                 humans += [t.ratings[s] for s in page]
+        bar.update(len(part))
+    bar.close()
     return out
 
 
