@@ -97,9 +97,10 @@ def padded_chunks(widths: Sequence[int], overhead: int | None, max_rows: int,
 
     ``overhead``: what one more forward costs, in padded positions. The split then minimises
     padded positions plus ``overhead`` per forward: a lockstep batch of agents mixes a page's
-    long expectation tree with others' short decision trees, and padding every row to the
-    longest pushed 30% more tree positions than the rows hold (``bench/bench_padding.py``).
-    None: as many rows per batch as the limits allow (fewest forwards)."""
+    long expectation tree with others' short decision trees, and with every row padded to the
+    longest, 22% of the positions a 16-agent population pushed were padding
+    (``bench/bench_padding.py``). None: as many rows per batch as the limits allow (fewest
+    forwards)."""
     n = len(widths)
     if any(a < b for a, b in itertools.pairwise(widths)):
         raise ValueError("widths must be sorted longest first")

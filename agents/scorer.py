@@ -31,9 +31,10 @@ _HEAD_ROWS = 1024  # hidden rows per fp32 head matmul (1024 x vocab x 4 bytes: ~
 # (``bench/bench_list_memory.py``); 2 GiB leaves room for the 100 longer held-out pages that
 # ``decide_chunked`` keeps at once.
 CACHE_BYTES = 2 << 30
-# What one more batched forward costs on the CPU, in padded token positions: ~70 ms of fixed
-# work (a 1-row, 4-token tree over a 500-token prefix) at ~0.47 ms a position (8 rows of 128
-# against 8 of 256 tokens), on this project's 2-core machine and SmolLM2-135M.
+# What one more batched forward costs on the CPU, in padded token positions: its fixed work
+# (a 1-row, 4-token tree over a 500-token prefix) over the cost of one more position (8 rows
+# of 256 tokens against 8 of 128), SmolLM2-135M on a 2-core CPU
+# (``python bench/bench_padding.py --forward-cost``).
 CPU_FORWARD_POSITIONS = 128
 
 

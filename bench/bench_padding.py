@@ -10,6 +10,8 @@ same cache under the same machine load (whole runs of this shared machine differ
 
 ``--positions``: what one more forward is taken to cost, in padded positions (``none``: the
 fewest forwards; the CPU default is ``agents.scorer.CPU_FORWARD_POSITIONS``).
+``--forward-cost`` only measures that cost: a forward's fixed work (one 4-token tree over a
+500-token prefix) over the cost of a position (8 trees of 256 tokens against 8 of 128).
 """
 
 from __future__ import annotations
@@ -61,6 +63,26 @@ def replay(lm, calls: list[list], modes: list[int | None], rounds: int) -> dict:
     return {m: {k: v / rounds for k, v in row.items()} for m, row in out.items()}
 
 
+def forward_cost(lm, reps: int = 5) -> tuple[float, float]:
+    """Seconds of a forward's fixed work and of one more tree position (medians)."""
+    scorer = Scorer(lm, cache_size=32)
+    scorer.forward_positions = None
+    letters = " ".join("abcdefghijklmnopqrstuvwxyz" * 20)
+
+    def seconds(rows: int, width: int) -> float:
+        reqs = [(f"{'hello ' * 500}{r}", [(letters[:2 * width], " yes")]) for r in range(rows)]
+        scorer.score_many(reqs)  # the prefixes cached: only the trees are timed
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            scorer.score_many(reqs)
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[reps // 2]
+
+    per_position = (seconds(8, 256) - seconds(8, 128)) / (8 * 128)
+    return seconds(1, 2) - 4 * per_position, per_position
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--agents", type=int, default=16)
@@ -70,6 +92,8 @@ def main() -> None:
     ap.add_argument("--memory", choices=["chroma", "none"], default="chroma")
     ap.add_argument("--positions", default=f"none,{CPU_FORWARD_POSITIONS}",
                     help="comma list: none (fewest forwards) or a forward's cost in positions")
+    ap.add_argument("--forward-cost", action="store_true",
+                    help="only measure what a forward costs, in positions, and stop")
     args = ap.parse_args()
     if min(args.agents, args.pages, args.rounds, args.concurrency) < 1:
         ap.error("--agents, --pages, --rounds and --concurrency must be at least 1")
@@ -81,8 +105,14 @@ def main() -> None:
         ap.error(f"--positions {args.positions}: a comma list of none or integers >= 0")
     console.print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
                   f"load average {os.getloadavg()[0]:.2f}")
-    world = world_for()
     lm = timed("model (merged adapter)", lambda: load_lm(adapter=ADAPTER))
+    if args.forward_cost:
+        fixed, position = forward_cost(lm)
+        console.print(f"a forward's fixed work {fixed * 1e3:.0f} ms, a position "
+                      f"{position * 1e3:.2f} ms: a forward costs {fixed / position:.0f} "
+                      f"positions (the CPU default is {CPU_FORWARD_POSITIONS})")
+        return
+    world = world_for()
     users = world.sample_users(args.agents + 1, seed=1)
     population(world, users[:1], Scorer(lm), "aligned", 1, 1, args.memory)  # warm-up
     scorer = Scorer(lm, cache_size=2 * args.concurrency + 16)
