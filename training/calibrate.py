@@ -314,41 +314,35 @@ def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool
         raise ValueError(NO_SESSIONS)
     lm = lm or load_lm(adapter=checkpoint, device=device)
     scorer = Scorer(lm, cache_size=128)
+    old = manifest.get("calibration") or {}
+    current = Calibration.model_validate(old)  # as Calibration.of_checkpoint reads it
+    trained_cue = bool((manifest.get("config") or {}).get("rating_cue"))
     t0 = time.perf_counter()
-    if ratings_only:
-        old = manifest.get("calibration") or {}
-        fitted, report = refit_ratings(
-            scorer, prep.calib, Calibration.model_validate(
-                {k: v for k, v in old.items() if k in Calibration.model_fields}),
-            world_model=world_model, rating_format=rating_format,
-            trained_cue=bool((manifest.get("config") or {}).get("rating_cue")))
+    if ratings_only:  # its report holds its own seconds; the offsets' stay
+        fitted, report = refit_ratings(scorer, prep.calib, current, world_model=world_model,
+                                       rating_format=rating_format, trained_cue=trained_cue)
         cal = {**old, **fitted.model_dump(include={"rating_cue", "rating_tilt",
                                                    "rating_sharpness"}),
                "fitted_on": {**(old.get("fitted_on") or {}), "ratings": report}}
-        write_atomic(path, json.dumps({**manifest, "calibration": cal}, indent=2))
-        return cal
-    if pages:
-        cal = calibrate(scorer, prep.calib, world_model=world_model, perceiver=prep.perceiver,
-                        personas=prep.personas, histories=prep.histories,
-                        valid_lists=prep.valid_lists if lists else (), sessions=sessions,
-                        visits=visits, history_bins=history_bins,
-                        rating_cue=bool((manifest.get("config") or {}).get("rating_cue")))
     else:
-        old = manifest.get("calibration") or {}
-        fitted = Calibration.model_validate({k: v for k, v in old.items()
-                                             if k in Calibration.model_fields})
-        report = refit_on_sessions(scorer, fitted, sessions, visits, perceiver=prep.perceiver,
-                                   personas=prep.personas, histories=prep.histories,
-                                   world_model=world_model)
-        cal = {**old, **fitted.model_dump(include={"sampled_then_offset",
-                                                   "sampled_last_then_offset"}),
-               "fitted_on": {**(old.get("fitted_on") or {}), "sessions": report}}
-    cal["seconds"] = round(time.perf_counter() - t0, 1)
-    if pages and not lists:
-        old = manifest.get("calibration") or {}
-        cal["list_offset"] = old.get("list_offset")  # None: lists use the watch offset
-        cal["fitted_on"].update({k: v for k, v in (old.get("fitted_on") or {}).items()
-                                 if k.startswith("list")})
+        if pages:
+            cal = calibrate(scorer, prep.calib, world_model=world_model,
+                            perceiver=prep.perceiver, personas=prep.personas,
+                            histories=prep.histories,
+                            valid_lists=prep.valid_lists if lists else (), sessions=sessions,
+                            visits=visits, history_bins=history_bins, rating_cue=trained_cue)
+        else:
+            report = refit_on_sessions(scorer, current, sessions, visits,
+                                       perceiver=prep.perceiver, personas=prep.personas,
+                                       histories=prep.histories, world_model=world_model)
+            cal = {**old, **current.model_dump(include={"sampled_then_offset",
+                                                        "sampled_last_then_offset"}),
+                   "fitted_on": {**(old.get("fitted_on") or {}), "sessions": report}}
+        cal["seconds"] = round(time.perf_counter() - t0, 1)
+        if pages and not lists:
+            cal["list_offset"] = old.get("list_offset")  # None: lists use the watch offset
+            cal["fitted_on"].update({k: v for k, v in (old.get("fitted_on") or {}).items()
+                                     if k.startswith("list")})
     write_atomic(path, json.dumps({**manifest, "calibration": cal}, indent=2))
     return cal
 
