@@ -99,3 +99,18 @@ def test_ratings_only_flags_are_checked(tmp_path: Path, argv: list[str]) -> None
     with pytest.raises(SystemExit) as exc:
         main([str(tmp_path / "prep.pkl"), str(tmp_path), *argv])
     assert exc.value.code == 2
+
+
+def test_ratings_only_without_rated_pages_is_a_clean_error(tmp_path: Path,
+                                                          pages: list[Transition]) -> None:
+    """Pages without a rated item stop the refit with one line (exit 2), nothing written."""
+    import pickle
+
+    unrated = [t for t in pages if not t.ratings]
+    assert unrated
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "prep.pkl").write_bytes(pickle.dumps(SimpleNamespace(calib=unrated)))
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "prep.pkl"), str(tmp_path), "--ratings-only"])
+    assert exc.value.code == 2
+    assert not (tmp_path / "manifest.json").exists()

@@ -284,6 +284,8 @@ def refit_on_sessions(scorer, cal: Calibration, sessions: Sequence[tuple[int, li
 
 NO_SESSIONS = ("the prepared file has no validation sessions: write it with alignuser train "
                "--prepare-only --calibration-sessions N")
+NO_RATINGS = ("the prepared file's validation pages hold no rated item to fit ratings on: write "
+              "it with alignuser train --prepare-only --calibration-pages N (N > 0)")
 
 
 def session_data(prep: Any) -> tuple[Sequence, Sequence]:
@@ -312,6 +314,8 @@ def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool
     sessions, visits = session_data(prep)
     if not pages and not ratings_only and not (sessions and visits):
         raise ValueError(NO_SESSIONS)
+    if ratings_only and not any(tr.ratings for tr in prep.calib):
+        raise ValueError(NO_RATINGS)  # before the model loads
     lm = lm or load_lm(adapter=checkpoint, device=device)
     scorer = Scorer(lm, cache_size=128)
     old = manifest.get("calibration") or {}
@@ -390,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     prep = read_pickle(args.prepared)
     if not args.pages and not all(session_data(prep)):
         ap.error(NO_SESSIONS)
+    if args.ratings_only and not any(tr.ratings for tr in prep.calib):
+        ap.error(NO_RATINGS)
     cal = calibrate_checkpoint(prep, args.checkpoint,
                                world_model=args.world_model, device=args.device,
                                lists=args.lists, pages=args.pages,
