@@ -139,8 +139,8 @@ class Scorer:
             if encoded:
                 rows.append((r, entries[prefix], build_trie(encoded)))
         out: list[list[float]] = [[] for _ in requests]
-        rows.sort(key=lambda row: (-len(row[2]), -len(row[1].ids)))
-        for a, b in padded_chunks([len(t) for _, _, t in rows], self.forward_positions,
+        rows.sort(key=lambda row: (-row[2].width, -len(row[1].ids)))
+        for a, b in padded_chunks([t.width for _, _, t in rows], self.forward_positions,
                                   self.max_rows, self.batch_tokens):
             for (r, _, _), scores in zip(rows[a:b], self._trees_batched(rows[a:b]),
                                          strict=True):
@@ -274,7 +274,7 @@ class Scorer:
         ids, positions, mask = tree_inputs([t for _, _, t in rows],
                                            [len(e.ids) for _, e, _ in rows], p,
                                            self.lm.model.dtype)
-        self.stats.padding += ids.numel() - sum(len(t) for _, _, t in rows)
+        self.stats.padding += ids.numel() - sum(t.width for _, _, t in rows)
         # the options' keys and values are written into room after the prefixes, not
         # concatenated with every prefix into new tensors (a copy of ~1 GB for 64 pages)
         cache = padded_cache(self.lm.model.config, [e for _, e, _ in rows], room=ids.shape[1])
@@ -290,7 +290,8 @@ class Scorer:
                 for node in path:
                     if trie.parents[node] >= 0 and (r, node) not in where:
                         where[(r, node)] = len(picks)
-                        picks.append((r, trie.parents[node], trie.tokens[node]))
+                        picks.append((r, trie.column(trie.parents[node]),
+                                      trie.tokens[node]))
         picked = self._picked_logprobs(hidden, picks)
         out = []
         for r, (_, e, trie) in enumerate(rows):

@@ -28,6 +28,11 @@ def test_trie_shares_leading_tokens_and_keeps_each_path() -> None:
     assert trie.depths == [0, 1, 2, 2, 3]
     # Option 3's target is option 1's context plus target: the same nodes, scored the same.
     assert trie.targets == [[2], [3, 4], [1, 2], [0]]
+    # only the nodes with a child are pushed: 0, 1 and 3; the leaves 2 and 4 are read off them
+    assert trie.pushed.tolist() == [0, 1, 3] and trie.width == 3
+    assert [trie.column(n) for n in (0, 1, 3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="leaf"):
+        trie.column(4)
     anc = trie.ancestors()
     assert anc[4].tolist() == [True, True, False, True, True]  # not its sibling 7
     assert anc[2].tolist() == [True, True, True, False, False]
@@ -49,9 +54,21 @@ def test_packed_page_options_equal_the_naive_reference(lm: LM) -> None:
     scorer.stats.reset()
     scorer.score(PREFIX, options)
     tok = lm.tokenizer
-    nodes = len(build_trie([(encode(tok, [c]), encode(tok, [t])) for c, t in options]))
+    trie = build_trie([(encode(tok, [c]), encode(tok, [t])) for c, t in options])
     flat = sum(len(encode(tok, [c])) + len(encode(tok, [t])) for c, t in options)
-    assert scorer.stats.tokens == nodes < flat / 2
+    # ... and a leaf (each option's last token) is read off its parent's row, not pushed
+    assert scorer.stats.tokens == trie.width < len(trie) < flat / 2
+
+
+def test_options_read_off_the_prefix_alone_need_one_padding_column(lm: LM) -> None:
+    """One-token options right after the prefix push no tree node: the forward gets a single
+    padding column, and the scores are the naive ones."""
+    options = [("", " watch"), ("", " skip")]
+    tok = lm.tokenizer
+    assert build_trie([(encode(tok, [c]), encode(tok, [t])) for c, t in options]).width == 0
+    scorer = Scorer(lm)
+    np.testing.assert_allclose(scorer.score(PREFIX, options),
+                               scorer.score_naive(PREFIX, options), atol=1e-4)
 
 
 def test_rows_of_different_prefixes_pack_alike(lm: LM) -> None:

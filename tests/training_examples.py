@@ -36,10 +36,12 @@ EXAMPLES = [example("policy", 1, {1: 4, 3: 5}, "next"), example("policy", 2, {},
             example("policy", 3, {2: 1}, "next"), example("policy", 4, {1: 5, 4: 2}, "exit")]
 
 
-def peft_lm() -> tuple[Any, LM]:
-    """A fresh tiny model with the tiny LoRA on it, and the LM it wraps."""
+def peft_lm(dropout: float | None = None) -> tuple[Any, LM]:
+    """A fresh tiny model with the tiny LoRA on it (``dropout``: its LoRA dropout instead of
+    TINY_CFG's), and the LM it wraps."""
     lm = tiny_lm(seed=0)
-    return _peft(lm, TINY_CFG), lm
+    cfg = TINY_CFG if dropout is None else TINY_CFG.model_copy(update={"lora_dropout": dropout})
+    return _peft(lm, cfg), lm
 
 
 def transition(ratings: dict[int, int], then: str) -> Transition:

@@ -172,7 +172,7 @@ def _pages_losses(model, tokenizer, pages: Sequence[Sequence[Example]], max_len:
                     where[n_examples] = len(rows)
                 parent = trie.parents[node]
                 rows.append(r)
-                cols.append(parent if parent >= 0 else width)
+                cols.append(trie.column(parent) if parent >= 0 else width)
                 tokens.append(trie.tokens[node])
                 owner.append(n_examples)
             n_examples += 1
@@ -198,7 +198,7 @@ def _pages_losses(model, tokenizer, pages: Sequence[Sequence[Example]], max_len:
         per_page.append(losses[start:start + len(trie.targets)])
         per_margins.append(margins[start:start + len(trie.targets)])
         start += len(trie.targets)
-    return per_page, sum(lens) + sum(len(t) for t in tries), per_margins
+    return per_page, sum(lens) + sum(t.width for t in tries), per_margins
 
 
 def _head_chunks(groups: Sequence[Sequence[Example]]) -> list[list[int]]:
