@@ -6,12 +6,14 @@ call, alternating which goes first, so every batching scores the same requests f
 same cache under the same machine load (whole runs of this shared machine differ by 15%).
 
     python bench/bench_padding.py [--agents 16] [--pages 5] [--rounds 3] [--concurrency 8]
-        [--positions none,128]
+        [--positions none,128] [--leaves]
 
 ``--positions``: what one more forward is taken to cost, in padded positions (``none``: the
 fewest forwards; the CPU default is ``agents.scorer.CPU_FORWARD_POSITIONS``).
 ``--forward-cost`` only measures that cost: a forward's fixed work (one 4-token tree over a
 500-token prefix) over the cost of a position (8 trees of 256 tokens against 8 of 128).
+``--leaves`` replays the calls at the first ``--positions`` batching with the trees' leaves
+pushed, as before commit 3b89790 (a leaf's row predicts nothing), and not pushed, as now.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
+import numpy as np
 import torch
 from bench_population import console, population, table, timed
 
 from agents.batching import BatchingScorer
 from agents.llm import load_lm
+from agents.packing import Trie
 from agents.scorer import CPU_FORWARD_POSITIONS, Scorer
 from alignuser.config import world_for
 
@@ -45,18 +50,36 @@ def recorded(scorer: Scorer) -> list[list]:
     return calls
 
 
-def replay(lm, calls: list[list], modes: list[int | None], rounds: int) -> dict:
-    """Seconds, positions, padding and forwards per batching over ``rounds`` replays."""
+# How a replay scores: a forward's cost in positions (None: the fewest forwards), and whether
+# the trees' leaves are pushed.
+Mode = tuple[int | None, bool]
+
+
+@contextmanager
+def leaves_pushed(on: bool) -> Iterator[None]:
+    """With ``on``, trees push every node, their leaves too (the rule before 3b89790)."""
+    kept = Trie.__dict__["pushed"]
+    if on:
+        Trie.pushed = property(lambda trie: np.arange(len(trie.tokens)))  # type: ignore
+    try:
+        yield
+    finally:
+        Trie.pushed = kept  # type: ignore[method-assign]
+
+
+def replay(lm, calls: list[list], modes: list[Mode], rounds: int) -> dict:
+    """Seconds, positions, padding and forwards per mode over ``rounds`` replays."""
     out = {m: {"s": 0.0, "tokens": 0, "padding": 0, "forwards": 0} for m in modes}
     for r in range(rounds):
         scorers = {m: Scorer(lm, cache_size=32) for m in modes}
         for m, s in scorers.items():
-            s.forward_positions = m
+            s.forward_positions = m[0]
         for k, call in enumerate(calls):
             for m in modes if (k + r) % 2 == 0 else modes[::-1]:
-                t0 = time.perf_counter()
-                scorers[m].score_many(call)
-                out[m]["s"] += time.perf_counter() - t0
+                with leaves_pushed(m[1]):
+                    t0 = time.perf_counter()
+                    scorers[m].score_many(call)
+                    out[m]["s"] += time.perf_counter() - t0
         for m, s in scorers.items():
             for key in ("tokens", "padding", "forwards"):
                 out[m][key] += getattr(s.stats, key)
@@ -94,6 +117,9 @@ def main() -> None:
                     help="comma list: none (fewest forwards) or a forward's cost in positions")
     ap.add_argument("--forward-cost", action="store_true",
                     help="only measure what a forward costs, in positions, and stop")
+    ap.add_argument("--leaves", action="store_true",
+                    help="at the first --positions batching, trees with their leaves pushed "
+                    "(before) against not (now)")
     args = ap.parse_args()
     if min(args.agents, args.pages, args.rounds, args.concurrency) < 1:
         ap.error("--agents, --pages, --rounds and --concurrency must be at least 1")
@@ -123,9 +149,14 @@ def main() -> None:
     pages = run.decisions
     console.print(f"{pages} pages, {len(calls)} scorer calls of "
                   f"{sum(len(c) for c in calls)} requests; the run itself {run.seconds:.1f} s")
+    runs: list[Mode] = ([(modes[0], True), (modes[0], False)] if args.leaves
+                        else [(m, False) for m in modes])
     rows = []
-    for m, r in timed("replays", lambda: replay(lm, calls, modes, args.rounds)).items():
-        rows.append(["fewest forwards" if m is None else f"split at {m}", f"{r['s']:.1f}",
+    for (m, leaves), r in timed("replays", lambda: replay(lm, calls, runs, args.rounds)).items():
+        label = "fewest forwards" if m is None else f"split at {m}"
+        if args.leaves:
+            label += ", leaves pushed" if leaves else ", leaves not pushed"
+        rows.append([label, f"{r['s']:.1f}",
                      f"{r['s'] / pages:.3f}", f"{r['tokens'] / pages:,.0f}",
                      f"{r['padding'] / max(r['tokens'], 1):.1%}",
                      f"{r['forwards'] / pages:.2f}"])
