@@ -47,7 +47,7 @@ from agents.policy import DEFAULT_TEMPERATURE, DecisionInput
 from agents.transition import Transition
 from simulator.env import MAX_PAGES
 from training.history_offset import HISTORY_BINS, by_history, history_slope
-from training.rating_refit import FORMATS, refit_ratings
+from training.rating_refit import FORMATS, NO_RATINGS, has_ratings, refit_ratings
 
 
 def digest(rows: Any) -> str:
@@ -284,8 +284,6 @@ def refit_on_sessions(scorer, cal: Calibration, sessions: Sequence[tuple[int, li
 
 NO_SESSIONS = ("the prepared file has no validation sessions: write it with alignuser train "
                "--prepare-only --calibration-sessions N")
-NO_RATINGS = ("the prepared file's validation pages hold no rated item to fit ratings on: write "
-              "it with alignuser train --prepare-only --calibration-pages N (N > 0)")
 
 
 def session_data(prep: Any) -> tuple[Sequence, Sequence]:
@@ -314,7 +312,7 @@ def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool
     sessions, visits = session_data(prep)
     if not pages and not ratings_only and not (sessions and visits):
         raise ValueError(NO_SESSIONS)
-    if ratings_only and not any(tr.ratings for tr in prep.calib):
+    if ratings_only and not has_ratings(prep.calib):
         raise ValueError(NO_RATINGS)  # before the model loads
     lm = lm or load_lm(adapter=checkpoint, device=device)
     scorer = Scorer(lm, cache_size=128)
@@ -394,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     prep = read_pickle(args.prepared)
     if not args.pages and not all(session_data(prep)):
         ap.error(NO_SESSIONS)
-    if args.ratings_only and not any(tr.ratings for tr in prep.calib):
+    if args.ratings_only and not has_ratings(prep.calib):
         ap.error(NO_RATINGS)
     cal = calibrate_checkpoint(prep, args.checkpoint,
                                world_model=args.world_model, device=args.device,

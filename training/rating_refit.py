@@ -23,6 +23,13 @@ from agents.transition import Transition
 from agents.world_model import expected_ratings_many
 
 FORMATS = ("trained", "cue", "plain", "best")
+NO_RATINGS = ("the prepared file's validation pages hold no rated item to fit ratings on: write "
+              "it with alignuser train --prepare-only --calibration-pages N (N > 0)")
+
+
+def has_ratings(trs: Sequence[Transition]) -> bool:
+    """Whether any page holds a human rating to fit on."""
+    return any(t.ratings for t in trs)
 
 
 def rating_data(scorer, trs: Sequence[Transition], cues: Sequence[bool], world_model: bool,
@@ -60,14 +67,14 @@ def refit_ratings(scorer, trs: Sequence[Transition], cal: Calibration, *, world_
     tried. ``trained_cue``: the format the adapter was trained in (its manifest's config)."""
     if rating_format not in FORMATS:
         raise ValueError(f"rating format {rating_format!r}: one of {', '.join(FORMATS)}")
+    if not has_ratings(trs):
+        raise ValueError(NO_RATINGS)
     t0 = time.perf_counter()
     cues = {"trained": [trained_cue], "cue": [True], "plain": [False],
             "best": [trained_cue, not trained_cue]}[rating_format]
     fits: dict[bool, tuple[float, float, float]] = {}
     report: dict = {"formats": {}}
     for cue, (logps, humans) in rating_data(scorer, trs, cues, world_model).items():
-        if not humans:
-            raise ValueError("the validation pages hold no rated item to fit ratings on")
         tilt, sharpness = fit_rating_scale(logps, humans)
         fits[cue] = (rating_rmse(logps, humans, tilt, sharpness), tilt, sharpness)
         report["formats"]["cue" if cue else "plain"] = {
