@@ -195,6 +195,15 @@ def test_sampled_offsets_match_the_expected_sampled_rate() -> None:
     assert cal.offsets(1.0, last=True) == (-1.0, 5.0)
 
 
+def test_calibrate_on_no_pages_fits_nothing(scorer: Scorer) -> None:
+    """Trained with ``--calibration-pages 0``: the offsets stay at even odds and the manifest
+    says they were fitted on no pages, in strict JSON (an empty mean would write NaN)."""
+    fitted = calibrate(scorer, [], world_model=False)
+    assert fitted["fitted_on"] == {"pages": 0, "world_model": False}
+    assert Calibration.model_validate(fitted) == Calibration()
+    json.dumps(fitted, allow_nan=False)
+
+
 def test_calibrate_restores_the_humans_rates(small_world: World, scorer: Scorer) -> None:
     """Fitted on validation pages, the offsets make the greedy agent watch and exit at the
     humans' rates on those pages (up to one slot / one page of quantile rounding)."""

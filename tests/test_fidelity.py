@@ -265,6 +265,10 @@ def test_a_trained_adapter_is_recalibrated_into_its_manifest(prepared: Prepared,
     bare = dataclasses.replace(prepared, sessions=(), visits=())
     with pytest.raises(ValueError, match="no validation sessions"):
         calibrate_checkpoint(bare, out, world_model=False, lm=lm, pages=False)
+    # a refit of the page offsets on no pages would reset them to even odds: refused
+    with pytest.raises(ValueError, match="no calibration pages"):
+        calibrate_checkpoint(dataclasses.replace(prepared, calib=[]), out, world_model=False,
+                             lm=lm)
     # from the command line: one line, exit 2, the manifest untouched
     from training.calibrate import main as calibrate_main
 
@@ -320,6 +324,33 @@ def test_each_stage_validates_on_the_prompt_it_trains_and_runs_on(
     # the same pages and answers, only the expectations added
     assert [e.target for e in aligned] == [e.target for e in sft]
     assert [e.segments[:2] for e in aligned] == [e.segments[:2] for e in sft]
+
+
+def test_the_world_model_trains_and_validates_in_its_format(
+        prepared: Prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--wm-format genres`` reaches stage 1's training and validation examples: every next
+    page is named by its genre mix, never by a title; the manifest records the format."""
+    from agents.text import NEXT_GENRES
+    from training import pipeline
+
+    seen: dict[str, tuple] = {}
+    real = pipeline._stage
+
+    def spy(model, lm, cfg, pools, weights, steps, out, valid, *rest):
+        seen[out.name] = (pools, list(valid))
+        return real(model, lm, cfg, pools, weights, steps, out, valid, *rest)
+
+    monkeypatch.setattr(pipeline, "_stage", spy)
+    cfg = TrainConfig(stage="wm", wm_steps=1, batch_size=1, eval_every=1, save_every=1,
+                      wm_format="genres", dtype="float32", device="cpu", seed=0)
+    manifest = pipeline.fit(cfg, prepared, tmp_path / "wm", progress=False, lm=tiny_lm())
+    pools, valid = seen["stage_wm"]
+    targets = [e.target for e in [*pools["wm"], *valid]]
+    pages = [t.split(NEXT_GENRES)[1] for t in targets if NEXT_GENRES in t]
+    assert pages and len(valid) > 0
+    assert all("[" not in page and ";" not in page for page in pages)
+    assert all(NEXT_GENRES in t or "next page: none" in t for t in targets)
+    assert manifest["config"]["wm_format"] == "genres" and TrainConfig().wm_format == "titles"
 
 
 def test_prepared_training_examples_hold_no_held_out_rating(small_world: World,

@@ -92,19 +92,10 @@ def _exits_and_ratings(scorer, inputs: Sequence[DecisionInput], trs: Sequence[Tr
     return decisions, logps, humans
 
 
-def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
-              perceiver: Perceiver | None = None, personas: Mapping[int, str] | None = None,
-              histories: Mapping[int, Mapping[int, float]] | None = None,
-              valid_lists: Sequence[tuple[int, list[int], list[int]]] = (),
-              sessions: Sequence[tuple[int, list[list[int]]]] = (),
-              visits: Sequence[tuple[int, bool]] = (), seed: int = 0,
-              history_bins: int = HISTORY_BINS, rating_cue: bool = False) -> dict:
-    """Offsets and what they were fitted on (for the manifest). With ``sessions`` (validation
-    users' pages on the built-in recommenders) and the validation ``visits`` (pages, ended by
-    exit), the sampled exit offsets are refitted on sessions (``session_offsets``). With
-    ``history_bins`` > 1 the watch offsets get a slope in the person's number of ratings
-    (``history_slope``; pages built before transitions recorded it get none). ``rating_cue``:
-    the adapter's rating format, recorded with the offsets (sessions rate in it)."""
+def _page_offsets(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
+                  history_bins: int, rating_cue: bool) -> tuple[Calibration, dict]:
+    """The watch, exit and rating offsets fitted on validation pages, and what they were
+    fitted on."""
     inputs = [t.decision_input() for t in valid_trs]
     # Only the watch/skip scores are read here: next/exit and ratings wait for the offset.
     decisions = _decide(scorer, inputs, "calibrate watch", world_model=world_model,
@@ -158,6 +149,30 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
               "pages_digest": digest([[t.user, t.page, list(t.items)] for t in valid_trs])}
     if known:
         report["by_history"] = by_history(watch, human_watch, history, cal, history_bins)
+    return cal, report
+
+
+def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
+              perceiver: Perceiver | None = None, personas: Mapping[int, str] | None = None,
+              histories: Mapping[int, Mapping[int, float]] | None = None,
+              valid_lists: Sequence[tuple[int, list[int], list[int]]] = (),
+              sessions: Sequence[tuple[int, list[list[int]]]] = (),
+              visits: Sequence[tuple[int, bool]] = (), seed: int = 0,
+              history_bins: int = HISTORY_BINS, rating_cue: bool = False) -> dict:
+    """Offsets and what they were fitted on (for the manifest). With ``sessions`` (validation
+    users' pages on the built-in recommenders) and the validation ``visits`` (pages, ended by
+    exit), the sampled exit offsets are refitted on sessions (``session_offsets``). With
+    ``history_bins`` > 1 the watch offsets get a slope in the person's number of ratings
+    (``history_slope``; pages built before transitions recorded it get none). ``rating_cue``:
+    the adapter's rating format, recorded with the offsets (sessions rate in it). Without
+    ``valid_trs`` the page offsets stay at even odds (0) and the report says it fitted on no
+    pages: an adapter trained with ``--calibration-pages 0`` is not calibrated, and its
+    manifest must not read as if it were (nor hold the NaN of an empty mean)."""
+    if valid_trs:
+        cal, report = _page_offsets(scorer, valid_trs, world_model=world_model,
+                                    history_bins=history_bins, rating_cue=rating_cue)
+    else:
+        cal, report = Calibration(rating_cue=rating_cue), {"pages": 0, "world_model": world_model}
     if sessions and visits and perceiver is not None and personas and histories is not None:
         report["sessions"] = refit_on_sessions(
             scorer, cal, sessions, visits, perceiver=perceiver, personas=personas,
@@ -284,6 +299,9 @@ def refit_on_sessions(scorer, cal: Calibration, sessions: Sequence[tuple[int, li
 
 NO_SESSIONS = ("the prepared file has no validation sessions: write it with alignuser train "
                "--prepare-only --calibration-sessions N")
+NO_PAGES = ("the prepared file has no calibration pages: write it with alignuser train "
+            "--prepare-only --calibration-pages N (N > 0), or refit only the sampled exit "
+            "offsets with --no-pages")
 
 
 def session_data(prep: Any) -> tuple[Sequence, Sequence]:
@@ -314,6 +332,8 @@ def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool
         raise ValueError(NO_SESSIONS)
     if ratings_only and not has_ratings(prep.calib):
         raise ValueError(NO_RATINGS)  # before the model loads
+    if pages and not ratings_only and not prep.calib:
+        raise ValueError(NO_PAGES)  # a refit on no pages would reset the offsets to even odds
     lm = lm or load_lm(adapter=checkpoint, device=device)
     scorer = Scorer(lm, cache_size=128)
     old = manifest.get("calibration") or {}
