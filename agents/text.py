@@ -206,12 +206,27 @@ def render_wm_action(n_slots: int, watched_slots: Sequence[int], then: str) -> s
     return render_choices(n_slots, watched_slots) + then_line(then)
 
 
-def render_next_state(ratings: Mapping[int, int], next_items: Sequence[ItemView] | None) -> str:
-    """What follows an action: the ratings it leads to and the next page (or the end)."""
+NEXT_PAGE = "next page"
+NEXT_GENRES = "next page genres: "
+WM_FORMATS = ("titles", "genres")
+
+
+def render_next_state(ratings: Mapping[int, int], next_items: Sequence[ItemView] | None,
+                      page_format: str = "titles") -> str:
+    """What follows an action: the ratings it leads to and the next page (or the end).
+
+    ``titles`` names each next item with its genres (the shipped adapters' world model);
+    ``genres`` names only the next page's genre mix, sorted: the titles depend on the
+    recommender, which the state does not show, so a world model that guesses them is wrong
+    on every title it writes."""
+    if page_format not in WM_FORMATS:
+        raise ValueError(f"next-state format {page_format!r}: one of {', '.join(WM_FORMATS)}")
     if next_items is None:
-        page = "next page: none, the session ends\n"
+        page = f"{NEXT_PAGE}: none, the session ends\n"
+    elif page_format == "genres":
+        page = NEXT_GENRES + ", ".join(sorted({g for it in next_items for g in it.genres})) + "\n"
     else:
-        page = "next page: " + "; ".join(
+        page = f"{NEXT_PAGE}: " + "; ".join(
             f"{it.label()} [{', '.join(it.genres)}]" for it in next_items) + "\n"
     return ratings_lines(ratings) + page
 
@@ -242,6 +257,8 @@ def parse_next_state(text: str) -> NextState:
         m = _RATING.match(line)
         if m:
             ns.ratings[int(m.group(1))] = int(m.group(2))
+        elif line.startswith(NEXT_GENRES):
+            ns.genres += [g.strip() for g in line[len(NEXT_GENRES):].split(",") if g.strip()]
         elif line.startswith("next page:"):
             body = line[len("next page:"):].strip()
             # the end marker carries no "[genres]", which every item of a page does (a film
@@ -256,6 +273,17 @@ def parse_next_state(text: str) -> NextState:
                     ns.genres += [g.strip() for g in m.group(2).split(",") if g.strip()]
     ns.genres = sorted(set(ns.genres))
     return ns
+
+
+def parse_generated_state(generated: str) -> NextState:
+    """A generated next state up to its first next-page line: a model that goes on writes
+    more states after it, which are not this one's."""
+    kept = []
+    for line in generated.splitlines():
+        kept.append(line)
+        if line.startswith(NEXT_PAGE):
+            break
+    return parse_next_state("\n".join(kept))
 
 
 def memory_note(page: int, watched: Sequence[tuple[str, int]], skipped: Sequence[str],

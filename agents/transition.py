@@ -60,11 +60,13 @@ class Transition:
     def prefix(self) -> str:
         return prompts.prefix(self.persona, self.page_text)
 
-    def wm_example(self) -> Example:
+    def wm_example(self, page_format: str = "titles") -> Example:
+        """Stage 1's example: the state and action, then the next state in ``page_format``
+        (``agents.text.render_next_state``)."""
         action = text.render_wm_action(len(self.views), list(self.ratings), self.then)
         return Example("wm", (prompts.persona_block(self.persona), self.page_text,
                               prompts.world_model_tail(action)),
-                       text.render_next_state(self.ratings, self.next_views),
+                       text.render_next_state(self.ratings, self.next_views, page_format),
                        {"user": self.user, "page": self.page})
 
     def human_action(self) -> PageAction:

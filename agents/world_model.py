@@ -55,14 +55,19 @@ def expectation_requests(pages: Sequence[tuple[str, int]]
     return reqs
 
 
+def read_next_state(generated: str, ends: bool) -> text.NextState:
+    """A generated next state as the simulation uses it. Whether the session ends is not the
+    model's to say: an exit or the visit's last allowed page ends it (``ends``), and a page the
+    model writes after it is not read; otherwise the model's ratings and next page."""
+    ns = text.parse_generated_state(generated)
+    return text.NextState(ratings=ns.ratings, ends=True) if ends else ns
+
+
 def predict_next_state(gen: Generator, prefix: str, n_slots: int, watched_slots: Sequence[int],
-                       then: str, max_new_tokens: int = 96) -> text.NextState:
-    """Generate and read back the next state that follows an action."""
+                       then: str, max_new_tokens: int = 96, last: bool = False
+                       ) -> text.NextState:
+    """Generate and read back the next state that follows an action (``last``: on the visit's
+    last allowed page)."""
     prompt = prefix + prompts.world_model_tail(text.render_wm_action(n_slots, watched_slots, then))
-    out = gen.generate(prompt, max_new_tokens=max_new_tokens)
-    kept = []
-    for line in out.splitlines():
-        kept.append(line)
-        if line.startswith("next page:"):
-            break
-    return text.parse_next_state("\n".join(kept))
+    return read_next_state(gen.generate(prompt, max_new_tokens=max_new_tokens),
+                           ends=then == "exit" or last)

@@ -95,6 +95,29 @@ def next_state_f1_micro(pairs: Iterable[tuple[set[Hashable], set[Hashable]]]) ->
     return _prf(tp, fp, fn)
 
 
+def next_state_f1_difference(pairs: Sequence[tuple[set, set]],
+                             baseline: Sequence[tuple[set, set]], n_boot: int = 1000,
+                             seed: int = 0, level: float = 0.95) -> dict[str, object]:
+    """Pooled F1 of ``pairs`` minus ``baseline``'s on the same states (one pair each, in the
+    same order), with a percentile bootstrap CI over the states, resampled together."""
+    def counts(prs: Sequence[tuple[set, set]]) -> np.ndarray:
+        return np.asarray([(len(t & p), len(p - t), len(t - p)) for t, p in prs],
+                          dtype=float).reshape(-1, 3)
+
+    a, b = counts(pairs), counts(baseline)
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} states against {len(b)} for the baseline")
+
+    def diff(idx: np.ndarray) -> float:
+        return _prf(*a[idx].sum(axis=0))["f1"] - _prf(*b[idx].sum(axis=0))["f1"]
+
+    if not len(a):
+        return {"difference": 0.0, "ci": None}
+    rng = np.random.default_rng(seed)
+    boot = np.asarray([diff(idx) for idx in rng.integers(0, len(a), (n_boot, len(a)))])
+    return {"difference": diff(np.arange(len(a))), "ci": _ci(boot, level)}
+
+
 def distribution_distance(human: Sequence[float], sim: Sequence[float]) -> dict[str, float]:
     h, s = np.asarray(human, dtype=float), np.asarray(sim, dtype=float)
     if h.size == 0 or s.size == 0:

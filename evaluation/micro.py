@@ -18,14 +18,16 @@ from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from agents.browse import accuracy_cut
-from agents.text import NextState, parse_next_state
+from agents.text import NextState
 from agents.transition import Transition
 from agents.world import World
+from agents.world_model import read_next_state
 from evaluation.metrics import (
     action_match,
     action_match_mean,
     binary_scores,
     next_exit_scores,
+    next_state_f1_difference,
     next_state_f1_micro,
     per_user_mean,
     rmse_mae,
@@ -212,15 +214,6 @@ def state_fields(fields: set[tuple]) -> set[tuple]:
     return {f for f in fields if f[0] != "end"}
 
 
-def _first_state(text: str) -> NextState:
-    kept = []
-    for line in text.splitlines():
-        kept.append(line)
-        if line.startswith("next page:"):
-            break
-    return parse_next_state("\n".join(kept))
-
-
 def next_state(generated: Sequence[str], trs: Sequence[Transition],
                user_mean: Mapping[int, float]) -> dict:
     """World-model F1 on held-out transitions beside a trivial baseline (this page's genres,
@@ -230,8 +223,8 @@ def next_state(generated: Sequence[str], trs: Sequence[Transition],
     base_pairs: dict[str, list] = {k: [] for k in ("all", *kinds)}
     for text_out, tr in zip(generated, trs, strict=True):
         truth = truth_state(tr).fields()
-        pred = _first_state(text_out).fields()
         ends = tr.then == "exit" or tr.at_limit
+        pred = read_next_state(text_out, ends).fields()
         guess = NextState(ratings={s: int(round(user_mean.get(tr.user, 3.5)))
                                    for s in tr.ratings}, ends=ends,
                           genres=[] if ends else sorted({g for v in tr.views
@@ -243,11 +236,17 @@ def next_state(generated: Sequence[str], trs: Sequence[Transition],
                                                                    if f[0] == k}))
         model_pairs["all"].append((state_fields(truth), state_fields(pred)))
         base_pairs["all"].append((state_fields(truth), state_fields(guess)))
-    rows = [{"fields": k, "world_model": next_state_f1_micro(model_pairs[k])["f1"],
-             "baseline_this_page": next_state_f1_micro(base_pairs[k])["f1"]}
-            for k in ("all", *kinds)]
+    rows = []
+    for k in ("all", *kinds):  # the difference's CI resamples the transitions
+        diff = next_state_f1_difference(model_pairs[k], base_pairs[k])
+        rows.append({"fields": k, "world_model": next_state_f1_micro(model_pairs[k])["f1"],
+                     "baseline_this_page": next_state_f1_micro(base_pairs[k])["f1"],
+                     "minus_baseline": diff["difference"], "ci": diff["ci"]})
     return {"rows": rows, "n": len(trs),
             "note": "'all' = ratings, next-page titles and genres (the end flag is given by "
-                    "the action and the page limit); the next page's titles depend on the "
-                    "recommender, which the state does not show, so titles are hard to predict "
-                    "by construction"}
+                    "the action and the page limit, to the world model as to the baseline: "
+                    "after an exit or on the last allowed page no page it writes is read); "
+                    "the next page's titles depend on the recommender, which the state does "
+                    "not show, so titles are hard to predict by construction (a world model "
+                    "trained with --wm-format genres writes the next page's genre mix and no "
+                    "title); the CI of minus_baseline resamples the transitions"}

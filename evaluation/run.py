@@ -164,6 +164,10 @@ class EvaluateRunConfig(BaseModel):
 # run's 200 users, 24 s for the standard preset's 3 (runs/evalD).
 LIST_SECONDS = {False: 0.075, True: 0.135}  # by whether the method runs the world model
 SECONDS_PER_DECISION = 0.19
+# One held-out transition's next state, generated (up to 96 tokens, every transition in one
+# batch): 12 min 52 s and 13 min 20 s for the full preset's 300 with the data set up around
+# them (runs/wmT-200, runs/wmG-200), about 2.2 s each; 1.5 decisions (0.3 s) before.
+NEXT_STATE_SECONDS = 2.2
 SETUP_SECONDS = 20.0
 SETUP_SECONDS_PER_USER = 0.4
 
@@ -187,8 +191,8 @@ def expected_seconds(cfg: EvalConfig, methods: Sequence[str],
         if name == cfg.simulator:
             if "sessions" in needs:
                 decisions += cfg.sim_users * len(cfg.recommenders) * cfg.session_pages * 4
-            if spec.world_model and "next_state" in needs:  # batched: ~0.5 s, 1.5 decisions
-                decisions += cfg.next_state * 1.5
+            if spec.world_model and "next_state" in needs:
+                total += cfg.next_state * NEXT_STATE_SECONDS
         total += decisions * SECONDS_PER_DECISION
     return total
 

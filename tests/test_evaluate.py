@@ -349,6 +349,23 @@ def test_next_state_f1_of_a_perfect_and_an_empty_world_model(bundle: EvalBundle)
     assert empty["all"]["world_model"] == 0.0
 
 
+def test_a_genre_mix_world_model_is_scored_on_what_it_names(bundle: EvalBundle) -> None:
+    """A world model trained with ``--wm-format genres`` that gets ratings, end and genre mix
+    right scores 1 on each of them and 0 on titles, which it never writes; what it generates
+    after its next-page line is not read."""
+    from agents.text import render_next_state
+    from evaluation.micro import next_state
+
+    trs = bundle.pages
+    assert any(tr.next_views for tr in trs)
+    right = [render_next_state(tr.ratings, tr.next_views, "genres")
+             + "[1] rated 1\nnext page genres: Western\n" for tr in trs]
+    res = {r["fields"]: r for r in next_state(right, trs, {})["rows"]}
+    assert res["rating"]["world_model"] == res["end"]["world_model"] == 1.0
+    assert res["genre"]["world_model"] == 1.0 and res["title"]["world_model"] == 0.0
+    assert 0.0 < res["all"]["world_model"] < 1.0
+
+
 def test_unknown_method_is_one_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", "--preset", "quick", "--methods", "zero_shot,telepathy"]) == 2
     err = capsys.readouterr().err

@@ -19,6 +19,7 @@ from evaluation.metrics import (
     explain_scores,
     next_exit_scores,
     next_state_f1,
+    next_state_f1_difference,
     next_state_f1_micro,
     paired_diff_ci,
     per_user_mean,
@@ -71,6 +72,21 @@ def test_next_exit_scores_rewards_no_constant_policy() -> None:
     assert out["accuracy"] == 0.75
     assert out["balanced_accuracy"] == 0.5
     assert out["exit_f1"] == 0.0
+
+
+def test_next_state_f1_difference_is_paired_over_states() -> None:
+    """The pooled F1 difference of two predictors on the same states, with a CI over states
+    resampled together: equal predictors differ by exactly 0 in every resample."""
+    truth = [{("g", "a"), ("g", "b")}, {("g", "c")}, {("r", 1, 4)}]
+    good = [(t, t) for t in truth]
+    half = [(t, set(list(sorted(t))[:1]) | {("g", "x")}) for t in truth]
+    out = next_state_f1_difference(good, half, n_boot=200)
+    assert out["difference"] == pytest.approx(1.0 - next_state_f1_micro(half)["f1"])
+    assert out["ci"][0] <= out["difference"] <= out["ci"][1]
+    assert next_state_f1_difference(half, half, n_boot=50) == {"difference": 0.0,
+                                                               "ci": [0.0, 0.0]}
+    with pytest.raises(ValueError, match="3 states against 2"):
+        next_state_f1_difference(good, half[:2])
 
 
 def test_next_state_f1_hand() -> None:

@@ -135,6 +135,29 @@ def test_next_state_text() -> None:
     assert text.render_next_state({}, None) == "next page: none, the session ends\n"
 
 
+def test_a_genre_mix_next_state_round_trips() -> None:
+    """``--wm-format genres``: the next page is its sorted genre mix, no title; the end of a
+    session reads as in the titles format, and an unknown format is refused."""
+    rendered = text.render_next_state({2: 4}, VIEWS[:2], "genres")
+    assert rendered == ("[2] rated 4\nnext page genres: Action, Animation, Children's, Comedy, "
+                        "Sci-Fi\n")
+    ns = text.parse_next_state(rendered)
+    assert ns.ratings == {2: 4} and ns.titles == [] and not ns.ends
+    assert ns.genres == sorted({g for v in VIEWS[:2] for g in v.genres})
+    assert text.render_next_state({}, None, "genres") == text.render_next_state({}, None)
+    with pytest.raises(ValueError, match="one of titles, genres"):
+        text.render_next_state({}, VIEWS[:1], "posters")
+
+
+def test_a_generated_state_is_read_up_to_its_next_page() -> None:
+    """A model that goes on after the next page writes another state: not this one's."""
+    more = "[1] rated 2\nnext page: Fargo (1996) [Drama]\n"
+    for page in ("next page: Heat (1995) [Action]\n", "next page genres: Action, Drama\n",
+                 "next page: none, the session ends\n"):
+        ns = text.parse_generated_state("[2] rated 5\n" + page + more)
+        assert ns == text.parse_next_state("[2] rated 5\n" + page) and ns.ratings == {2: 5}
+
+
 def test_parse_next_state_tolerates_generated_noise() -> None:
     ns = text.parse_next_state("[1] rated 9\n[2] rated 3  \nblah\n[x] rated 4\n"
                                "next page: Heat (1995) [Action, Crime]; garbage; Fargo [Drama]\n")

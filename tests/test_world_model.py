@@ -8,7 +8,12 @@ import pytest
 from agents import prompts, text
 from agents.llm import tiny_lm
 from agents.scorer import Scorer
-from agents.world_model import expected_ratings, expected_ratings_many
+from agents.world_model import (
+    expected_ratings,
+    expected_ratings_many,
+    predict_next_state,
+    read_next_state,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -55,3 +60,28 @@ def test_expected_ratings_many_equals_one_page_at_a_time() -> None:
     for got, want in zip(expected_ratings_many(plain, pages), many, strict=True):
         assert got == pytest.approx(want, abs=0.011)
     assert plain.calls == len(pages)
+
+
+class _Says:
+    """A generator that always writes the same next state, whatever the prompt."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.prompts = out, []
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, stop: str | None = None) -> str:
+        self.prompts.append(prompt)
+        return self.out
+
+
+def test_the_action_and_the_page_limit_say_when_a_session_ends() -> None:
+    """After an exit, or on a visit's last allowed page, there is no next page whatever the
+    model writes: its ratings are read, its page is not; after next, both are."""
+    wrote = "[2] rated 5\nnext page genres: Action, Drama\n[1] rated 1\n"
+    gen = _Says(wrote)
+    went_on = predict_next_state(gen, "P\n", 3, [2], "next")
+    assert went_on == text.NextState(ratings={2: 5}, genres=["Action", "Drama"])
+    assert gen.prompts[0].endswith(prompts.world_model_tail(text.render_wm_action(3, [2], "next")))
+    for then, last in (("exit", False), ("next", True)):
+        ended = predict_next_state(gen, "P\n", 3, [2], then, last=last)
+        assert ended == text.NextState(ratings={2: 5}, ends=True)
+    assert read_next_state(wrote, ends=True) == text.NextState(ratings={2: 5}, ends=True)

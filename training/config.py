@@ -46,6 +46,11 @@ class TrainConfig(BaseModel):
         "(the base model writes free text; weak at 135M) or chat (--teacher-model writes it)")
     teacher_model: str | None = Field(None, description="teacher chat: PROVIDER:MODEL or "
                                       "pkg.module:factory, as simulate's --chat-model")
+    wm_format: Literal["titles", "genres"] = Field(
+        "titles", description="how stage 1's next state names the next page: titles (each "
+        "item with its genres, as the shipped adapters were trained) or genres (the page's "
+        "genre mix only: the titles depend on the recommender, which the state does not show; "
+        "see README, Training)")
     wm_generate: bool = Field(False, description="also generate each alternative's next page "
                               "with the world model (slow on CPU: ~3 s per alternative)")
     min_history: int = Field(5, ge=0, description="leave out train visits whose person had "

@@ -68,7 +68,8 @@ def _option(key: Key, tr: Transition, expected: Mapping[int, float],
     """An action with the world model's predictions: expected ratings, optionally next page."""
     ns = None
     if generator is not None:
-        ns = predict_next_state(generator, tr.prefix, len(tr.items), key[0], key[1])
+        ns = predict_next_state(generator, tr.prefix, len(tr.items), key[0], key[1],
+                                last=tr.at_limit)
     return Option(watched=key[0], then=key[1], expected={s: expected[s] for s in key[0]},
                   next_state=ns)
 

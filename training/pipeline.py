@@ -272,10 +272,11 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
     result: dict[str, Any] = {}
     balance: dict[str, float] = {}
     cue = cfg.rating_cue
+    wm_pool = [t.wm_example(cfg.wm_format) for t in wm_trs]
     if cfg.stage in ("wm", "all"):
-        result["wm"] = _stage(model, lm, cfg, {"wm": [t.wm_example() for t in wm_trs]},
-                              {"wm": 1.0}, cfg.wm_steps, out / "stage_wm",
-                              [t.wm_example() for t in valid_trs], resume, progress, stop_after)
+        result["wm"] = _stage(model, lm, cfg, {"wm": wm_pool}, {"wm": 1.0}, cfg.wm_steps,
+                              out / "stage_wm", [t.wm_example(cfg.wm_format) for t in valid_trs],
+                              resume, progress, stop_after)
     if cfg.stage == "policy":
         pols, balance = class_balance([e for t in wm_trs
                                        for e in t.policy_examples(rating_cue=cue)])
@@ -285,7 +286,7 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
                                   resume, progress, stop_after)
     if cfg.stage in ("cr", "all"):
         pols, balance = class_balance(_with_predictions(model, lm, wm_trs, cue, progress))
-        pools = {"policy": pols, "wm": [t.wm_example() for t in wm_trs]}
+        pools = {"policy": pols, "wm": wm_pool}
         weights = {"policy": 1.0, "wm": cfg.lambda_wm, "cr": cfg.lambda_cr}
         if cfg.lambda_cr > 0:  # with λ_CR = 0 the reflections would go unused: not generated
             pools["cr"] = _cr_pools(model, lm, cfg, prep, prep.cr, out, progress)
