@@ -266,9 +266,9 @@ def test_a_trained_adapter_is_recalibrated_into_its_manifest(prepared: Prepared,
     with pytest.raises(ValueError, match="no validation sessions"):
         calibrate_checkpoint(bare, out, world_model=False, lm=lm, pages=False)
     # a refit of the page offsets on no pages would reset them to even odds: refused
+    no_pages = dataclasses.replace(prepared, calib=[])
     with pytest.raises(ValueError, match="no calibration pages"):
-        calibrate_checkpoint(dataclasses.replace(prepared, calib=[]), out, world_model=False,
-                             lm=lm)
+        calibrate_checkpoint(no_pages, out, world_model=False, lm=lm)
     # from the command line: one line, exit 2, the manifest untouched
     from training.calibrate import main as calibrate_main
 
@@ -276,6 +276,10 @@ def test_a_trained_adapter_is_recalibrated_into_its_manifest(prepared: Prepared,
     (tmp_path / "bare.pkl").write_bytes(pickle.dumps(bare))
     with pytest.raises(SystemExit) as exc:
         calibrate_main([str(tmp_path / "bare.pkl"), str(out), "--no-pages"])
+    assert exc.value.code == 2 and (out / "manifest.json").read_text() == before
+    (tmp_path / "no_pages.pkl").write_bytes(pickle.dumps(no_pages))
+    with pytest.raises(SystemExit) as exc:
+        calibrate_main([str(tmp_path / "no_pages.pkl"), str(out)])
     assert exc.value.code == 2 and (out / "manifest.json").read_text() == before
 
 

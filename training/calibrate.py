@@ -309,6 +309,17 @@ def session_data(prep: Any) -> tuple[Sequence, Sequence]:
     return getattr(prep, "sessions", ()) or (), getattr(prep, "visits", ()) or ()
 
 
+def prepared_error(prep: Any, *, pages: bool, ratings_only: bool) -> str | None:
+    """Why ``prep`` holds nothing to refit what was asked (None: it does); checked before
+    the model loads, by the command line and ``calibrate_checkpoint`` alike."""
+    if ratings_only:
+        return None if has_ratings(prep.calib) else NO_RATINGS
+    if not pages:
+        return None if all(session_data(prep)) else NO_SESSIONS
+    # a refit on no pages would reset the offsets to even odds
+    return None if prep.calib else NO_PAGES
+
+
 def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool,
                          device: str = "auto", lm: Any = None, lists: bool = True,
                          pages: bool = True, history_bins: int = HISTORY_BINS,
@@ -327,13 +338,9 @@ def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool
     checkpoint = Path(checkpoint)
     path = checkpoint / "manifest.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {}
+    if error := prepared_error(prep, pages=pages, ratings_only=ratings_only):
+        raise ValueError(error)
     sessions, visits = session_data(prep)
-    if not pages and not ratings_only and not (sessions and visits):
-        raise ValueError(NO_SESSIONS)
-    if ratings_only and not has_ratings(prep.calib):
-        raise ValueError(NO_RATINGS)  # before the model loads
-    if pages and not ratings_only and not prep.calib:
-        raise ValueError(NO_PAGES)  # a refit on no pages would reset the offsets to even odds
     lm = lm or load_lm(adapter=checkpoint, device=device)
     scorer = Scorer(lm, cache_size=128)
     old = manifest.get("calibration") or {}
@@ -410,10 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.prepared).is_file():
         ap.error(f"{args.prepared}: no such file")
     prep = read_pickle(args.prepared)
-    if not args.pages and not all(session_data(prep)):
-        ap.error(NO_SESSIONS)
-    if args.ratings_only and not has_ratings(prep.calib):
-        ap.error(NO_RATINGS)
+    if error := prepared_error(prep, pages=args.pages, ratings_only=args.ratings_only):
+        ap.error(error)
     cal = calibrate_checkpoint(prep, args.checkpoint,
                                world_model=args.world_model, device=args.device,
                                lists=args.lists, pages=args.pages,

@@ -272,7 +272,7 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
     result: dict[str, Any] = {}
     balance: dict[str, float] = {}
     cue = cfg.rating_cue
-    wm_pool = [t.wm_example(cfg.wm_format) for t in wm_trs]
+    wm_pool = [t.wm_example(cfg.wm_format) for t in wm_trs] if cfg.stage != "policy" else []
     if cfg.stage in ("wm", "all"):
         result["wm"] = _stage(model, lm, cfg, {"wm": wm_pool}, {"wm": 1.0}, cfg.wm_steps,
                               out / "stage_wm", [t.wm_example(cfg.wm_format) for t in valid_trs],
