@@ -27,6 +27,7 @@ from alignuser.simulate_flags import (
     resumed_config,
     simulate_config,
 )
+from training.config import validation_line
 
 console = Console()
 
@@ -236,25 +237,6 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     else:
         errors.append(GraphRecursionError)
     return tuple(errors)
-
-
-def _flag(loc: tuple[int | str, ...]) -> str:
-    """A pydantic error location as the flag that set it: ('data', 'dataset') -> --dataset."""
-    names = [str(part) for part in loc if isinstance(part, str)]
-    return "--" + names[-1].replace("_", "-") if names else ""
-
-
-def validation_line(exc: ValidationError) -> str:
-    """Every field error of a config on one line, named by its flag and the value given."""
-    parts = []
-    for err in exc.errors():
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        msg = msg[:1].lower() + msg[1:]
-        value = err.get("input")
-        given = f" {value}" if isinstance(value, int | float | str) else ""
-        head = f"{_flag(err['loc'])}{given}".strip()
-        parts.append(f"{head}: {msg}" if head else msg)
-    return "; ".join(parts)
 
 
 def error_line(exc: BaseException) -> str:

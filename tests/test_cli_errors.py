@@ -156,3 +156,32 @@ def test_pages_33_fit_the_recursion_limit() -> None:
                    context=run_context(rt))
     session = run_agent(app, rt, "pop", 1)
     assert len(session.pages) == 33 and session.end == "max_pages"
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--wm-format", "posters"], "--wm-format posters: input should be 'titles' or 'genres'"),
+    (["--lr", "fast"], "--lr fast: input should be a valid number, unable to parse string as a "
+     "number"),
+])
+def test_fit_prepared_refuses_a_bad_value_in_one_line(
+        argv: list[str], expect: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The training entry point for another machine names a bad TrainConfig value as the front
+    door does, before it reads the prepared file (which does not exist here)."""
+    from training.fit_prepared import main as fit_main
+
+    with pytest.raises(SystemExit) as exc:
+        fit_main([str(tmp_path / "prep.pkl"), str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"python -m training.fit_prepared: error: {expect}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_fit_prepared_names_a_missing_prepared_file(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from training.fit_prepared import main as fit_main
+
+    with pytest.raises(SystemExit) as exc:
+        fit_main([str(tmp_path / "prep.pkl"), str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "prep.pkl: no such file" in capsys.readouterr().err.strip().splitlines()[-1]

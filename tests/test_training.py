@@ -94,6 +94,24 @@ def test_a_few_steps_lower_the_loss(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoint" / "adapter_model.safetensors").is_file()  # final save
 
 
+def test_saving_an_adapter_asks_no_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adapters record their base as "default", which is no local folder: PEFT's default save
+    then asks the Hub whether "default/config.json" exists. Every save of training says it
+    keeps no embedding layers instead, so a save makes no network call."""
+    def online(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an adapter save asked the Hub")
+
+    monkeypatch.setattr("peft.utils.save_and_load.check_file_exists_on_hf_hub", online)
+    model, lm = peft_lm()
+    model.peft_config["default"].base_model_name_or_path = "default"
+    cfg = TrainConfig(batch_size=2, max_len=512, lr=1e-2, warmup=1, save_every=1)
+    train_loop(model, lm.tokenizer, {"policy": EXAMPLES}, {"policy": 1.0}, steps=2,
+               out_dir=tmp_path, cfg=cfg, progress=False)
+    assert (tmp_path / "checkpoint" / "adapter_model.safetensors").is_file()
+    with pytest.raises(AssertionError, match="asked the Hub"):  # what the default save does
+        model.save_pretrained(tmp_path / "plain")
+
+
 def test_a_stage_ends_with_its_best_validation_weights(tmp_path: Path) -> None:
     model, lm = peft_lm()
     losses = iter([5.0, 3.0, 1.0, 2.0])  # validation at steps 0, 2, 4, 6: the best is step 4's

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -126,7 +126,7 @@ class TrainConfig(BaseModel):
 def config_flags(parser, model: type[BaseModel]) -> None:
     """One flag per field of ``model``, with its help text and default (one source of both)."""
     for name, field in model.model_fields.items():
-        flag = "--" + name.replace("_", "-")
+        flag = flag_of((name,))
         if field.annotation is bool:
             parser.add_argument(flag, action="store_true", help=field.description)
         else:
@@ -138,3 +138,23 @@ def parse_config(model: type[BaseModel], args) -> BaseModel:
     given = {k: v for k, v in vars(args).items()
              if k in model.model_fields and v not in (None, False)}
     return model.model_validate(given)
+
+
+def flag_of(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as the flag that set it: ('data', 'dataset') -> --dataset."""
+    names = [str(part) for part in loc if isinstance(part, str)]
+    return "--" + names[-1].replace("_", "-") if names else ""
+
+
+def validation_line(exc: ValidationError) -> str:
+    """Every field error of a config on one line, named by its flag and the value given: the
+    front door and ``python -m training.fit_prepared`` print the same line."""
+    parts = []
+    for err in exc.errors():
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        msg = msg[:1].lower() + msg[1:]
+        value = err.get("input")
+        given = f" {value}" if isinstance(value, int | float | str) else ""
+        head = f"{flag_of(err['loc'])}{given}".strip()
+        parts.append(f"{head}: {msg}" if head else msg)
+    return "; ".join(parts)

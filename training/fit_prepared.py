@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from simulator.runs import read_pickle
-from training.config import TrainConfig, config_flags, parse_config
+from training.config import TrainConfig, config_flags, parse_config, validation_line
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m training.fit_prepared", description=__doc__)
     ap.add_argument("prepared", help="file written by alignuser train --prepare-only")
     ap.add_argument("output", help="folder for the adapter and manifest")
     ap.add_argument("--resume", action="store_true")
@@ -23,7 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from training.pipeline import fit
 
-    cfg = parse_config(TrainConfig, args)
+    try:
+        cfg = parse_config(TrainConfig, args)
+    except ValidationError as exc:  # one line, as the front door prints it, before any load
+        ap.error(validation_line(exc))
+    if not Path(args.prepared).is_file():
+        ap.error(f"{args.prepared}: no such file (write one with alignuser train --prepare-only)")
     prep = read_pickle(args.prepared)
     manifest = fit(cfg, prep, Path(args.output), resume=args.resume)
     print(manifest["final_losses"], manifest["calibration"])

@@ -30,7 +30,7 @@ from training.config import LORA_TARGETS, TrainConfig
 from training.counterfactual import build_counterfactual, reflection_record
 from training.rollout import class_balance, fingerprint
 from training.teacher import make_teacher
-from training.trainer import train_loop, validation_loss
+from training.trainer import save_lora, train_loop, validation_loss
 
 
 @dataclass
@@ -336,7 +336,7 @@ def _save_adapter(model, out: Path, cfg: TrainConfig) -> None:
     """The adapter in ``cfg.save_dtype`` (bf16 halves the file; weights are cast on load)."""
     import torch
 
-    model.save_pretrained(out)
+    save_lora(model, out)
     if cfg.save_dtype == "bfloat16":
         from safetensors.torch import load_file, save_file
 

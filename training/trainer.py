@@ -98,10 +98,18 @@ def _lr(step: int, total: int, base: float, warmup: int, spent: float = 0.0) -> 
 NOTHING_SPENT = {"seconds": 0.0, "tokens": 0}
 
 
+def save_lora(model, folder: Path) -> None:
+    """The adapter's weights only. PEFT's default ("auto") asks the Hub for the base model's
+    config.json whenever the recorded base is not a local folder (ours is "default"), a network
+    call on every save; no adapter here resizes or trains the embeddings, so there is nothing
+    to ask."""
+    model.save_pretrained(folder, save_embedding_layers=False)
+
+
 def _save(model, opt, ckpt: Path, step: int, history: list[dict], spent: dict) -> None:
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
+    save_lora(model, tmp)
     torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()},
                tmp / "trainer_state.pt")
     (tmp / "progress.json").write_text(json.dumps({"step": step, "history": history,
@@ -168,7 +176,7 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
         model.train()
         if rec["valid"] < best:
             best, bad = rec["valid"], 0
-            model.save_pretrained(out_dir / "best")
+            save_lora(model, out_dir / "best")
         else:
             bad += 1
 
