@@ -32,7 +32,14 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from agents import prompts, text
-from agents.policy import Decision, DecisionInput, decision_rng, expected_value, score_many
+from agents.policy import (
+    Decision,
+    DecisionInput,
+    OptionScorer,
+    decision_rng,
+    expected_value,
+    score_many,
+)
 from agents.world_model import expected_ratings_many
 from simulator.env import PageAction
 
@@ -144,6 +151,14 @@ def _prefix(inp: DecisionInput) -> str:
     return prompts.prefix(inp.persona_text, inp.page_text)
 
 
+def with_predictions(scorer: OptionScorer, inputs: Sequence[DecisionInput]
+                     ) -> list[DecisionInput]:
+    """``inputs`` with the world model's expected rating per slot in their context, as the
+    full agent decides (and as training's rating refit and the rating bench read them)."""
+    preds = expected_ratings_many(scorer, [(_prefix(i), len(i.items)) for i in inputs])
+    return [i.model_copy(update={"predictions": p}) for i, p in zip(inputs, preds, strict=True)]
+
+
 def _pick(logps: Sequence[float], temperature: float, rng: np.random.Generator) -> tuple[int,
                                                                                          list]:
     lp = np.asarray(logps, dtype=float)
@@ -203,11 +218,7 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
     cal = calibration or Calibration()
     rule_offset, then_open, then_last = cal.rule(temperature)
     offset = rule_offset if watch_offset is None else watch_offset
-    inputs = list(inputs)
-    if world_model:
-        preds = expected_ratings_many(scorer, [(_prefix(i), len(i.items)) for i in inputs])
-        inputs = [i.model_copy(update={"predictions": p}) for i, p in zip(inputs, preds,
-                                                                         strict=True)]
+    inputs = with_predictions(scorer, inputs) if world_model else list(inputs)
     tails = [prompts.policy_tail(text.render_predictions(i.predictions)) for i in inputs]
     watch = score_many(scorer, [
         (_prefix(i), [(tail + i.cue(s), text.slot_line(s, c)) for s in range(1, len(i.items) + 1)

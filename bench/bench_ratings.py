@@ -31,7 +31,7 @@ from bench_population import table
 from rich.console import Console
 from sklearn.linear_model import LinearRegression
 
-from agents.decide import Calibration, rating_expectations
+from agents.decide import Calibration, rating_expectations, with_predictions
 from agents.transition import Transition
 from agents.world import World, load_world
 from evaluation.run import EvalConfig, held_out_pages
@@ -86,18 +86,15 @@ def adapter_ratings(adapter: str, pages: list[Transition], world_model: bool,
     """The adapter's expected rating of each watched slot after the human's action."""
     from agents.llm import load_lm
     from agents.scorer import Scorer
-    from agents.world_model import expected_ratings_many
 
     scorer = Scorer(load_lm(adapter=adapter, device="cpu"), cache_size=256)
-    inputs = [tr.decision_input() for tr in pages]
-    if world_model:
-        preds = []
-        for k in range(0, len(inputs), 50):
-            preds += expected_ratings_many(scorer, [(tr.prefix, len(tr.items))
-                                                    for tr in pages[k:k + 50]])
+    plain = [tr.decision_input() for tr in pages]
+    inputs = plain
+    if world_model:  # 50 pages at a time, the scorer's cache emptied between them
+        inputs = []
+        for k in range(0, len(plain), 50):
+            inputs += with_predictions(scorer, plain[k:k + 50])
             scorer.clear()
-        inputs = [i.model_copy(update={"predictions": p})
-                  for i, p in zip(inputs, preds, strict=True)]
     human = [tr.human_action() for tr in pages]
     out = rating_expectations(scorer, inputs, human, chunk=50, calibration=cal)
     return [o[s] for tr, o in zip(pages, out, strict=True) for s in tr.ratings]

@@ -18,9 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from agents.browse import fit_rating_scale, rating_rmse, tilt_to_mean
-from agents.decide import Calibration, rating_logps
+from agents.decide import Calibration, rating_logps, with_predictions
 from agents.transition import Transition
-from agents.world_model import expected_ratings_many
 
 FORMATS = ("trained", "cue", "plain", "best")
 NO_RATINGS = ("the prepared file's validation pages hold no rated item to fit ratings on: write "
@@ -45,9 +44,7 @@ def rating_data(scorer, trs: Sequence[Transition], cues: Sequence[bool], world_m
         part = rated[k:k + chunk]
         inputs = [t.decision_input() for t in part]
         if world_model:
-            preds = expected_ratings_many(scorer, [(t.prefix, len(t.items)) for t in part])
-            inputs = [i.model_copy(update={"predictions": p})
-                      for i, p in zip(inputs, preds, strict=True)]
+            inputs = with_predictions(scorer, inputs)
         for cue, (logps, humans) in out.items():
             pages = rating_logps(scorer, inputs, [t.human_action() for t in part], chunk=chunk,
                                  rating_cue=cue)
