@@ -170,6 +170,27 @@ def test_a_stage_cut_by_its_budget_validates_its_last_step(tmp_path: Path) -> No
     assert (tmp_path / "loss_curve.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("stop", ["budget", "patience"])
+def test_a_stage_that_stopped_early_resumes_as_stopped(tmp_path: Path, stop: str) -> None:
+    """A stage ended by its time budget or its patience, then run again with ``--resume``
+    (say, after a crash in the calibration that follows), keeps its steps and its best weights:
+    the budget counts the seconds already spent and patience the checks since the best."""
+    losses = iter([2.0, 1.0, 1.5, 1.6, 1.7, 1.8])
+    extra = {"time_budget_s": 1e-9} if stop == "budget" else {"patience": 2, "eval_every": 1}
+    cfg = TrainConfig(batch_size=2, max_len=512, lr=1e-2, warmup=1, save_every=1, **extra)
+    kw: dict[str, Any] = dict(out_dir=tmp_path, cfg=cfg, validate=lambda: next(losses),
+                              progress=False)
+    model, lm = peft_lm()
+    first = train_loop(model, lm.tokenizer, {"policy": EXAMPLES}, {"policy": 1.0}, 100, **kw)
+    assert first["steps"] == (1 if stop == "budget" else 3) and first["kept_step"] == 1
+    model, lm = peft_lm()
+    again = train_loop(model, lm.tokenizer, {"policy": EXAMPLES}, {"policy": 1.0}, 100,
+                       resume=True, **kw)
+    assert again["steps"] == first["steps"] and again["history"] == first["history"]
+    assert again["kept_step"] == 1 and again["best_valid"] == 1.0
+    assert again["seconds"] >= first["seconds"]
+
+
 def _lora_state(model: Any) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 

@@ -163,10 +163,22 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
     ckpt = out_dir / "checkpoint"
     start, history, before = (_load(model, opt, ckpt) if resume and ckpt.exists()
                               else (0, [], NOTHING_SPENT))
-    best = min((h["valid"] for h in history if "valid" in h), default=float("inf"))
-    bad = 0
-    # The clock starts before the step-0 validation: it is part of what the stage costs.
+    valids = [h["valid"] for h in history if "valid" in h]
+    best = min(valids, default=float("inf"))
+    bad = len(valids) - 1 - valids.index(best) if valids else 0  # checks since the best
+    # The clock starts before the step-0 validation: it is part of what the stage costs. A
+    # resumed stage goes on with the seconds it had spent, so its budget, its learning rate's
+    # decay and its patience read as in one uninterrupted run.
     t0, tokens = time.perf_counter(), 0
+
+    def used() -> float:
+        return before["seconds"] + time.perf_counter() - t0
+
+    def spent_out() -> bool:
+        return time_budget is not None and used() > time_budget
+
+    # A stage that had already stopped on its budget or its patience does not train on.
+    ended = start > 0 and (spent_out() or (validate is not None and bad >= patience))
 
     def check(rec: dict) -> None:
         """Validate the weights as they are now; keep them in ``best/`` when they are best."""
@@ -191,11 +203,11 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
     model.train()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", disable=not progress)
     for step in bar:
-        if stop_after is not None and step >= stop_after:
+        if ended or (stop_after is not None and step >= stop_after):
             break
         examples = sched.batch(step)
         began = time.perf_counter()
-        spent = (began - t0) / time_budget if time_budget else 0.0
+        spent = used() / time_budget if time_budget else 0.0
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warmup, spent)
         losses, pushed, margins = packed_losses(model, tokenizer, examples, max_len, pack,
@@ -218,7 +230,7 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
             rec[f"loss_{kind}"] = round(float(losses[sel].detach().mean()), 4)
         if ranked is not None:
             rec["loss_pair"] = round(float(ranked.detach()), 4)
-        over = time_budget is not None and time.perf_counter() - t0 > time_budget
+        over = spent_out()
         # A stage's last step is validated too, so one cut by its budget before its first
         # ``eval_every`` does not end on weights nobody checked.
         if validate is not None and ((step + 1) % eval_every == 0 or step + 1 == steps or over):
@@ -228,14 +240,13 @@ def train_loop(model, tokenizer, pools: Mapping[str, Sequence[Example]],
         bar.set_postfix(loss=rec["loss"], tok_s=f"{tps:.0f}")
         if (step + 1) % save_every == 0 or step + 1 == steps or over:
             _save(model, opt, ckpt, step + 1, history,
-                  {"seconds": before["seconds"] + time.perf_counter() - t0,
-                   "tokens": before["tokens"] + tokens})
+                  {"seconds": used(), "tokens": before["tokens"] + tokens})
         if over or (validate is not None and bad >= patience):
             break
     model.eval()
     kept = _keep_best(model, out_dir / "best", history)
     # Time and tokens add up over interrupted runs, so a resumed stage reports its whole cost.
-    elapsed = before["seconds"] + time.perf_counter() - t0
+    elapsed = used()
     tokens += before["tokens"]
     return {"steps": history[-1]["step"] if history else 0, "history": history,
             "best_valid": None if best == float("inf") else best, "kept_step": kept,
