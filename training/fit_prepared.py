@@ -23,14 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true")
     config_flags(ap, TrainConfig)
     args = ap.parse_args(argv)
-    from training.pipeline import fit
-
     try:
         cfg = parse_config(TrainConfig, args)
     except ValidationError as exc:  # one line, as the front door prints it, before any load
         ap.error(validation_line(exc))
     if not Path(args.prepared).is_file():
         ap.error(f"{args.prepared}: no such file (write one with alignuser train --prepare-only)")
+    from training.pipeline import fit  # torch and transformers: only once the flags hold
+
     prep = read_pickle(args.prepared)
     manifest = fit(cfg, prep, Path(args.output), resume=args.resume)
     print(manifest["final_losses"], manifest["calibration"])
