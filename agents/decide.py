@@ -62,7 +62,7 @@ class Calibration(BaseModel):
     sampled_then_offset: float | None = Field(
         None, description="next/exit offset when sampled, before the page limit: fitted on "
         "validation users' sessions on recommenders' pages, so they last as long as validation "
-        "visits (training.calibrate.session_offsets), or on pages as then_offset is; None = "
+        "visits (training.session_offsets.session_offsets), or on pages as then_offset is; None = "
         "then_offset")
     last_then_offset: float | None = Field(
         None, description="next/exit offset on a visit's last allowed page, where both end the "

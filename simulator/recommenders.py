@@ -42,7 +42,7 @@ from lenskit.training import TrainingOptions
 RECOMMENDERS: tuple[str, ...] = ("random", "pop", "itemknn", "userknn", "als", "bpr", "ease")
 SELECTION: tuple[str, ...] = ("pop", "itemknn", "userknn", "als", "bpr")
 """The recommenders an evaluation ranks by default, and those whose sessions fit the sampled
-exit offset (``training.calibrate.session_offsets``)."""
+exit offset (``training.session_offsets.session_offsets``)."""
 KNN_NEIGHBOURS = 20
 ALS_FACTORS = 50
 EASE_REGULARIZATION = 1000.0

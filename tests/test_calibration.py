@@ -288,8 +288,8 @@ def test_session_offsets_fit_the_visits_lengths(small_world: World, scorer: Scor
     the no-exit browse, and its exit scores are the no-exit ones shifted by the offsets."""
     from agents.browse import browse
     from simulator.recommenders import SELECTION
-    from training.calibrate import session_offsets
     from training.pipeline import validation_sessions
+    from training.session_offsets import session_offsets
 
     valid = small_world.trajectories("valid", users=sorted(small_world.histories)[:8],
                                      progress=False)
