@@ -15,6 +15,7 @@ from simulator.split import Split, make_split
 if TYPE_CHECKING:
     from agents.scorer import Scorer
     from agents.world import World
+    from training.pipeline import Prepared
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -50,6 +51,19 @@ def quick_bundle(small_world: World):
     from evaluation.run import EvalConfig, build_bundle
 
     return build_bundle(small_world, EvalConfig.quick())
+
+
+@pytest.fixture(scope="session")
+def prepared(small_world: World) -> Prepared:
+    """A small prepared training file of ``small_world``: train, counterfactual, validation
+    and calibration transitions, validation lists and sessions."""
+    from training.config import TrainConfig
+    from training.pipeline import prepare, train_data
+
+    cfg = TrainConfig(wm_transitions=30, cr_transitions=10, valid_examples=5,
+                      calibration_pages=12, calibration_lists=6, calibration_sessions=2,
+                      seed=0)
+    return prepare(cfg, train_data(small_world, cfg))
 
 
 TINY_GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]
