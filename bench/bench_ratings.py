@@ -13,7 +13,10 @@ train split (``simulator.offline.rating_predictions``); and, with ``--adapter``,
 expected rating after the human's action, as evaluation reads it (``agents.decide
 .rating_expectations``, with the manifest's rating tilt), in the rating format it was trained
 on and, with ``--formats``, in the other one too (an adapter trained without the rating cue,
-shown it untrained; read without a tilt).
+shown it untrained; read without a tilt). With ``--world-model`` it also shows what the world
+model's expectations put into the prompt carry, beside the item-kNN rating of the cues: their
+error on the watched items, their spread within a page and how well they tell the watched
+slots from the skipped (AUC).
 
     python bench/bench_ratings.py [--adapter DIR [--world-model] [--formats trained,cue,plain]]
                                   [--shrinks 0,0.25,0.5,1,2]
@@ -30,6 +33,7 @@ import pandas as pd
 from bench_population import table
 from rich.console import Console
 from sklearn.linear_model import LinearRegression
+from sklearn.metrics import roc_auc_score
 
 from agents.decide import Calibration, rating_expectations, with_predictions
 from agents.transition import Transition
@@ -82,8 +86,9 @@ def rmse(pred, y) -> float:
 
 
 def adapter_ratings(adapter: str, pages: list[Transition], world_model: bool,
-                    cal: Calibration) -> list[float]:
-    """The adapter's expected rating of each watched slot after the human's action."""
+                    cal: Calibration) -> tuple[list[float], list[dict[int, float]]]:
+    """The adapter's expected rating of each watched slot after the human's action, and (with
+    ``world_model``) the world model's expectations of every slot put into the prompt."""
     from agents.llm import load_lm
     from agents.scorer import Scorer
 
@@ -97,7 +102,32 @@ def adapter_ratings(adapter: str, pages: list[Transition], world_model: bool,
             scorer.clear()
     human = [tr.human_action() for tr in pages]
     out = rating_expectations(scorer, inputs, human, chunk=50, calibration=cal)
-    return [o[s] for tr, o in zip(pages, out, strict=True) for s in tr.ratings]
+    return ([o[s] for tr, o in zip(pages, out, strict=True) for s in tr.ratings],
+            [dict(i.predictions) for i in inputs] if world_model else [])
+
+
+def expectation_rows(world: World, pages: list[Transition],
+                     predictions: list[dict[int, float]]) -> list[list[str]]:
+    """What the world model's expectations carry, beside the item-kNN rating the agent reads in
+    its cues (the person's mean where it has none): a prompt line that is nearly the same for
+    every slot of a page can tell the policy little about which item to watch."""
+    raters = {"world model's expectation": [[p[s] for s in range(1, len(tr.items) + 1)]
+                                            for tr, p in zip(pages, predictions, strict=True)]}
+    means = [world.profiles[tr.user].rating_mean or 3.5 for tr in pages]
+    raters["item-kNN rating as perceived"] = [
+        [m if v.likely_rating is None else v.likely_rating for v in tr.views]
+        for tr, m in zip(pages, means, strict=True)]
+    watched = [int(s in tr.ratings) for tr in pages for s in range(1, len(tr.items) + 1)]
+    y = np.asarray([r for tr in pages for r in tr.ratings.values()], float)
+    rows = []
+    for name, per_page in raters.items():
+        flat = np.asarray([x for page in per_page for x in page], float)
+        given = np.asarray([page[s - 1] for tr, page in zip(pages, per_page, strict=True)
+                            for s in tr.ratings], float)
+        rows.append([name, f"{rmse(given, y):.4f}", f"{np.corrcoef(given, y)[0, 1]:.4f}",
+                     f"{np.mean([np.std(page) for page in per_page]):.4f}",
+                     f"{roc_auc_score(watched, flat):.4f}"])
+    return rows
 
 
 def main() -> None:
@@ -128,7 +158,7 @@ def main() -> None:
     _, valid = held_out_pages(world, cfg, "valid")
     te, va = frame(world, test), frame(world, valid)
     y = te["rating"].to_numpy()
-    rows = []
+    rows, expectations = [], []
     for name, cols in GROUPS.items():
         fit = LinearRegression().fit(va[cols], va["rating"])
         rows.append({"rater": f"regression: {name}", "RMSE": rmse(fit.predict(te[cols]), y)})
@@ -145,8 +175,9 @@ def main() -> None:
             # Tilt and sharpness were fitted in the calibrated format: another is read as it is.
             rates = cal if cue == trained else Calibration(rating_cue=cue)
             tilt, sharp = rates.rating_tilt, rates.rating_sharpness
-            pred = np.asarray(adapter_ratings(args.adapter, [t for t in test if t.ratings],
-                                              args.world_model, rates))
+            rated = [t for t in test if t.ratings]
+            pred, expectations = adapter_ratings(args.adapter, rated, args.world_model, rates)
+            pred = np.asarray(pred)
             rows.append({"rater": f"adapter, {'cue' if cue else 'plain'}"
                                   f"{' (calibrated)' if cue == trained else ''}"
                                   f"{f', tilt {tilt:+.2f}' if tilt else ''}"
@@ -160,6 +191,13 @@ def main() -> None:
         f"users' validation pages, {va['rating'].mean():.2f} on average; train ratings "
         f"{world.split.train['rating'].mean():.2f})", cols,
         [[r["rater"], *(f"{r[c]:.4f}" if c in r else "" for c in cols[1:])] for r in rows]))
+    if expectations:
+        Console().print(table(
+            f"The world model's expectations in the prompt, on the {len(rated)} test pages "
+            "with a watch: error and correlation on the watched items, spread within a page, "
+            "AUC of watched against skipped slots",
+            ["rater", "RMSE", "corr", "sd within a page", "AUC watched"],
+            expectation_rows(world, rated, expectations)))
     if shrinks:
         srows = shrink_rows(world, {"valid": va, "test": te}, shrinks)
         Console().print(table("The kNN rating's RMSE by shrinkage (choose on valid)",
