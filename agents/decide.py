@@ -27,6 +27,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -93,6 +94,10 @@ class Calibration(BaseModel):
     rating_cue: bool = Field(False, description="the adapter was trained with each rating "
                              "line after its own cue line (agents.text.rating_cue) and is "
                              "scored so; adapters trained before rate after the choices alone")
+    wm_format: Literal["titles", "genres"] = Field(
+        "titles", description="the format its world model writes the next page in (the "
+        "training config's wm_format, not fitted): its next states are decoded in it "
+        "(agents.world_model.generate_next_states)")
 
     def history_shift(self, history: int | None) -> float:
         """The watch offset's change for a person with ``history`` ratings."""
@@ -138,13 +143,16 @@ class Calibration(BaseModel):
 
     @classmethod
     def of_checkpoint(cls, path: str | Path | None) -> Calibration:
-        """The calibration in ``path/manifest.json``; none (all zero) when absent."""
+        """The calibration in ``path/manifest.json``; none (all zero) when absent. The world
+        model's format comes from the training config beside it."""
         if path is None:
             return cls()
         manifest = Path(path) / "manifest.json"
         if not manifest.is_file():
             return cls()
-        return cls.model_validate(json.loads(manifest.read_text()).get("calibration") or {})
+        data = json.loads(manifest.read_text())
+        fmt = (data.get("config") or {}).get("wm_format") or "titles"
+        return cls.model_validate({**(data.get("calibration") or {}), "wm_format": fmt})
 
 
 def _prefix(inp: DecisionInput) -> str:

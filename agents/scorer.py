@@ -339,16 +339,18 @@ class Scorer:
         return scores
 
     def generate_many(self, prompts: Sequence[str], max_new_tokens: int = 64,
-                      batch: int | None = None, fresh: bool = True) -> list[str]:
+                      batch: int | None = None, fresh: bool = True,
+                      stop: str | None = None) -> list[str]:
         """Greedy decoding of many prompts (free-text parts, e.g. the world model's next page),
         ``batch`` prompts of any lengths per batch (default: the scorer's row limit); each
-        output stops at EOS or the token budget (``agents.generation``).
+        output stops at EOS, the token budget or ``stop`` (excluded; ``agents.generation``).
 
         ``fresh`` computes every prompt from scratch, so the texts depend on the prompts alone:
         in bf16 a prompt extended from a cached persona sums in another order than the same
         prompt computed whole, and one greedy near-tie read the other way changes the rest of
         the text (7 of 16 next pages changed with a warm cache; two cold runs agree)."""
-        return greedy_many(self, prompts, max_new_tokens, batch or self.max_rows, fresh=fresh)
+        return greedy_many(self, prompts, max_new_tokens, batch or self.max_rows, stop,
+                           fresh=fresh)
 
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: str | None = None) -> str:
         """Greedy decoding for free-text parts; stops at EOS, at ``stop`` (excluded) or at

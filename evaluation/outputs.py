@@ -28,6 +28,7 @@ from agents.decide import Calibration, decide_chunked, rating_expectations
 from agents.perception import Perceiver
 from agents.policy import DEFAULT_TEMPERATURE
 from agents.transition import Transition
+from agents.world_model import generate_next_states
 from simulator.sessions import PageRecord, SessionRecord
 
 
@@ -108,8 +109,11 @@ def answer_rows(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundle, 
     if kind == "pages":
         return _page_answers(spec, scorer, cal, rows, progress)
     if kind == "next_state":
-        return scorer.generate_many([tr.prefix + prompts.world_model_tail(text.render_wm_action(
-            len(tr.items), sorted(tr.ratings), tr.then)) for tr in rows], max_new_tokens=96)
+        return generate_next_states(
+            lambda ps, n, stop: scorer.generate_many(ps, max_new_tokens=n, stop=stop),
+            [tr.prefix + prompts.world_model_tail(text.render_wm_action(
+                len(tr.items), sorted(tr.ratings), tr.then)) for tr in rows],
+            [tr.then == "exit" or tr.at_limit for tr in rows], cal.wm_format)
     runs = browse(scorer, bundle.perceiver, bundle.personas, bundle.histories, rows,
                   world_model=spec.world_model, evidence=spec.evidence, calibration=cal,
                   exits=True, temperature=temperature, seed=seed, progress=progress)

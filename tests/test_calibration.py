@@ -49,6 +49,11 @@ def test_calibration_round_trips_through_the_manifest(tmp_path: Path) -> None:
     assert Calibration().list_offset is None
     assert Calibration.of_checkpoint(tmp_path).rating_cue  # the adapter's rating format
     assert not Calibration().rating_cue  # adapters from before it rate without cues
+    # The world model's format is the training config's, not a fitted number.
+    assert Calibration.of_checkpoint(tmp_path).wm_format == "titles"
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest,
+                                                        "config": {"wm_format": "genres"}}))
+    assert Calibration.of_checkpoint(tmp_path) == cal.model_copy(update={"wm_format": "genres"})
 
 
 def test_the_rating_tilt_changes_the_ratings_decided(small_world: World, scorer: Scorer

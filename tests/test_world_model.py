@@ -11,6 +11,7 @@ from agents.scorer import Scorer
 from agents.world_model import (
     expected_ratings,
     expected_ratings_many,
+    generate_next_states,
     predict_next_state,
     read_next_state,
 )
@@ -62,26 +63,58 @@ def test_expected_ratings_many_equals_one_page_at_a_time() -> None:
     assert plain.calls == len(pages)
 
 
-class _Says:
-    """A generator that always writes the same next state, whatever the prompt."""
+class _Model:
+    """A generator that writes ``first`` after the action and ``page`` after a page line's
+    stem, cut at ``stop`` as greedy decoding is."""
 
-    def __init__(self, out: str) -> None:
-        self.out, self.prompts = out, []
+    def __init__(self, first: str, page: str) -> None:
+        self.first, self.page, self.prompts = first, page, []
 
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: str | None = None) -> str:
         self.prompts.append(prompt)
-        return self.out
+        out = self.page if prompt.endswith((text.NEXT_GENRES, "next page: ")) else self.first
+        return out.split(stop)[0] if stop else out
 
 
 def test_the_action_and_the_page_limit_say_when_a_session_ends() -> None:
-    """After an exit, or on a visit's last allowed page, there is no next page whatever the
-    model writes: its ratings are read, its page is not; after next, both are."""
-    wrote = "[2] rated 5\nnext page genres: Action, Drama\n[1] rated 1\n"
-    gen = _Says(wrote)
-    went_on = predict_next_state(gen, "P\n", 3, [2], "next")
+    """After an exit, or on a visit's last allowed page, there is no next page: its ratings are
+    read and the end is written for the model. After next, the page line's stem is written
+    in the adapter's format and the model goes on from it, so a model that would write the
+    session's end there (as greedy decoding did) still names the next page."""
+    gen = _Model("[2] rated 5\nnext page: none, the session ends\n", "Action, Drama\n[1] rated 1\n")
+    went_on = predict_next_state(gen, "P\n", 3, [2], "next", page_format="genres")
     assert went_on == text.NextState(ratings={2: 5}, genres=["Action", "Drama"])
-    assert gen.prompts[0].endswith(prompts.world_model_tail(text.render_wm_action(3, [2], "next")))
+    tail = prompts.world_model_tail(text.render_wm_action(3, [2], "next"))
+    assert gen.prompts == ["P\n" + tail, "P\n" + tail + "[2] rated 5\n" + text.NEXT_GENRES]
+    titles = predict_next_state(gen, "P\n", 3, [2], "next")  # the shipped adapters' format
+    assert gen.prompts[-1].endswith("[2] rated 5\nnext page: ") and not titles.ends
     for then, last in (("exit", False), ("next", True)):
-        ended = predict_next_state(gen, "P\n", 3, [2], then, last=last)
+        asked = len(gen.prompts)
+        ended = predict_next_state(gen, "P\n", 3, [2], then, last=last, page_format="genres")
         assert ended == text.NextState(ratings={2: 5}, ends=True)
+        assert len(gen.prompts) == asked + 1  # the ratings only: no page is asked for
+    wrote = "[2] rated 5\nnext page genres: Action, Drama\n[1] rated 1\n"
     assert read_next_state(wrote, ends=True) == text.NextState(ratings={2: 5}, ends=True)
+    with pytest.raises(ValueError, match="posters"):
+        generate_next_states(lambda ps, n, stop: ps, ["P\n"], [False], "posters")
+
+
+def test_next_states_decode_in_batches_as_one_by_one() -> None:
+    """The batched decoder (two calls for any number of transitions) writes what each
+    transition's own decoding writes."""
+    scorer = Scorer(tiny_lm(), cache_size=0)
+    tails = [prompts.world_model_tail(text.render_wm_action(3, w, then))
+             for w, then in (([1], "next"), ([2, 3], "exit"), ([], "next"))]
+    prompts_ = ["Persona.\nPage 1.\n" + t for t in tails]
+    ends = [False, True, False]
+    calls: list[int] = []
+
+    def many(ps: list[str], n: int, stop: str | None) -> list[str]:
+        calls.append(len(ps))
+        return scorer.generate_many(ps, max_new_tokens=n, stop=stop)
+
+    batched = generate_next_states(many, prompts_, ends, "genres", max_new_tokens=12)
+    assert calls == [3, 2]
+    for p, e, b in zip(prompts_, ends, batched, strict=True):
+        assert generate_next_states(many, [p], [e], "genres", max_new_tokens=12) == [b]
+        assert (text.NEXT_GENRES in b) != e

@@ -191,7 +191,7 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
         y = np.concatenate([np.asarray(x) for x in labels])
         if 0 < y.sum() < len(y):
             report["list_auc"] = round(float(roc_auc_score(y, np.concatenate(scores))), 4)
-    return {**cal.model_dump(), "fitted_on": report}
+    return {**cal.model_dump(exclude={"wm_format"}), "fitted_on": report}
 
 
 NO_SESSIONS = ("the prepared file has no validation sessions: write it with alignuser train "

@@ -64,12 +64,12 @@ def _alternatives(d: Decision, tr: Transition, k: int, seed: int, tries: int = 4
 
 
 def _option(key: Key, tr: Transition, expected: Mapping[int, float],
-            generator: Generator | None) -> Option:
+            generator: Generator | None, page_format: str = "titles") -> Option:
     """An action with the world model's predictions: expected ratings, optionally next page."""
     ns = None
     if generator is not None:
         ns = predict_next_state(generator, tr.prefix, len(tr.items), key[0], key[1],
-                                last=tr.at_limit)
+                                last=tr.at_limit, page_format=page_format)
     return Option(watched=key[0], then=key[1], expected={s: expected[s] for s in key[0]},
                   next_state=ns)
 
@@ -77,8 +77,10 @@ def _option(key: Key, tr: Transition, expected: Mapping[int, float],
 def build_counterfactual(trs: Sequence[Transition], scorer: OptionScorer, teacher: Teacher,
                          liked: Mapping[int, Sequence[str]], k: int = 3, seed: int = 0,
                          generator: Generator | None = None, progress: bool = True,
-                         chunk: int = 32) -> Iterable[tuple[Example, str]]:
-    """Yield (cr example, reflection) per transition.
+                         chunk: int = 32, page_format: str = "titles"
+                         ) -> Iterable[tuple[Example, str]]:
+    """Yield (cr example, reflection) per transition (``page_format``: the world model's, in
+    which a ``generator`` writes each option's next page).
 
     ``chunk`` transitions at a time share batched forwards for their expected ratings and
     their policy decisions (one transition per call ran 2.4 transitions/s on an H200)."""
@@ -89,8 +91,9 @@ def build_counterfactual(trs: Sequence[Transition], scorer: OptionScorer, teache
             expects = expected_ratings_many(scorer, [(tr.prefix, len(tr.items)) for tr in part])
             decisions = policy.decide_many([tr.decision_input(seed=seed) for tr in part])
             for tr, expected, d in zip(part, expects, decisions, strict=True):
-                human = _option((tuple(sorted(tr.ratings)), tr.then), tr, expected, generator)
-                alts = [_option(key, tr, expected, generator)
+                human = _option((tuple(sorted(tr.ratings)), tr.then), tr, expected, generator,
+                                page_format)
+                alts = [_option(key, tr, expected, generator, page_format)
                         for key in _alternatives(d, tr, k, seed)]
                 reflection = teacher.reflect(tr.views, liked.get(tr.user, ()), human, alts,
                                              tr.persona)

@@ -132,7 +132,8 @@ def _cr_pools(model, lm: LM, cfg: TrainConfig, data: Prepared, trs: Sequence[Tra
     generator = scorer if cfg.wm_generate else None
     with cache.open("a") as fh:
         for cr, refl in build_counterfactual(trs[len(done):], scorer, teacher, data.liked,
-                                             cfg.k, cfg.seed, generator, progress):
+                                             cfg.k, cfg.seed, generator, progress,
+                                             page_format=cfg.wm_format):
             row = {"cr": [list(cr.segments), cr.target], "reflection": refl, "meta": cr.meta}
             fh.write(json.dumps(row) + "\n")
             fh.flush()
