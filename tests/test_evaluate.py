@@ -49,8 +49,9 @@ class HashScorer:
         return [self.score(p, o) for p, o in requests]
 
     def generate_many(self, prompts: Sequence[str], max_new_tokens: int = 64,
-                      batch: int = 64) -> list[str]:
-        return ["[1] rated 4\nnext page: none, the session ends\n" for _ in prompts]
+                      batch: int = 64, stop: str | None = None) -> list[str]:
+        out = "[1] rated 4\nnext page: none, the session ends\n"
+        return [out.split(stop)[0] if stop else out for _ in prompts]
 
 
 def _pairs(frame) -> set[tuple[int, int]]:

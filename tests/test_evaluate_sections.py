@@ -44,8 +44,10 @@ class HashScorer:
     def score_many(self, requests):
         return [self.score(p, o) for p, o in requests]
 
-    def generate_many(self, prompts, max_new_tokens: int = 64, batch: int = 64) -> list[str]:
-        return ["[1] rated 4\nnext page: none, the session ends\n" for _ in prompts]
+    def generate_many(self, prompts, max_new_tokens: int = 64, batch: int = 64,
+                      stop: str | None = None) -> list[str]:
+        out = "[1] rated 4\nnext page: none, the session ends\n"
+        return [out.split(stop)[0] if stop else out for _ in prompts]
 
 
 def _report_sections(md: str) -> dict[str, str]:
