@@ -211,6 +211,14 @@ NEXT_GENRES = "next page genres: "
 WM_FORMATS = ("titles", "genres")
 
 
+def page_stem(page_format: str) -> str:
+    """How a next page's line begins in ``page_format`` (one of ``WM_FORMATS``), before what
+    the page holds: the world model is trained on it and decoded from it."""
+    if page_format not in WM_FORMATS:
+        raise ValueError(f"next-state format {page_format!r}: one of {', '.join(WM_FORMATS)}")
+    return NEXT_GENRES if page_format == "genres" else f"{NEXT_PAGE}: "
+
+
 def render_next_state(ratings: Mapping[int, int], next_items: Sequence[ItemView] | None,
                       page_format: str = "titles") -> str:
     """What follows an action: the ratings it leads to and the next page (or the end).
@@ -219,14 +227,13 @@ def render_next_state(ratings: Mapping[int, int], next_items: Sequence[ItemView]
     ``genres`` names only the next page's genre mix, sorted: the titles depend on the
     recommender, which the state does not show, so a world model that guesses them is wrong
     on every title it writes."""
-    if page_format not in WM_FORMATS:
-        raise ValueError(f"next-state format {page_format!r}: one of {', '.join(WM_FORMATS)}")
+    stem = page_stem(page_format)
     if next_items is None:
         page = f"{NEXT_PAGE}: none, the session ends\n"
     elif page_format == "genres":
-        page = NEXT_GENRES + ", ".join(sorted({g for it in next_items for g in it.genres})) + "\n"
+        page = stem + ", ".join(sorted({g for it in next_items for g in it.genres})) + "\n"
     else:
-        page = f"{NEXT_PAGE}: " + "; ".join(
+        page = stem + "; ".join(
             f"{it.label()} [{', '.join(it.genres)}]" for it in next_items) + "\n"
     return ratings_lines(ratings) + page
 

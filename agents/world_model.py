@@ -90,12 +90,9 @@ def generate_next_states(generate_many: GenerateMany, prompts_: Sequence[str],
     of a genre-trained full agent wrote the session's end after a next on more than half of
     300 held-out transitions. ``generate_many(prompts, max_new_tokens, stop)`` is the batched
     greedy decoder (``Scorer.generate_many``); text from ``stop`` on is cut here as well."""
-    if page_format not in text.WM_FORMATS:
-        raise ValueError(f"next-state format {page_format!r}: one of "
-                         f"{', '.join(text.WM_FORMATS)}")
+    stem = text.page_stem(page_format)
     ratings = [r.split(text.NEXT_PAGE)[0] for r in
                generate_many(list(prompts_), max_new_tokens, text.NEXT_PAGE)]
-    stem = text.NEXT_GENRES if page_format == "genres" else f"{text.NEXT_PAGE}: "
     go_on = [k for k, e in enumerate(ends) if not e]
     pages = generate_many([prompts_[k] + ratings[k] + stem for k in go_on], max_new_tokens, None)
     out = [r + text.render_next_state({}, None) for r in ratings]
