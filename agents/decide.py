@@ -98,6 +98,9 @@ class Calibration(BaseModel):
         "titles", description="the format its world model writes the next page in (the "
         "training config's wm_format, not fitted): its next states are decoded in it "
         "(agents.world_model.generate_next_states)")
+    wm_rating_cue: bool = Field(False, description="its world model was trained to rate each "
+                                "slot after the slot's rating cue line (the training config's "
+                                "wm_rating_cue, not fitted): its expected ratings are scored so")
 
     def history_shift(self, history: int | None) -> float:
         """The watch offset's change for a person with ``history`` ratings."""
@@ -151,19 +154,23 @@ class Calibration(BaseModel):
         if not manifest.is_file():
             return cls()
         data = json.loads(manifest.read_text())
-        fmt = (data.get("config") or {}).get("wm_format") or "titles"
-        return cls.model_validate({**(data.get("calibration") or {}), "wm_format": fmt})
+        config = data.get("config") or {}
+        return cls.model_validate({**(data.get("calibration") or {}),
+                                   "wm_format": config.get("wm_format") or "titles",
+                                   "wm_rating_cue": bool(config.get("wm_rating_cue"))})
 
 
 def _prefix(inp: DecisionInput) -> str:
     return prompts.prefix(inp.persona_text, inp.page_text)
 
 
-def with_predictions(scorer: OptionScorer, inputs: Sequence[DecisionInput]
-                     ) -> list[DecisionInput]:
+def with_predictions(scorer: OptionScorer, inputs: Sequence[DecisionInput],
+                     rating_cue: bool = False) -> list[DecisionInput]:
     """``inputs`` with the world model's expected rating per slot in their context, as the
-    full agent decides (and as training's rating refit and the rating bench read them)."""
-    preds = expected_ratings_many(scorer, [(_prefix(i), len(i.items)) for i in inputs])
+    full agent decides (and as training's rating refit and the rating bench read them);
+    ``rating_cue``: each slot rated after its rating cue (``Calibration.wm_rating_cue``)."""
+    preds = expected_ratings_many(scorer, [(_prefix(i), len(i.items)) for i in inputs],
+                                  cues=[i.rating_cues for i in inputs] if rating_cue else None)
     return [i.model_copy(update={"predictions": p}) for i, p in zip(inputs, preds, strict=True)]
 
 
@@ -226,7 +233,7 @@ def decide(scorer, inputs: Sequence[DecisionInput], *, temperature: float = 0.0,
     cal = calibration or Calibration()
     rule_offset, then_open, then_last = cal.rule(temperature)
     offset = rule_offset if watch_offset is None else watch_offset
-    inputs = with_predictions(scorer, inputs) if world_model else list(inputs)
+    inputs = with_predictions(scorer, inputs, cal.wm_rating_cue) if world_model else list(inputs)
     tails = [prompts.policy_tail(text.render_predictions(i.predictions)) for i in inputs]
     watch = score_many(scorer, [
         (_prefix(i), [(tail + i.cue(s), text.slot_line(s, c)) for s in range(1, len(i.items) + 1)

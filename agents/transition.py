@@ -53,6 +53,11 @@ class Transition:
         return self.page >= self.max_pages
 
     @property
+    def ends(self) -> bool:
+        """Whether the visit ends after this page: an exit, or the last page it may show."""
+        return self.then == "exit" or self.at_limit
+
+    @property
     def page_text(self) -> str:
         return text.page_prompt(self.page, self.max_pages, self.views, self.session)
 
@@ -68,6 +73,24 @@ class Transition:
                               prompts.world_model_tail(action)),
                        text.render_next_state(self.ratings, self.next_views, page_format),
                        {"user": self.user, "page": self.page})
+
+    def wm_examples(self, page_format: str = "titles", rating_cue: bool = False
+                    ) -> list[Example]:
+        """Stage 1's examples of this page: the whole next state; with ``rating_cue`` also each
+        watched slot's rating alone, after the action and that slot's rating cue line, the
+        context the world model's expected ratings are then scored in
+        (``agents.world_model.expectation_requests``)."""
+        out = [self.wm_example(page_format)]
+        if not rating_cue:
+            return out
+        action = prompts.world_model_tail(
+            text.render_wm_action(len(self.views), list(self.ratings), self.then))
+        cues = text.page_rating_cues(self.views)
+        head = (prompts.persona_block(self.persona), self.page_text)
+        return out + [Example("wm", (*head, action + text.cue_line(s, cues[s - 1])),
+                              text.rating_line(s, r),
+                              {"user": self.user, "page": self.page, "slot": s})
+                      for s, r in sorted(self.ratings.items())]
 
     def human_action(self) -> PageAction:
         """What the human did on this page, as an agent's action reads."""

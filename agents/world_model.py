@@ -19,16 +19,20 @@ class Generator(Protocol):
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: str | None = None) -> str: ...
 
 
-def expected_ratings(scorer: OptionScorer, prefix: str, n_slots: int) -> dict[int, float]:
+def expected_ratings(scorer: OptionScorer, prefix: str, n_slots: int,
+                     cues: Sequence[str] | None = None) -> dict[int, float]:
     """Per slot, the rating the model expects if only that slot is watched."""
-    return expected_ratings_many(scorer, [(prefix, n_slots)])[0]
+    return expected_ratings_many(scorer, [(prefix, n_slots)],
+                                 cues=None if cues is None else [cues])[0]
 
 
 def expected_ratings_many(scorer: OptionScorer, pages: Sequence[tuple[str, int]],
-                          requests: Sequence[tuple[str, list[tuple[str, str]]]] | None = None
+                          requests: Sequence[tuple[str, list[tuple[str, str]]]] | None = None,
+                          cues: Sequence[Sequence[str]] | None = None
                           ) -> list[dict[int, float]]:
     """``expected_ratings`` for many (prefix, n_slots) pages in one batched call; ``requests``
-    are the pages' ``expectation_requests`` when the caller has built them already.
+    are the pages' ``expectation_requests`` when the caller has built them already, ``cues``
+    as there.
 
     Each slot's action and the "[s] rated" stem are the context after the page prefix, and only
     the five one-digit endings are the targets: the stem's probability is the same for every
@@ -36,19 +40,28 @@ def expected_ratings_many(scorer: OptionScorer, pages: Sequence[tuple[str, int]]
     return [{s + 1: round(expected_value(row[5 * s:5 * s + 5], range(1, 6)), 2)
              for s in range(n_slots)}
             for (_, n_slots), row in zip(pages, score_many(
-                scorer, expectation_requests(pages) if requests is None else requests),
+                scorer, expectation_requests(pages, cues) if requests is None else requests),
                 strict=True)]
 
 
-def expectation_requests(pages: Sequence[tuple[str, int]]
+def expectation_requests(pages: Sequence[tuple[str, int]],
+                         cues: Sequence[Sequence[str]] | None = None
                          ) -> list[tuple[str, list[tuple[str, str]]]]:
     """The scorer requests behind ``expected_ratings_many``: per page, its prefix and the five
-    rating endings of every slot (what a cache of the expectations must be keyed on)."""
+    rating endings of every slot (what a cache of the expectations must be keyed on).
+
+    ``cues``: per page, each slot's rating cue (``agents.text.page_rating_cues``), restated on
+    its own line above the slot's rating, for adapters trained so (``Calibration.rating_cue``):
+    without it a slot's numbers sit many lines above its rating, and a small world model
+    expected nearly one rating for every slot of a page."""
+    if cues is not None and len(cues) != len(pages):
+        raise ValueError(f"{len(cues)} pages of cues for {len(pages)} pages")
     reqs = []
-    for prefix, n_slots in pages:
+    for k, (prefix, n_slots) in enumerate(pages):
         opts = []
         for slot in range(1, n_slots + 1):
             ctx = (prompts.world_model_tail(text.render_wm_action(n_slots, [slot], "next"))
+                   + (text.cue_line(slot, cues[k][slot - 1]) if cues is not None else "")
                    + text.rating_stem(slot))
             opts += [(ctx, text.rating_value(r)) for r in text.RATINGS]
         reqs.append((prefix, opts))

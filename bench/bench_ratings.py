@@ -16,9 +16,11 @@ on and, with ``--formats``, in the other one too (an adapter trained without the
 shown it untrained; read without a tilt). With ``--world-model`` it also shows what the world
 model's expectations put into the prompt carry, beside the item-kNN rating of the cues: their
 error on the watched items, their spread within a page and how well they tell the watched
-slots from the skipped (AUC).
+slots from the skipped (AUC); ``--expectations-only`` shows only that (a world model alone,
+such as a stage-1 adapter), and ``--pages N`` reads the adapter on the first N pages only.
 
-    python bench/bench_ratings.py [--adapter DIR [--world-model] [--formats trained,cue,plain]]
+    python bench/bench_ratings.py [--adapter DIR [--world-model [--expectations-only]]
+                                  [--formats trained,cue,plain] [--pages N]]
                                   [--shrinks 0,0.25,0.5,1,2]
 """
 
@@ -86,9 +88,11 @@ def rmse(pred, y) -> float:
 
 
 def adapter_ratings(adapter: str, pages: list[Transition], world_model: bool,
-                    cal: Calibration) -> tuple[list[float], list[dict[int, float]]]:
-    """The adapter's expected rating of each watched slot after the human's action, and (with
-    ``world_model``) the world model's expectations of every slot put into the prompt."""
+                    cal: Calibration, rate: bool = True
+                    ) -> tuple[list[float], list[dict[int, float]]]:
+    """The adapter's expected rating of each watched slot after the human's action (none
+    without ``rate``), and (with ``world_model``) the world model's expectations of every slot
+    put into the prompt."""
     from agents.llm import load_lm
     from agents.scorer import Scorer
 
@@ -98,8 +102,10 @@ def adapter_ratings(adapter: str, pages: list[Transition], world_model: bool,
     if world_model:  # 50 pages at a time, the scorer's cache emptied between them
         inputs = []
         for k in range(0, len(plain), 50):
-            inputs += with_predictions(scorer, plain[k:k + 50])
+            inputs += with_predictions(scorer, plain[k:k + 50], cal.wm_rating_cue)
             scorer.clear()
+    if not rate:
+        return [], [dict(i.predictions) for i in inputs]
     human = [tr.human_action() for tr in pages]
     out = rating_expectations(scorer, inputs, human, chunk=50, calibration=cal)
     return ([o[s] for tr, o in zip(pages, out, strict=True) for s in tr.ratings],
@@ -138,6 +144,11 @@ def main() -> None:
     ap.add_argument("--formats", default="trained",
                     help="comma list of trained (the format its calibration reads: the one "
                     "it was trained in unless refitted with --rating-format), cue, plain")
+    ap.add_argument("--expectations-only", action="store_true",
+                    help="with --world-model: only what its expectations carry, not the "
+                    "adapter's own ratings")
+    ap.add_argument("--pages", type=int, help="read the adapter on the first N test pages "
+                    "with a watch only (default: all)")
     ap.add_argument("--shrinks", help="comma list: the kNN rating's RMSE at these shrinkages")
     args = ap.parse_args()
     formats = args.formats.split(",")
@@ -145,6 +156,10 @@ def main() -> None:
         ap.error(f"--formats: unknown {', '.join(bad)} (from trained, cue, plain)")
     if args.adapter and not Path(args.adapter).is_dir():
         ap.error(f"--adapter {args.adapter}: no such folder")
+    if args.expectations_only and not args.world_model:
+        ap.error("--expectations-only needs --world-model")
+    if args.pages is not None and args.pages < 1:
+        ap.error(f"--pages {args.pages}: a number of pages >= 1")
     try:
         shrinks = [float(x) for x in args.shrinks.split(",")] if args.shrinks else []
     except ValueError:
@@ -167,22 +182,29 @@ def main() -> None:
                  "mean": float(te["likely"].mean()), "sd": float(te["likely"].std())})
     for name, pred in rating_predictions(world.split.train, te[["user", "item"]]).items():
         rows.append({"rater": name, "RMSE": rmse(pred, y)})
-    if args.adapter:
+    rated = [t for t in test if t.ratings][:args.pages]
+    y_rated = np.asarray([tr.ratings[s] for tr in rated for s in tr.ratings], float)
+    on = f" (first {len(rated)} pages)" if args.pages else ""
+    if args.adapter and args.expectations_only:
+        _, expectations = adapter_ratings(args.adapter, rated, True,
+                                          Calibration.of_checkpoint(args.adapter), rate=False)
+    elif args.adapter:
         cal = Calibration.of_checkpoint(args.adapter)
         trained = cal.rating_cue
         for fmt in formats:
             cue = {"trained": trained, "cue": True, "plain": False}[fmt]
             # Tilt and sharpness were fitted in the calibrated format: another is read as it is.
-            rates = cal if cue == trained else Calibration(rating_cue=cue)
+            rates = (cal if cue == trained
+                     else Calibration(rating_cue=cue, wm_rating_cue=cal.wm_rating_cue))
             tilt, sharp = rates.rating_tilt, rates.rating_sharpness
-            rated = [t for t in test if t.ratings]
             pred, expectations = adapter_ratings(args.adapter, rated, args.world_model, rates)
             pred = np.asarray(pred)
             rows.append({"rater": f"adapter, {'cue' if cue else 'plain'}"
                                   f"{' (calibrated)' if cue == trained else ''}"
                                   f"{f', tilt {tilt:+.2f}' if tilt else ''}"
-                                  f"{f', sharpness {sharp:.2f}' if sharp != 1 else ''}",
-                         "RMSE": rmse(pred, y), "corr": float(np.corrcoef(pred, y)[0, 1]),
+                                  f"{f', sharpness {sharp:.2f}' if sharp != 1 else ''}{on}",
+                         "RMSE": rmse(pred, y_rated),
+                         "corr": float(np.corrcoef(pred, y_rated)[0, 1]),
                          "mean": float(pred.mean()), "sd": float(pred.std())})
     cols = ["rater", "RMSE", "corr", "mean", "sd"]
     Console().print(table(

@@ -223,7 +223,7 @@ def next_state(generated: Sequence[str], trs: Sequence[Transition],
     base_pairs: dict[str, list] = {k: [] for k in ("all", *kinds)}
     for text_out, tr in zip(generated, trs, strict=True):
         truth = truth_state(tr).fields()
-        ends = tr.then == "exit" or tr.at_limit
+        ends = tr.ends
         pred = read_next_state(text_out, ends).fields()
         guess = NextState(ratings={s: int(round(user_mean.get(tr.user, 3.5)))
                                    for s in tr.ratings}, ends=ends,

@@ -113,7 +113,7 @@ def answer_rows(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundle, 
             lambda ps, n, stop: scorer.generate_many(ps, max_new_tokens=n, stop=stop),
             [tr.prefix + prompts.world_model_tail(text.render_wm_action(
                 len(tr.items), sorted(tr.ratings), tr.then)) for tr in rows],
-            [tr.then == "exit" or tr.at_limit for tr in rows], cal.wm_format)
+            [tr.ends for tr in rows], cal.wm_format)
     runs = browse(scorer, bundle.perceiver, bundle.personas, bundle.histories, rows,
                   world_model=spec.world_model, evidence=spec.evidence, calibration=cal,
                   exits=True, temperature=temperature, seed=seed, progress=progress)

@@ -75,7 +75,7 @@ def make_runtime(world: World, recommender: str, policy: str, scorer=None, memor
                                         calibration, chat),
                      scorer=scorer, memory=memory or NoMemory(), human=human,
                      reason_model=reason_model, page_size=page_size, max_pages=max_pages,
-                     seed=seed)
+                     seed=seed, wm_rating_cue=bool(calibration and calibration.wm_rating_cue))
 
 
 def policy_scorer(policy: str, model: str, checkpoint: str | None, *, device: str = "auto",

@@ -35,3 +35,4 @@ class AgentDeps:
     max_pages: int = setting_default("pages")
     seed: int = setting_default("seed")
     memory_k: int = 3
+    wm_rating_cue: bool = False  # the world model rates after each slot's rating cue

@@ -83,8 +83,9 @@ def predict(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]
     if rt.scorer is None:
         raise ValueError("world_model=on needs an LLM scorer; use world_model=off")
     prefix = prompts.prefix(state["persona_text"], text)
+    cues = page_rating_cues([ItemView(**v) for v in state["views"]]) if rt.wm_rating_cue else None
     return {"page_text": text,
-            "predictions": expected_ratings(rt.scorer, prefix, len(state["items"]))}
+            "predictions": expected_ratings(rt.scorer, prefix, len(state["items"]), cues)}
 
 
 def predict_off(state: AgentState, runtime: Runtime[AgentContext]) -> dict[str, Any]:

@@ -54,6 +54,11 @@ def test_calibration_round_trips_through_the_manifest(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest,
                                                         "config": {"wm_format": "genres"}}))
     assert Calibration.of_checkpoint(tmp_path) == cal.model_copy(update={"wm_format": "genres"})
+    assert not Calibration.of_checkpoint(tmp_path).wm_rating_cue
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {**manifest, "config": {"wm_format": "genres", "wm_rating_cue": True}}))
+    assert Calibration.of_checkpoint(tmp_path) == cal.model_copy(
+        update={"wm_format": "genres", "wm_rating_cue": True})
 
 
 def test_the_rating_tilt_changes_the_ratings_decided(small_world: World, scorer: Scorer

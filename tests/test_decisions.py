@@ -338,3 +338,25 @@ def test_rating_expectations_read_the_rating_cue_when_trained_with_it() -> None:
                    if "rating" in e.meta}
         assert (contexts == trained) is cue
         assert all(("avg 3." in c) is cue for c in contexts)
+
+
+def test_the_world_models_expectations_read_the_rating_cue_it_was_trained_with() -> None:
+    """``Calibration.wm_rating_cue``: the full agent asks its world model for each slot's
+    rating right after that slot's rating cue, as ``Transition.wm_examples`` trains it (up to
+    the action, which there names the human's slots); otherwise right after the action."""
+    from agents import prompts
+
+    tr = _all_watched()
+    inp = tr.decision_input()
+    trained = [e.segments[-1] for e in tr.wm_examples(rating_cue=True)[1:]]
+    for cue in (True, False):
+        rec = Options()
+        decide(rec, [inp], world_model=True, calibration=Calibration(wm_rating_cue=cue))
+        asked = [ctx for _, opts in rec.requests for ctx, _ in opts if prompts.NEXT_STATE in ctx]
+        assert len(asked) == 4 * 5
+        for slot in range(1, 5):
+            cue_line = text.cue_line(slot, inp.rating_cues[slot - 1])
+            ctxs = set(asked[5 * slot - 5:5 * slot])
+            assert ctxs == {prompts.world_model_tail(text.render_wm_action(4, [slot], "next"))
+                            + (cue_line if cue else "") + text.rating_stem(slot)}
+            assert trained[slot - 1].endswith(cue_line)

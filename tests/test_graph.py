@@ -282,6 +282,35 @@ def test_world_model_off_makes_no_predictions(world: World, users: list[int],
     assert all(len(p) == 4 for p in predicted)
 
 
+def test_the_predict_node_asks_after_each_slots_rating_cue(world: World, users: list[int],
+                                                           scorer: Scorer) -> None:
+    """A world model trained with ``wm_rating_cue`` is asked each slot's rating after that
+    slot's rating cue, in the graph as in ``agents.decide`` (tests/test_decisions.py)."""
+    from dataclasses import replace
+
+    from graph.build import make_runtime
+
+    recording = RecordingScorer(scorer)
+    assert not _runtime(world, make_policy("zero_shot", world, recording), recording).wm_rating_cue
+    rt = replace(_runtime(world, make_policy("zero_shot", world, recording), recording),
+                 wm_rating_cue=True)
+    nodes, updates, _ = _stream(build_graph("none", "on"), rt, users[0])
+    views = [[ItemView(**v) for v in u["views"]] for u in _of(nodes, updates, "perceive")]
+    requests = recording.world_model_requests()
+    assert len(requests) == len(views) > 0
+    for page, opts in zip(views, requests, strict=True):
+        for slot, view in enumerate(page, 1):
+            ctx = opts[5 * slot - 5][0]
+            assert ctx.endswith(text.cue_line(slot, text.rating_cue(view))
+                                + text.rating_stem(slot))
+    from agents.decide import Calibration
+
+    cued = make_runtime(world, "pop", "zero_shot", recording,
+                        calibration=Calibration(wm_rating_cue=True))
+    assert cued.wm_rating_cue and not make_runtime(world, "pop", "zero_shot", recording,
+                                                   calibration=Calibration()).wm_rating_cue
+
+
 def test_world_model_on_without_a_scorer_is_refused(world: World, users: list[int]) -> None:
     rt = _runtime(world, make_policy("random", world))
     with pytest.raises(ValueError, match="world_model=off"):

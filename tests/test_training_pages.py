@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from agents import text
+from agents import prompts, text
 from agents.llm import encode
 from agents.transition import Example, Transition
 from tests.training_examples import EXAMPLES, PERSONA, VIEWS, peft_lm, pool, transition
@@ -170,3 +170,19 @@ def test_training_with_the_pair_loss_ranks_a_page(tmp_path: Path) -> None:
     # term); with it, both watched slots (1, 3) rise above both skipped ones (2, 4).
     assert ranked < min(before, control) - 0.1, (before, control, ranked)
     assert min(m[0], m[2]) > max(m[1], m[3]), m
+
+
+def test_the_world_models_rating_cue_examples_share_their_page() -> None:
+    """``wm_rating_cue``: beside the whole next state, each watched slot's rating is trained
+    after the action and that slot's rating cue, in the page's unit (one forward of the page)."""
+    tr = transition({1: 4, 3: 5}, "next")
+    assert tr.wm_examples() == [tr.wm_example()]
+    examples = tr.wm_examples("genres", rating_cue=True)
+    assert examples[0] == tr.wm_example("genres") and len(examples) == 3
+    assert units(examples) == [[0, 1, 2]]
+    action = text.render_wm_action(len(VIEWS), [1, 3], "next")
+    for ex, (slot, rating) in zip(examples[1:], [(1, 4), (3, 5)], strict=True):
+        assert ex.kind == "wm" and ex.target == text.rating_line(slot, rating)
+        assert ex.segments[:2] == examples[0].segments[:2]
+        assert ex.segments[2] == (prompts.world_model_tail(action)
+                                  + text.cue_line(slot, text.rating_cue(VIEWS[slot - 1])))

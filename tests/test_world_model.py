@@ -9,6 +9,7 @@ from agents import prompts, text
 from agents.llm import tiny_lm
 from agents.scorer import Scorer
 from agents.world_model import (
+    expectation_requests,
     expected_ratings,
     expected_ratings_many,
     generate_next_states,
@@ -30,6 +31,31 @@ def test_expected_ratings_equal_whole_line_scoring() -> None:
         p = np.exp(lp - lp.max())
         assert got[slot] == pytest.approx(float(p / p.sum() @ np.arange(1, 6)), abs=0.01)
         assert 1.0 <= got[slot] <= 5.0
+
+
+def test_rating_cues_sit_between_the_action_and_each_slots_rating() -> None:
+    """With cues each slot is rated right after its own cue line, the context stage 1 trains
+    with ``wm_rating_cue`` (``Transition.wm_examples``); without them, as before."""
+    pages = [("You are user 7.\nPage 1 of at most 5.\n", 2)]
+    cues = [["A (1995): avg 3.1", "B (1990): avg 4.4; you would likely rate it 4.2"]]
+    plain, cued = expectation_requests(pages), expectation_requests(pages, cues)
+    assert [len(r[1]) for r in plain] == [len(r[1]) for r in cued] == [10]
+    for slot in (1, 2):
+        action = prompts.world_model_tail(text.render_wm_action(2, [slot], "next"))
+        for (ctx, value), (ctx_cued, value_cued), r in zip(
+                plain[0][1][5 * slot - 5:5 * slot], cued[0][1][5 * slot - 5:5 * slot],
+                text.RATINGS, strict=True):
+            assert ctx == action + text.rating_stem(slot) and value == value_cued
+            assert ctx_cued == action + text.cue_line(slot, cues[0][slot - 1]) + \
+                text.rating_stem(slot)
+            assert value == text.rating_value(r)
+    scorer = Scorer(tiny_lm(seed=3))
+    assert expected_ratings_many(scorer, pages, cues=cues) == [expected_ratings(
+        Scorer(tiny_lm(seed=3)), pages[0][0], 2, cues[0])]
+    assert expected_ratings(scorer, pages[0][0], 2, cues[0]) != expected_ratings(
+        scorer, pages[0][0], 2)
+    with pytest.raises(ValueError, match="1 pages of cues for 2 pages"):
+        expectation_requests(pages * 2, cues)
 
 
 def test_rating_line_is_stem_plus_value() -> None:

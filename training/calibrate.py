@@ -92,13 +92,14 @@ def _exits_and_ratings(scorer, inputs: Sequence[DecisionInput], trs: Sequence[Tr
 
 
 def _page_offsets(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
-                  history_bins: int, rating_cue: bool) -> tuple[Calibration, dict]:
+                  history_bins: int, rating_cue: bool, wm_rating_cue: bool
+                  ) -> tuple[Calibration, dict]:
     """The watch, exit and rating offsets fitted on validation pages, and what they were
     fitted on."""
     inputs = [t.decision_input() for t in valid_trs]
     # Only the watch/skip scores are read here: next/exit and ratings wait for the offset.
     decisions = _decide(scorer, inputs, "calibrate watch", world_model=world_model,
-                        then=False)
+                        then=False, calibration=Calibration(wm_rating_cue=wm_rating_cue))
     watch = np.asarray([d.watch_scores[s] for d in decisions for s in d.watch_scores])
     human_watch = np.asarray([int(s in t.ratings) for t in valid_trs
                               for s in range(1, len(t.items) + 1)])
@@ -118,7 +119,8 @@ def _page_offsets(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
     cal = Calibration(watch_offset=rate_offset(shifted, rate),
                       sampled_watch_offset=sampled_rate_offset(shifted, rate, temp),
                       sampled_temperature=temp, watch_history_slope=slope,
-                      history_center=center, rating_cue=rating_cue)
+                      history_center=center, rating_cue=rating_cue,
+                      wm_rating_cue=wm_rating_cue)
     # next/exit is scored after the chosen slots, so fit its offset on the calibrated choices;
     # the humans' ratings are read page chunk by page chunk right after, their prompts cached.
     decisions, logps, ratings = _exits_and_ratings(scorer, inputs, valid_trs, cal, world_model)
@@ -157,21 +159,25 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
               valid_lists: Sequence[tuple[int, list[int], list[int]]] = (),
               sessions: Sequence[tuple[int, list[list[int]]]] = (),
               visits: Sequence[tuple[int, bool]] = (), seed: int = 0,
-              history_bins: int = HISTORY_BINS, rating_cue: bool = False) -> dict:
+              history_bins: int = HISTORY_BINS, rating_cue: bool = False,
+              wm_rating_cue: bool = False) -> dict:
     """Offsets and what they were fitted on (for the manifest). With ``sessions`` (validation
     users' pages on the built-in recommenders) and the validation ``visits`` (pages, ended by
     exit), the sampled exit offsets are refitted on sessions (``session_offsets``). With
     ``history_bins`` > 1 the watch offsets get a slope in the person's number of ratings
     (``history_slope``; pages built before transitions recorded it get none). ``rating_cue``:
-    the adapter's rating format, recorded with the offsets (sessions rate in it). Without
+    the adapter's rating format, recorded with the offsets (sessions rate in it);
+    ``wm_rating_cue``: its world model's (from its training config, not recorded). Without
     ``valid_trs`` the page offsets stay at even odds (0) and the report says it fitted on no
     pages: an adapter trained with ``--calibration-pages 0`` is not calibrated, and its
     manifest must not read as if it were (nor hold the NaN of an empty mean)."""
     if valid_trs:
         cal, report = _page_offsets(scorer, valid_trs, world_model=world_model,
-                                    history_bins=history_bins, rating_cue=rating_cue)
+                                    history_bins=history_bins, rating_cue=rating_cue,
+                                    wm_rating_cue=wm_rating_cue)
     else:
-        cal, report = Calibration(rating_cue=rating_cue), {"pages": 0, "world_model": world_model}
+        cal = Calibration(rating_cue=rating_cue, wm_rating_cue=wm_rating_cue)
+        report = {"pages": 0, "world_model": world_model}
     if sessions and visits and perceiver is not None and personas and histories is not None:
         report["sessions"] = refit_on_sessions(
             scorer, cal, sessions, visits, perceiver=perceiver, personas=personas,
@@ -191,7 +197,7 @@ def calibrate(scorer, valid_trs: Sequence[Transition], *, world_model: bool,
         y = np.concatenate([np.asarray(x) for x in labels])
         if 0 < y.sum() < len(y):
             report["list_auc"] = round(float(roc_auc_score(y, np.concatenate(scores))), 4)
-    return {**cal.model_dump(exclude={"wm_format"}), "fitted_on": report}
+    return {**cal.model_dump(exclude={"wm_format", "wm_rating_cue"}), "fitted_on": report}
 
 
 NO_SESSIONS = ("the prepared file has no validation sessions: write it with alignuser train "
@@ -241,7 +247,7 @@ def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool
     lm = lm or load_lm(adapter=checkpoint, device=device)
     scorer = Scorer(lm, cache_size=128)
     old = manifest.get("calibration") or {}
-    current = Calibration.model_validate(old)  # as Calibration.of_checkpoint reads it
+    current = Calibration.of_checkpoint(checkpoint)
     trained_cue = bool((manifest.get("config") or {}).get("rating_cue"))
     t0 = time.perf_counter()
     if ratings_only:  # its report holds its own seconds; the offsets' stay
@@ -256,7 +262,8 @@ def calibrate_checkpoint(prep: Any, checkpoint: str | Path, *, world_model: bool
                             perceiver=prep.perceiver, personas=prep.personas,
                             histories=prep.histories,
                             valid_lists=prep.valid_lists if lists else (), sessions=sessions,
-                            visits=visits, history_bins=history_bins, rating_cue=trained_cue)
+                            visits=visits, history_bins=history_bins, rating_cue=trained_cue,
+                            wm_rating_cue=current.wm_rating_cue)
         else:
             report = refit_on_sessions(scorer, current, sessions, visits,
                                        perceiver=prep.perceiver, personas=prep.personas,

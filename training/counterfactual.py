@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from agents import prompts
 from agents.policy import Decision, LLMPolicy, OptionScorer
+from agents.text import page_rating_cues
 from agents.transition import Example, Transition
 from agents.world_model import Generator, expected_ratings_many, predict_next_state
 from training.teacher import Option, Teacher
@@ -77,10 +78,11 @@ def _option(key: Key, tr: Transition, expected: Mapping[int, float],
 def build_counterfactual(trs: Sequence[Transition], scorer: OptionScorer, teacher: Teacher,
                          liked: Mapping[int, Sequence[str]], k: int = 3, seed: int = 0,
                          generator: Generator | None = None, progress: bool = True,
-                         chunk: int = 32, page_format: str = "titles"
+                         chunk: int = 32, page_format: str = "titles", rating_cue: bool = False
                          ) -> Iterable[tuple[Example, str]]:
     """Yield (cr example, reflection) per transition (``page_format``: the world model's, in
-    which a ``generator`` writes each option's next page).
+    which a ``generator`` writes each option's next page; ``rating_cue``: the world model rates
+    after each slot's rating cue, as it was trained).
 
     ``chunk`` transitions at a time share batched forwards for their expected ratings and
     their policy decisions (one transition per call ran 2.4 transitions/s on an H200)."""
@@ -88,7 +90,9 @@ def build_counterfactual(trs: Sequence[Transition], scorer: OptionScorer, teache
     with tqdm(total=len(trs), desc="counterfactuals", unit="step", disable=not progress) as bar:
         for start in range(0, len(trs), chunk):
             part = trs[start:start + chunk]
-            expects = expected_ratings_many(scorer, [(tr.prefix, len(tr.items)) for tr in part])
+            expects = expected_ratings_many(
+                scorer, [(tr.prefix, len(tr.items)) for tr in part],
+                cues=[page_rating_cues(tr.views) for tr in part] if rating_cue else None)
             decisions = policy.decide_many([tr.decision_input(seed=seed) for tr in part])
             for tr, expected, d in zip(part, expects, decisions, strict=True):
                 human = _option((tuple(sorted(tr.ratings)), tr.then), tr, expected, generator,

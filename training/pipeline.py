@@ -133,7 +133,8 @@ def _cr_pools(model, lm: LM, cfg: TrainConfig, data: Prepared, trs: Sequence[Tra
     with cache.open("a") as fh:
         for cr, refl in build_counterfactual(trs[len(done):], scorer, teacher, data.liked,
                                              cfg.k, cfg.seed, generator, progress,
-                                             page_format=cfg.wm_format):
+                                             page_format=cfg.wm_format,
+                                             rating_cue=cfg.wm_rating_cue):
             row = {"cr": [list(cr.segments), cr.target], "reflection": refl, "meta": cr.meta}
             fh.write(json.dumps(row) + "\n")
             fh.flush()
@@ -203,16 +204,17 @@ def prepare(cfg: TrainConfig, data: TrainData) -> Prepared:
         visits=[(len(t.steps), t.end == "exit") for t in data.valid])
 
 
-def _with_predictions(model, lm: LM, trs: Sequence[Transition], rating_cue: bool,
+def _with_predictions(model, lm: LM, trs: Sequence[Transition], cfg: TrainConfig,
                       progress: bool = False) -> list[Example]:
     """Policy examples whose context holds the world model's expected ratings, as at run time;
     the expectations of all pages are scored in batched calls."""
-    return [e for t, p in zip(trs, _expectations(model, lm, trs, progress), strict=True)
-            for e in t.policy_examples(p, rating_cue)]
+    expected = _expectations(model, lm, trs, cfg.wm_rating_cue, progress)
+    return [e for t, p in zip(trs, expected, strict=True)
+            for e in t.policy_examples(p, cfg.rating_cue)]
 
 
-def _expectations(model, lm: LM, trs: Sequence[Transition], progress: bool = False
-                  ) -> list[dict[int, float]]:
+def _expectations(model, lm: LM, trs: Sequence[Transition], wm_rating_cue: bool = False,
+                  progress: bool = False) -> list[dict[int, float]]:
     """The world model's expected rating of every slot of ``trs``' pages, cached by weights and
     pages: the world model + policy ablation starts from the full agent's world-model weights
     and would score the same pages again (5,000 pages: part of the 3 minutes a GPU fit spent
@@ -236,7 +238,10 @@ def _expectations(model, lm: LM, trs: Sequence[Transition], progress: bool = Fal
             base_seen = base_seen or "lora_" not in name
             h.update(name.encode())
             h.update(param.detach().flatten()[:1 << 20].float().cpu().numpy().tobytes())
-    requests = expectation_requests(pages)
+    from agents.text import page_rating_cues
+
+    requests = expectation_requests(
+        pages, [page_rating_cues(t.views) for t in trs] if wm_rating_cue else None)
     h.update(json.dumps(requests).encode())
     path = cache_root() / "expectations" / f"{h.hexdigest()[:24]}.json"
     if path.is_file():
@@ -273,10 +278,13 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
     result: dict[str, Any] = {}
     balance: dict[str, float] = {}
     cue = cfg.rating_cue
-    wm_pool = [t.wm_example(cfg.wm_format) for t in wm_trs] if cfg.stage != "policy" else []
+    wm_pool = ([e for t in wm_trs for e in t.wm_examples(cfg.wm_format, cfg.wm_rating_cue)]
+               if cfg.stage != "policy" else [])
     if cfg.stage in ("wm", "all"):
         result["wm"] = _stage(model, lm, cfg, {"wm": wm_pool}, {"wm": 1.0}, cfg.wm_steps,
-                              out / "stage_wm", [t.wm_example(cfg.wm_format) for t in valid_trs],
+                              out / "stage_wm",
+                              [e for t in valid_trs
+                               for e in t.wm_examples(cfg.wm_format, cfg.wm_rating_cue)],
                               resume, progress, stop_after)
     if cfg.stage == "policy":
         pols, balance = class_balance([e for t in wm_trs
@@ -286,7 +294,7 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
                                   [e for t in valid_trs for e in t.policy_examples(rating_cue=cue)],
                                   resume, progress, stop_after)
     if cfg.stage in ("cr", "all"):
-        pols, balance = class_balance(_with_predictions(model, lm, wm_trs, cue, progress))
+        pols, balance = class_balance(_with_predictions(model, lm, wm_trs, cfg, progress))
         pools = {"policy": pols, "wm": wm_pool}
         weights = {"policy": 1.0, "wm": cfg.lambda_wm, "cr": cfg.lambda_cr}
         if cfg.lambda_cr > 0:  # with λ_CR = 0 the reflections would go unused: not generated
@@ -294,7 +302,7 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
         # Validated as this agent decides at run time and as it trains here: with the world
         # model's expectations in the prompt (the weights kept are chosen on this loss).
         result["cr"] = _stage(model, lm, cfg, pools, weights, cfg.cr_steps, out / "stage_cr",
-                              _with_predictions(model, lm, valid_trs, cue, progress), resume,
+                              _with_predictions(model, lm, valid_trs, cfg, progress), resume,
                               progress, stop_after)
     model.eval()
     t0 = time.perf_counter()
@@ -312,7 +320,8 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
                                 perceiver=prep.perceiver, personas=prep.personas,
                                 histories=prep.histories, valid_lists=prep.valid_lists,
                                 sessions=sessions, visits=visits,
-                                seed=cfg.seed, rating_cue=cue)
+                                seed=cfg.seed, rating_cue=cue,
+                                wm_rating_cue=cfg.wm_rating_cue)
     finally:
         model.unmerge_adapter()
     calibration["seconds"] = round(time.perf_counter() - t0, 1)

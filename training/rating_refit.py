@@ -32,7 +32,8 @@ def has_ratings(trs: Sequence[Transition]) -> bool:
 
 
 def rating_data(scorer, trs: Sequence[Transition], cues: Sequence[bool], world_model: bool,
-                chunk: int = 100) -> dict[bool, tuple[list[list[float]], list[float]]]:
+                chunk: int = 100, wm_rating_cue: bool = False
+                ) -> dict[bool, tuple[list[list[float]], list[float]]]:
     """Per rating format (``True``: after the cue line), the five ratings' log-probabilities
     of every item the human watched on ``trs`` and the human's rating of it, read after the
     human's own choices and next/exit, with the world model's expected ratings in the prompt
@@ -44,7 +45,7 @@ def rating_data(scorer, trs: Sequence[Transition], cues: Sequence[bool], world_m
         part = rated[k:k + chunk]
         inputs = [t.decision_input() for t in part]
         if world_model:
-            inputs = with_predictions(scorer, inputs)
+            inputs = with_predictions(scorer, inputs, wm_rating_cue)
         for cue, (logps, humans) in out.items():
             pages = rating_logps(scorer, inputs, [t.human_action() for t in part], chunk=chunk,
                                  rating_cue=cue)
@@ -71,7 +72,8 @@ def refit_ratings(scorer, trs: Sequence[Transition], cal: Calibration, *, world_
             "best": [trained_cue, not trained_cue]}[rating_format]
     fits: dict[bool, tuple[float, float, float]] = {}
     report: dict = {"formats": {}}
-    for cue, (logps, humans) in rating_data(scorer, trs, cues, world_model).items():
+    for cue, (logps, humans) in rating_data(scorer, trs, cues, world_model,
+                                                 wm_rating_cue=cal.wm_rating_cue).items():
         tilt, sharpness = fit_rating_scale(logps, humans)
         fits[cue] = (rating_rmse(logps, humans, tilt, sharpness), tilt, sharpness)
         report["formats"]["cue" if cue else "plain"] = {
