@@ -51,7 +51,7 @@ def expectation_requests(pages: Sequence[tuple[str, int]],
     rating endings of every slot (what a cache of the expectations must be keyed on).
 
     ``cues``: per page, each slot's rating cue (``agents.text.page_rating_cues``), restated on
-    its own line above the slot's rating, for adapters trained so (``Calibration.rating_cue``):
+    its own line above the slot's rating, for adapters trained so (``Calibration.wm_rating_cue``):
     without it a slot's numbers sit many lines above its rating, and a small world model
     expected nearly one rating for every slot of a page."""
     if cues is not None and len(cues) != len(pages):
