@@ -165,12 +165,12 @@ def _prefix(inp: DecisionInput) -> str:
 
 
 def with_predictions(scorer: OptionScorer, inputs: Sequence[DecisionInput],
-                     rating_cue: bool = False) -> list[DecisionInput]:
+                     wm_rating_cue: bool = False) -> list[DecisionInput]:
     """``inputs`` with the world model's expected rating per slot in their context, as the
     full agent decides (and as training's rating refit and the rating bench read them);
-    ``rating_cue``: each slot rated after its rating cue (``Calibration.wm_rating_cue``)."""
+    ``wm_rating_cue``: each slot rated after its rating cue (``Calibration.wm_rating_cue``)."""
     preds = expected_ratings_many(scorer, [(_prefix(i), len(i.items)) for i in inputs],
-                                  cues=[i.rating_cues for i in inputs] if rating_cue else None)
+                                  cues=[i.rating_cues for i in inputs] if wm_rating_cue else None)
     return [i.model_copy(update={"predictions": p}) for i, p in zip(inputs, preds, strict=True)]
 
 

@@ -74,6 +74,11 @@ class Transition:
                        text.render_next_state(self.ratings, self.next_views, page_format),
                        {"user": self.user, "page": self.page})
 
+    @property
+    def rating_cues(self) -> list[str]:
+        """Each slot's rating cue line, as a cue-trained world model rates after it."""
+        return text.page_rating_cues(self.views)
+
     def wm_examples(self, page_format: str = "titles", rating_cue: bool = False
                     ) -> list[Example]:
         """Stage 1's examples of this page: the whole next state; with ``rating_cue`` also each
@@ -85,7 +90,7 @@ class Transition:
             return out
         action = prompts.world_model_tail(
             text.render_wm_action(len(self.views), list(self.ratings), self.then))
-        cues = text.page_rating_cues(self.views)
+        cues = self.rating_cues
         head = (prompts.persona_block(self.persona), self.page_text)
         return out + [Example("wm", (*head, action + text.cue_line(s, cues[s - 1])),
                               text.rating_line(s, r),
@@ -176,3 +181,9 @@ def transitions(trajs: Iterable[Trajectory], world: World, max_pages: int = MAX_
                 next_views=next_views, items=tuple(step.items), history=len(past)))
             session += [(i, r) for i, r in step.watched.items()]
     return out
+
+
+def wm_cues(trs: Iterable[Transition], on: bool) -> list[list[str]] | None:
+    """The pages' rating cues for the world model's expectations when it was trained to rate
+    after them (``wm_rating_cue``), else None (``agents.world_model.expectation_requests``)."""
+    return [t.rating_cues for t in trs] if on else None

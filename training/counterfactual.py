@@ -14,8 +14,7 @@ from tqdm import tqdm
 
 from agents import prompts
 from agents.policy import Decision, LLMPolicy, OptionScorer
-from agents.text import page_rating_cues
-from agents.transition import Example, Transition
+from agents.transition import Example, Transition, wm_cues
 from agents.world_model import Generator, expected_ratings_many, predict_next_state
 from training.teacher import Option, Teacher
 
@@ -92,7 +91,7 @@ def build_counterfactual(trs: Sequence[Transition], scorer: OptionScorer, teache
             part = trs[start:start + chunk]
             expects = expected_ratings_many(
                 scorer, [(tr.prefix, len(tr.items)) for tr in part],
-                cues=[page_rating_cues(tr.views) for tr in part] if rating_cue else None)
+                cues=wm_cues(part, rating_cue))
             decisions = policy.decide_many([tr.decision_input(seed=seed) for tr in part])
             for tr, expected, d in zip(part, expects, decisions, strict=True):
                 human = _option((tuple(sorted(tr.ratings)), tr.then), tr, expected, generator,

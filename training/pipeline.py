@@ -20,7 +20,7 @@ from agents.browse import pages_of
 from agents.llm import LM, load_lm
 from agents.perception import Perceiver
 from agents.scorer import Scorer
-from agents.transition import Example, Transition, transitions
+from agents.transition import Example, Transition, transitions, wm_cues
 from agents.world import ListRow, World
 from simulator.env import MAX_PAGES, PAGE_SIZE
 from simulator.recommenders import SELECTION
@@ -238,10 +238,7 @@ def _expectations(model, lm: LM, trs: Sequence[Transition], wm_rating_cue: bool 
             base_seen = base_seen or "lora_" not in name
             h.update(name.encode())
             h.update(param.detach().flatten()[:1 << 20].float().cpu().numpy().tobytes())
-    from agents.text import page_rating_cues
-
-    requests = expectation_requests(
-        pages, [page_rating_cues(t.views) for t in trs] if wm_rating_cue else None)
+    requests = expectation_requests(pages, wm_cues(trs, wm_rating_cue))
     h.update(json.dumps(requests).encode())
     path = cache_root() / "expectations" / f"{h.hexdigest()[:24]}.json"
     if path.is_file():
@@ -278,14 +275,14 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
     result: dict[str, Any] = {}
     balance: dict[str, float] = {}
     cue = cfg.rating_cue
-    wm_pool = ([e for t in wm_trs for e in t.wm_examples(cfg.wm_format, cfg.wm_rating_cue)]
-               if cfg.stage != "policy" else [])
+    def wm_pool_of(trs: Sequence[Transition]) -> list[Example]:
+        return [e for t in trs for e in t.wm_examples(cfg.wm_format, cfg.wm_rating_cue)]
+
+    wm_pool = wm_pool_of(wm_trs) if cfg.stage != "policy" else []
     if cfg.stage in ("wm", "all"):
         result["wm"] = _stage(model, lm, cfg, {"wm": wm_pool}, {"wm": 1.0}, cfg.wm_steps,
-                              out / "stage_wm",
-                              [e for t in valid_trs
-                               for e in t.wm_examples(cfg.wm_format, cfg.wm_rating_cue)],
-                              resume, progress, stop_after)
+                              out / "stage_wm", wm_pool_of(valid_trs), resume, progress,
+                              stop_after)
     if cfg.stage == "policy":
         pols, balance = class_balance([e for t in wm_trs
                                        for e in t.policy_examples(rating_cue=cue)])
