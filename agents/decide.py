@@ -41,7 +41,7 @@ from agents.policy import (
     expected_value,
     score_many,
 )
-from agents.world_model import expected_ratings_many
+from agents.world_model import expected_ratings_many, wm_cues
 from simulator.env import PageAction
 
 
@@ -170,7 +170,7 @@ def with_predictions(scorer: OptionScorer, inputs: Sequence[DecisionInput],
     full agent decides (and as training's rating refit and the rating bench read them);
     ``wm_rating_cue``: each slot rated after its rating cue (``Calibration.wm_rating_cue``)."""
     preds = expected_ratings_many(scorer, [(_prefix(i), len(i.items)) for i in inputs],
-                                  cues=[i.rating_cues for i in inputs] if wm_rating_cue else None)
+                                  cues=wm_cues(inputs, wm_rating_cue))
     return [i.model_copy(update={"predictions": p}) for i, p in zip(inputs, preds, strict=True)]
 
 

@@ -181,9 +181,3 @@ def transitions(trajs: Iterable[Trajectory], world: World, max_pages: int = MAX_
                 next_views=next_views, items=tuple(step.items), history=len(past)))
             session += [(i, r) for i, r in step.watched.items()]
     return out
-
-
-def wm_cues(trs: Iterable[Transition], on: bool) -> list[list[str]] | None:
-    """The pages' rating cues for the world model's expectations when it was trained to rate
-    after them (``wm_rating_cue``), else None (``agents.world_model.expectation_requests``)."""
-    return [t.rating_cues for t in trs] if on else None

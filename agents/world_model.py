@@ -8,7 +8,7 @@ counterfactual reflections and to measure next-state F1 (``generate_next_states`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from agents import prompts, text
@@ -17,6 +17,17 @@ from agents.policy import OptionScorer, expected_value, score_many
 
 class Generator(Protocol):
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: str | None = None) -> str: ...
+
+
+class HasRatingCues(Protocol):
+    @property
+    def rating_cues(self) -> list[str]: ...
+
+
+def wm_cues(pages: Iterable[HasRatingCues], on: bool) -> list[list[str]] | None:
+    """The pages' rating cues (a ``Transition``'s or a ``DecisionInput``'s) for the expected
+    ratings when the world model was trained to rate after them (``wm_rating_cue``), else None."""
+    return [p.rating_cues for p in pages] if on else None
 
 
 def expected_ratings(scorer: OptionScorer, prefix: str, n_slots: int,

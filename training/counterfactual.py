@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from agents import prompts
 from agents.policy import Decision, LLMPolicy, OptionScorer
-from agents.transition import Example, Transition, wm_cues
-from agents.world_model import Generator, expected_ratings_many, predict_next_state
+from agents.transition import Example, Transition
+from agents.world_model import Generator, expected_ratings_many, predict_next_state, wm_cues
 from training.teacher import Option, Teacher
 
 Key = tuple[tuple[int, ...], str]

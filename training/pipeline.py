@@ -20,7 +20,7 @@ from agents.browse import pages_of
 from agents.llm import LM, load_lm
 from agents.perception import Perceiver
 from agents.scorer import Scorer
-from agents.transition import Example, Transition, transitions, wm_cues
+from agents.transition import Example, Transition, transitions
 from agents.world import ListRow, World
 from simulator.env import MAX_PAGES, PAGE_SIZE
 from simulator.recommenders import SELECTION
@@ -223,7 +223,7 @@ def _expectations(model, lm: LM, trs: Sequence[Transition], wm_rating_cue: bool 
     import hashlib
 
     from agents import attention, kvcache, packing, policy, scorer, world_model
-    from agents.world_model import expectation_requests, expected_ratings_many
+    from agents.world_model import expectation_requests, expected_ratings_many, wm_cues
     from simulator.readers import cache_root
     from simulator.runs import write_atomic
 
