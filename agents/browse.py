@@ -76,22 +76,37 @@ def browse(scorer, perceiver: Perceiver, personas: Mapping[int, str],
     return out
 
 
+# How many times a list is shown to an agent (``list_scores``): once, or also reversed.
+LIST_VIEWS = (1, 2)
+
+
 def list_scores(scorer, perceiver: Perceiver, personas: Mapping[int, str],
                 histories: Mapping[int, Mapping[int, float]],
                 lists: Sequence[tuple[int, Sequence[int]]], *, world_model: bool = True,
                 evidence: bool = True, offset: float = 0.0,
-                calibration: Calibration | None = None,
+                calibration: Calibration | None = None, views: int = 1,
                 progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
     """Calibrated watch log-odds of every item of every (user, items) list. A list's later
     pages show what was watched and rated on its earlier ones, rated as the adapter rates
     (``calibration``'s rating format, tilt and sharpness). Only those of its fields are read:
-    ``offset`` replaces the watch offsets and their history term, and a list never exits."""
-    runs = browse(scorer, perceiver, personas, histories,
-                  [(u, pages_of(items)) for u, items in lists], world_model=world_model,
+    ``offset`` replaces the watch offsets and their history term, and a list never exits.
+
+    ``views`` 2 shows each list a second time in reverse order and averages each item's two
+    log-odds: an item's score then rests on two page contexts (other neighbours, another
+    history of the list's earlier pages) instead of one, at twice the cost."""
+    if views not in LIST_VIEWS:
+        raise ValueError(f"views must be one of {LIST_VIEWS}, not {views!r}")
+    # a list's two views side by side, so one scorer call holds the person's prompt for both
+    shown = [(u, pages_of(list(items)[::-1] if view else items))
+             for u, items in lists for view in range(views)]
+    runs = browse(scorer, perceiver, personas, histories, shown, world_model=world_model,
                   evidence=evidence, calibration=calibration, watch_offset=offset,
                   exits=False, progress=progress)
-    return [np.asarray([d.watch_scores[s] for d in run for s in sorted(d.watch_scores)])
-            for run in runs]
+    scores = [np.asarray([d.watch_scores[s] for d in run for s in sorted(d.watch_scores)])
+              for run in runs]
+    if views == 1:
+        return scores
+    return [(a + b[::-1]) / 2 for a, b in zip(scores[::2], scores[1::2], strict=True)]
 
 
 def accuracy_cut(scores: np.ndarray, labels: np.ndarray, strict: bool = False) -> float:

@@ -122,7 +122,8 @@ class RayParts:
                 lambda actor, block: actor.answer.remote(self.method, self.adapter, block,
                                                          self.temperature, self.seed), blocks):
             self.scored = None if tokens is None or self.scored is None else self.scored + tokens
-            progress(shown_pages(part, part_rows(self.bundle, part)[start:stop]))
+            progress(shown_pages(part, part_rows(self.bundle, part)[start:stop],
+                                  self.bundle.list_views))
             done[part][start] = value
             if len(done[part]) == waiting[part]:
                 yield part, join_blocks(part, [done[part][s] for s in sorted(done[part])])

@@ -65,6 +65,7 @@ class EvalBundle:
     transitions: list[Transition]  # held-out transitions (world-model next state)
     sessions: dict[str, list[tuple[int, list[list[int]]]]]  # recommender -> (user, pages)
     meta: dict = field(default_factory=dict)
+    list_views: int = 1  # times each list is shown to an agent (``agents.browse.list_scores``)
 
 
 # One piece of a method's answers, computed and committed whole: ("lists", m) a 1:m ratio,
@@ -85,11 +86,11 @@ def part_rows(bundle: EvalBundle, part: Part) -> Sequence:
             }[kind]()
 
 
-def shown_pages(part: Part, rows: Sequence) -> int:
+def shown_pages(part: Part, rows: Sequence, list_views: int = 1) -> int:
     """Pages a part's rows show (the progress bar's unit; a generated next state shows none)."""
     kind = part[0]
     if kind == "lists":
-        return sum(len(pages_of(items)) for _, items, _ in rows)
+        return list_views * sum(len(pages_of(items)) for _, items, _ in rows)
     if kind == "sessions":
         return sum(len(pages) for _, pages in rows)
     return len(rows) if kind == "pages" else 0
@@ -105,7 +106,8 @@ def answer_rows(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundle, 
         return [s.tolist() for s in list_scores(
             scorer, bundle.perceiver, bundle.personas, bundle.histories,
             [(u, items) for u, items, _ in rows], world_model=spec.world_model,
-            evidence=spec.evidence, offset=offset, calibration=cal, progress=progress)]
+            evidence=spec.evidence, offset=offset, calibration=cal, views=bundle.list_views,
+            progress=progress)]
     if kind == "pages":
         return _page_answers(spec, scorer, cal, rows, progress)
     if kind == "next_state":
@@ -216,8 +218,8 @@ def method_outputs(spec: MethodSpec, scorer, cal: Calibration, bundle: EvalBundl
 
     todo = parts_to_answer(spec, bundle, out, full, needs)
     # session pages count as shown; a session that exits early leaves the bar short of its total
-    bar = tqdm(total=sum(shown_pages(p, part_rows(bundle, p)) for p in todo), desc=spec.label,
-               unit="page", disable=not progress)
+    bar = tqdm(total=sum(shown_pages(p, part_rows(bundle, p), bundle.list_views) for p in todo),
+               desc=spec.label, unit="page", disable=not progress)
     for (kind, key), value in runner.run(todo, bar.update):
         if kind == "lists":
             out["lists"][key] = value

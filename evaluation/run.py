@@ -39,6 +39,9 @@ class EvalConfig(BaseModel):
     users: int = Field(200, ge=1, description="held-out users every method is scored on")
     ms: list[int] = Field([1, 9], description="1:m ratios of preference discrimination "
                           "(from 1, 2, 3, 9; every list is 20 items, 5 pages of decisions)")
+    list_views: int = Field(1, ge=1, le=2, description="times each 1:m list is shown to an "
+                            "LLM agent: 1, or 2 to show it reversed too and average each "
+                            "item's two watch log-odds (twice the lists' time)")
     next_action_users: int = Field(200, ge=0, description="users whose held-out pages are "
                                    "replayed")
     next_action_pages: int = Field(600, ge=0, description="most held-out pages replayed")
@@ -185,7 +188,7 @@ def expected_seconds(cfg: EvalConfig, methods: Sequence[str],
     for name in methods:
         spec = METHODS[name]
         if "lists" in needs:
-            total += (cfg.users * sum(sum(LIST_SIZES[m]) for m in cfg.ms)
+            total += (cfg.users * sum(sum(LIST_SIZES[m]) for m in cfg.ms) * cfg.list_views
                       * LIST_SECONDS[spec.world_model])
         decisions = pages * 4 if "pages" in needs else 0
         if name == cfg.simulator:
@@ -228,7 +231,7 @@ def build_bundle(world: World, cfg: EvalConfig) -> EvalBundle:
         sessions={world.recommender(r, reactive=False, seed=cfg.seed).name:
                   static_pages(world, r, sim_users, cfg.seed, 4 * cfg.session_pages)
                   for r in cfg.recommenders},
-        meta={"users": users, "sim_users": sim_users})
+        meta={"users": users, "sim_users": sim_users}, list_views=cfg.list_views)
 
 
 def score(world: World, bundle: EvalBundle, outputs: Mapping[str, Any], cfg: EvalConfig,

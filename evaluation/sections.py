@@ -117,7 +117,9 @@ def discrimination(ctx: Context) -> Result:
     by_m = pd.DataFrame(rows).assign(m=lambda f: f["m"].str.split(":").str[1].astype(int))
     note = (f"{len(ctx.bundle.meta['users'])} held-out users; baseline thresholds tuned on "
             "validation 1:1 lists; agents say watch when their calibrated log-odds > 0 (offset "
-            "fitted on validation lists when the checkpoint was trained)")
+            "fitted on validation lists when the checkpoint was trained)"
+            + ("; each list shown to the agents twice, as given and reversed, each item's two "
+               "log-odds averaged" if ctx.bundle.list_views == 2 else ""))
     return Result({"discrimination": {"rows": rows, "note": note},
                    "paired": paired_table(paired(per_user, labels, ctx.simulator, cfg))},
                   {f"discrimination/{m}": plot_method_bars(by_m, m) for m in ("f1", "auc")})

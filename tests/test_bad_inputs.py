@@ -134,6 +134,8 @@ CASES: list[tuple[str, list[str], str]] = [
      "--ab-results {missing.csv} does not exist"),
     ("eval-outputs-missing", ["evaluate", "--outputs", "{nope}"], "--outputs {nope} does not"),
     ("eval-users-0", ["evaluate", "--users", "0"], "--users 0: input should be greater than"),
+    ("eval-list-views-3", ["evaluate", "--list-views", "3"],
+     "--list-views 3: input should be less than or equal to 2"),
     ("eval-ms-abc", ["evaluate", "--ms", "abc"], "--ms abc: expected comma-separated whole"),
     ("eval-methods", ["evaluate", "--methods", "full,oracle"], "unknown method(s) oracle"),
     ("eval-ray-only", ["evaluate", "--concurrency", "4"], "add --backend ray"),

@@ -233,6 +233,23 @@ def test_list_scores_browse_every_page_with_the_offset(small_world: World,
     assert all(math.isfinite(x) for s in base for x in s)
 
 
+def test_two_list_views_average_the_list_and_its_reverse(small_world: World,
+                                                        scorer: Scorer) -> None:
+    w = small_world
+    lists = [(u, [i for p in pages for i in p][:8]) for u, pages in _sessions(w, n_pages=2)]
+    args = (scorer, w.perceiver, w.personas, w.histories)
+    ahead = list_scores(*args, lists, world_model=False, offset=0.5)
+    back = list_scores(*args, [(u, items[::-1]) for u, items in lists], world_model=False,
+                       offset=0.5)
+    both = list_scores(*args, lists, world_model=False, offset=0.5, views=2)
+    assert [len(s) for s in both] == [8, 8]
+    for a, b, m in zip(ahead, back, both, strict=True):
+        assert not np.allclose(a, b[::-1])  # the second view is another context
+        np.testing.assert_allclose(m, (a + b[::-1]) / 2, atol=1e-5)
+    with pytest.raises(ValueError, match="views must be one of"):
+        list_scores(*args, lists, world_model=False, views=3)
+
+
 class Lines(Recording):
     """A scorer wrapper that keeps every (context, line) option scored."""
 

@@ -9,6 +9,7 @@ pseudo-scorer so the whole report is produced in seconds; the tiny LM answers a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import zlib
@@ -18,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agents.browse import list_scores
 from agents.decide import Calibration
 from agents.llm import tiny_lm
 from agents.scorer import Scorer, ScorerStats
 from agents.world import World
 from alignuser.cli import main
 from evaluation.micro import _threshold, state_fields
-from evaluation.outputs import METHODS, EvalBundle, all_outputs, method_outputs
+from evaluation.outputs import METHODS, EvalBundle, all_outputs, method_outputs, shown_pages
 from evaluation.report import SECTIONS
 from evaluation.run import EvalConfig, build_bundle, score
 
@@ -268,6 +270,26 @@ def test_list_offset_shifts_the_list_scores(bundle: EvalBundle) -> None:
     np.testing.assert_allclose(s - b, 2.5)  # list_offset wins over watch_offset on lists
     np.testing.assert_allclose(w - b, -7.0)  # ...and watch_offset is the fallback
     assert all(not p["watched"] for p in watch["pages"])  # -7 on pages: nothing watched
+
+
+def test_list_views_reach_the_agents_list_scores(bundle: EvalBundle) -> None:
+    """``EvalConfig.list_views`` 2 (carried by the bundle) scores each list as given and
+    reversed and averages, as ``list_scores(views=2)``; the progress bar counts both views."""
+    cut = _cut(bundle)
+    rows = [(u, items) for u, items, _ in cut.lists[1]]
+    hashed = HashScorer()
+    two = dataclasses.replace(cut, list_views=2)
+    got = method_outputs(METHODS["zero_shot"], hashed, Calibration(), two,
+                         needs={"lists"})["lists"][1]
+    spec = METHODS["zero_shot"]
+    want = list_scores(hashed, cut.perceiver, cut.personas, cut.histories, rows,
+                       world_model=spec.world_model, evidence=spec.evidence, views=2)
+    one = method_outputs(METHODS["zero_shot"], hashed, Calibration(), cut,
+                         needs={"lists"})["lists"][1]
+    np.testing.assert_allclose(np.concatenate(got), np.concatenate(want))
+    assert not np.allclose(np.concatenate(got), np.concatenate(one))
+    assert shown_pages(("lists", 1), cut.lists[1], 2) == 2 * shown_pages(("lists", 1),
+                                                                         cut.lists[1])
 
 
 # --- score and the report -----------------------------------------------------------------------

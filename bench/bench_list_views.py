@@ -1,0 +1,120 @@
+"""Does showing a 1:m list twice (as given, then reversed) and averaging each item's two watch
+log-odds rank it better than one showing? An item's score depends on its page context (its
+neighbours, what the agent watched on the list's earlier pages); two contexts average some of
+that out (``agents.browse.list_scores(views=2)``, ``alignuser evaluate --list-views 2``).
+
+    python bench/bench_list_views.py [--part valid|test] [--lists 128] [--adapter DIR]
+        [--no-world-model] [--save FILE | --load FILE]
+
+Validation lists are those the discrimination section tunes the baselines' cuts on (the
+choice is made there); test lists are the evaluated users' (as ``alignuser evaluate``), where
+the feature regression (fit on validation lists, its cut tuned there as evaluation tunes it)
+is scored beside. Per-user AUC, F1 (the
+agent's cut: calibrated log-odds >= 0) and accuracy, with paired bootstrap CIs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from sklearn.metrics import roc_auc_score
+
+from agents.browse import accuracy_cut, list_scores
+from agents.decide import Calibration
+from agents.llm import load_lm
+from agents.scorer import Scorer
+from agents.world import World, load_world
+from evaluation.metrics import binary_scores, paired_diff_ci
+from evaluation.micro import baseline_scorers
+from evaluation.sections import pick
+
+SHIPPED = "checkpoints/alignuser-ml100k"
+
+
+def lists_of(world: World, part: str, n: int, seed: int = 0) -> list:
+    """The first ``n`` 1:1 lists of the 200 users an evaluation picks (validation: the lists
+    the discrimination section fits cuts on; test: the evaluated users')."""
+    if part == "valid":
+        pool = world.lists("valid", 1, None, seed)
+        return [pool[i] for i in pick(range(len(pool)), 200, seed + 1)][:n]
+    users = pick([u for u, _, _ in world.lists("test", 1, None, seed)], 200, seed)
+    return world.lists("test", 1, users, seed)[:n]
+
+
+def score_views(world: World, rows: list, adapter: str, world_model: bool) -> dict:
+    """Each list's log-odds as given and reversed (back in the list's order), one pass each."""
+    cal = Calibration.of_checkpoint(adapter)
+    lm = load_lm(adapter=adapter)
+    out: dict = {"rows": rows}
+    for name, flip in (("fwd", False), ("rev", True)):
+        t0 = time.perf_counter()
+        scores = list_scores(Scorer(lm, cache_size=4096), world.perceiver, world.personas,
+                             world.histories,
+                             [(u, list(items)[::-1] if flip else items) for u, items, _ in rows],
+                             world_model=world_model, offset=cal.list_offset, calibration=cal)
+        out[name] = [s[::-1] for s in scores] if flip else scores
+        print(f"{name}: {len(rows)} lists in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
+def per_user(rows: list, scores: list, cut: float = 0.0) -> dict[str, np.ndarray]:
+    res = [{**binary_scores(y, (np.asarray(s) >= cut).astype(int)),
+            "auc": float(roc_auc_score(y, s))} for (_, _, y), s in zip(rows, scores, strict=True)]
+    return {k: np.asarray([r[k] for r in res]) for k in ("auc", "f1", "accuracy")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=("valid", "test"), default="valid")
+    ap.add_argument("--lists", type=int, default=128, help="first N of the 200 users' lists")
+    ap.add_argument("--adapter", default=SHIPPED)
+    ap.add_argument("--world-model", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--save", type=Path, help="write the scores here (pickle)")
+    ap.add_argument("--load", type=Path, help="read scores written by --save; score nothing")
+    args = ap.parse_args()
+    world = load_world()
+    if args.load:
+        res = pickle.loads(args.load.read_bytes())
+    else:
+        res = score_views(world, lists_of(world, args.part, args.lists), args.adapter,
+                          args.world_model)
+        if args.save:
+            args.save.write_bytes(pickle.dumps(res))
+    rows = res["rows"]
+    views = {"as given": res["fwd"], "reversed": res["rev"],
+             "two views (mean)": [(a + b) / 2 for a, b in zip(res["fwd"], res["rev"],
+                                                             strict=True)]}
+    got = {k: per_user(rows, v) for k, v in views.items()}
+    if args.part == "test":
+        valid = lists_of(world, "valid", 200)
+        lr = baseline_scorers(world, valid)["feature regression"]
+        cut = accuracy_cut(np.concatenate([lr(u, it) for u, it, _ in valid]),
+                           np.concatenate([y for _, _, y in valid]))
+        got["feature regression"] = per_user(rows, [lr(u, it) for u, it, _ in rows], cut)
+    table = Table(title=f"{len(rows)} {args.part} 1:1 lists, per user (paired 95% CI vs "
+                  "as given)")
+    for col in ("scores", "AUC", "F1", "accuracy", "AUC - as given", "F1 - as given"):
+        table.add_column(col, justify="right")
+    base = got["as given"]
+    for name, r in got.items():
+        diffs = ["", ""] if name == "as given" else [
+            "{mean_diff:+.4f} [{lo:+.4f}, {hi:+.4f}]".format(**paired_diff_ci(r[k], base[k]))
+            for k in ("auc", "f1")]
+        table.add_row(name, f"{r['auc'].mean():.4f}", f"{r['f1'].mean():.4f}",
+                      f"{r['accuracy'].mean():.4f}", *diffs)
+    Console().print(table)
+    if args.part == "test":
+        d = paired_diff_ci(got["two views (mean)"]["auc"], got["feature regression"]["auc"])
+        print("AUC, two views - feature regression: {mean_diff:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+              .format(**d))
+
+
+if __name__ == "__main__":
+    main()
