@@ -9,8 +9,8 @@ that out (``agents.browse.list_scores(views=2)``, ``alignuser evaluate --list-vi
 Validation lists are those the discrimination section tunes the baselines' cuts on (the
 choice is made there); test lists are the evaluated users' (as ``alignuser evaluate``), where
 the feature regression (fit on validation lists, its cut tuned there as evaluation tunes it)
-is scored beside. Per-user AUC, F1 (the
-agent's cut: calibrated log-odds >= 0) and accuracy, with paired bootstrap CIs.
+is scored beside. Per-user AUC, F1 (the agent's cut: calibrated log-odds >= 0) and accuracy,
+as ``evaluation.micro.discrimination`` computes them, with paired bootstrap CIs.
 """
 
 from __future__ import annotations
@@ -23,18 +23,18 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-from sklearn.metrics import roc_auc_score
 
-from agents.browse import accuracy_cut, list_scores
+from agents.browse import list_scores
 from agents.decide import Calibration
 from agents.llm import load_lm
 from agents.scorer import Scorer
 from agents.world import World, load_world
-from evaluation.metrics import binary_scores, paired_diff_ci
-from evaluation.micro import baseline_scorers
-from evaluation.sections import pick
+from evaluation.metrics import paired_diff_ci
+from evaluation.micro import baseline_scorers, discrimination
+from evaluation.sections import agent_scorer, pick
 
 SHIPPED = "checkpoints/alignuser-ml100k"
+VIEWS = ("as given", "reversed", "two views (mean)")
 
 
 def lists_of(world: World, part: str, n: int, seed: int = 0) -> list:
@@ -63,10 +63,15 @@ def score_views(world: World, rows: list, adapter: str, world_model: bool) -> di
     return out
 
 
-def per_user(rows: list, scores: list, cut: float = 0.0) -> dict[str, np.ndarray]:
-    res = [{**binary_scores(y, (np.asarray(s) >= cut).astype(int)),
-            "auc": float(roc_auc_score(y, s))} for (_, _, y), s in zip(rows, scores, strict=True)]
-    return {k: np.asarray([r[k] for r in res]) for k in ("auc", "f1", "accuracy")}
+def per_user(rows: list, methods: dict, valid: list) -> dict[str, dict[str, np.ndarray]]:
+    """Each method's per-user AUC, F1 and accuracy on ``rows``, as evaluation scores them: the
+    agent's views cut at 0, other scorers at their accuracy cut on ``valid``."""
+    agents = [k for k in methods if k in VIEWS]
+    _, got = discrimination(methods, valid, {1: rows}, fixed=dict.fromkeys(agents, 0.0))
+    users = [u for u, _, _ in rows]
+    return {name: {k: np.asarray([by_m[1][u][k] for u in users]) for k in ("auc", "f1",
+                                                                           "accuracy")}
+            for name, by_m in got.items()}
 
 
 def main() -> None:
@@ -88,16 +93,14 @@ def main() -> None:
         if args.save:
             args.save.write_bytes(pickle.dumps(res))
     rows = res["rows"]
-    views = {"as given": res["fwd"], "reversed": res["rev"],
-             "two views (mean)": [(a + b) / 2 for a, b in zip(res["fwd"], res["rev"],
-                                                             strict=True)]}
-    got = {k: per_user(rows, v) for k, v in views.items()}
+    scores = dict(zip(VIEWS, (res["fwd"], res["rev"], [(a + b) / 2 for a, b in zip(
+        res["fwd"], res["rev"], strict=True)]), strict=True))
+    methods = {name: agent_scorer({1: rows}, {1: v}) for name, v in scores.items()}
+    valid = []
     if args.part == "test":
         valid = lists_of(world, "valid", 200)
-        lr = baseline_scorers(world, valid)["feature regression"]
-        cut = accuracy_cut(np.concatenate([lr(u, it) for u, it, _ in valid]),
-                           np.concatenate([y for _, _, y in valid]))
-        got["feature regression"] = per_user(rows, [lr(u, it) for u, it, _ in rows], cut)
+        methods["feature regression"] = baseline_scorers(world, valid)["feature regression"]
+    got = per_user(rows, methods, valid)
     table = Table(title=f"{len(rows)} {args.part} 1:1 lists, per user (paired 95% CI vs "
                   "as given)")
     for col in ("scores", "AUC", "F1", "accuracy", "AUC - as given", "F1 - as given"):

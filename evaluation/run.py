@@ -16,7 +16,7 @@ from typing import Any, Literal
 import pandas as pd
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from agents.browse import pages_of
+from agents.browse import LIST_VIEWS, pages_of
 from agents.policy import DEFAULT_TEMPERATURE
 from agents.transition import Transition
 from agents.world import World
@@ -39,9 +39,10 @@ class EvalConfig(BaseModel):
     users: int = Field(200, ge=1, description="held-out users every method is scored on")
     ms: list[int] = Field([1, 9], description="1:m ratios of preference discrimination "
                           "(from 1, 2, 3, 9; every list is 20 items, 5 pages of decisions)")
-    list_views: int = Field(1, ge=1, le=2, description="times each 1:m list is shown to an "
-                            "LLM agent: 1, or 2 to show it reversed too and average each "
-                            "item's two watch log-odds (twice the lists' time)")
+    list_views: int = Field(1, ge=min(LIST_VIEWS), le=max(LIST_VIEWS),
+                            description="times each 1:m list is shown to an LLM agent: 1, or "
+                            "2 to show it reversed too and average each item's two watch "
+                            "log-odds (twice the lists' time)")
     next_action_users: int = Field(200, ge=0, description="users whose held-out pages are "
                                    "replayed")
     next_action_pages: int = Field(600, ge=0, description="most held-out pages replayed")

@@ -98,7 +98,8 @@ def held_out(world: World, users: Sequence[int], part: str = "test"):
     return trajs, transitions(trajs, world, full_history=True)
 
 
-def _agent_scorer(lists: Mapping[int, list], scores: Mapping[int, list]) -> micro.ItemScorer:
+def agent_scorer(lists: Mapping[int, list], scores: Mapping[int, list]) -> micro.ItemScorer:
+    """An agent's answers on the lists (per ratio, in the lists' order) as an item scorer."""
     table = {(u, tuple(items)): np.asarray(s) for m, rows in lists.items()
              for (u, items, _), s in zip(rows, scores[m], strict=True)}
     return lambda user, items: table[(user, tuple(items))]
@@ -110,7 +111,7 @@ def discrimination(ctx: Context) -> Result:
     valid_all = ctx.world.lists("valid", 1, None, cfg.seed)
     valid_lists = [valid_all[i] for i in pick(range(len(valid_all)), cfg.users, cfg.seed + 1)]
     methods = dict(micro.baseline_scorers(ctx.world, valid_lists, cfg.seed))
-    methods |= {labels[n]: _agent_scorer(ctx.bundle.lists, o["lists"])
+    methods |= {labels[n]: agent_scorer(ctx.bundle.lists, o["lists"])
                 for n, o in outputs.items()}
     rows, per_user = micro.discrimination(methods, valid_lists, ctx.bundle.lists,
                                           fixed={labels[n]: 0.0 for n in outputs})
