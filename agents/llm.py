@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,16 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft reads ``is_gradient_checkpointing`` on every adapter it wraps, which this
+    transformers deprecates with a FutureWarning: noise a user of a run cannot act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 @contextlib.contextmanager
@@ -198,7 +209,8 @@ def load_lm(
         if adapter_dir is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+            with quiet_peft():
+                model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
             if merge:
                 model = model.merge_and_unload()
             name = f"{name}+{adapter_dir.name}"

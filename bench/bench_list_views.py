@@ -3,8 +3,11 @@ log-odds rank it better than one showing? An item's score depends on its page co
 neighbours, what the agent watched on the list's earlier pages); two contexts average some of
 that out (``agents.browse.list_scores(views=2)``, ``alignuser evaluate --list-views 2``).
 
-    python bench/bench_list_views.py [--part valid|test] [--lists 128] [--adapter DIR]
-        [--no-world-model] [--save FILE | --load FILE]
+    python bench/bench_list_views.py [--part valid|test] [--start 0] [--lists 128]
+        [--adapter DIR] [--no-world-model] [--save FILE | --load FILE [FILE ...]]
+
+``--start`` and ``--lists`` pick lists [start, start + lists) of the 200, so a long scoring can be
+done in parts (each ``--save``d); ``--load`` with several files reports their lists together.
 
 Validation lists are those the discrimination section tunes the baselines' cuts on (the
 choice is made there); test lists are the evaluated users' (as ``alignuser evaluate``), where
@@ -37,14 +40,19 @@ SHIPPED = "checkpoints/alignuser-ml100k"
 VIEWS = ("as given", "reversed", "two views (mean)")
 
 
-def lists_of(world: World, part: str, n: int, seed: int = 0) -> list:
-    """The first ``n`` 1:1 lists of the 200 users an evaluation picks (validation: the lists
-    the discrimination section fits cuts on; test: the evaluated users')."""
+def lists_of(world: World, part: str, n: int, seed: int = 0, start: int = 0) -> list:
+    """1:1 lists ``start`` to ``start + n`` of the 200 users an evaluation picks (validation:
+    the lists the discrimination section fits cuts on; test: the evaluated users')."""
     if part == "valid":
         pool = world.lists("valid", 1, None, seed)
-        return [pool[i] for i in pick(range(len(pool)), 200, seed + 1)][:n]
+        return [pool[i] for i in pick(range(len(pool)), 200, seed + 1)][start:start + n]
     users = pick([u for u, _, _ in world.lists("test", 1, None, seed)], 200, seed)
-    return world.lists("test", 1, users, seed)[:n]
+    return world.lists("test", 1, users, seed)[start:start + n]
+
+
+def merged(parts: list[dict]) -> dict:
+    """Scores saved in parts (``--save``), as one: their lists in the order given."""
+    return {k: [x for p in parts for x in p[k]] for k in ("rows", "fwd", "rev")}
 
 
 def score_views(world: World, rows: list, adapter: str, world_model: bool) -> dict:
@@ -78,18 +86,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("valid", "test"), default="valid")
-    ap.add_argument("--lists", type=int, default=128, help="first N of the 200 users' lists")
+    ap.add_argument("--start", type=int, default=0, help="first list scored (of the 200)")
+    ap.add_argument("--lists", type=int, default=128, help="lists scored from --start")
     ap.add_argument("--adapter", default=SHIPPED)
     ap.add_argument("--world-model", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--save", type=Path, help="write the scores here (pickle)")
-    ap.add_argument("--load", type=Path, help="read scores written by --save; score nothing")
+    ap.add_argument("--load", type=Path, nargs="+",
+                    help="read scores written by --save (several: their lists together); "
+                    "score nothing")
     args = ap.parse_args()
+    if args.start < 0 or args.lists < 1 or args.start + args.lists > 200:
+        ap.error("--start and --lists must pick lists within the 200")
     world = load_world()
     if args.load:
-        res = pickle.loads(args.load.read_bytes())
+        res = merged([pickle.loads(f.read_bytes()) for f in args.load])
     else:
-        res = score_views(world, lists_of(world, args.part, args.lists), args.adapter,
-                          args.world_model)
+        res = score_views(world, lists_of(world, args.part, args.lists, start=args.start),
+                          args.adapter, args.world_model)
         if args.save:
             args.save.write_bytes(pickle.dumps(res))
     rows = res["rows"]

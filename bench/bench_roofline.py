@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from agents.llm import load_lm
+from agents.llm import cache_arg, load_lm, output_cache
 
 # A page as the decision step pushes it: batched page prefixes, then each page's scored lines
 # (packed as one token tree) on its prefix's cache; shapes from a profiled 1:1 list run.
@@ -63,7 +63,7 @@ def page_forward(model: torch.nn.Module, reps: int = 3) -> float:
 
     def page() -> None:
         out = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
-        model(input_ids=tail, past_key_values=out.past_key_values, use_cache=True)
+        model(input_ids=tail, use_cache=True, **{cache_arg(model): output_cache(out)})
 
     with torch.inference_mode():
         return BATCH * (PREFIX + TAIL) / _seconds(page, reps)

@@ -56,8 +56,15 @@ def default_embedder() -> Embedder:
     """Process-wide MiniLM encoder: importing and loading cost seconds, encoding ~2 ms a text."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
 
-    model = SentenceTransformer(str(minilm_path()), device="cpu")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar would cut into the run's own
+    try:
+        model = SentenceTransformer(str(minilm_path()), device="cpu")
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
     def embed(texts: Sequence[str]) -> np.ndarray:
         return model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True,

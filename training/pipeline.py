@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from agents.browse import pages_of
-from agents.llm import LM, load_lm
+from agents.llm import LM, load_lm, quiet_peft
 from agents.perception import Perceiver
 from agents.scorer import Scorer
 from agents.transition import Example, Transition, transitions
@@ -93,13 +93,15 @@ def _peft(lm: LM, cfg: TrainConfig):
     if isinstance(lm.model, PeftModel):
         return lm.model
     if cfg.init_adapter:
-        return PeftModel.from_pretrained(lm.model, cfg.init_adapter, is_trainable=True)
+        with quiet_peft():
+            return PeftModel.from_pretrained(lm.model, cfg.init_adapter, is_trainable=True)
     import torch
 
     torch.manual_seed(cfg.seed)
-    return get_peft_model(lm.model, LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
+    with quiet_peft():
+        return get_peft_model(lm.model, LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
 
 
 def _stage(model, lm: LM, cfg: TrainConfig, pools: Mapping[str, Sequence[Example]],
