@@ -1,0 +1,101 @@
+"""Would int8 weights make the agent faster on a CPU without native bf16, and would it still
+decide as the fp32 model does? torch's dynamic int8 quantization of the decoder's Linear layers
+(weights per output channel, activations given one scale per tensor at run time), against the
+fp32 model, on the same validation 1:1 lists browsed by the full agent: seconds a list, how far
+each item's watch log-odds moved, how often its watch/skip decision stayed the same, and the
+per-user AUC of each.
+
+    python bench/bench_quantize.py [--lists 8] [--adapter DIR] [--keep-sets "|down_proj|..."]
+
+``--keep-sets``: variants, separated by ``|``, each the comma-separated projections left in fp32
+(empty: every Linear in int8). SmolLM2's residual stream carries a few very large activations,
+which one scale per tensor rounds the rest of against; the projections that read them can stay
+fp32. torch marks ``torch.ao.quantization`` deprecated, one more reason it is measured here and
+not offered as an option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from sklearn.metrics import roc_auc_score
+
+from agents.browse import list_scores
+from agents.decide import Calibration
+from agents.llm import LM, load_lm
+from agents.scorer import Scorer
+from agents.world import World, load_world
+from evaluation.sections import pick
+
+SHIPPED = "checkpoints/alignuser-ml100k"
+
+
+def quantized(lm: LM, keep: set[str]) -> LM:
+    """``lm`` with the decoder layers' Linear modules in dynamic int8, but those whose name
+    holds one of ``keep``."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    layers = lm.model.get_decoder().layers
+    spec = {name: per_channel_dynamic_qconfig for name, mod in layers.named_modules()
+            if isinstance(mod, torch.nn.Linear) and not any(k in name for k in keep)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao's own deprecation
+        warnings.simplefilter("ignore", UserWarning)  # ... and its quantized tensors'
+        lm.model.get_decoder().layers = quantize_dynamic(layers, spec, dtype=torch.qint8)
+    return lm
+
+
+def scores(world: World, lm: LM, rows: list, cal: Calibration) -> tuple[list, float]:
+    """Each list's watch log-odds as evaluation reads them, and the seconds they took."""
+    t0 = time.perf_counter()
+    out = list_scores(Scorer(lm, cache_size=4096), world.perceiver, world.personas,
+                      world.histories, [(u, items) for u, items, _ in rows], world_model=True,
+                      offset=cal.list_offset, calibration=cal)
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lists", type=int, default=8, help="validation 1:1 lists (of the 200 "
+                    "the discrimination section fits cuts on)")
+    ap.add_argument("--adapter", default=SHIPPED)
+    ap.add_argument("--keep-sets", default="|down_proj|down_proj,q_proj,k_proj,v_proj,o_proj",
+                    help="variants, '|'-separated: projections each keeps in fp32")
+    args = ap.parse_args()
+    if args.lists < 1:
+        ap.error("--lists must be at least 1")
+    world = load_world()
+    pool = world.lists("valid", 1, None, 0)
+    rows = [pool[i] for i in pick(range(len(pool)), 200, 1)][:args.lists]
+    labels = [np.asarray(lab) for _, _, lab in rows]
+    cal = Calibration.of_checkpoint(args.adapter)
+    ref, ref_s = scores(world, load_lm(adapter=args.adapter, dtype="fp32"), rows, cal)
+    table = Table(title=f"{len(rows)} validation 1:1 lists, the full agent ({args.adapter})")
+    for col in ("weights", "s a list", "speed-up", "mean |Δ log-odds|", "max", "same decision",
+                "AUC"):
+        table.add_column(col, justify="right")
+    auc = np.mean([roc_auc_score(lab, s) for lab, s in zip(labels, ref, strict=True)])
+    table.add_row("fp32", f"{ref_s / len(rows):.2f}", "1.00", "0", "0", "1.000", f"{auc:.4f}")
+    for keep in args.keep_sets.split("|"):
+        kept = {k for k in keep.split(",") if k}
+        lm = quantized(load_lm(adapter=args.adapter, dtype="fp32"), kept)
+        got, sec = scores(world, lm, rows, cal)
+        d = np.abs(np.concatenate([np.subtract(a, b) for a, b in zip(got, ref, strict=True)]))
+        same = np.mean(np.concatenate([(np.asarray(a) >= 0) == (np.asarray(b) >= 0)
+                                       for a, b in zip(got, ref, strict=True)]))
+        auc = np.mean([roc_auc_score(lab, s) for lab, s in zip(labels, got, strict=True)])
+        name = "int8" + (f", fp32: {', '.join(sorted(kept))}" if kept else "")
+        table.add_row(name, f"{sec / len(rows):.2f}", f"{ref_s / sec:.2f}", f"{d.mean():.3f}",
+                      f"{d.max():.3f}", f"{same:.3f}", f"{auc:.4f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
