@@ -3,14 +3,15 @@ decide as the fp32 model does? torch's dynamic int8 quantization of the decoder'
 (weights per output channel, activations given one scale per tensor at run time), against the
 fp32 model, on the same validation 1:1 lists browsed by the full agent: seconds a list, how far
 each item's watch log-odds moved, how often its watch/skip decision stayed the same, and the
-per-user AUC of each.
+per-user AUC of each; and first, how far the largest input of each kind of projection stands
+above the rest, which one int8 scale per tensor must cover.
 
     python bench/bench_quantize.py [--lists 8] [--adapter DIR] [--keep-sets "|down_proj|..."]
 
 ``--keep-sets``: variants, separated by ``|``, each the comma-separated projections left in fp32
-(empty: every Linear in int8). SmolLM2's residual stream carries a few very large activations,
-which one scale per tensor rounds the rest of against; the projections that read them can stay
-fp32. torch marks ``torch.ao.quantization`` deprecated, one more reason it is measured here and
+(empty: every Linear in int8). Some projections' inputs carry a few very large activations
+(the first table), against which one scale per tensor rounds the rest; those projections can
+stay fp32. torch marks ``torch.ao.quantization`` deprecated, one more reason it is measured here and
 not offered as an option.
 """
 
@@ -29,6 +30,7 @@ from sklearn.metrics import roc_auc_score
 from agents.browse import list_scores
 from agents.decide import Calibration
 from agents.llm import LM, load_lm
+from agents.prompts import persona_block
 from agents.scorer import Scorer
 from agents.world import World, load_world
 from evaluation.sections import pick
@@ -49,6 +51,33 @@ def quantized(lm: LM, keep: set[str]) -> LM:
         warnings.simplefilter("ignore", UserWarning)  # ... and its quantized tensors'
         lm.model.get_decoder().layers = quantize_dynamic(layers, spec, dtype=torch.qint8)
     return lm
+
+
+def outliers(lm: LM, text: str) -> list[tuple[str, str, float, float]]:
+    """Per projection, the layer whose input's largest |activation| on ``text`` stands furthest
+    above its median: (projection, layer, max / median, max / 99th percentile). One int8 scale
+    per tensor is set by the largest value; what sits below 1/254 of it rounds to zero."""
+    seen: dict[str, tuple[float, float, float]] = {}
+
+    def hook(name: str):
+        def read(_mod, inp, _out) -> None:
+            x = inp[0].detach().abs().flatten().float()
+            seen[name] = (x.max().item(), x.quantile(0.99).item(), x.median().item())
+        return read
+
+    layers = lm.model.get_decoder().layers
+    handles = [mod.register_forward_hook(hook(name)) for name, mod in layers.named_modules()
+               if isinstance(mod, torch.nn.Linear)]
+    with torch.inference_mode():
+        lm.model(input_ids=torch.tensor([lm.tokenizer(text).input_ids]))
+    for h in handles:
+        h.remove()
+    out = []
+    for proj in ("q_proj", "o_proj", "gate_proj", "down_proj"):
+        name, (mx, p99, med) = max(((n, v) for n, v in seen.items() if n.endswith(proj)),
+                                   key=lambda nv: nv[1][0] / nv[1][2])
+        out.append((proj, name.split(".")[0], mx / med, mx / p99))
+    return out
 
 
 def scores(world: World, lm: LM, rows: list, cal: Calibration) -> tuple[list, float]:
@@ -76,7 +105,16 @@ def main() -> None:
     rows = [pool[i] for i in pick(range(len(pool)), 200, 1)][:args.lists]
     labels = [np.asarray(lab) for _, _, lab in rows]
     cal = Calibration.of_checkpoint(args.adapter)
-    ref, ref_s = scores(world, load_lm(adapter=args.adapter, dtype="fp32"), rows, cal)
+    lm = load_lm(adapter=args.adapter, dtype="fp32")
+    text = "".join(persona_block(world.personas[u]) for u, _, _ in rows)
+    spread = Table(title=f"the Linear layers' inputs on the {len(rows)} lists' persona blocks "
+                   f"({len(lm.tokenizer(text).input_ids)} tokens)")
+    for col in ("projection", "its widest layer", "max / median", "max / 99th percentile"):
+        spread.add_column(col, justify="right")
+    for proj, layer, med, p99 in outliers(lm, text):
+        spread.add_row(proj, layer, f"{med:,.0f}", f"{p99:,.0f}")
+    Console().print(spread)
+    ref, ref_s = scores(world, lm, rows, cal)
     table = Table(title=f"{len(rows)} validation 1:1 lists, the full agent ({args.adapter})")
     for col in ("weights", "s a list", "speed-up", "mean |Δ log-odds|", "max", "same decision",
                 "AUC"):
