@@ -34,7 +34,7 @@ from agents.scorer import Scorer
 from agents.world import World, load_world
 from evaluation.metrics import paired_diff_ci
 from evaluation.micro import baseline_scorers, discrimination
-from evaluation.sections import agent_scorer, pick
+from evaluation.sections import agent_scorer, pick, validation_lists
 
 SHIPPED = "checkpoints/alignuser-ml100k"
 VIEWS = ("as given", "reversed", "two views (mean)")
@@ -44,8 +44,7 @@ def lists_of(world: World, part: str, n: int, seed: int = 0, start: int = 0) -> 
     """1:1 lists ``start`` to ``start + n`` of the 200 users an evaluation picks (validation:
     the lists the discrimination section fits cuts on; test: the evaluated users')."""
     if part == "valid":
-        pool = world.lists("valid", 1, None, seed)
-        return [pool[i] for i in pick(range(len(pool)), 200, seed + 1)][start:start + n]
+        return validation_lists(world, 200, seed)[start:start + n]
     users = pick([u for u, _, _ in world.lists("test", 1, None, seed)], 200, seed)
     return world.lists("test", 1, users, seed)[start:start + n]
 

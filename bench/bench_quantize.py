@@ -33,7 +33,7 @@ from agents.llm import LM, load_lm
 from agents.prompts import persona_block
 from agents.scorer import Scorer
 from agents.world import World, load_world
-from evaluation.sections import pick
+from evaluation.sections import validation_lists
 
 SHIPPED = "checkpoints/alignuser-ml100k"
 
@@ -101,8 +101,7 @@ def main() -> None:
     if args.lists < 1:
         ap.error("--lists must be at least 1")
     world = load_world()
-    pool = world.lists("valid", 1, None, 0)
-    rows = [pool[i] for i in pick(range(len(pool)), 200, 1)][:args.lists]
+    rows = validation_lists(world, 200, 0)[:args.lists]
     labels = [np.asarray(lab) for _, _, lab in rows]
     cal = Calibration.of_checkpoint(args.adapter)
     lm = load_lm(adapter=args.adapter, dtype="fp32")

@@ -92,6 +92,12 @@ def pick(pool: Sequence[int], n: int, seed: int) -> list[int]:
     return sorted(pool[i] for i in idx)
 
 
+def validation_lists(world: World, users: int, seed: int) -> list:
+    """The validation 1:1 lists the discrimination section fits the baselines' cuts on."""
+    pool = world.lists("valid", 1, None, seed)
+    return [pool[i] for i in pick(range(len(pool)), users, seed + 1)]
+
+
 def held_out(world: World, users: Sequence[int], part: str = "test"):
     """Held-out visits on the training pages' construction (the exposure mixture)."""
     trajs = world.trajectories(part, users=list(users), progress=False)
@@ -108,8 +114,7 @@ def agent_scorer(lists: Mapping[int, list], scores: Mapping[int, list]) -> micro
 def discrimination(ctx: Context) -> Result:
     cfg, labels, outputs = ctx.cfg, ctx.labels, ctx.outputs
     ctx.log("preference discrimination")
-    valid_all = ctx.world.lists("valid", 1, None, cfg.seed)
-    valid_lists = [valid_all[i] for i in pick(range(len(valid_all)), cfg.users, cfg.seed + 1)]
+    valid_lists = validation_lists(ctx.world, cfg.users, cfg.seed)
     methods = dict(micro.baseline_scorers(ctx.world, valid_lists, cfg.seed))
     methods |= {labels[n]: agent_scorer(ctx.bundle.lists, o["lists"])
                 for n, o in outputs.items()}
