@@ -50,13 +50,13 @@ class TrainConfig(BaseModel):
         "titles", description="how stage 1's next state names the next page: titles (each "
         "item with its genres, as the shipped adapters were trained) or genres (the page's "
         "genre mix only: the titles depend on the recommender, which the state does not show; "
-        "see README, Training)")
+        "see docs/training-experiments.md)")
     wm_rating_cue: bool = Field(False, description="the world model rates each slot after "
                                 "that slot's rating cue line (agents.text.rating_cue), in "
                                 "stage 1 and in its expected ratings; off (the shipped "
                                 "adapters' format): after the action alone, many lines below "
                                 "the item's numbers, where a small model expected nearly one "
-                                "rating for every slot of a page (README, Training)")
+                                "rating for every slot of a page (docs/training-experiments.md)")
     wm_generate: bool = Field(False, description="also generate each alternative's next page "
                               "with the world model (slow on CPU: ~3 s per alternative)")
     min_history: int = Field(5, ge=0, description="leave out train visits whose person had "
