@@ -64,6 +64,11 @@ class TrainConfig(BaseModel):
                              "match cue reads 0/100, so such pages teach deciding by popularity "
                              "and title alone (0 keeps all; chosen on validation lists, see "
                              "README, Training)")
+    list_pages: int = Field(0, ge=0, description="validation 1:1 list pages of users who have "
+                            "no 1:1 test list (so never on an evaluated list) trained beside "
+                            "the policy's pages, half of each batch, watch/skip lines only: the "
+                            "footing of the feature-regression bar, which is fit on validation "
+                            "lists (training.list_pages; 0 = off, the shipped adapters)")
     wm_transitions: int = Field(2000, ge=1, description="train transitions sampled for stage 1")
     cr_transitions: int = Field(100, ge=1, description="train transitions given counterfactuals")
     valid_examples: int = Field(24, ge=0, description="validation examples for early stopping")

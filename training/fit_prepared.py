@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     from training.pipeline import fit  # torch and transformers: only once the flags hold
 
     prep = read_pickle(args.prepared)
+    if cfg.list_pages and not getattr(prep, "lists", ()):  # a file from before --list-pages
+        ap.error(f"--list-pages: {args.prepared} holds no list pages; prepare it with "
+                 "--list-pages (alignuser train --prepare-only)")
     manifest = fit(cfg, prep, Path(args.output), resume=args.resume)
     print(manifest["final_losses"], manifest["calibration"])
     return 0

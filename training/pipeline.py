@@ -28,15 +28,17 @@ from simulator.runs import git_commit
 from simulator.trajectories import Trajectory, experienced
 from training.config import LORA_TARGETS, TrainConfig
 from training.counterfactual import build_counterfactual, reflection_record
+from training.list_pages import LIST_KIND, list_rows, list_transitions, slot_examples
 from training.rollout import class_balance, fingerprint
 from training.teacher import make_teacher
-from training.trainer import save_lora, train_loop, validation_loss
+from training.trainer import save_adapter, train_loop, validation_loss
 
 
 @dataclass
 class TrainData:
     """What training may see: TRAIN trajectories for learning; VALID trajectories and 1:1
-    lists for early stopping and calibration only; never TEST. Personas, evidence and
+    lists for early stopping and calibration (with ``--list-pages``, also the validation lists
+    of users no evaluation lists: ``training.list_pages``); never TEST. Personas, evidence and
     rendering come from ``world`` (``agents.transition.transitions``)."""
 
     world: World
@@ -167,6 +169,9 @@ class Prepared:
     # (pages, ended by exit): what the sampled exit offsets are fitted on
     sessions: Sequence[tuple[int, list[list[int]]]] = ()
     visits: Sequence[tuple[int, bool]] = ()
+    # validation list pages of never-evaluated users (``--list-pages``, training.list_pages)
+    lists: Sequence[Transition] = ()
+    list_valid: Sequence[Transition] = ()  # the first calibration lists' pages: early stopping
 
 
 def validation_sessions(world: World, valid: Sequence[Trajectory], users: int, seed: int
@@ -203,7 +208,11 @@ def prepare(cfg: TrainConfig, data: TrainData) -> Prepared:
         valid_lists=list(data.valid_lists)[:cfg.calibration_lists],
         sessions=validation_sessions(world, data.valid, cfg.calibration_sessions, cfg.seed + 3)
         if cfg.calibration_sessions and data.valid else (),
-        visits=[(len(t.steps), t.end == "exit") for t in data.valid])
+        visits=[(len(t.steps), t.end == "exit") for t in data.valid],
+        lists=_sample(list_transitions(world, list_rows(world, cfg.seed)), cfg.list_pages,
+                      cfg.seed + 4) if cfg.list_pages else (),
+        list_valid=list_transitions(world, list(data.valid_lists)[:max(1, cfg.valid_examples // 5)])
+        if cfg.list_pages and data.valid_lists else ())
 
 
 def _with_predictions(model, lm: LM, trs: Sequence[Transition], cfg: TrainConfig,
@@ -270,6 +279,10 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
     """Run the configured stage(s), calibrate on validation; returns (and writes) the manifest."""
     import time
 
+    lists = list(prep.lists) if cfg.list_pages else []
+    if cfg.list_pages and not lists:
+        raise ValueError("--list-pages: the prepared file holds no list pages; prepare it "
+                         "with --list-pages (alignuser train --prepare-only)")
     out.mkdir(parents=True, exist_ok=True)
     lm = lm or load_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
     model = _peft(lm, cfg)
@@ -288,21 +301,31 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
     if cfg.stage == "policy":
         pols, balance = class_balance([e for t in wm_trs
                                        for e in t.policy_examples(rating_cue=cue)])
-        result["policy"] = _stage(model, lm, cfg, {"policy": pols}, {"policy": 1.0},
-                                  cfg.cr_steps, out / "stage_policy",
-                                  [e for t in valid_trs for e in t.policy_examples(rating_cue=cue)],
+        pools, valid = {"policy": pols}, [e for t in valid_trs
+                                          for e in t.policy_examples(rating_cue=cue)]
+        if lists:
+            pools[LIST_KIND] = class_balance(slot_examples(
+                [e for t in lists for e in t.policy_examples()]))[0]
+            valid += slot_examples([e for t in prep.list_valid for e in t.policy_examples()])
+        result["policy"] = _stage(model, lm, cfg, pools, {"policy": 1.0, LIST_KIND: 1.0},
+                                  cfg.cr_steps, out / "stage_policy", valid,
                                   resume, progress, stop_after)
     if cfg.stage in ("cr", "all"):
         pols, balance = class_balance(_with_predictions(model, lm, wm_trs, cfg, progress))
         pools = {"policy": pols, "wm": wm_pool}
-        weights = {"policy": 1.0, "wm": cfg.lambda_wm, "cr": cfg.lambda_cr}
+        weights = {"policy": 1.0, "wm": cfg.lambda_wm, "cr": cfg.lambda_cr, LIST_KIND: 1.0}
+        if lists:
+            pools[LIST_KIND] = class_balance(slot_examples(
+                _with_predictions(model, lm, lists, cfg, progress)))[0]
         if cfg.lambda_cr > 0:  # with λ_CR = 0 the reflections would go unused: not generated
             pools["cr"] = _cr_pools(model, lm, cfg, prep, prep.cr, out, progress)
         # Validated as this agent decides at run time and as it trains here: with the world
         # model's expectations in the prompt (the weights kept are chosen on this loss).
+        valid = _with_predictions(model, lm, valid_trs, cfg, progress)
+        if lists:
+            valid += slot_examples(_with_predictions(model, lm, prep.list_valid, cfg, progress))
         result["cr"] = _stage(model, lm, cfg, pools, weights, cfg.cr_steps, out / "stage_cr",
-                              _with_predictions(model, lm, valid_trs, cfg, progress), resume,
-                              progress, stop_after)
+                              valid, resume, progress, stop_after)
     model.eval()
     t0 = time.perf_counter()
     from training.calibrate import calibrate, session_data
@@ -324,11 +347,12 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
     finally:
         model.unmerge_adapter()
     calibration["seconds"] = round(time.perf_counter() - t0, 1)
-    _save_adapter(model, out, cfg)
+    save_adapter(model, out, cfg.save_dtype)
     lm.tokenizer.save_pretrained(out)
     manifest = {"kind": "train", "status": "complete", "base_model": lm.name,
                 "config": cfg.model_dump(mode="json"),
-                "data": {**prep.data_hashes, "wm": len(wm_trs), "valid": len(valid_trs)},
+                "data": {**prep.data_hashes, "wm": len(wm_trs), "valid": len(valid_trs),
+                         "list_pages": len(lists)},
                 "class_balance": balance, "calibration": calibration,
                 "stages": {k: {kk: vv for kk, vv in v.items() if kk != "history"}
                            for k, v in result.items()},
@@ -339,20 +363,6 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
     (out / "history.json").write_text(json.dumps({k: v["history"] for k, v in result.items()}))
     _plot_curves(result, out)
     return manifest
-
-
-def _save_adapter(model, out: Path, cfg: TrainConfig) -> None:
-    """The adapter in ``cfg.save_dtype`` (bf16 halves the file; weights are cast on load)."""
-    import torch
-
-    save_lora(model, out)
-    if cfg.save_dtype == "bfloat16":
-        from safetensors.torch import load_file, save_file
-
-        path = out / "adapter_model.safetensors"
-        tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(path)).items()}
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    _portable_adapter_config(out)
 
 
 def _plot_curves(result: Mapping[str, dict], out: Path) -> None:
@@ -379,11 +389,3 @@ def _plot_curves(result: Mapping[str, dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "loss_curve.png", dpi=100)
     plt.close(fig)
-
-
-def _portable_adapter_config(out: Path) -> None:
-    """Name the base by its role, not by this machine's cache path (resolved at load time)."""
-    path = out / "adapter_config.json"
-    cfg = json.loads(path.read_text())
-    cfg["base_model_name_or_path"] = "default"
-    path.write_text(json.dumps(cfg, indent=2))

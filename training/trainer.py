@@ -106,6 +106,28 @@ def save_lora(model, folder: Path) -> None:
     model.save_pretrained(folder, save_embedding_layers=False)
 
 
+def save_adapter(model, out: Path, save_dtype: str = "bfloat16") -> None:
+    """The adapter in ``save_dtype`` (bf16 halves the file; weights are cast on load)."""
+    import torch
+
+    save_lora(model, out)
+    if save_dtype == "bfloat16":
+        from safetensors.torch import load_file, save_file
+
+        path = out / "adapter_model.safetensors"
+        tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(path)).items()}
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    _portable_adapter_config(out)
+
+
+def _portable_adapter_config(out: Path) -> None:
+    """Name the base by its role, not by this machine's cache path (resolved at load time)."""
+    path = out / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["base_model_name_or_path"] = "default"
+    path.write_text(json.dumps(cfg, indent=2))
+
+
 def _save(model, opt, ckpt: Path, step: int, history: list[dict], spent: dict) -> None:
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
