@@ -104,6 +104,13 @@ def report(args: argparse.Namespace) -> None:
         console.print(f"{name}: {s['adapter']}, list offset {s['offset']:+.3f}")
 
 
+def up_to_200(value: str) -> int:
+    n = int(value)
+    if not 1 <= n <= 200:
+        raise argparse.ArgumentTypeError(f"{n} is not between 1 and 200")
+    return n
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,9 +120,9 @@ def main() -> None:
     s.add_argument("save")
     s.add_argument("--world-model", action="store_true",
                    help="decide with the world model's expected ratings (the full agent)")
-    s.add_argument("--lists", type=int, default=200, choices=range(1, 201), metavar="1-200")
-    s.add_argument("--offset-lists", type=int, default=40, choices=range(1, 201),
-                   metavar="1-200")
+    s.add_argument("--lists", type=up_to_200, default=200, help="test lists (1-200)")
+    s.add_argument("--offset-lists", type=up_to_200, default=40,
+                   help="validation lists the offset is fitted on (1-200)")
     r = sub.add_parser("report", help="the saved scores beside the classical scorers")
     r.add_argument("saved", nargs="+", metavar="NAME=SAVE")
     args = ap.parse_args()
