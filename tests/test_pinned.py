@@ -205,6 +205,10 @@ def test_evaluation_outputs_and_discrimination(small_world: World, pinned: dict[
            {n: [p["watched"] for p in o["pages"]] for n, o in outputs.items()})
     metrics = score(small_world, cut, {"zero_shot": outputs["zero_shot"]}, cfg, tmp_path,
                     {"dataset": "ml-100k-40", "seed": 0}, log=lambda m: None)
-    rows = metrics["discrimination"]["rows"]
+    # A baseline's cut is a midpoint between two of its validation scores, and which midpoint
+    # wins among equally accurate ones moves with the BLAS kernels that fit the regression
+    # (AVX-512 against AVX2 moved it by 5e-4); the decisions and every metric are pinned.
+    rows = [{k: v for k, v in r.items() if k != "threshold"}
+            for r in metrics["discrimination"]["rows"]]
     _check(pinned, "discrimination", rows,
            [[r["method"], r["m"], round(r["f1"], 4)] for r in rows])

@@ -279,8 +279,8 @@ def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
     """Run the configured stage(s), calibrate on validation; returns (and writes) the manifest."""
     import time
 
-    lists = list(prep.lists) if cfg.list_pages else []
-    if cfg.list_pages and not lists:
+    lists = list(prep.lists) if cfg.list_pages and cfg.stage != "wm" else []  # policy lines
+    if cfg.list_pages and cfg.stage != "wm" and not lists:
         raise ValueError("--list-pages: the prepared file holds no list pages; prepare it "
                          "with --list-pages (alignuser train --prepare-only)")
     out.mkdir(parents=True, exist_ok=True)
