@@ -39,13 +39,22 @@ def discrimination_lists(test: pd.DataFrame, train_items_by_user: Mapping[int, s
         if len(positives) < n_pos:
             continue
         rated = set(positives.tolist()) | set(train_items_by_user.get(uid, set()))
-        negatives = catalogue[~np.isin(catalogue, list(rated))]
-        if len(negatives) < n_neg:
-            continue
-        rng = np.random.default_rng([seed, m, uid])
-        items = np.concatenate([rng.choice(positives, n_pos, replace=False),
-                                rng.choice(negatives, n_neg, replace=False)])
-        labels = np.array([1] * n_pos + [0] * n_neg)
-        order = rng.permutation(len(items))
-        out.append((uid, items[order].tolist(), labels[order].tolist()))
+        row = user_list(uid, positives, rated, catalogue, n_pos, n_neg,
+                        np.random.default_rng([seed, m, uid]))
+        if row is not None:
+            out.append(row)
     return out
+
+
+def user_list(uid: int, positives: np.ndarray, rated: set[int], catalogue: np.ndarray,
+              n_pos: int, n_neg: int, rng: np.random.Generator) -> ListRow | None:
+    """``n_pos`` of ``positives`` against ``n_neg`` catalogue items outside ``rated``, shuffled;
+    None when too few items were never rated."""
+    negatives = catalogue[~np.isin(catalogue, list(rated))]
+    if len(negatives) < n_neg:
+        return None
+    items = np.concatenate([rng.choice(positives, n_pos, replace=False),
+                            rng.choice(negatives, n_neg, replace=False)])
+    labels = np.array([1] * n_pos + [0] * n_neg)
+    order = rng.permutation(len(items))
+    return uid, items[order].tolist(), labels[order].tolist()

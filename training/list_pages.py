@@ -21,29 +21,32 @@ from agents.browse import pages_of
 from agents.transition import Example, Transition, transitions
 from agents.world import ListRow, World
 from simulator.env import MAX_PAGES, PAGE_SIZE
+from simulator.lists import user_list
 from simulator.trajectories import Step, Trajectory
 
 LIST_KIND = "lists"  # the pool (and loss term) of list pages' watch/skip lines
 
 
 def list_rows(world: World, seed: int) -> list[ListRow]:
-    """Validation 1:1 lists of the users evaluation never lists (no 1:1 test list)."""
+    """Validation 1:1 lists of the users evaluation never lists (no 1:1 test list): each
+    user's validation items against as many never rated, drawn as the protocol's lists are
+    (``simulator.lists.user_list``), cut into lists of at most 20."""
     evaluated = {u for u, _, _ in world.lists("test", 1, None, seed)}
     rated = world.rated_in()
-    items = np.asarray(sorted(world.ds.items))
-    rng = np.random.default_rng(seed)
+    catalogue = np.asarray(sorted(world.ds.items), dtype=np.int64)
+    size = PAGE_SIZE * MAX_PAGES
     out: list[ListRow] = []
     for u, g in world.split.valid.groupby("user"):
         u = int(u)
         if u in evaluated or len(g) < 2:
             continue
-        pos = [int(i) for i in g["item"]]
-        pool = items[~np.isin(items, sorted(rated.get(u, set())))]
-        both = pos + [int(i) for i in rng.choice(pool, size=len(pos), replace=False)]
-        order = rng.permutation(len(both))
-        shown, labels = [both[k] for k in order], [int(k < len(pos)) for k in order]
-        size = PAGE_SIZE * MAX_PAGES
-        out += [(u, shown[i:i + size], labels[i:i + size]) for i in range(0, len(shown), size)]
+        pos = np.asarray(sorted(set(g["item"].astype(int))), dtype=np.int64)
+        row = user_list(u, pos, rated.get(u, set()), catalogue, len(pos), len(pos),
+                        np.random.default_rng([seed, u]))
+        if row is not None:
+            _, shown, labels = row
+            out += [(u, shown[i:i + size], labels[i:i + size])
+                    for i in range(0, len(shown), size)]
     return out
 
 
