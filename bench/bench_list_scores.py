@@ -38,26 +38,24 @@ from evaluation.sections import agent_scorer, validation_lists
 BASELINES = ("popularity", "itemknn", "bpr", "ease", "feature regression")
 
 
-def raw_scores(world, adapter: str, rows: list, world_model: bool) -> list[np.ndarray]:
-    """Uncalibrated watch log-odds (offset 0) of every item of ``rows``."""
-    cal = Calibration.of_checkpoint(adapter)
-    lm = load_lm(adapter=adapter)
-    return list_scores(Scorer(lm, cache_size=4096), world.perceiver, world.personas,
-                       world.histories, [(u, items) for u, items, _ in rows],
-                       world_model=world_model, offset=0.0, calibration=cal)
-
-
 def score(args: argparse.Namespace) -> None:
     world = load_world()
+    cal, lm = Calibration.of_checkpoint(args.adapter), load_lm(adapter=args.adapter)
+
+    def raw_scores(rows: list) -> list[np.ndarray]:
+        """Uncalibrated watch log-odds (offset 0) of every item of ``rows``."""
+        return list_scores(Scorer(lm, cache_size=4096), world.perceiver, world.personas,
+                           world.histories, [(u, items) for u, items, _ in rows],
+                           world_model=args.world_model, offset=0.0, calibration=cal)
+
     valid = validation_lists(world, 200, 0)[:args.offset_lists]
     t0 = time.perf_counter()
-    offset = accuracy_offset(raw_scores(world, args.adapter, valid, args.world_model),
-                             [y for _, _, y in valid])
+    offset = accuracy_offset(raw_scores(valid), [y for _, _, y in valid])
     print(f"list offset {offset:+.3f} on {len(valid)} validation lists "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = lists_of(world, "test", args.lists)
     t0 = time.perf_counter()
-    raw = raw_scores(world, args.adapter, rows, args.world_model)
+    raw = raw_scores(rows)
     print(f"{len(rows)} test lists in {time.perf_counter() - t0:.0f} s", flush=True)
     with open(args.save, "wb") as f:
         pickle.dump({"adapter": args.adapter, "rows": rows, "raw": raw, "offset": offset}, f)

@@ -29,10 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(validation_line(exc))
     if not Path(args.prepared).is_file():
         ap.error(f"{args.prepared}: no such file (write one with alignuser train --prepare-only)")
-    from training.pipeline import fit  # torch and transformers: only once the flags hold
+    from training.pipeline import fit, lacks_list_pages  # torch, transformers: flags hold
 
     prep = read_pickle(args.prepared)
-    if cfg.list_pages and not getattr(prep, "lists", ()):  # a file from before --list-pages
+    if lacks_list_pages(cfg, prep):
         ap.error(f"--list-pages: {args.prepared} holds no list pages; prepare it with "
                  "--list-pages (alignuser train --prepare-only)")
     manifest = fit(cfg, prep, Path(args.output), resume=args.resume)

@@ -274,15 +274,20 @@ def run_training(cfg: TrainConfig, data: TrainData, out: Path, resume: bool = Fa
     return fit(cfg, prepare(cfg, data), out, resume, progress, lm, stop_after)
 
 
+def lacks_list_pages(cfg: TrainConfig, prep: Prepared) -> bool:
+    """``--list-pages`` asked of a stage with policy lines, on a file prepared without them."""
+    return bool(cfg.list_pages) and cfg.stage != "wm" and not prep.lists
+
+
 def fit(cfg: TrainConfig, prep: Prepared, out: Path, resume: bool = False,
         progress: bool = True, lm: LM | None = None, stop_after: int | None = None) -> dict:
     """Run the configured stage(s), calibrate on validation; returns (and writes) the manifest."""
     import time
 
-    lists = list(prep.lists) if cfg.list_pages and cfg.stage != "wm" else []  # policy lines
-    if cfg.list_pages and cfg.stage != "wm" and not lists:
+    if lacks_list_pages(cfg, prep):
         raise ValueError("--list-pages: the prepared file holds no list pages; prepare it "
                          "with --list-pages (alignuser train --prepare-only)")
+    lists = list(prep.lists) if cfg.list_pages and cfg.stage != "wm" else []  # policy lines
     out.mkdir(parents=True, exist_ok=True)
     lm = lm or load_lm(cfg.model, dtype=cfg.dtype, device=cfg.device)
     model = _peft(lm, cfg)
